@@ -1,0 +1,335 @@
+"""The ``tandem`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from . import __version__  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="tandem: a few-step student and its slow teacher, working in tandem.")
+world_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="ShapesWorld, the embedded text-to-image world.")
+app.add_typer(world_app, name="world")
+console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2."""
+
+
+class Mode(str, Enum):
+    teacher = "teacher"
+
+
+class Scheduler(str, Enum):
+    dpm = "dpm"
+    ddim = "ddim"
+    unipc = "unipc"
+
+
+class Component(str, Enum):
+    vae = "vae"
+    vae_decoder = "vae-decoder"
+    clip = "clip"
+    teacher = "teacher"
+
+
+class Split(str, Enum):
+    val = "val"
+    test = "test"
+
+
+def _progress(description: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=os.environ.get("TANDEM_PROGRESS", "1") == "0")
+
+
+def _collect_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    from .world.prompts import read_prompt_file
+
+    collected = list(prompts or [])
+    if prompts_file is not None:
+        collected += read_prompt_file(prompts_file)
+    if not collected:
+        raise UserError("no prompts: give PROMPT arguments or --prompts FILE")
+    return collected
+
+
+def _check_world_prompts(prompts: list[str]) -> None:
+    from .world.grammar import CaptionError, parse_caption
+
+    for i, p in enumerate(prompts):
+        try:
+            parse_caption(p)
+        except CaptionError as e:
+            raise UserError(f"prompt {i} is outside ShapesWorld's grammar: {e}") from None
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompts (one image each).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line.")] = None,
+    model: Annotated[str, typer.Option(help="'world', a diffusers model directory, or a hub id.")] = "world",
+    mode: Annotated[Mode, typer.Option(help="Which generator makes the images.")] = Mode.teacher,
+    teacher_steps: Annotated[Optional[int], typer.Option(help="Teacher sampling steps [model default].")] = None,
+    scheduler: Annotated[Optional[Scheduler], typer.Option(help="Teacher sampler [model default].")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance [model default].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; prompt i uses a generator seeded from (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call; never changes an image.")] = 16,
+    out: Annotated[Path, typer.Option(help="Output directory (PNGs, records.jsonl, config.json).")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Generate one image per prompt."""
+    import time
+
+    from .generate import TeacherSettings, generate_teacher, prompt_seed
+    from .models import load_teacher_pipeline, resolve_model
+    from .outputs import OutputDir
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if teacher_steps is not None and teacher_steps < 1:
+        raise UserError(f"--teacher-steps must be >= 1, got {teacher_steps}")
+    prompts = _collect_prompts(prompt, prompts_file)
+    spec = resolve_model(model)
+    if spec.is_world:
+        _check_world_prompts(prompts)
+    settings = TeacherSettings(
+        steps=teacher_steps if teacher_steps is not None else spec.teacher.steps,
+        scheduler=scheduler.value if scheduler is not None else spec.teacher.scheduler,
+        guidance_scale=guidance_scale if guidance_scale is not None else spec.teacher.guidance_scale,
+    )
+    output = OutputDir(out, overwrite)
+    pipe = load_teacher_pipeline(spec, device=device)
+    t0 = time.time()
+    with _progress("generating", len(prompts)) as bar:
+        task = bar.add_task("generate", total=len(prompts))
+        images = generate_teacher(pipe, prompts, settings, seed, batch_size,
+                                  on_batch=lambda done: bar.update(task, completed=done))
+    records = []
+    for i, (p, image) in enumerate(zip(prompts, images)):
+        output.save_image(i, image)
+        records.append({
+            "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
+            "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name,
+            "teacher_steps": settings.steps, "scheduler": settings.scheduler,
+            "guidance_scale": settings.guidance_scale, "unet_evals": settings.unet_evals_per_image,
+            "vae_decodes": 1,
+        })
+    output.write_records(records)
+    output.write_config({
+        "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,
+        "mode": mode.value, "teacher": settings.__dict__, "seed": seed, "batch_size": batch_size,
+        "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
+    })
+    console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
+
+
+@world_app.command("render")
+def world_render(
+    prompts_file: Annotated[Path, typer.Option("--prompts", help="File with one caption per line.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    seed: Annotated[int, typer.Option(help="Run seed; caption i is drawn from (seed, i).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+) -> None:
+    """Ground-truth renderings: for each caption, a scene that satisfies it exactly."""
+    import numpy as np
+
+    from .generate import prompt_seed
+    from .outputs import OutputDir
+    from .world.conditional import scene_for_caption
+    from .world.scene import render
+
+    prompts = _collect_prompts(None, prompts_file)
+    _check_world_prompts(prompts)
+    output = OutputDir(out, overwrite)
+    records = []
+    for i, p in enumerate(prompts):
+        scene = scene_for_caption(p, np.random.default_rng(prompt_seed(seed, i)))
+        output.save_image(i, render(scene))
+        records.append({"index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
+                        "prompt_seed": prompt_seed(seed, i), "mode": "render", "scene": scene.to_dict()})
+    output.write_records(records)
+    output.write_config({"command": "world render", "tandem_version": __version__, "seed": seed,
+                         "prompts_file": str(prompts_file), "n_prompts": len(prompts)})
+    console.print(f"{len(prompts)} renderings -> {out}")
+
+
+@world_app.command("prompts")
+def world_prompts(
+    split: Annotated[Split, typer.Option(help="Which fixed list.")],
+    n: Annotated[int, typer.Option(help="Number of prompts.")],
+    out: Annotated[Path, typer.Option(help="Output text file.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Regenerate a fixed prompt list (the shipped lists: val n=500, test n=1000)."""
+    from .world.prompts import generate_prompts
+
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    out.write_text("\n".join(generate_prompts(split.value, n)) + "\n")
+    console.print(f"{n} {split.value} prompts -> {out}")
+
+
+@world_app.command("train")
+def world_train(
+    component: Annotated[Component, typer.Argument(help="Which component to train.")],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, logs, exported weights).")],
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps [component default].")] = None,
+    world: Annotated[Optional[Path], typer.Option(help="teacher: the directory with vae/, text_encoder/, "
+                                                     "tokenizer/; vae-decoder: the one with vae/ [shipped world].")] = None,
+) -> None:
+    """Train a ShapesWorld component from scratch (or --resume).
+
+    Order: vae and clip (independent), then teacher (needs vae/, text_encoder/, tokenizer/
+    in --world) and vae-decoder (fine-tunes the decoder of --world's vae/; the latent space
+    is unchanged), then `tandem world assemble`.
+    """
+    import dataclasses
+
+    from .models import world_dir
+    from .world import train
+
+    configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
+               "teacher": train.TeacherTrainConfig}
+    cfg = configs[component.value]()
+    if max_steps is not None:
+        if max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {max_steps}")
+        cfg = dataclasses.replace(cfg, max_steps=max_steps)
+    if component is Component.vae:
+        result = train.train_vae(out, cfg, resume)
+    elif component is Component.vae_decoder:
+        result = train.train_vae_decoder(out, (world or world_dir()) / "vae", cfg, resume)
+    elif component is Component.clip:
+        result = train.train_clip(out, cfg, resume)
+    else:
+        result = train.train_teacher(out, world or world_dir(), cfg, resume)
+    console.print(f"{component.value} trained -> {result}")
+
+
+@world_app.command("assemble")
+def world_assemble(
+    vae: Annotated[Path, typer.Option(help="VAE export (e.g. RUN/vae of the vae-decoder run).")],
+    clip: Annotated[Path, typer.Option(help="CLIP run directory (holds clip/, text_encoder/, tokenizer/).")],
+    unet: Annotated[Path, typer.Option(help="Teacher UNet export (RUN/unet of the teacher run).")],
+    guidance_scale: Annotated[float, typer.Option(help="The teacher's default guidance scale "
+                                                       "(the best one from `tandem world evaluate`).")],
+    out: Annotated[Path, typer.Option(help="World directory to write.")],
+    fp16: Annotated[bool, typer.Option(help="Store the UNet in float16 (half the size).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing world directory.")] = False,
+) -> None:
+    """Put trained components together into a world directory (a Stable Diffusion repository)."""
+    import torch
+
+    from .world.assemble import assemble_world
+
+    for name, path in (("--vae", vae), ("--clip", clip), ("--unet", unet)):
+        if not path.is_dir():
+            raise UserError(f"{name} {path} is not a directory")
+    assemble_world(out, vae, clip, unet, guidance_scale, torch.float16 if fp16 else torch.float32, overwrite)
+    console.print(f"world -> {out}")
+
+
+@world_app.command("evaluate")
+def world_evaluate(
+    out: Annotated[Path, typer.Option(help="Results directory (results.json, sample grid).")],
+    model: Annotated[str, typer.Option(help="A world model: 'world' or a world directory.")] = "world",
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts [the fixed test list].")] = None,
+    guidance_scale: Annotated[Optional[list[float]], typer.Option(help="Guidance scales to compare "
+                                                                   "(repeat the option) [model default].")] = None,
+    teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 25,
+    scheduler: Annotated[Scheduler, typer.Option(help="Teacher sampler.")] = Scheduler.dpm,
+    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 125,
+    vae: Annotated[bool, typer.Option(help="Also judge VAE reconstructions of 1000 held-out renderings.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier results directory.")] = False,
+) -> None:
+    """Judge the world teacher on a prompt list with the exact checker (and its VAE's reconstructions)."""
+    import json
+
+    import numpy as np
+
+    from .generate import TeacherSettings, generate_teacher
+    from .models import load_teacher_pipeline, resolve_model
+    from .outputs import OutputDir
+    from .world.evaluate import judge, vae_reconstructions
+    from .world.prompts import load_prompts
+
+    spec = resolve_model(model)
+    if not spec.is_world:
+        raise UserError(f"model {model!r} is not a ShapesWorld model; the exact checker judges world images only")
+    prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("test")
+    _check_world_prompts(prompts)
+    output = OutputDir(out, overwrite)
+    pipe = load_teacher_pipeline(spec)
+    results = {"config": {"command": "world evaluate", "tandem_version": __version__, "model": spec.name,
+                          "model_path": spec.path, "prompts_file": str(prompts_file) if prompts_file else "test",
+                          "n_prompts": len(prompts), "teacher_steps": teacher_steps,
+                          "scheduler": scheduler.value, "seed": seed},
+               "teacher": {}}
+    for g in guidance_scale or [spec.teacher.guidance_scale]:
+        settings = TeacherSettings(teacher_steps, scheduler.value, g)
+        with _progress(f"guidance {g}", len(prompts)) as bar:
+            task = bar.add_task("generate", total=len(prompts))
+            images = generate_teacher(pipe, prompts, settings, seed, batch_size,
+                                      on_batch=lambda done: bar.update(task, completed=done))
+        summary = judge(images, prompts)
+        results["teacher"][str(g)] = summary
+        np.savez_compressed(output.path / f"teacher_g{g}.npz", images=np.stack(images))
+        console.print(f"guidance {g}: accuracy {summary['accuracy']:.3f}, "
+                      f"1 object {summary['by_objects'].get('1', {}).get('accuracy', float('nan')):.3f}, "
+                      f"score {summary['mean_score']:.3f}")
+    best = max(results["teacher"], key=lambda k: results["teacher"][k]["accuracy"])
+    results["best_guidance_scale"] = float(best)
+    if vae:
+        results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
+        console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
+    (output.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"best guidance {best} -> {output.path / 'results.json'}")
+
+
+def main() -> None:
+    from .world.grammar import CaptionError
+
+    from typer import Abort
+
+    try:  # newer typer vendors its own click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - typer on upstream click
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        print(e.ctx.get_help())
+        sys.exit(0)
+    except UsageError as e:  # bad options: one line, like every other input error
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except Abort:
+        sys.exit(1)
+    except (UserError, CaptionError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Where models come from: the embedded ``world`` preset (shipped inside the package) or a
+diffusers Stable Diffusion repository given by local path or hub id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+WORLD = "world"
+SCHEDULERS = ("dpm", "ddim", "unipc")
+
+
+def world_dir() -> Path:
+    """The shipped ShapesWorld model directory (a Stable Diffusion repository layout)."""
+    return Path(str(files("tandem") / "assets" / "world"))
+
+
+@dataclass(frozen=True)
+class TeacherDefaults:
+    steps: int = 25
+    scheduler: str = "dpm"
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str  # a local directory or a hub id
+    is_world: bool
+    teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """``world`` -> the shipped world; an existing directory -> that repository; ``org/name`` -> a hub id."""
+    if name == WORLD:
+        root = world_dir()
+        if not (root / "model_index.json").exists():
+            raise FileNotFoundError(f"the shipped world is missing from {root}; reinstall tandem")
+        meta = json.loads((root / "tandem.json").read_text())
+        return ModelSpec(WORLD, str(root), True, TeacherDefaults(**meta["teacher"]))
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ValueError(f"model directory {name!r} has no model_index.json (not a diffusers pipeline)")
+        meta_path = path / "tandem.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            return ModelSpec(name, str(path), bool(meta.get("world", False)), TeacherDefaults(**meta["teacher"]))
+        return ModelSpec(name, str(path), False)
+    if name.count("/") == 1 and not path.exists() and all(name.split("/")):
+        return ModelSpec(name, name, False)
+    raise ValueError(f"unknown model {name!r}; expected 'world', a diffusers model directory or a hub id 'org/name'")
+
+
+def quiet_hub_libraries() -> None:
+    """Silence diffusers/transformers loading bars and info logs (tandem shows its own progress)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_teacher_pipeline(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A ``diffusers.StableDiffusionPipeline`` for the teacher of ``spec``."""
+    from diffusers import StableDiffusionPipeline
+
+    quiet_hub_libraries()
+    kwargs = dict(dtype=dtype)
+    if not spec.is_world:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(spec.path, **kwargs)
+    except OSError as e:
+        raise ValueError(f"cannot load model {spec.name!r}: {str(e).splitlines()[0]}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A sampler for ``name`` (dpm = DPM-Solver++ 2M, ddim, unipc) built from a pipeline's scheduler config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config)
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(base_config)
+    raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")

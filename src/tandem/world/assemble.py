@@ -1,0 +1,98 @@
+"""Put trained components together into a world directory: a Stable Diffusion repository
+(``StableDiffusionPipeline.from_pretrained(<dir>)`` loads it) plus tandem's own files.
+
+    <dir>/model_index.json, scheduler/, vae/, text_encoder/, tokenizer/, unet/   (diffusers)
+    <dir>/clip/          the full world CLIP (its image tower is the world's feature network)
+    <dir>/tandem.json    preset defaults (teacher steps, scheduler, best guidance scale)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .models import build_noise_scheduler
+
+
+def text_encoder_of(clip):
+    """The text tower of a ``CLIPModel`` as a standalone ``CLIPTextModel`` (what SD pipelines load)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.eval()
+
+
+def write_world(
+    out: str | Path,
+    vae,
+    clip,
+    tokenizer,
+    unet,
+    guidance_scale: float,
+    unet_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write a world directory from in-memory components (``clip`` is the full ``CLIPModel``)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    scheduler = DPMSolverMultistepScheduler.from_config(build_noise_scheduler().config, algorithm_type="dpmsolver++")
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder_of(clip),
+        tokenizer=tokenizer,
+        unet=unet.to(unet_dtype),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    clip.save_pretrained(out / "clip")
+    meta = {
+        "world": True,
+        "spec": "ShapesWorld v1",
+        "teacher": {"steps": 25, "scheduler": "dpm", "guidance_scale": guidance_scale},
+    }
+    (out / "tandem.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def assemble_world(
+    out: str | Path,
+    vae_dir: str | Path,
+    clip_run_dir: str | Path,
+    unet_dir: str | Path,
+    guidance_scale: float,
+    unet_dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> Path:
+    """Write the world directory ``out`` from a VAE export, a CLIP run and a teacher UNet export,
+    copying each component's training config beside its weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clip_run_dir = Path(clip_run_dir)
+    out = write_world(
+        out,
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        clip=CLIPModel.from_pretrained(clip_run_dir / "clip"),
+        tokenizer=CLIPTokenizer.from_pretrained(clip_run_dir / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir),
+        guidance_scale=guidance_scale,
+        unet_dtype=unet_dtype,
+        overwrite=overwrite,
+    )
+    for component, src in (("vae", Path(vae_dir)), ("unet", Path(unet_dir)),
+                           ("text_encoder", clip_run_dir / "clip"), ("clip", clip_run_dir / "clip")):
+        if (src / "train_config.json").exists():
+            shutil.copy(src / "train_config.json", out / component / "train_config.json")
+    return out
