@@ -12,12 +12,14 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from tandem.world.models import CLIPArchConfig, UNetConfig, VAEConfig
 from tandem.world.train import (
+    DecoderTrainConfig,
     CLIPTrainConfig,
     TeacherTrainConfig,
     VAETrainConfig,
     train_clip,
     train_teacher,
     train_vae,
+    train_vae_decoder,
 )
 
 TINY_UNET = UNetConfig(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8,
@@ -31,9 +33,9 @@ def _weights(run_dir):
 
 
 def test_teacher_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_world):
-    train_teacher(tmp_path / "straight", tiny_world, TINY_TEACHER)
-    train_teacher(tmp_path / "split", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
-    train_teacher(tmp_path / "split", tiny_world, TINY_TEACHER, resume=True)
+    train_teacher(tmp_path / "straight", tiny_world / "vae", tiny_world, TINY_TEACHER)
+    train_teacher(tmp_path / "split", tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
+    train_teacher(tmp_path / "split", tiny_world / "vae", tiny_world, TINY_TEACHER, resume=True)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     assert a["step"] == b["step"] == 4
     for key in ("unet", "ema"):
@@ -47,24 +49,27 @@ def test_teacher_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, t
 
 def test_a_finished_or_started_run_is_never_overwritten(tmp_path, tiny_world):
     run = tmp_path / "run"
-    train_teacher(run, tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
+    train_teacher(run, tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
     before = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(FileExistsError, match="--resume"):
-        train_teacher(run, tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
+        train_teacher(run, tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
     with pytest.raises(ValueError, match="config differs"):
-        train_teacher(run, tiny_world, dataclasses.replace(TINY_TEACHER, lr=1e-3), resume=True)
+        train_teacher(run, tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, lr=1e-3), resume=True)
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_without_a_checkpoint_and_a_world_without_parts_are_clear_errors(tmp_path, tiny_world):
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
-        train_teacher(tmp_path / "nothing", tiny_world, TINY_TEACHER, resume=True)
-    with pytest.raises(FileNotFoundError, match="vae"):
-        train_teacher(tmp_path / "run", tmp_path, TINY_TEACHER)
+        train_teacher(tmp_path / "nothing", tiny_world / "vae", tiny_world, TINY_TEACHER, resume=True)
+    with pytest.raises(FileNotFoundError, match="no VAE"):
+        train_teacher(tmp_path / "run", tmp_path, tiny_world, TINY_TEACHER)
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        train_teacher(tmp_path / "run", tiny_world / "vae", tmp_path, TINY_TEACHER)
 
 
 def test_exports_load_with_the_diffusers_and_transformers_classes(tmp_path, tiny_world):
-    unet_dir = train_teacher(tmp_path / "teacher", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=1))
+    unet_dir = train_teacher(tmp_path / "teacher", tiny_world / "vae", tiny_world,
+                             dataclasses.replace(TINY_TEACHER, max_steps=1))
     unet = UNet2DConditionModel.from_pretrained(unet_dir)
     ema = _weights(tmp_path / "teacher")["ema"]
     assert all(torch.equal(v, ema[k]) for k, v in unet.state_dict().items()), "export is not the EMA"
@@ -76,6 +81,17 @@ def test_exports_load_with_the_diffusers_and_transformers_classes(tmp_path, tiny
     vae = AutoencoderKL.from_pretrained(vae_dir)
     assert vae.config.scaling_factor > 0
     assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, 8, 8)
+
+    ft_dir = train_vae_decoder(tmp_path / "decoder", vae_dir, DecoderTrainConfig(max_steps=2, batch_size=4,
+                                                                                warmup_steps=1))
+    ft = AutoencoderKL.from_pretrained(ft_dir)
+    before, after = vae.state_dict(), ft.state_dict()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert same, f"decoder fine-tuning changed {name}: the latent space must stay fixed"
+    assert not all(torch.equal(before[n], after[n]) for n in before if n.startswith("decoder."))
+    assert ft.config.scaling_factor == vae.config.scaling_factor
 
     clip_dir = train_clip(tmp_path / "clip", CLIPTrainConfig(
         arch=CLIPArchConfig(hidden_size=32, intermediate_size=64, text_layers=1, vision_layers=1, heads=2,

@@ -192,14 +192,16 @@ def world_train(
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints, logs, exported weights).")],
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Training steps [component default].")] = None,
-    world: Annotated[Optional[Path], typer.Option(help="teacher: the directory with vae/, text_encoder/, "
-                                                     "tokenizer/; vae-decoder: the one with vae/ [shipped world].")] = None,
+    vae: Annotated[Optional[Path], typer.Option(help="teacher, vae-decoder: the VAE directory "
+                                                   "[the shipped world's vae/].")] = None,
+    text_encoder: Annotated[Optional[Path], typer.Option(help="teacher: a directory with text_encoder/ and "
+                                                            "tokenizer/ (a clip run) [the shipped world].")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
 
-    Order: vae and clip (independent), then teacher (needs vae/, text_encoder/, tokenizer/
-    in --world) and vae-decoder (fine-tunes the decoder of --world's vae/; the latent space
-    is unchanged), then `tandem world assemble`.
+    Order: vae and clip (independent); then teacher (--vae RUN/vae --text-encoder CLIP_RUN)
+    and vae-decoder (--vae RUN/vae: fine-tunes the decoder only, so the latent space the
+    teacher learned is unchanged); then `tandem world assemble`.
     """
     import dataclasses
 
@@ -216,11 +218,11 @@ def world_train(
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
     elif component is Component.vae_decoder:
-        result = train.train_vae_decoder(out, (world or world_dir()) / "vae", cfg, resume)
+        result = train.train_vae_decoder(out, vae or world_dir() / "vae", cfg, resume)
     elif component is Component.clip:
         result = train.train_clip(out, cfg, resume)
     else:
-        result = train.train_teacher(out, world or world_dir(), cfg, resume)
+        result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
     console.print(f"{component.value} trained -> {result}")
 
 

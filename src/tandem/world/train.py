@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .stream import images_to_tensor, sample_batch
+from ..models import quiet_hub_libraries
 from .assemble import text_encoder_of
 from .models import (
     CLIPArchConfig,
@@ -37,7 +38,7 @@ from .tokenizer import build_tokenizer
 class VAETrainConfig:
     arch: VAEConfig = field(default_factory=VAEConfig)
     seed: int = 1
-    max_steps: int = 3000
+    max_steps: int = 2500
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -65,7 +66,7 @@ class DecoderTrainConfig:
 class CLIPTrainConfig:
     arch: CLIPArchConfig = field(default_factory=CLIPArchConfig)
     seed: int = 2
-    max_steps: int = 3000
+    max_steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
     warmup_steps: int = 100
@@ -162,6 +163,7 @@ def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainCon
     """Fine-tune the decoder of the VAE in ``vae_dir`` with an edge-weighted reconstruction loss."""
     from diffusers import AutoencoderKL
 
+    quiet_hub_libraries()
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").exists():
         raise FileNotFoundError(f"no VAE in {vae_dir} (expected a save_pretrained directory)")
@@ -236,22 +238,29 @@ def train_clip(out: str | Path, cfg: CLIPTrainConfig = CLIPTrainConfig(), resume
     return run.dir
 
 
-def train_teacher(out: str | Path, world_dir: str | Path, cfg: TeacherTrainConfig = TeacherTrainConfig(),
-                  resume: bool = False) -> Path:
-    """Train the teacher UNet with epsilon prediction and condition dropout for CFG."""
+def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
+                  cfg: TeacherTrainConfig = TeacherTrainConfig(), resume: bool = False) -> Path:
+    """Train the teacher UNet with epsilon prediction and condition dropout for CFG.
+
+    Args:
+        vae_dir: the VAE (``save_pretrained`` directory) whose latent space the teacher learns.
+        text_dir: a directory holding ``text_encoder/`` and ``tokenizer/`` (a CLIP run or a world).
+    """
     from diffusers import AutoencoderKL
 
-    world_dir = Path(world_dir)
-    missing = [d for d in ("vae", "text_encoder", "tokenizer") if not (world_dir / d).is_dir()]
+    quiet_hub_libraries()
+    vae_dir, text_dir = Path(vae_dir), Path(text_dir)
+    if not (vae_dir / "config.json").exists():
+        raise FileNotFoundError(f"no VAE in {vae_dir} (expected a save_pretrained directory)")
+    missing = [d for d in ("text_encoder", "tokenizer") if not (text_dir / d).is_dir()]
     if missing:
-        raise FileNotFoundError(f"--world {world_dir} lacks {', '.join(missing)}/ (the teacher needs the "
-                                "VAE, text encoder and tokenizer)")
+        raise FileNotFoundError(f"{text_dir} lacks {', '.join(missing)}/ (the teacher's text encoder)")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = Run(out, "teacher", cfg, resume)
-    vae = AutoencoderKL.from_pretrained(world_dir / "vae").eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(world_dir / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(world_dir / "text_encoder").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(text_dir / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(text_dir / "text_encoder").eval().requires_grad_(False)
     noise_scheduler = build_noise_scheduler()
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
     unet = build_unet(cfg.arch)
