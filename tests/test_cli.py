@@ -116,8 +116,12 @@ def reference_images(tiny_world):
     """Images from a plain diffusers call, built the way a reader of the contract would:
     prompt i starts from ``randn`` of a generator seeded with ``prompt_seed(seed, i)``."""
     import torch
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from diffusers import UniPCMultistepScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UniPCMultistepScheduler,
+    )
 
     from tandem.generate import prompt_seed
 

@@ -12,8 +12,8 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from tandem.world.models import CLIPArchConfig, UNetConfig, VAEConfig
 from tandem.world.train import (
-    DecoderTrainConfig,
     CLIPTrainConfig,
+    DecoderTrainConfig,
     TeacherTrainConfig,
     VAETrainConfig,
     train_clip,
@@ -102,3 +102,17 @@ def test_exports_load_with_the_diffusers_and_transformers_classes(tmp_path, tiny
     ids = tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(text_encoder(ids)[0], clip.text_model(ids)[0])
+
+
+def test_warm_start_begins_from_the_given_unet(tmp_path, tiny_world):
+    first = train_teacher(tmp_path / "first", tiny_world / "vae", tiny_world,
+                          dataclasses.replace(TINY_TEACHER, max_steps=2))
+    warm_cfg = dataclasses.replace(TINY_TEACHER, max_steps=1, lr=0.0, warmup_steps=1, init_from=str(first))
+    second = train_teacher(tmp_path / "second", tiny_world / "vae", tiny_world, warm_cfg)
+    a = UNet2DConditionModel.from_pretrained(first).state_dict()
+    b = UNet2DConditionModel.from_pretrained(second).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "with lr 0 the warm-started teacher must equal its start"
+    with pytest.raises(ValueError, match="config differs"):
+        other = dataclasses.replace(TINY_UNET, block_out_channels=(16, 16), norm_num_groups=4)
+        train_teacher(tmp_path / "third", tiny_world / "vae", tiny_world,
+                      dataclasses.replace(warm_cfg, arch=other))

@@ -6,19 +6,20 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
+import typer
+from rich.console import Console
 
-from . import __version__  # noqa: E402
+from . import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="tandem: a few-step student and its slow teacher, working in tandem.")
-world_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="ShapesWorld, the embedded text-to-image world.")
+world_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="ShapesWorld, the embedded text-to-image world.")
 app.add_typer(world_app, name="world")
 console = Console(stderr=True)
 
@@ -79,13 +80,13 @@ def _check_world_prompts(prompts: list[str]) -> None:
 
 @app.command()
 def generate(
-    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompts (one image each).")] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line.")] = None,
+    prompt: Annotated[list[str] | None, typer.Argument(help="Prompts (one image each).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")] = None,
     model: Annotated[str, typer.Option(help="'world', a diffusers model directory, or a hub id.")] = "world",
     mode: Annotated[Mode, typer.Option(help="Which generator makes the images.")] = Mode.teacher,
-    teacher_steps: Annotated[Optional[int], typer.Option(help="Teacher sampling steps [model default].")] = None,
-    scheduler: Annotated[Optional[Scheduler], typer.Option(help="Teacher sampler [model default].")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance [model default].")] = None,
+    teacher_steps: Annotated[int | None, typer.Option(help="Teacher sampling steps [model default].")] = None,
+    scheduler: Annotated[Scheduler | None, typer.Option(help="Teacher sampler [model default].")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance [model default].")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; prompt i uses a generator seeded from (seed, i).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per model call; never changes an image.")] = 16,
     out: Annotated[Path, typer.Option(help="Output directory (PNGs, records.jsonl, config.json).")] = ...,
@@ -191,11 +192,13 @@ def world_train(
     component: Annotated[Component, typer.Argument(help="Which component to train.")],
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints, logs, exported weights).")],
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    max_steps: Annotated[Optional[int], typer.Option(help="Training steps [component default].")] = None,
-    vae: Annotated[Optional[Path], typer.Option(help="teacher, vae-decoder: the VAE directory "
+    max_steps: Annotated[int | None, typer.Option(help="Training steps [component default].")] = None,
+    vae: Annotated[Path | None, typer.Option(help="teacher, vae-decoder: the VAE directory "
                                                    "[the shipped world's vae/].")] = None,
-    text_encoder: Annotated[Optional[Path], typer.Option(help="teacher: a directory with text_encoder/ and "
+    text_encoder: Annotated[Path | None, typer.Option(help="teacher: a directory with text_encoder/ and "
                                                             "tokenizer/ (a clip run) [the shipped world].")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="teacher: warm-start from this UNet directory "
+                                                         "(e.g. a world's unet/) instead of random weights.")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
 
@@ -215,6 +218,10 @@ def world_train(
         if max_steps < 1:
             raise UserError(f"--max-steps must be >= 1, got {max_steps}")
         cfg = dataclasses.replace(cfg, max_steps=max_steps)
+    if init_from is not None:
+        if component is not Component.teacher:
+            raise UserError("--init-from applies to the teacher only")
+        cfg = dataclasses.replace(cfg, init_from=str(init_from))
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
     elif component is Component.vae_decoder:
@@ -253,8 +260,8 @@ def world_assemble(
 def world_evaluate(
     out: Annotated[Path, typer.Option(help="Results directory (results.json, sample grid).")],
     model: Annotated[str, typer.Option(help="A world model: 'world' or a world directory.")] = "world",
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts [the fixed test list].")] = None,
-    guidance_scale: Annotated[Optional[list[float]], typer.Option(help="Guidance scales to compare "
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Prompts [the fixed test list].")] = None,
+    guidance_scale: Annotated[list[float] | None, typer.Option(help="Guidance scales to compare "
                                                                    "(repeat the option) [model default].")] = None,
     teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Teacher sampler.")] = Scheduler.dpm,
@@ -308,9 +315,9 @@ def world_evaluate(
 
 
 def main() -> None:
-    from .world.grammar import CaptionError
-
     from typer import Abort
+
+    from .world.grammar import CaptionError
 
     try:  # newer typer vendors its own click
         from typer._click.exceptions import NoArgsIsHelpError, UsageError

@@ -7,8 +7,8 @@ the batch size nor the other prompts of the batch change it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -202,7 +202,7 @@ def _describe(color: str, mask: np.ndarray, slices: tuple[slice, slice]) -> Blob
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ideal_shapes(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidate ideal masks for a bounding box of that size, and the shape index of each.
 

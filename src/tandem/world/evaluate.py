@@ -4,7 +4,7 @@ captions satisfied, overall, by number of objects and by attribute."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

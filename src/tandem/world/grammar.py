@@ -264,7 +264,7 @@ def _tokenize(text: str) -> tuple[list[str], list[bool]]:
         raise CaptionError(f"words must be separated by single spaces in {text!r}")
     words, comma_after = [], []
     for index, token in enumerate(text.split(" ")):
-        word = token[:-1] if token.endswith(",") else token
+        word = token.removesuffix(",")
         if not word or "," in word:
             raise CaptionError(f"misplaced comma at word {index + 1} in {text!r}")
         if word not in _VOCABULARY:

@@ -36,4 +36,4 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["sample_batch", "images_to_tensor", "tensor_to_images", "make_example"]
+__all__ = ["images_to_tensor", "make_example", "sample_batch", "tensor_to_images"]

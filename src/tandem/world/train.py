@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .stream import images_to_tensor, sample_batch
 from ..models import quiet_hub_libraries
 from .assemble import text_encoder_of
 from .models import (
@@ -31,6 +30,7 @@ from .models import (
     build_vae,
 )
 from .runs import EMA, Run, atomic_write_text, config_dict
+from .stream import images_to_tensor, sample_batch
 from .tokenizer import build_tokenizer
 
 
@@ -53,13 +53,13 @@ class DecoderTrainConfig:
     model trained on it, is unchanged; the images get sharper details."""
 
     seed: int = 4
-    max_steps: int = 1500
+    max_steps: int = 600
     batch_size: int = 64
     lr: float = 3e-4
     warmup_steps: int = 50
     edge_weight: float = 10.0  # extra loss weight on pixels next to a colour boundary
     checkpoint_every: int = 250
-    threads: int = 1
+    threads: int = 2
 
 
 @dataclass
@@ -91,6 +91,7 @@ class TeacherTrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 250
     threads: int = 2
+    init_from: str | None = None  # warm start: a UNet save_pretrained directory (e.g. a world's unet/)
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
@@ -238,6 +239,10 @@ def train_clip(out: str | Path, cfg: CLIPTrainConfig = CLIPTrainConfig(), resume
     return run.dir
 
 
+def _arch(config) -> str:
+    return json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=list)
+
+
 def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
                   cfg: TeacherTrainConfig = TeacherTrainConfig(), resume: bool = False) -> Path:
     """Train the teacher UNet with epsilon prediction and condition dropout for CFG.
@@ -264,6 +269,13 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     noise_scheduler = build_noise_scheduler()
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
     unet = build_unet(cfg.arch)
+    if cfg.init_from is not None:
+        from diffusers import UNet2DConditionModel
+
+        warm = UNet2DConditionModel.from_pretrained(cfg.init_from)
+        if _arch(warm.config) != _arch(unet.config):
+            raise ValueError(f"init_from {cfg.init_from}: its UNet config differs from the teacher arch {cfg.arch}")
+        unet.load_state_dict({k: v.float() for k, v in warm.state_dict().items()})
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
