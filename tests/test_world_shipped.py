@@ -57,9 +57,9 @@ def test_the_teacher_draws_its_captions_far_above_chance(world_pipe):
     settings = TeacherSettings(steps=25, scheduler="dpm", guidance_scale=resolve_model("world").teacher.guidance_scale)
     summary = judge(generate_teacher(world_pipe, prompts, settings, seed=0, batch_size=N_PROMPTS), prompts)
     # an untrained UNet satisfies none of them (see the control below); the shipped teacher
-    # satisfies most, and nearly all single-object captions
-    assert summary["accuracy"] >= 0.5, summary
-    assert summary["by_objects"]["1"]["accuracy"] >= 0.7, summary
+    # satisfied 30 of 48 (19 of 21 single-object captions) when it was shipped
+    assert summary["accuracy"] >= 0.4, summary
+    assert summary["by_objects"]["1"]["accuracy"] >= 0.75, summary
 
 
 def test_control_an_untrained_unet_fails_the_same_judge(world_pipe):

@@ -39,6 +39,9 @@ def write_world(
     """Write a world directory from in-memory components (``clip`` is the full ``CLIPModel``)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    from ..models import quiet_hub_libraries
+
+    quiet_hub_libraries()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -95,4 +98,10 @@ def assemble_world(
                            ("text_encoder", clip_run_dir / "clip"), ("clip", clip_run_dir / "clip")):
         if (src / "train_config.json").exists():
             shutil.copy(src / "train_config.json", out / component / "train_config.json")
+    # a fine-tuned decoder names the VAE run whose encoder it kept: ship that config too
+    vae_config = Path(vae_dir) / "train_config.json"
+    if vae_config.exists():
+        encoder_from = json.loads(vae_config.read_text()).get("encoder_from")
+        if encoder_from and (Path(encoder_from) / "train_config.json").exists():
+            shutil.copy(Path(encoder_from) / "train_config.json", out / "vae" / "train_config_base.json")
     return out

@@ -79,7 +79,7 @@ class CLIPTrainConfig:
 class TeacherTrainConfig:
     arch: UNetConfig = field(default_factory=UNetConfig)
     seed: int = 3
-    max_steps: int = 12000
+    max_steps: int = 7250
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 500
