@@ -159,15 +159,20 @@ def edge_map(x: torch.Tensor) -> torch.Tensor:
     return ((hi - lo).amax(dim=1, keepdim=True) > 0).float()
 
 
+def _require_vae(vae_dir: str | Path) -> Path:
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").exists():
+        raise FileNotFoundError(f"no VAE in {vae_dir} (expected a save_pretrained directory)")
+    return vae_dir
+
+
 def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainConfig = DecoderTrainConfig(),
                       resume: bool = False) -> Path:
     """Fine-tune the decoder of the VAE in ``vae_dir`` with an edge-weighted reconstruction loss."""
     from diffusers import AutoencoderKL
 
     quiet_hub_libraries()
-    vae_dir = Path(vae_dir)
-    if not (vae_dir / "config.json").exists():
-        raise FileNotFoundError(f"no VAE in {vae_dir} (expected a save_pretrained directory)")
+    vae_dir = _require_vae(vae_dir)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = Run(out, "vae-decoder", cfg, resume)
@@ -254,9 +259,7 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     from diffusers import AutoencoderKL
 
     quiet_hub_libraries()
-    vae_dir, text_dir = Path(vae_dir), Path(text_dir)
-    if not (vae_dir / "config.json").exists():
-        raise FileNotFoundError(f"no VAE in {vae_dir} (expected a save_pretrained directory)")
+    vae_dir, text_dir = _require_vae(vae_dir), Path(text_dir)
     missing = [d for d in ("text_encoder", "tokenizer") if not (text_dir / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"{text_dir} lacks {', '.join(missing)}/ (the teacher's text encoder)")
