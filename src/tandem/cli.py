@@ -21,6 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 world_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="ShapesWorld, the embedded text-to-image world.")
 app.add_typer(world_app, name="world")
+distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Distil a teacher into a few-step student (multi-GPU: launch with accelerate/torchrun).")
+app.add_typer(distill_app, name="distill")
 console = Console(stderr=True)
 
 
@@ -30,6 +33,7 @@ class UserError(Exception):
 
 class Mode(str, Enum):
     teacher = "teacher"
+    student = "student"
 
 
 class Scheduler(str, Enum):
@@ -86,6 +90,11 @@ def generate(
     mode: Annotated[Mode, typer.Option(help="Which generator makes the images.")] = Mode.teacher,
     teacher_steps: Annotated[int | None, typer.Option(help="Teacher sampling steps [model default].")] = None,
     scheduler: Annotated[Scheduler | None, typer.Option(help="Teacher sampler [model default].")] = None,
+    student: Annotated[Path | None, typer.Option(help="Student directory (student/ of a `tandem distill` run) "
+                                                      "[the model's preset student].")] = None,
+    student_steps: Annotated[int | None, typer.Option(help="Student sampling steps [model default].")] = None,
+    student_noise: Annotated[str, typer.Option(help="Student sampler: 'stochastic' (LCM) or "
+                                                    "'deterministic'.")] = "stochastic",
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance [model default].")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; prompt i uses a generator seeded from (seed, i).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per model call; never changes an image.")] = 16,
@@ -93,50 +102,119 @@ def generate(
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
-    """Generate one image per prompt."""
+    """Generate one image per prompt, with the teacher or the student."""
     import time
 
-    from .generate import TeacherSettings, generate_teacher, prompt_seed
-    from .models import load_teacher_pipeline, resolve_model
+    from .generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, prompt_seed
+    from .models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
     from .outputs import OutputDir
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if teacher_steps is not None and teacher_steps < 1:
-        raise UserError(f"--teacher-steps must be >= 1, got {teacher_steps}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     prompts = _collect_prompts(prompt, prompts_file)
     spec = resolve_model(model)
     if spec.is_world:
         _check_world_prompts(prompts)
-    settings = TeacherSettings(
-        steps=teacher_steps if teacher_steps is not None else spec.teacher.steps,
-        scheduler=scheduler.value if scheduler is not None else spec.teacher.scheduler,
-        guidance_scale=guidance_scale if guidance_scale is not None else spec.teacher.guidance_scale,
-    )
+    if mode is Mode.teacher:
+        settings = TeacherSettings(
+            steps=teacher_steps if teacher_steps is not None else spec.teacher.steps,
+            scheduler=scheduler.value if scheduler is not None else spec.teacher.scheduler,
+            guidance_scale=guidance_scale if guidance_scale is not None else spec.teacher.guidance_scale,
+        )
+        student_path = None
+    else:
+        student_path = student_dir(spec, student)
+        preset = spec.student if student is None else None
+        settings = StudentSettings(
+            steps=student_steps if student_steps is not None else (preset.steps if preset else 4),
+            guidance_scale=(guidance_scale if guidance_scale is not None
+                            else preset.guidance_scale if preset else spec.teacher.guidance_scale),
+            noise=student_noise,
+        )
     output = OutputDir(out, overwrite)
-    pipe = load_teacher_pipeline(spec, device=device)
     t0 = time.time()
     with _progress("generating", len(prompts)) as bar:
         task = bar.add_task("generate", total=len(prompts))
-        images = generate_teacher(pipe, prompts, settings, seed, batch_size,
-                                  on_batch=lambda done: bar.update(task, completed=done))
+        def done(n: int) -> None:
+            bar.update(task, completed=n)
+
+        if mode is Mode.teacher:
+            pipe = load_teacher_pipeline(spec, device=device)
+            images = generate_teacher(pipe, prompts, settings, seed, batch_size, on_batch=done)
+        else:
+            pipe = load_student_pipeline(spec, student_path, device=device)
+            images = generate_student(pipe, prompts, settings, seed, batch_size, on_batch=done)
+    mode_fields = ({"teacher_steps": settings.steps, "scheduler": settings.scheduler} if mode is Mode.teacher
+                   else {"student": str(student_path), "student_steps": settings.steps,
+                         "student_noise": settings.noise})
     records = []
     for i, (p, image) in enumerate(zip(prompts, images)):
         output.save_image(i, image)
         records.append({
             "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
-            "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name,
-            "teacher_steps": settings.steps, "scheduler": settings.scheduler,
+            "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name, **mode_fields,
             "guidance_scale": settings.guidance_scale, "unet_evals": settings.unet_evals_per_image,
             "vae_decodes": 1,
         })
     output.write_records(records)
     output.write_config({
         "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,
-        "mode": mode.value, "teacher": settings.__dict__, "seed": seed, "batch_size": batch_size,
+        "mode": mode.value, mode.value: {**settings.__dict__, **({"path": str(student_path)} if student_path else {})},
+        "seed": seed, "batch_size": batch_size,
         "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
     })
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
+
+
+@distill_app.command("consistency")
+def distill_consistency_cmd(
+    out: Annotated[Path, typer.Option(help="Run directory (config, log.jsonl, checkpoint/, student/).")],
+    teacher: Annotated[str, typer.Option(help="'world', a diffusers model directory, or a hub id.")] = "world",
+    data: Annotated[str, typer.Option(help="'world' (ShapesWorld's stream), an image folder (metadata.jsonl or "
+                                           "caption .txt files), webdataset shards, or a saved HF dataset.")] = "world",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    max_steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per process and micro-batch.")] = 32,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimisation step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Learning rate (constant after warm-up).")] = 1e-5,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    w_range: Annotated[tuple[float, float], typer.Option(help="Guidance scales sampled in training (the student "
+                                                              "serves any scale in the range).")] = (1.0, 8.0),
+    ddim_steps: Annotated[int, typer.Option(help="Teacher DDIM solver grid (N of the skipping schedule).")] = 50,
+    loss: Annotated[str, typer.Option(help="'huber' (pseudo-Huber) or 'l2'.")] = "huber",
+    target_ema: Annotated[float, typer.Option(help="EMA decay of the target network.")] = 0.95,
+    sampling_ema: Annotated[float | None, typer.Option(help="Also keep an EMA with this decay and export it "
+                                                            "[export the student itself].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data stream and of every random draw.")] = 0,
+    mixed_precision: Annotated[str, typer.Option(help="'no', 'bf16' or 'fp16' (where the device supports it).")] = "no",
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process [torch default].")] = None,
+) -> None:
+    """Consistency distillation (LCM-style): a student that samples in 1-8 steps, with guidance
+    given through a w-embedding. Writes the student to OUT/student."""
+    import json
+    import time
+
+    from .distill.consistency import ConsistencyConfig, distill_consistency
+    from .distill.trainer import TrainerConfig
+
+    if max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {max_steps}")
+    cfg = ConsistencyConfig(num_ddim_timesteps=ddim_steps, w_min=w_range[0], w_max=w_range[1], loss=loss,
+                            target_ema=target_ema, sampling_ema=sampling_ema, lr=lr, warmup_steps=warmup_steps)
+    tcfg = TrainerConfig(max_steps=max_steps, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
+                         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, threads=threads)
+    t0 = time.time()
+    student = distill_consistency(teacher, out, cfg, tcfg, data=data, resume=resume)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = log[-1] if log else {}
+    console.print(f"consistency student: {max_steps} steps ({time.time() - t0:.0f}s in this call), "
+                  f"last loss {last.get('loss', float('nan')):.5f} -> {student}")
+    console.print(f"try it: tandem generate --model {teacher} --mode student --student {student} "
+                  f"--student-steps 4 'PROMPT' --out OUT")
 
 
 @world_app.command("render")
@@ -199,6 +277,12 @@ def world_train(
                                                             "tokenizer/ (a clip run) [the shipped world].")] = None,
     init_from: Annotated[Path | None, typer.Option(help="teacher: warm-start from this UNet directory "
                                                          "(e.g. a world's unet/) instead of random weights.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights' init and the data stream "
+                                               "[component default].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [component default].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [component default].")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="teacher: 'constant' or 'cosine' (to 0 at --max-steps) "
+                                                         "after warm-up [constant].")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
 
@@ -222,6 +306,22 @@ def world_train(
         if component is not Component.teacher:
             raise UserError("--init-from applies to the teacher only")
         cfg = dataclasses.replace(cfg, init_from=str(init_from))
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    if lr is not None:
+        if not lr > 0:
+            raise UserError(f"--lr must be > 0, got {lr}")
+        cfg = dataclasses.replace(cfg, lr=lr)
+    if warmup_steps is not None:
+        if warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+        cfg = dataclasses.replace(cfg, warmup_steps=warmup_steps)
+    if lr_schedule is not None:
+        if component is not Component.teacher:
+            raise UserError("--lr-schedule applies to the teacher only (the others decay with a cosine)")
+        if lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"--lr-schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        cfg = dataclasses.replace(cfg, lr_schedule=lr_schedule)
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
     elif component is Component.vae_decoder:

@@ -46,16 +46,18 @@ class TeacherSettings:
         return self.steps * (2 if self.guidance_scale > 1 else 1)
 
 
-def initial_latents(pipe, seed: int, indices: list[int]) -> torch.Tensor:
-    """Unit-variance initial noise [B, C, h, w], one generator per prompt index."""
+def initial_latents(pipe, seed: int, indices: list[int],
+                    generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Unit-variance initial noise [B, C, h, w], one generator per prompt index.
+
+    ``generators`` (one per index, default: fresh ones from ``(seed, index)``) are advanced, so a
+    sampler that needs more noise for image i continues to draw it from image i's generator.
+    """
     c = pipe.unet.config.in_channels
     size = pipe.unet.config.sample_size
-    device = pipe.device
-    noise = [
-        torch.randn((1, c, size, size), generator=prompt_generator(seed, i), dtype=torch.float32)
-        for i in indices
-    ]
-    return torch.cat(noise).to(device=device, dtype=pipe.unet.dtype)
+    gens = generators if generators is not None else [prompt_generator(seed, i) for i in indices]
+    noise = [torch.randn((1, c, size, size), generator=g, dtype=torch.float32) for g in gens]
+    return torch.cat(noise).to(device=pipe.device, dtype=pipe.unet.dtype)
 
 
 @torch.no_grad()
@@ -97,5 +99,74 @@ def generate_teacher(
     return images
 
 
-def settings_dict(settings: TeacherSettings) -> dict:
+@dataclass(frozen=True)
+class StudentSettings:
+    steps: int = 4
+    guidance_scale: float = 4.0
+    noise: str = "stochastic"  # or "deterministic" (see tandem.sampling)
+
+    def __post_init__(self):
+        from .sampling import NOISE_MODES
+
+        if self.steps < 1:
+            raise ValueError(f"student steps must be >= 1, got {self.steps}")
+        if self.guidance_scale < 1:
+            raise ValueError(f"student guidance scale must be >= 1 (its w-embedding takes w - 1), "
+                             f"got {self.guidance_scale}")
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"unknown student noise {self.noise!r}; expected one of {', '.join(NOISE_MODES)}")
+
+    @property
+    def unet_evals_per_image(self) -> int:
+        """One student call per step: guidance is in the w-embedding, not a second (unconditional) call."""
+        return self.steps
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list[np.ndarray]:
+    """VAE-decode [B, C, h, w] latents to uint8 images [H, W, 3] (as the pipelines' ``output_type="np"``)."""
+    x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return list((x * 255).round().clip(0, 255).astype(np.uint8))
+
+
+@torch.no_grad()
+def generate_student(
+    pipe,
+    prompts: list[str],
+    settings: StudentSettings,
+    seed: int,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+    original_steps: int | None = None,
+) -> list[np.ndarray]:
+    """Generate one image per prompt with a consistency student.
+
+    Args:
+        pipe: a ``diffusers.LatentConsistencyModelPipeline`` (``tandem.models.load_student_pipeline``).
+        original_steps: the student's distillation grid size [its scheduler's ``original_inference_steps``].
+    Returns:
+        B uint8 images [H, W, 3]. Image i uses only the generator of ``(seed, i)``: first its initial
+        noise, then the fresh noise of each stochastic step, as diffusers' LCM pipeline does.
+    """
+    from .sampling import consistency_sample
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    original = original_steps or pipe.scheduler.config.original_inference_steps
+    images: list[np.ndarray] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(prompts))))
+        gens = [prompt_generator(seed, i) for i in chunk]
+        latents = initial_latents(pipe, seed, chunk, gens)
+        embeds = pipe.encode_prompt([prompts[i] for i in chunk], pipe.device, 1, False)[0]
+        x0 = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
+                                steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                noise=settings.noise, original_steps=original)
+        images.extend(decode_latents(pipe, x0))
+        if on_batch is not None:
+            on_batch(len(images))
+    return images
+
+
+def settings_dict(settings: TeacherSettings | StudentSettings) -> dict:
     return asdict(settings)

@@ -29,11 +29,19 @@ class TeacherDefaults:
 
 
 @dataclass(frozen=True)
+class StudentDefaults:
+    path: str  # the student directory (unet/, scheduler/, student.json), relative to the model or absolute
+    steps: int = 4
+    guidance_scale: float = 4.0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     path: str  # a local directory or a hub id
     is_world: bool
     teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
+    student: StudentDefaults | None = None  # the model's preset student, if it ships one
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -43,7 +51,7 @@ def resolve_model(name: str) -> ModelSpec:
         if not (root / "model_index.json").exists():
             raise FileNotFoundError(f"the shipped world is missing from {root}; reinstall tandem")
         meta = json.loads((root / "tandem.json").read_text())
-        return ModelSpec(WORLD, str(root), True, TeacherDefaults(**meta["teacher"]))
+        return ModelSpec(WORLD, str(root), True, TeacherDefaults(**meta["teacher"]), _student(root, meta))
     path = Path(name)
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -51,11 +59,56 @@ def resolve_model(name: str) -> ModelSpec:
         meta_path = path / "tandem.json"
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            return ModelSpec(name, str(path), bool(meta.get("world", False)), TeacherDefaults(**meta["teacher"]))
+            return ModelSpec(name, str(path), bool(meta.get("world", False)), TeacherDefaults(**meta["teacher"]),
+                             _student(path, meta))
         return ModelSpec(name, str(path), False)
     if name.count("/") == 1 and not path.exists() and all(name.split("/")):
         return ModelSpec(name, name, False)
     raise ValueError(f"unknown model {name!r}; expected 'world', a diffusers model directory or a hub id 'org/name'")
+
+
+def _student(root: Path, meta: dict) -> StudentDefaults | None:
+    if "student" not in meta:
+        return None
+    student = dict(meta["student"])
+    student["path"] = str(root / student["path"])
+    return StudentDefaults(**student)
+
+
+def student_dir(spec: ModelSpec, student: str | Path | None) -> Path:
+    """The student directory to use: ``student`` if given, else the model's preset student."""
+    if student is None:
+        if spec.student is None:
+            raise ValueError(f"model {spec.name!r} ships no student; pass --student DIR "
+                             "(the student/ directory written by `tandem distill`)")
+        return Path(spec.student.path)
+    path = Path(student)
+    missing = [p for p in ("unet", "scheduler") if not (path / p).is_dir()]
+    if missing:
+        raise ValueError(f"student directory {str(path)!r} lacks {', '.join(missing)}/ "
+                         "(expected the student/ directory written by `tandem distill`)")
+    return path
+
+
+def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
+                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A ``diffusers.LatentConsistencyModelPipeline``: the model's VAE and text encoder with a student UNet."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    quiet_hub_libraries()
+    path = student_dir(spec, student)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet").to(dtype)
+    if unet.config.time_cond_proj_dim is None:
+        raise ValueError(f"{path / 'unet'} has no w-embedding (time_cond_proj_dim): not a consistency student")
+    scheduler = LCMScheduler.from_pretrained(path / "scheduler")
+    try:
+        pipe = LatentConsistencyModelPipeline.from_pretrained(
+            spec.path, unet=unet, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
+            dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"cannot load model {spec.name!r}: {str(e).splitlines()[0]}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def quiet_hub_libraries() -> None:

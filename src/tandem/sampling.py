@@ -1,0 +1,114 @@
+"""Multistep consistency sampling (Song et al. 2023; Luo et al. 2023, latent consistency models).
+
+The student is a consistency function ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat(x_t, t)``
+with ``x0_hat`` from its ε-prediction. A sampler evaluates it at a few timesteps taken from the
+distillation grid; between evaluations it noises the estimate back to the next timestep, with
+fresh noise (``stochastic``, the LCM sampler of the papers and of diffusers' ``LCMScheduler``)
+or with the noise implied by the last evaluation (``deterministic``, a DDIM-like variant).
+
+Formulas and the timestep choice follow diffusers' ``LCMScheduler`` so that a student saved by
+tandem works in ``LatentConsistencyModelPipeline`` unchanged (tested for parity).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NOISE_MODES = ("stochastic", "deterministic")
+
+
+def boundary_scalings(t: torch.Tensor | float, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """``(c_skip, c_out)`` of the consistency parameterisation; ``c_skip(0) = 1, c_out(0) = 0``."""
+    scaled = torch.as_tensor(t) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the guidance strength ``w`` [B] -> [B, dim] (the w-embedding of LCM;
+    the student receives ``guidance_scale - 1``)."""
+    w = w.to(torch.float32) * 1000.0
+    half = dim // 2
+    # float32 throughout, as the w-embedding is computed at inference by diffusers' LCM pipeline
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    angles = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def distillation_grid(num_train_timesteps: int = 1000, original_steps: int = 50) -> np.ndarray:
+    """The skipping grid of consistency distillation: ``k, 2k, ..., N k`` minus one, ``k = T / N``."""
+    if not 1 <= original_steps <= num_train_timesteps:
+        raise ValueError(f"original_steps must be in [1, {num_train_timesteps}], got {original_steps}")
+    k = num_train_timesteps // original_steps
+    return np.arange(1, original_steps + 1) * k - 1
+
+
+def consistency_timesteps(steps: int, original_steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
+    """``steps`` timesteps, descending, evenly spaced in index over the distillation grid."""
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"student steps must be in [1, {original_steps}], got {steps}")
+    grid = distillation_grid(num_train_timesteps, original_steps)[::-1]
+    idx = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in grid[idx]]
+
+
+@torch.no_grad()
+def consistency_sample(
+    unet,
+    alphas_cumprod: torch.Tensor,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    generators: list[torch.Generator],
+    steps: int = 4,
+    guidance_scale: float = 4.0,
+    noise: str = "stochastic",
+    original_steps: int = 50,
+    timesteps: list[int] | None = None,
+) -> torch.Tensor:
+    """Sample with a consistency student.
+
+    Args:
+        unet: an ε-predicting ``UNet2DConditionModel`` with ``time_cond_proj_dim`` (the w-embedding).
+        alphas_cumprod: ᾱ_t of the noise schedule [T].
+        latents: initial noise [B, C, h, w], already at the first timestep's scale (unit variance).
+        text_embeddings: [B, L, D].
+        generators: one per image; image i's fresh noise comes from ``generators[i]`` only.
+        timesteps: explicit descending timesteps (for refinement/editing that starts mid-way);
+            default: ``consistency_timesteps(steps, original_steps)``.
+    Returns:
+        the final estimate of x0 [B, C, h, w].
+    """
+    if noise not in NOISE_MODES:
+        raise ValueError(f"unknown noise mode {noise!r}; expected one of {', '.join(NOISE_MODES)}")
+    if len(generators) != latents.shape[0]:
+        raise ValueError(f"need one generator per image: {len(generators)} for {latents.shape[0]} latents")
+    ts = timesteps if timesteps is not None else consistency_timesteps(steps, original_steps, len(alphas_cumprod))
+    dim = unet.config.time_cond_proj_dim
+    if dim is None:
+        raise ValueError("this UNet has no w-embedding (time_cond_proj_dim is None): not a consistency student")
+    b = latents.shape[0]
+    w_emb = guidance_embedding(torch.full((b,), guidance_scale - 1.0), dim).to(latents.device, latents.dtype)
+    x = latents
+    denoised = x
+    for i, t in enumerate(ts):
+        eps = unet(x, t, encoder_hidden_states=text_embeddings, timestep_cond=w_emb).sample
+        a_t = alphas_cumprod[t].to(x.dtype)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        c_skip, c_out = boundary_scalings(t)
+        denoised = c_out.to(x.dtype) * x0 + c_skip.to(x.dtype) * x
+        if i == len(ts) - 1:
+            break
+        a_prev = alphas_cumprod[ts[i + 1]].to(x.dtype)
+        if noise == "stochastic":
+            z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)
+                           for g in generators])
+        else:  # the noise that would put ``denoised`` at x_t
+            z = (x - a_t.sqrt() * denoised) / (1 - a_t).sqrt()
+        x = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * z
+    return denoised
