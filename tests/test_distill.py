@@ -224,3 +224,117 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_world, tmp_path)
     assert moved > 1e-4
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+class _TwoNetMethod:
+    """A data-free toy method with two networks at different update ratios (like a generator and its critic)."""
+
+    name = "toy"
+    uses_data = False
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.gen, self.critic = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        self.calls: list[tuple[int, str, object]] = []
+        self.gen_before: list[torch.Tensor] = []  # generator weights before each of its updates
+
+    def trainables(self):
+        from tandem.distill.trainer import Trainable
+
+        return [Trainable("gen", self.gen, lr=0.1, every=2, emas={"slow": 0.5}),
+                Trainable("critic", self.critic, lr=0.1, grad_clip=None)]
+
+    def frozen(self):
+        return {}
+
+    def step(self, batch, update, ctx):
+        self.calls.append((ctx.step, update, batch))
+        z = torch.randn(4, 2, generator=ctx.generator)
+        if update == "gen":
+            self.gen_before.append(ctx.unwrapped("gen").weight.detach().clone())
+            return {"loss": -ctx.model("critic")(ctx.model("gen")(z)).mean()}
+        return {"loss": ctx.model("critic")(ctx.model("gen")(z).detach()).pow(2).mean()}
+
+
+def test_trainer_update_ratios_emas_and_data_free_methods(tmp_path):
+    method = _TwoNetMethod()
+    trainer = Trainer(method, None, TrainerConfig(max_steps=4, checkpoint_every=10, log_every=1), tmp_path / "toy",
+                      cpu=True)
+    trainer.train()
+    assert [(s, u) for s, u, _ in method.calls] == [
+        (0, "gen"), (0, "critic"), (1, "critic"), (2, "gen"), (2, "critic"), (3, "critic")]
+    assert all(b is None for _, _, b in method.calls)  # a data-free method never gets a batch
+    # the EMA (decay 0.5) after two generator updates: 0.25 w0 + 0.25 w1 + 0.5 w2, with w2 the final weights
+    w0, w1 = method.gen_before
+    w2 = trainer.export("gen").weight
+    assert not torch.equal(w1, w0) and not torch.equal(w2, w1)
+    torch.testing.assert_close(trainer.export("gen", "slow").weight, 0.25 * w0 + 0.25 * w1 + 0.5 * w2)
+    log = [json.loads(x) for x in (tmp_path / "toy" / "log.jsonl").read_text().splitlines()]
+    assert "gen/loss" in log[0] and "critic/loss" in log[0] and "gen/loss" not in log[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: student mode of `tandem generate` and `tandem distill consistency`
+
+
+def _cli(capsys, monkeypatch, *args):
+    from tandem.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tandem", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.err
+
+
+def test_generate_student_mode_writes_the_output_contract(tiny_world, random_student, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, err = _cli(capsys, monkeypatch, "generate", "a red circle", "a green square", "--model", tiny_world,
+                     "--mode", "student", "--student", random_student, "--student-steps", 2, "--out", out)
+    assert code == 0, err
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["00000.png", "00001.png"]
+    assert all(r["mode"] == "student" and r["student_steps"] == 2 and r["unet_evals"] == 2 for r in records)
+    config = json.loads((out / "config.json").read_text())
+    assert config["student"]["steps"] == 2 and config["student"]["path"] == str(random_student)
+    pipe = load_student_pipeline(resolve_model(str(tiny_world)), random_student)
+    expected = generate_student(pipe, ["a red circle", "a green square"], StudentSettings(steps=2, guidance_scale=3.0),
+                                seed=0)
+    from PIL import Image
+
+    for i, e in enumerate(expected):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:05d}.png")), e)
+
+
+@pytest.mark.parametrize("case", ["no preset", "not a student", "steps 0", "bad noise", "guidance below 1"])
+def test_generate_student_bad_input(case, tiny_world, random_student, tmp_path, capsys, monkeypatch):
+    args, needle = {
+        "no preset": ([], "ships no student"),
+        "not a student": (["--student", tmp_path], "lacks unet/, scheduler/"),
+        "steps 0": (["--student", random_student, "--student-steps", 0], "--student-steps must be >= 1"),
+        "bad noise": (["--student", random_student, "--student-noise", "wild"], "unknown student noise 'wild'"),
+        "guidance below 1": (["--student", random_student, "--guidance-scale", 0.5], "guidance scale must be >= 1"),
+    }[case]
+    out = tmp_path / "out"
+    code, err = _cli(capsys, monkeypatch, "generate", "a red circle", "--model", tiny_world, "--mode", "student",
+                     *args, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["w range", "loss", "resume nothing", "unknown teacher", "world data, real teacher",
+                                  "steps 0", "mixed precision"])
+def test_distill_consistency_bad_input(case, tiny_world, tmp_path, capsys, monkeypatch):
+    args, needle = {
+        "w range": (["--w-range", 5, 2], "w_min <= w_max"),
+        "loss": (["--loss", "l1"], "loss must be one of"),
+        "resume nothing": (["--resume"], "no checkpoint"),
+        "unknown teacher": (["--teacher", "no-such-model"], "unknown model 'no-such-model'"),
+        "world data, real teacher": (["--teacher", "org/sd-model"], "--data world"),
+        "steps 0": (["--max-steps", 0], "--max-steps must be >= 1"),
+        "mixed precision": (["--mixed-precision", "fp8"], "mixed_precision must be one of"),
+    }[case]
+    teacher = [] if "--teacher" in args else ["--teacher", tiny_world]
+    code, err = _cli(capsys, monkeypatch, "distill", "consistency", *teacher, *args, "--out", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err

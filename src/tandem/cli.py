@@ -360,23 +360,28 @@ def world_assemble(
 def world_evaluate(
     out: Annotated[Path, typer.Option(help="Results directory (results.json, sample grid).")],
     model: Annotated[str, typer.Option(help="A world model: 'world' or a world directory.")] = "world",
+    mode: Annotated[Mode, typer.Option(help="Judge the teacher or the student.")] = Mode.teacher,
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Prompts [the fixed test list].")] = None,
     guidance_scale: Annotated[list[float] | None, typer.Option(help="Guidance scales to compare "
                                                                    "(repeat the option) [model default].")] = None,
     teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Teacher sampler.")] = Scheduler.dpm,
+    student: Annotated[Path | None, typer.Option(help="Student directory [the model's preset student].")] = None,
+    student_steps: Annotated[list[int] | None, typer.Option(help="Student step counts to compare "
+                                                                 "(repeat the option) [1 2 4 8].")] = None,
+    student_noise: Annotated[str, typer.Option(help="'stochastic' or 'deterministic'.")] = "stochastic",
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 125,
     vae: Annotated[bool, typer.Option(help="Also judge VAE reconstructions of 1000 held-out renderings.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier results directory.")] = False,
 ) -> None:
-    """Judge the world teacher on a prompt list with the exact checker (and its VAE's reconstructions)."""
+    """Judge the world teacher (or student) on a prompt list with the exact checker (and its VAE's reconstructions)."""
     import json
 
     import numpy as np
 
-    from .generate import TeacherSettings, generate_teacher
-    from .models import load_teacher_pipeline, resolve_model
+    from .generate import StudentSettings, TeacherSettings, generate_student, generate_teacher
+    from .models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
     from .outputs import OutputDir
     from .world.evaluate import judge, vae_reconstructions
     from .world.prompts import load_prompts
@@ -386,32 +391,48 @@ def world_evaluate(
         raise UserError(f"model {model!r} is not a ShapesWorld model; the exact checker judges world images only")
     prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("test")
     _check_world_prompts(prompts)
+    config = {"command": "world evaluate", "tandem_version": __version__, "model": spec.name,
+              "model_path": spec.path, "mode": mode.value, "prompts_file": str(prompts_file) if prompts_file else "test",
+              "n_prompts": len(prompts), "seed": seed}
+    if mode is Mode.teacher:
+        config.update(teacher_steps=teacher_steps, scheduler=scheduler.value)
+        scales = guidance_scale or [spec.teacher.guidance_scale]
+        runs = [(str(g), f"teacher_g{g}", TeacherSettings(teacher_steps, scheduler.value, g)) for g in scales]
+    else:
+        path = student_dir(spec, student)
+        default_g = spec.student.guidance_scale if spec.student and student is None else spec.teacher.guidance_scale
+        config.update(student=str(path), student_noise=student_noise)
+        runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
+                for g in (guidance_scale or [default_g]) for n in (student_steps or [1, 2, 4, 8])]
     output = OutputDir(out, overwrite)
-    pipe = load_teacher_pipeline(spec)
-    results = {"config": {"command": "world evaluate", "tandem_version": __version__, "model": spec.name,
-                          "model_path": spec.path, "prompts_file": str(prompts_file) if prompts_file else "test",
-                          "n_prompts": len(prompts), "teacher_steps": teacher_steps,
-                          "scheduler": scheduler.value, "seed": seed},
-               "teacher": {}}
-    for g in guidance_scale or [spec.teacher.guidance_scale]:
-        settings = TeacherSettings(teacher_steps, scheduler.value, g)
-        with _progress(f"guidance {g}", len(prompts)) as bar:
+    pipe = load_teacher_pipeline(spec) if mode is Mode.teacher else load_student_pipeline(spec, path)
+    results = {"config": config, mode.value: {}}
+    for key, name, settings in runs:
+        with _progress(name, len(prompts)) as bar:
             task = bar.add_task("generate", total=len(prompts))
-            images = generate_teacher(pipe, prompts, settings, seed, batch_size,
-                                      on_batch=lambda done: bar.update(task, completed=done))
-        summary = judge(images, prompts)
-        results["teacher"][str(g)] = summary
-        np.savez_compressed(output.path / f"teacher_g{g}.npz", images=np.stack(images))
-        console.print(f"guidance {g}: accuracy {summary['accuracy']:.3f}, "
+
+            def done(n: int, bar=bar, task=task) -> None:
+                bar.update(task, completed=n)
+
+            generate = generate_teacher if mode is Mode.teacher else generate_student
+            images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
+        summary = {**judge(images, prompts), "settings": settings.__dict__,
+                   "unet_evals_per_image": settings.unet_evals_per_image}
+        results[mode.value][key] = summary
+        np.savez_compressed(output.path / f"{name}.npz", images=np.stack(images))
+        console.print(f"{name}: accuracy {summary['accuracy']:.3f}, "
                       f"1 object {summary['by_objects'].get('1', {}).get('accuracy', float('nan')):.3f}, "
                       f"score {summary['mean_score']:.3f}")
-    best = max(results["teacher"], key=lambda k: results["teacher"][k]["accuracy"])
-    results["best_guidance_scale"] = float(best)
+    best = max(results[mode.value], key=lambda k: results[mode.value][k]["accuracy"])
+    if mode is Mode.teacher:
+        results["best_guidance_scale"] = float(best)
+    else:
+        results["best"] = best
     if vae:
         results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
         console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
     (output.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"best guidance {best} -> {output.path / 'results.json'}")
+    console.print(f"best {best} -> {output.path / 'results.json'}")
 
 
 def main() -> None:

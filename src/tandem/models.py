@@ -85,7 +85,7 @@ def student_dir(spec: ModelSpec, student: str | Path | None) -> Path:
     path = Path(student)
     missing = [p for p in ("unet", "scheduler") if not (path / p).is_dir()]
     if missing:
-        raise ValueError(f"student directory {str(path)!r} lacks {', '.join(missing)}/ "
+        raise ValueError(f"student directory {str(path)!r} lacks {', '.join(m + '/' for m in missing)} "
                          "(expected the student/ directory written by `tandem distill`)")
     return path
 
