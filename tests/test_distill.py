@@ -338,3 +338,52 @@ def test_distill_consistency_bad_input(case, tiny_world, tmp_path, capsys, monke
     teacher = [] if "--teacher" in args else ["--teacher", tiny_world]
     code, err = _cli(capsys, monkeypatch, "distill", "consistency", *teacher, *args, "--out", tmp_path / "run")
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_real_tier_teacher_distils_on_a_local_image_folder(tiny_world, tmp_path, capsys, monkeypatch):
+    """A plain diffusers SD repository (no tandem metadata) as teacher, trained on an image folder with
+    caption files; then its student generates through the same command."""
+    import shutil
+
+    from PIL import Image
+
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_world, sd)
+    (sd / "tandem.json").unlink()
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i, (name, rgb) in enumerate([("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))]):
+        Image.new("RGB", (48, 40), rgb).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {name} photo")
+    run = tmp_path / "run"
+    code, err = _cli(capsys, monkeypatch, "distill", "consistency", "--teacher", sd, "--data", data, "--max-steps", 2,
+                     "--batch-size", 2, "--out", run)
+    assert code == 0, err
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["data"]["source"] == "imagefolder" and cfg["data"]["examples"] == 3
+    assert cfg["teacher"]["path"] == str(sd)
+    code, err = _cli(capsys, monkeypatch, "generate", "a red photo", "--model", sd, "--mode", "student",
+                     "--student", run / "student", "--student-steps", 2, "--out", tmp_path / "gen")
+    assert code == 0, err
+    assert (tmp_path / "gen" / "00000.png").exists()
+
+
+def test_world_add_student_makes_it_the_preset(tiny_world, random_student, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    code, err = _cli(capsys, monkeypatch, "world", "add-student", "--world", world, "--student", random_student,
+                     "--steps", 3, "--guidance-scale", 2.5)
+    assert code == 0, err
+    assert json.loads((world / "tandem.json").read_text())["student"] == {"path": "student", "steps": 3,
+                                                                         "guidance_scale": 2.5}
+    code, err = _cli(capsys, monkeypatch, "generate", "a red circle", "--model", world, "--mode", "student",
+                     "--out", tmp_path / "gen")
+    assert code == 0, err
+    record = json.loads((tmp_path / "gen" / "records.jsonl").read_text())
+    assert record["student_steps"] == 3 and record["guidance_scale"] == 2.5
+    assert record["student"] == str(world / "student")
+    code, err = _cli(capsys, monkeypatch, "world", "add-student", "--world", world, "--student", random_student,
+                     "--steps", 3, "--guidance-scale", 2.5)
+    assert code == 2 and "--overwrite" in err

@@ -356,6 +356,28 @@ def world_assemble(
     console.print(f"world -> {out}")
 
 
+@world_app.command("add-student")
+def world_add_student(
+    student: Annotated[Path, typer.Option(help="The student/ directory of a `tandem distill` run.")],
+    steps: Annotated[int, typer.Option(help="The student's default sampling steps.")],
+    guidance_scale: Annotated[float, typer.Option(help="The student's default guidance scale "
+                                                       "(the best one from `tandem world evaluate --mode student`).")],
+    world: Annotated[Path | None, typer.Option(help="World directory [the shipped world].")] = None,
+    fp16: Annotated[bool, typer.Option(help="Store the UNet in float16 (half the size).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace the world's current student.")] = False,
+) -> None:
+    """Make a distilled student the world's preset student (`tandem generate --mode student`)."""
+    from .models import world_dir
+    from .world.assemble import add_student
+
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if guidance_scale < 1:
+        raise UserError(f"--guidance-scale must be >= 1, got {guidance_scale}")
+    target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite)
+    console.print(f"student -> {target}")
+
+
 @world_app.command("evaluate")
 def world_evaluate(
     out: Annotated[Path, typer.Option(help="Results directory (results.json, sample grid).")],

@@ -194,7 +194,8 @@ class Trainer:
                    else torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay))
             warmup = t.warmup_steps
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warmup: min(1.0, (s + 1) / w) if w else 1.0)
-            module, opt, sched = self.accelerator.prepare(t.module, opt, sched)
+            # the LR schedule stays unprepared: accelerate would step it once per process
+            module, opt = self.accelerator.prepare(t.module, opt)
             self._prepared[t.name], self._optimizers[t.name], self._schedulers[t.name] = module, opt, sched
         for name, emas in self._emas.items():
             for e in emas.values():

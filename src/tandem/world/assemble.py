@@ -105,3 +105,37 @@ def assemble_world(
         if encoder_from and (Path(encoder_from) / "train_config.json").exists():
             shutil.copy(Path(encoder_from) / "train_config.json", out / "vae" / "train_config_base.json")
     return out
+
+
+def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance_scale: float,
+                fp16: bool = True, overwrite: bool = False) -> Path:
+    """Make the student in ``student_dir`` (``student/`` of a ``tandem distill`` run) the world's preset
+    student: copied to ``world/student/`` (UNet in float16 if ``fp16``) with its run's training config,
+    and recorded in ``world/tandem.json`` with its default steps and guidance scale."""
+    from diffusers import UNet2DConditionModel
+
+    world, student_dir = Path(world), Path(student_dir)
+    meta_path = world / "tandem.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{world} is not a world directory (no tandem.json)")
+    for sub in ("unet", "scheduler"):
+        if not (student_dir / sub).is_dir():
+            raise FileNotFoundError(f"{student_dir} lacks {sub}/ (expected the student/ of a `tandem distill` run)")
+    target = world / "student"
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace the world's student")
+        shutil.rmtree(target)
+    unet = UNet2DConditionModel.from_pretrained(student_dir / "unet")
+    unet.to(torch.float16 if fp16 else torch.float32).save_pretrained(target / "unet")
+    shutil.copytree(student_dir / "scheduler", target / "scheduler")
+    for name in ("student.json",):
+        if (student_dir / name).exists():
+            shutil.copy(student_dir / name, target / name)
+    run_config = student_dir.parent / "train_config.json"
+    if run_config.exists():
+        shutil.copy(run_config, target / "train_config.json")
+    meta = json.loads(meta_path.read_text())
+    meta["student"] = {"path": "student", "steps": steps, "guidance_scale": guidance_scale}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return target
