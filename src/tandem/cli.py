@@ -395,6 +395,8 @@ def world_evaluate(
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 125,
     vae: Annotated[bool, typer.Option(help="Also judge VAE reconstructions of 1000 held-out renderings.")] = True,
+    reference: Annotated[Path | None, typer.Option(help="student mode: a teacher results.json (same prompts) "
+                                                        "drawn as the reference line of the plot.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier results directory.")] = False,
 ) -> None:
     """Judge the world teacher (or student) on a prompt list with the exact checker (and its VAE's reconstructions)."""
@@ -411,6 +413,21 @@ def world_evaluate(
     spec = resolve_model(model)
     if not spec.is_world:
         raise UserError(f"model {model!r} is not a ShapesWorld model; the exact checker judges world images only")
+    ref = None
+    if reference is not None:
+        if mode is not Mode.student:
+            raise UserError("--reference applies to --mode student")
+        try:
+            ref_results = json.loads(reference.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--reference {reference}: cannot read a results.json ({e})") from None
+        if "teacher" not in ref_results:
+            raise UserError(f"--reference {reference}: no teacher results in it")
+        best_key = max(ref_results["teacher"], key=lambda k: ref_results["teacher"][k]["accuracy"])
+        best_ref = ref_results["teacher"][best_key]
+        steps = ref_results["config"].get("teacher_steps")
+        ref = {f"teacher, {steps} steps, guidance {best_key}":
+               (best_ref["accuracy"], best_ref.get("unet_evals_per_image", 2 * steps if steps else "?"))}
     prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("test")
     _check_world_prompts(prompts)
     config = {"command": "world evaluate", "tandem_version": __version__, "model": spec.name,
@@ -449,7 +466,14 @@ def world_evaluate(
     if mode is Mode.teacher:
         results["best_guidance_scale"] = float(best)
     else:
+        from .plots import plot_quality_vs_steps
+
         results["best"] = best
+        if ref is not None:
+            results["reference"] = {"file": str(reference), **{k: v[0] for k, v in ref.items()}}
+        plot = plot_quality_vs_steps(results["student"], output.path / "quality_vs_steps.png", ref,
+                                     title=f"{spec.name} student on {config['prompts_file']} prompts")
+        console.print(f"plot -> {plot}")
     if vae:
         results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
         console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")

@@ -1,0 +1,47 @@
+"""Figures for evaluation results (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_quality_vs_steps(student: dict, path: str | Path, reference: dict | None = None,
+                          metric: str = "accuracy", title: str | None = None) -> Path:
+    """Student quality against its sampling steps, one line per guidance scale, with an optional
+    reference (the teacher) as a dashed line labelled with its UNet evaluations.
+
+    Args:
+        student: ``{key: summary}`` from ``tandem world evaluate --mode student`` (each summary has
+            ``settings.steps``, ``settings.guidance_scale`` and ``metric``).
+        reference: ``{label: (value, unet_evals)}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[float, list[tuple[int, float]]] = {}
+    for summary in student.values():
+        s = summary["settings"]
+        lines.setdefault(s["guidance_scale"], []).append((s["steps"], summary[metric]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for g, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"student, guidance {g:g}")
+    for label, (value, evals) in (reference or {}).items():
+        ax.axhline(100 * value, linestyle="--", color="black", linewidth=1)
+        ax.annotate(f"{label} ({evals} UNet evals)", (0.02, 100 * value), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 4), fontsize=8)
+    steps = sorted({p[0] for pts in lines.values() for p in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("student steps (UNet evaluations per image)")
+    ax.set_ylabel("captions satisfied (%)" if metric == "accuracy" else metric)
+    ax.set_title(title or "quality vs. steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
