@@ -298,30 +298,24 @@ def world_train(
     configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
                "teacher": train.TeacherTrainConfig}
     cfg = configs[component.value]()
-    if max_steps is not None:
-        if max_steps < 1:
-            raise UserError(f"--max-steps must be >= 1, got {max_steps}")
-        cfg = dataclasses.replace(cfg, max_steps=max_steps)
-    if init_from is not None:
-        if component is not Component.teacher:
-            raise UserError("--init-from applies to the teacher only")
-        cfg = dataclasses.replace(cfg, init_from=str(init_from))
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
-    if lr is not None:
-        if not lr > 0:
-            raise UserError(f"--lr must be > 0, got {lr}")
-        cfg = dataclasses.replace(cfg, lr=lr)
-    if warmup_steps is not None:
-        if warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be >= 0, got {warmup_steps}")
-        cfg = dataclasses.replace(cfg, warmup_steps=warmup_steps)
-    if lr_schedule is not None:
-        if component is not Component.teacher:
-            raise UserError("--lr-schedule applies to the teacher only (the others decay with a cosine)")
-        if lr_schedule not in ("constant", "cosine"):
-            raise UserError(f"--lr-schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        cfg = dataclasses.replace(cfg, lr_schedule=lr_schedule)
+    teacher_only = {"init_from", "lr_schedule"}
+    overrides = {  # field: (value, its check, what the check demands)
+        "max_steps": (max_steps, lambda v: v >= 1, ">= 1"),
+        "init_from": (str(init_from) if init_from is not None else None, lambda v: True, ""),
+        "seed": (seed, lambda v: True, ""),
+        "lr": (lr, lambda v: v > 0, "> 0"),
+        "warmup_steps": (warmup_steps, lambda v: v >= 0, ">= 0"),
+        "lr_schedule": (lr_schedule, lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    }
+    for name, (value, valid, demand) in overrides.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in teacher_only and component is not Component.teacher:
+            raise UserError(f"{flag} applies to the teacher only")
+        if not valid(value):
+            raise UserError(f"{flag} must be {demand}, got {value!r}")
+        cfg = dataclasses.replace(cfg, **{name: value})
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
     elif component is Component.vae_decoder:
