@@ -16,10 +16,15 @@ import torch
 from .models import SCHEDULERS, make_scheduler
 
 
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (numpy's SeedSequence mixing)."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
 def prompt_seed(seed: int, index: int) -> int:
     """A 63-bit seed for prompt ``index`` of a run seeded with ``seed``."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+    return derive_seed(seed, index)
 
 
 def prompt_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:

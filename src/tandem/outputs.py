@@ -42,13 +42,14 @@ class OutputDir:
         Image.fromarray(image).save(self.image_path(index), format="PNG")
 
     def write_records(self, records: list[dict[str, Any]]) -> None:
-        _atomic_text(self.path / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(self.path / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     def write_config(self, config: dict[str, Any]) -> None:
-        _atomic_text(self.path / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(self.path / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..generate import derive_seed
+from ..outputs import atomic_write_text
+
 CHECKPOINT_DIR = "checkpoint"
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -225,7 +228,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_text(cfg_path, json.dumps(_jsonable(self.run_config), indent=2) + "\n")
+            atomic_write_text(cfg_path, json.dumps(_jsonable(self.run_config), indent=2) + "\n")
         self.accelerator.wait_for_everyone()
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -306,7 +309,7 @@ class Trainer:
                 # randomness follows the batch index: n processes x 1 micro-batch draw exactly what
                 # 1 process x n micro-batches draws, so the two runs compute the same update
                 ctx.micro, ctx.batch_index = micro, index
-                ctx.generator = torch.Generator().manual_seed(_derive_seed(cfg.seed, index, _name_key(name)))
+                ctx.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, index, _name_key(name)))
                 last = micro == cfg.grad_accum - 1
                 with nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model):
                     with acc.autocast():
@@ -365,13 +368,8 @@ class Trainer:
 
     def finish(self, summary: dict) -> None:
         if self.is_main:
-            _atomic_text(self.dir / "done.json", json.dumps(_jsonable(summary), indent=2) + "\n")
+            atomic_write_text(self.dir / "done.json", json.dumps(_jsonable(summary), indent=2) + "\n")
         self.accelerator.wait_for_everyone()
-
-
-def _derive_seed(*keys: int) -> int:
-    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 
 def _name_key(name: str) -> int:
@@ -402,8 +400,3 @@ def _without_max_steps(cfg: dict) -> dict:
     out.get("trainer", {}).pop("max_steps", None)
     return out
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

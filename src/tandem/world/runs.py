@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..outputs import atomic_write_text
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -24,12 +26,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 
