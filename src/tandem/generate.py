@@ -8,7 +8,7 @@ the batch size nor the other prompts of the batch change it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -172,6 +172,3 @@ def generate_student(
             on_batch(len(images))
     return images
 
-
-def settings_dict(settings: TeacherSettings | StudentSettings) -> dict:
-    return asdict(settings)

@@ -169,8 +169,9 @@ class ConsistencyDistillation:
         uncond = self._uncond.expand(b, -1, -1)
         n = torch.randint(0, len(self.grid), (b,), generator=g).to(device)
         t, t_prev = self.grid.to(device)[n], self.grid_prev.to(device)[n]
-        w = (self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((b,), generator=g)).to(device)
-        w_emb = guidance_embedding(w.cpu() - 1.0, self.cfg.w_embedding_dim).to(device)
+        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((b,), generator=g)
+        w_emb = guidance_embedding(w - 1.0, self.cfg.w_embedding_dim).to(device)
+        w = w.to(device)
         noise = torch.randn(latents.shape, generator=g).to(device)
         a = _per_sample(self.alphas_cumprod.to(device)[t], latents)
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -181,9 +182,6 @@ class ConsistencyDistillation:
             target = self.consistency_fn(ctx.ema("student", "target"), x_prev, t_prev, cond, w_emb)
         loss = self.loss_fn(pred, target)
         return {"loss": loss}
-
-    def describe(self) -> dict:
-        return asdict(self.cfg)
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

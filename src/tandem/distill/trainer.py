@@ -157,9 +157,6 @@ class StepContext:
     def frozen(self, name: str) -> nn.Module:
         return self._trainer._frozen[name]
 
-    def autocast(self):
-        return self._trainer.accelerator.autocast()
-
 
 class Trainer:
     """Train ``method`` into ``out_dir``.

@@ -129,9 +129,8 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     unet = UNet2DConditionModel.from_pretrained(student_dir / "unet")
     unet.to(torch.float16 if fp16 else torch.float32).save_pretrained(target / "unet")
     shutil.copytree(student_dir / "scheduler", target / "scheduler")
-    for name in ("student.json",):
-        if (student_dir / name).exists():
-            shutil.copy(student_dir / name, target / name)
+    if (student_dir / "student.json").exists():
+        shutil.copy(student_dir / "student.json", target / "student.json")
     run_config = student_dir.parent / "train_config.json"
     if run_config.exists():
         shutil.copy(run_config, target / "train_config.json")
