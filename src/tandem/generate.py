@@ -85,12 +85,9 @@ def generate_teacher(
     Returns:
         B uint8 images [H, W, 3].
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
-    images: list[np.ndarray] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(prompts))))
+
+    def draw(chunk: list[int]) -> list[np.ndarray]:
         out = pipe(
             [prompts[i] for i in chunk],
             num_inference_steps=settings.steps,
@@ -98,10 +95,9 @@ def generate_teacher(
             latents=initial_latents(pipe, seed, chunk),
             output_type="np",
         ).images
-        images.extend((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
-        if on_batch is not None:
-            on_batch(len(images))
-    return images
+        return _to_uint8(np.asarray(out))
+
+    return _in_batches(len(prompts), batch_size, draw, on_batch)
 
 
 @dataclass(frozen=True)
@@ -130,8 +126,25 @@ class StudentSettings:
 def decode_latents(pipe, latents: torch.Tensor) -> list[np.ndarray]:
     """VAE-decode [B, C, h, w] latents to uint8 images [H, W, 3] (as the pipelines' ``output_type="np"``)."""
     x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return list((x * 255).round().clip(0, 255).astype(np.uint8))
+    return _to_uint8((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+
+
+def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """Float images in [0, 1] [B, H, W, 3] -> B uint8 images, rounding to nearest."""
+    return list((images * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def _in_batches(n: int, batch_size: int, draw: Callable[[list[int]], list[np.ndarray]],
+                on_batch: Callable[[int], None] | None) -> list[np.ndarray]:
+    """``draw`` the prompt indices ``0 .. n-1`` in chunks of ``batch_size``, reporting progress."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    images: list[np.ndarray] = []
+    for start in range(0, n, batch_size):
+        images.extend(draw(list(range(start, min(start + batch_size, n)))))
+        if on_batch is not None:
+            on_batch(len(images))
+    return images
 
 
 @torch.no_grad()
@@ -155,20 +168,16 @@ def generate_student(
     """
     from .sampling import consistency_sample
 
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     original = original_steps or pipe.scheduler.config.original_inference_steps
-    images: list[np.ndarray] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(prompts))))
+
+    def draw(chunk: list[int]) -> list[np.ndarray]:
         gens = [prompt_generator(seed, i) for i in chunk]
         latents = initial_latents(pipe, seed, chunk, gens)
         embeds = pipe.encode_prompt([prompts[i] for i in chunk], pipe.device, 1, False)[0]
         x0 = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
                                 steps=settings.steps, guidance_scale=settings.guidance_scale,
                                 noise=settings.noise, original_steps=original)
-        images.extend(decode_latents(pipe, x0))
-        if on_batch is not None:
-            on_batch(len(images))
-    return images
+        return decode_latents(pipe, x0)
+
+    return _in_batches(len(prompts), batch_size, draw, on_batch)
 
