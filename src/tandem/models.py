@@ -111,6 +111,14 @@ def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
     return pipe.to(device)
 
 
+def encode_captions(tokenizer, text_encoder, captions: list[str], device=None) -> torch.Tensor:
+    """Per-token text embeddings [B, L, D] as Stable Diffusion pipelines compute them (padded to the
+    tokenizer's ``model_max_length``, last hidden state)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device if device is not None else text_encoder.device))[0]
+
+
 def quiet_hub_libraries() -> None:
     """Silence diffusers/transformers loading bars and info logs (tandem shows its own progress)."""
     import diffusers

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import encode_captions
 from ..sampling import boundary_scalings, distillation_grid, guidance_embedding
 from .trainer import StepContext, Trainable
 
@@ -121,9 +122,7 @@ class ConsistencyDistillation:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], device) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        return self.text_encoder(ids)[0]
+        return encode_captions(self.tokenizer, self.text_encoder, captions, device)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

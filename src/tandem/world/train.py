@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..models import quiet_hub_libraries
+from ..models import encode_captions, quiet_hub_libraries
 from .assemble import text_encoder_of
 from .models import (
     CLIPArchConfig,
@@ -285,11 +285,6 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     state = {"unet": unet, "ema": ema, "opt": opt, "sched": sched}
     start = run.load(state) if resume else 0
 
-    def encode_text(captions: list[str]) -> torch.Tensor:
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        return text_encoder(ids)[0]
-
     def step(i: int) -> dict[str, float]:
         captions, images = sample_batch(cfg.seed, i, cfg.batch_size)
         g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, i]).integers(2**62)))
@@ -297,7 +292,7 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
             latents = vae.encode(images_to_tensor(images)).latent_dist.sample(g) * vae.config.scaling_factor
-            cond = encode_text(captions)
+            cond = encode_captions(tokenizer, text_encoder, captions)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g)
         noise = torch.randn(latents.shape, generator=g)
         noisy = noise_scheduler.add_noise(latents, noise, t)
