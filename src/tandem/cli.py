@@ -438,7 +438,10 @@ def world_evaluate(
         runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
                 for g in (guidance_scale or [default_g]) for n in (student_steps or [1, 2, 4, 8])]
     output = OutputDir(out, overwrite)
-    pipe = load_teacher_pipeline(spec) if mode is Mode.teacher else load_student_pipeline(spec, path)
+    if mode is Mode.teacher:
+        pipe, generate = load_teacher_pipeline(spec), generate_teacher
+    else:
+        pipe, generate = load_student_pipeline(spec, path), generate_student
     results = {"config": config, mode.value: {}}
     for key, name, settings in runs:
         with _progress(name, len(prompts)) as bar:
@@ -447,7 +450,6 @@ def world_evaluate(
             def done(n: int, bar=bar, task=task) -> None:
                 bar.update(task, completed=n)
 
-            generate = generate_teacher if mode is Mode.teacher else generate_student
             images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
         summary = {**judge(images, prompts), "settings": settings.__dict__,
                    "unet_evals_per_image": settings.unet_evals_per_image}
