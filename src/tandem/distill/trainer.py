@@ -111,11 +111,11 @@ class TrainerConfig:
 class EMACopy:
     """An exponential moving average of a module, kept as a module (so a method can run it)."""
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, device: torch.device | str = "cpu"):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        self.module = copy.deepcopy(module).requires_grad_(False).eval().to(device)
 
     @torch.no_grad()
     def update(self, source: nn.Module) -> None:
@@ -186,7 +186,10 @@ class Trainer:
         self._frozen = {}
         for name, module in method.frozen().items():
             self._frozen[name] = module.to(self.accelerator.device).eval().requires_grad_(False)
-        self._emas = {t.name: {e: EMACopy(t.module, d) for e, d in t.emas.items()} for t in self.trainables.values()}
+        # EMA copies are taken before prepare(), which may wrap or shard the modules (DDP, FSDP)
+        device = self.accelerator.device
+        self._emas = {t.name: {e: EMACopy(t.module, d, device) for e, d in t.emas.items()}
+                      for t in self.trainables.values()}
         self._optimizers, self._schedulers, self._prepared = {}, {}, {}
         for t in self.trainables.values():
             params = [p for p in t.module.parameters() if p.requires_grad]
@@ -197,9 +200,6 @@ class Trainer:
             # the LR schedule stays unprepared: accelerate would step it once per process
             module, opt = self.accelerator.prepare(t.module, opt)
             self._prepared[t.name], self._optimizers[t.name], self._schedulers[t.name] = module, opt, sched
-        for name, emas in self._emas.items():
-            for e in emas.values():
-                e.module.to(self.accelerator.device)
         self.ctx = StepContext(self)
         self.start_step = self._load() if resume else 0
 
@@ -347,8 +347,7 @@ class Trainer:
                 losses = self.train_step(step)
                 done = step + 1
                 if self.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
-                    now = time.time()
-                    record = {"step": done, "time": round(now - t0, 2), **losses,
+                    record = {"step": done, "time": round(time.time() - t0, 2), **losses,
                               "lr": {n: s.get_last_lr()[0] for n, s in self._schedulers.items()}}
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -359,9 +358,8 @@ class Trainer:
         return cfg.max_steps
 
     def export(self, name: str, ema: str | None = None) -> nn.Module:
-        """The trained network ``name`` (or its EMA copy ``ema``), unwrapped, on the CPU."""
-        module = self._emas[name][ema].module if ema else self.accelerator.unwrap_model(self._prepared[name])
-        return module
+        """The trained network ``name`` (or its EMA copy ``ema``), unwrapped, on the training device."""
+        return self._emas[name][ema].module if ema else self.accelerator.unwrap_model(self._prepared[name])
 
     def finish(self, summary: dict) -> None:
         if self.is_main:
