@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 from PIL import Image
+
+from ..world.stream import images_to_tensor
 
 
 class BatchSource(Protocol):
@@ -30,7 +31,7 @@ class WorldSource:
         self.seed = seed
 
     def batch(self, index: int, size: int) -> dict:
-        from ..world.stream import images_to_tensor, sample_batch
+        from ..world.stream import sample_batch
 
         captions, images = sample_batch(self.seed, index, size)
         return {"captions": captions, "pixels": images_to_tensor(images)}
@@ -92,8 +93,7 @@ class IndexedSource:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             captions.append(caption)
             images.append(np.asarray(image, dtype=np.uint8))
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        return {"captions": captions, "pixels": pixels}
+        return {"captions": captions, "pixels": images_to_tensor(np.stack(images))}
 
     def describe(self) -> dict:
         return {"source": self.kind, "resolution": self.resolution, "examples": self.n, "seed": self.seed,
