@@ -34,6 +34,13 @@ class UserError(Exception):
 class Mode(str, Enum):
     teacher = "teacher"
     student = "student"
+    adaptive = "adaptive"
+    refine_all = "refine-all"
+
+
+class Strategy(str, Enum):
+    refine = "refine"
+    regenerate = "regenerate"
 
 
 class Scheduler(str, Enum):
@@ -47,6 +54,7 @@ class Component(str, Enum):
     vae_decoder = "vae-decoder"
     clip = "clip"
     teacher = "teacher"
+    oracle = "oracle"
 
 
 class Split(str, Enum):
@@ -101,9 +109,41 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output directory (PNGs, records.jsonl, config.json).")] = ...,
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    strategy: Annotated[Strategy | None, typer.Option(help="adaptive: what the teacher does with a rejected "
+                                                           "student image [preset default].")] = None,
+    rollback_sigma: Annotated[float | None, typer.Option(help="adaptive/refine-all: rollback sigma in (0, 1] "
+                                                              "[preset default].")] = None,
+    rollback_convention: Annotated[str | None, typer.Option(help="'paper' (x = sqrt(1-s) x0 + sqrt(s) z, "
+                                                                 "--teacher-steps run) or 'strength' (img2img)."
+                                                            )] = None,
+    handoff: Annotated[str, typer.Option(help="'latent' or 'pixel' (decode and re-encode) hand-off.")] = "latent",
+    percentile: Annotated[float | None, typer.Option(help="adaptive: tau = this percentile k of the "
+                                                          "calibration [preset default].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="adaptive: the cut-off tau itself.")] = None,
+    budget: Annotated[float | None, typer.Option(help="adaptive: target average UNet evaluations per image "
+                                                      "(k chosen from the calibration).")] = None,
+    teacher_guidance_scale: Annotated[float | None, typer.Option(help="adaptive/refine-all: the teacher's "
+                                                                      "guidance [preset default].")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="adaptive: calibration file from `tandem calibrate` "
+                                                          "[the preset's].")] = None,
+    scorer: Annotated[str | None, typer.Option(help="adaptive: the oracle, e.g. world-oracle:DIR, clip:ID, "
+                                                    "imagereward [the preset's].")] = None,
 ) -> None:
-    """Generate one image per prompt, with the teacher or the student."""
+    """Generate one image per prompt: with the teacher, the student, or both in tandem
+    (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected)."""
     import time
+
+    if mode in (Mode.adaptive, Mode.refine_all):
+        return _generate_tandem(
+            prompt, prompts_file, model, mode, teacher_steps, scheduler, student, student_steps, guidance_scale,
+            seed, batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff,
+            percentile, threshold, budget, teacher_guidance_scale, calibration, scorer)
+    tandem_only = {"--scorer": scorer, "--strategy": strategy, "--rollback-sigma": rollback_sigma, "--percentile": percentile,
+                   "--threshold": threshold, "--budget": budget, "--teacher-guidance-scale": teacher_guidance_scale,
+                   "--calibration": calibration, "--rollback-convention": rollback_convention}
+    for flag, value in tandem_only.items():
+        if value is not None:
+            raise UserError(f"{flag} applies to --mode adaptive or refine-all")
 
     from .generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, prompt_seed
     from .models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
@@ -167,6 +207,136 @@ def generate(
         "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
     })
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
+
+
+def _tandem_pipeline(model: str, student: Path | None, device: str, calibration: Path | None,
+                     scorer: str | None = None):
+    """The TandemPipeline of a preset (``--model``), optionally with another world student."""
+    import dataclasses
+
+    from .presets import PRESETS, load_preset
+
+    if model not in PRESETS:
+        raise UserError(f"--mode adaptive/refine-all and calibrate take a preset as --model "
+                        f"({', '.join(PRESETS)}), got {model!r}")
+    preset = PRESETS[model]
+    if student is not None:
+        if preset.student_kind != "world":
+            raise UserError("--student applies to the world preset (a `tandem distill` student/ directory)")
+        preset = dataclasses.replace(preset, student=str(student))
+    if scorer is not None:
+        from .scorers import load_scorer
+
+        preset = dataclasses.replace(preset, scorer=scorer)
+        if calibration is None and preset.calibration == "world":
+            preset = dataclasses.replace(preset, calibration=None)  # the shipped one is for the shipped oracle
+    if calibration is not None and not calibration.exists():
+        raise UserError(f"--calibration {calibration} does not exist; make one with `tandem calibrate`")
+    return preset, load_preset(preset, device=device, calibration=calibration,
+                               scorer=load_scorer(scorer, device=device) if scorer is not None else None)
+
+
+def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler, student, student_steps,
+                     guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
+                     rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
+                     calibration, scorer) -> None:
+    import time
+
+    from PIL import Image
+
+    from .outputs import OutputDir, image_grid
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if mode is Mode.refine_all and any(v is not None for v in (percentile, threshold, budget)):
+        raise UserError("--percentile/--threshold/--budget apply to --mode adaptive (refine-all refines every image)")
+    prompts = _collect_prompts(prompt, prompts_file)
+    preset, pipe = _tandem_pipeline(model, student, device, calibration, scorer)
+    if preset.teacher == "world":
+        _check_world_prompts(prompts)
+    output = OutputDir(out, overwrite)
+    kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                  teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
+                  teacher_scheduler=scheduler.value if scheduler is not None else None,
+                  strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
+                  rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
+                  percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
+    t0 = time.time()
+    with _progress("tandem", len(prompts)) as bar:
+        tasks = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        result = pipe(prompts, callback=progress, **kwargs)
+    for i, (record, image) in enumerate(zip(result.records, result.images)):
+        output.save_image(i, image)
+        record.update(file=output.image_path(i).name, seed=seed, model=preset.name)
+    output.write_records(result.records)
+    summary = result.summary
+    grid_rows = [im for pair in zip(result.student_images, result.images) for im in pair]
+    Image.fromarray(image_grid(grid_rows[:128], columns=8)).save(output.path / "grid.png")
+    output.write_config({
+        "command": "generate", "tandem_version": __version__, "preset": preset.name,
+        "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
+        "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+        "calibration": str(calibration) if calibration else preset.calibration,
+        **summary["settings"], "seed": seed, "batch_size": batch_size,
+        "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
+        "summary": {k: v for k, v in summary.items() if k != "settings"},
+    })
+    paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
+    console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s ({paths}); "
+                  f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average "
+                  f"(student {summary['student_cost']}, teacher improvement {summary['improve_cost']}); "
+                  f"tau {summary['settings']['accept_threshold']} -> {out}")
+    console.print(f"side by side (student | final): {output.path / 'grid.png'}")
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option(help="Calibration file to write (JSON).")],
+    model: Annotated[str, typer.Option(help="A preset (its student and oracle are calibrated).")] = "world",
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Held-out prompts, one per line "
+                                                                        "[world: the fixed validation list].")] = None,
+    student: Annotated[Path | None, typer.Option(help="world: another student directory.")] = None,
+    scorer: Annotated[str | None, typer.Option(help="The oracle, e.g. world-oracle:DIR, clip:ID "
+                                                    "[the preset's].")] = None,
+    student_steps: Annotated[int | None, typer.Option(help="Student steps [preset default].")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Student guidance [preset default].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Score the student on held-out prompts and store the percentile table the cut-off tau comes from."""
+    from .world.prompts import load_prompts
+
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    if student_steps is not None and student_steps < 1:
+        raise UserError(f"--student-steps must be >= 1, got {student_steps}")
+    if prompts_file is None and model != "world":
+        raise UserError("--prompts is required for a real-tier preset")
+    prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("val")
+    preset, pipe = _tandem_pipeline(model, student, device, None, scorer)
+    if preset.teacher == "world":
+        _check_world_prompts(prompts)
+    with _progress("calibrating", len(prompts)) as bar:
+        task = bar.add_task("student", total=len(prompts))
+        calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,
+                               callback=lambda _p, done, _t: bar.update(task, completed=done),
+                               config={"command": "calibrate", "tandem_version": __version__, "preset": preset.name,
+                                       "student": preset.student,
+                                       "prompts_file": str(prompts_file) if prompts_file else "val"})
+    calib.save(out, overwrite=overwrite)
+    taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
+    console.print(f"{len(prompts)} student samples scored; tau {taus} -> {out}")
 
 
 @distill_app.command("consistency")
@@ -288,15 +458,16 @@ def world_train(
 
     Order: vae and clip (independent); then teacher (--vae RUN/vae --text-encoder CLIP_RUN)
     and vae-decoder (--vae RUN/vae: fine-tunes the decoder only, so the latent space the
-    teacher learned is unchanged); then `tandem world assemble`.
+    teacher learned is unchanged); then `tandem world assemble`. The oracle trains last, on
+    samples of the world's teacher and student (the shipped ones).
     """
     import dataclasses
 
     from .models import world_dir
-    from .world import train
+    from .world import oracle, train
 
     configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
-               "teacher": train.TeacherTrainConfig}
+               "teacher": train.TeacherTrainConfig, "oracle": oracle.OracleTrainConfig}
     cfg = configs[component.value]()
     teacher_only = {"init_from", "lr_schedule"}
     overrides = {  # field: (value, its check, what the check demands)
@@ -322,6 +493,8 @@ def world_train(
         result = train.train_vae_decoder(out, vae or world_dir() / "vae", cfg, resume)
     elif component is Component.clip:
         result = train.train_clip(out, cfg, resume)
+    elif component is Component.oracle:
+        result = oracle.train_oracle(out, cfg, resume)
     else:
         result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
     console.print(f"{component.value} trained -> {result}")
@@ -475,6 +648,64 @@ def world_evaluate(
         console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
     (output.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"best {best} -> {output.path / 'results.json'}")
+
+
+def _read_output_dir(path: Path) -> tuple[list[str], list]:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    records_file = path / "records.jsonl"
+    if not records_file.exists():
+        raise UserError(f"{path} has no records.jsonl (not a `tandem generate` output directory)")
+    records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+    images = []
+    for r in records:
+        file = path / r.get("file", f"{r['index']:05d}.png")
+        if not file.exists():
+            raise UserError(f"{file} is missing (listed in {records_file})")
+        images.append(np.asarray(Image.open(file).convert("RGB")))
+    return [r["prompt"] for r in records], images
+
+
+@world_app.command("judge")
+def world_judge(
+    run: Annotated[Path, typer.Argument(help="Output directory of `tandem generate` (PNGs + records.jsonl).")],
+    against: Annotated[Path | None, typer.Option(help="Another output directory of the same prompts: "
+                                                      "side-by-side win rate on the soft score.")] = None,
+) -> None:
+    """Judge generated world images against their prompts with the exact checker (writes RUN/judge.json)."""
+    import json
+
+    import numpy as np
+
+    from .outputs import atomic_write_text
+    from .world.checker import check_batch
+    from .world.evaluate import summarize
+
+    prompts, images = _read_output_dir(run)
+    _check_world_prompts(prompts)
+    results = check_batch(images, prompts)
+    report = {"run": str(run), **summarize(results)}
+    if against is not None:
+        other_prompts, other_images = _read_output_dir(against)
+        if other_prompts != prompts:
+            raise UserError(f"{against} holds other prompts than {run}; side by side needs the same ones")
+        mine = np.array([r.score for r in results])
+        theirs = np.array([r.score for r in check_batch(other_images, other_prompts)])
+        wins, ties = float(np.mean(mine > theirs)), float(np.mean(mine == theirs))
+        report["against"] = {"run": str(against), "win": wins, "tie": ties, "loss": 1 - wins - ties,
+                             "win_rate_ties_split": wins + ties / 2,
+                             "mean_score": float(theirs.mean()),
+                             "accuracy": float(np.mean([r.satisfied for r in check_batch(other_images, other_prompts)]))}
+    atomic_write_text(run / "judge.json", json.dumps(report, indent=2) + "\n")
+    line = f"accuracy {report['accuracy']:.3f}, mean soft score {report['mean_score']:.4f}"
+    if against is not None:
+        a = report["against"]
+        line += (f"; vs {against}: win {a['win']:.3f} tie {a['tie']:.3f} loss {a['loss']:.3f} "
+                 f"(win rate, ties split: {a['win_rate_ties_split']:.3f})")
+    console.print(f"{line} -> {run / 'judge.json'}")
 
 
 def main() -> None:

@@ -274,9 +274,8 @@ class TandemPipeline:
             raise ValueError(f"steps must be >= 1 (student {steps}, teacher {t_steps})")
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-        if mode == "teacher" or (mode == "adaptive" and strategy == "regenerate"):
-            if self.teacher is None:
-                raise ValueError("this teacher is an image-to-image pipeline: it can only refine")
+        if (mode == "teacher" or (mode == "adaptive" and strategy == "regenerate")) and self.teacher is None:
+            raise ValueError("this teacher is an image-to-image pipeline: it can only refine")
         if generator is not None and len(generator) != len(prompts):
             raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts (one per prompt)")
 
