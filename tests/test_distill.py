@@ -155,7 +155,9 @@ def test_student_images_do_not_depend_on_batching(tiny_world, random_student):
     whole = generate_student(pipe, prompts, StudentSettings(steps=2), seed=3, batch_size=3)
     single = generate_student(pipe, prompts[1:2], StudentSettings(steps=2), seed=3, batch_size=1)
     ones = generate_student(pipe, prompts, StudentSettings(steps=2), seed=3, batch_size=1)
-    assert all(np.array_equal(a, b) for a, b in zip(whole, ones))
+    # Batched and single CPU kernels sum in other orders (~1e-6): at most one 8-bit level, on few pixels.
+    diff = np.abs(np.stack(whole).astype(int) - np.stack(ones).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert not np.array_equal(single[0], whole[1])  # index 0 vs 1: another seed
     det = generate_student(pipe, prompts, StudentSettings(steps=2, noise="deterministic"), seed=3)
     assert not np.array_equal(det[0], whole[0])

@@ -1,123 +1,282 @@
-"""Scorer adapters load tiny randomly initialised models of the real architectures from a local
-directory (the real loading code runs) and score as the transformers model computes by hand."""
+"""Scorer adapters, checked against computations done here with the transformers model itself.
+
+A tiny randomly initialised ``CLIPModel`` is saved with a tokenizer and a preprocessor config to a
+directory and loaded through ``load_scorer`` (the real loading code runs); the reference scores use
+transformers' own PIL image processor and ``get_image_features``/``get_text_features``.
+"""
 
 from __future__ import annotations
 
-import json
+import math
+import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-from tandem.scorers import CLIPScorer, ImageRewardScorer, load_scorer, to_image_tensor
+from tandem.scorers import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CLIPScorer,
+    ImageRewardScorer,
+    PickScoreScorer,
+    Scorer,
+    load_scorer,
+    to_image_tensor,
+)
 
-PROMPTS = ["a red circle", "a small blue square", "a green triangle at the top"]
+PROMPTS = ["a red circle", "a small blue square", "a green triangle at the top", "two yellow stars", "a purple ring"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+LOGIT_SCALE = 42.0
 
 
-def save_tiny_clip(path, seed: int):
-    from tandem.world.models import CLIPArchConfig, build_clip
-    from tandem.world.tokenizer import build_tokenizer
+def save_tiny_clip(path, seed: int) -> tuple[CLIPModel, CLIPImageProcessorPil]:
+    from tandem.world.tokenizer import MAX_LENGTH, build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    clip = build_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                      CLIPArchConfig(hidden_size=32, intermediate_size=64, text_layers=1, vision_layers=1,
-                                     heads=2, patch_size=8, projection_dim=16))
-    clip.save_pretrained(path)
+    eos = tokenizer.eos_token_id
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": MAX_LENGTH,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16)
+    model = CLIPModel(config).eval()
+    model.logit_scale.data.fill_(math.log(LOGIT_SCALE))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      image_mean=list(MEAN), image_std=list(STD))
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN, "image_std": STD}))
-    return clip.eval(), tokenizer
+    processor.save_pretrained(path)
+    return model, processor
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip")
-    model, tokenizer = save_tiny_clip(path, 0)
-    return path, model, tokenizer
+    model, processor = save_tiny_clip(path, seed=2)  # a seed whose cosines have both signs
+    return path, model, processor
 
 
 @pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (len(PROMPTS), 32, 32, 3), dtype=np.uint8)
 
 
-def by_hand(model, tokenizer, images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+def reference_cosine(clip_dir, images: np.ndarray, prompts=PROMPTS) -> torch.Tensor:
+    """cos(image, text) with transformers' PIL preprocessing and the model's own feature functions."""
+    from transformers import AutoTokenizer
+
+    path, model, processor = clip_dir
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pixels = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt").pixel_values
     with torch.no_grad():
-        img = model.visual_projection(model.vision_model(pixel_values=x).pooler_output)
-        text = model.text_model(**tokenizer(PROMPTS, padding=True, return_tensors="pt"))
-        txt = model.text_projection(text.pooler_output)
-    return F.cosine_similarity(img, txt, dim=-1)
+        image_embeds = model.get_image_features(pixel_values=pixels).pooler_output
+        text_embeds = model.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt")).pooler_output
+    return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
 
 
-def test_clip_score_is_the_clipped_scaled_cosine(clip_dir, images):
-    path, model, tokenizer = clip_dir
-    scorer = load_scorer(f"clip:{path}")
-    cos = by_hand(model, tokenizer, images)
-    torch.testing.assert_close(scorer(images, PROMPTS), 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-4)
-
-
-def test_pickscore_is_logit_scale_times_cosine(clip_dir, images):
-    path, model, tokenizer = clip_dir
-    scorer = load_scorer(f"pickscore:{path}")
-    cos = by_hand(model, tokenizer, images)
-    torch.testing.assert_close(scorer(images, PROMPTS), model.logit_scale.exp().item() * cos, atol=1e-4, rtol=1e-4)
-
-
-def test_input_forms_and_batches_agree(clip_dir, images):
-    scorer = CLIPScorer.from_pretrained(str(clip_dir[0]), batch_size=2)
-    as_arrays = scorer(list(images), PROMPTS)
-    as_pil = scorer([Image.fromarray(im) for im in images], PROMPTS)
-    as_tensor = scorer(torch.from_numpy(images).permute(0, 3, 1, 2) / 255, PROMPTS)
-    one_by_one = torch.cat([scorer(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(3)])
-    for other in (as_pil, as_tensor, one_by_one):
-        torch.testing.assert_close(as_arrays, other, atol=1e-5, rtol=1e-5)
-
-
-def test_bigger_images_are_resized_to_the_model(clip_dir, images):
-    scorer = load_scorer(f"clip:{clip_dir[0]}")
-    big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # 64x64, nearest-neighbour
-    assert scorer(big, PROMPTS).shape == (3,)
-    assert scorer.preprocess(to_image_tensor(big)).shape[-2:] == (32, 32)
-
-
-def test_fingerprint_follows_the_weights(tmp_path, clip_dir):
+def test_clip_score_is_100_times_the_clipped_cosine(clip_dir, images):
     path = clip_dir[0]
-    assert load_scorer(f"clip:{path}").fingerprint() == load_scorer(f"clip:{path}").fingerprint()
-    other = tmp_path / "other"
-    save_tiny_clip(other, 1)
-    assert load_scorer(f"clip:{other}").fingerprint()["weights"] != load_scorer(f"clip:{path}").fingerprint()["weights"]
+    scorer = load_scorer(f"clip:{path}")
+    assert isinstance(scorer, Scorer) and scorer.name == f"clip:{path}"
+    cos = reference_cosine(clip_dir, images)
+    assert (cos < 0).any() and (cos > 0).any()  # both sides of the clip at 0 are exercised
+    scores = scorer(images, PROMPTS)
+    assert scores.dtype == torch.float32 and scores.device.type == "cpu"
+    torch.testing.assert_close(scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-4)
 
 
-def test_bad_input_is_named(clip_dir, images):
+def test_pickscore_is_logit_scale_times_the_cosine(clip_dir, images, tmp_path):
+    path = clip_dir[0]
+    scorer = load_scorer(f"pickscore:{path}")
+    assert scorer.processor == str(path)  # the directory holds a tokenizer, so it is the processor
+    cos = reference_cosine(clip_dir, images)
+    torch.testing.assert_close(scorer(images, PROMPTS), LOGIT_SCALE * cos, atol=1e-4, rtol=1e-4)
+    assert scorer.fingerprint()["scale"] == pytest.approx(LOGIT_SCALE)
+    # PickScore_v1 ships weights only; its processor comes from elsewhere
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(path / name, tmp_path / name)
+    weights_only = PickScoreScorer.from_pretrained(str(tmp_path), processor=str(path))
+    torch.testing.assert_close(weights_only(images, PROMPTS), scorer(images, PROMPTS))
+
+
+def test_batches_and_input_forms_agree(clip_dir, images):
+    scorer = CLIPScorer.from_pretrained(str(clip_dir[0]), batch_size=2)
+    reference = scorer(list(images), PROMPTS)
+    one_by_one = torch.cat([scorer(images[i:i + 1], PROMPTS[i:i + 1]) for i in range(len(images))])
+    scorer.batch_size = 64
+    forms = {"one by one": one_by_one,
+             "one batch": scorer(list(images), PROMPTS),
+             "PIL": scorer([Image.fromarray(im) for im in images], PROMPTS),
+             "uint8 array": scorer(images, PROMPTS),
+             "float tensor": scorer(torch.from_numpy(images).permute(0, 3, 1, 2) / 255, PROMPTS)}
+    for form, scores in forms.items():
+        torch.testing.assert_close(scores, reference, atol=1e-5, rtol=1e-5, msg=form)
+
+
+def test_other_sizes_are_resized_and_centre_cropped_like_transformers(clip_dir, images):
+    path, _, processor = clip_dir
+    scorer = load_scorer(f"clip:{path}")
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (2, 10, 7, 3), dtype=np.uint8)  # smooth images, as photographs are
+    tall = [Image.fromarray(im).resize((56, 80), Image.BILINEAR) for im in coarse]  # 80x56 -> 45x32 -> 32x32
+    ours = scorer.preprocess(to_image_tensor(tall))
+    theirs = processor(images=tall, return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    # PIL resizes 8-bit images in two rounded passes: allow that rounding
+    error = (ours - theirs).abs().mul(torch.tensor(STD).view(1, 3, 1, 1))
+    assert error.max() < 2 / 255
+    wide = rng.integers(0, 256, (len(images), 32, 64, 3), dtype=np.uint8)
+    wide[:, :, 16:48] = images  # already 32 high: only the centre 32x32 counts, exactly
+    torch.testing.assert_close(scorer(wide, PROMPTS), scorer(images, PROMPTS))
+
+
+def test_fingerprint_follows_the_weights(clip_dir, tmp_path):
+    path = clip_dir[0]
+    first = load_scorer(f"clip:{path}").fingerprint()
+    assert first == load_scorer(f"clip:{path}").fingerprint()
+    assert first["source"] == str(path.resolve()) and first["scale"] == 100.0 and first["image_mean"] == list(MEAN)
+    assert set(first["weights"]) == {"model.safetensors"}
+    copy = shutil.copytree(path, tmp_path / "copy")
+    assert load_scorer(f"clip:{copy}").fingerprint()["weights"] == first["weights"]
+    save_tiny_clip(tmp_path / "other", seed=3)
+    assert load_scorer(f"clip:{tmp_path / 'other'}").fingerprint()["weights"] != first["weights"]
+
+
+def test_a_hub_id_is_fingerprinted_by_its_cached_commit(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from tandem.scorers import source_fingerprint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--clip"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert source_fingerprint("org/clip") == {"source": "org/clip", "revision": commit}
+    assert source_fingerprint("org/uncached") == {"source": "org/uncached", "revision": None}
+
+
+def test_malformed_input_is_named(clip_dir, images):
     scorer = load_scorer(f"clip:{clip_dir[0]}")
-    with pytest.raises(ValueError, match="3 images and 2 prompts"):
-        scorer(images, PROMPTS[:2])
-    with pytest.raises(ValueError, match="uint8"):
-        scorer([images[0].astype(np.float32)], PROMPTS[:1])
-    with pytest.raises(ValueError, match="unknown scorer"):
+    x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255
+    cases = [((images, PROMPTS[:2]), ValueError, "5 images and 2 prompts"),
+             (([images[0].astype(np.float32)], PROMPTS[:1]), ValueError, "uint8"),
+             (([images[0], images[0, :16]], PROMPTS[:2]), ValueError, "differ in size"),
+             ((x * 255, PROMPTS), ValueError, r"\[0, 1\]"),
+             ((x * float("nan"), PROMPTS), ValueError, r"\[0, 1\]"),
+             ((torch.from_numpy(images).permute(0, 3, 1, 2), PROMPTS), ValueError, "float image tensor"),
+             ((x[:, :2], PROMPTS), ValueError, r"\[B, 3, H, W\]"),
+             (([], []), ValueError, "no images"),
+             ((images[:1], PROMPTS[0]), TypeError, "single string"),
+             ((Image.fromarray(images[0]), PROMPTS[:1]), TypeError, "one PIL image"),
+             ((images[:2], ["a red circle", None]), TypeError, "prompts must be strings")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            scorer(*args)
+
+
+def test_bad_specs_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown scorer kind 'aesthetic'.*world-oracle, clip, pickscore, imagereward"):
         load_scorer("aesthetic:foo")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_scorer("clip:/no/such/dir")
+        load_scorer(f"clip:{tmp_path / 'no' / 'such' / 'dir'}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_scorer("pickscore:./missing")
     with pytest.raises(ValueError, match="needs a model"):
         load_scorer("clip")
 
 
 def test_imagereward_names_its_missing_package(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_imagereward(name, *args, **kwargs):
-        if name == "ImageReward":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_imagereward)
+    monkeypatch.setitem(sys.modules, "ImageReward", None)  # import ImageReward -> ModuleNotFoundError
     with pytest.raises(ImportError, match="pip install image-reward"):
-        ImageRewardScorer.from_pretrained()
+        load_scorer("imagereward")
+
+
+def test_imagereward_that_fails_to_import_says_why(monkeypatch, tmp_path):
+    (tmp_path / "ImageReward").mkdir()
+    (tmp_path / "ImageReward" / "__init__.py").write_text(
+        "from transformers.modeling_utils import find_pruneable_heads_and_indices\n")  # as image-reward 1.5 does
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ImageReward", raising=False)
+    with pytest.raises(ImportError, match="fails to import: cannot import name 'find_pruneable_heads_and_indices'"):
+        load_scorer("imagereward")
+
+
+class StandInTokenizer:
+    """Token ids from word lengths, padded like BERT's tokenizer; records its keyword arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, **kwargs):
+        from transformers import BatchEncoding
+
+        self.calls.append(kwargs)
+        n = kwargs["max_length"]
+        ids = [[len(w) for w in p.split()][:n] for p in prompts]
+        return BatchEncoding({"input_ids": torch.tensor([i + [0] * (n - len(i)) for i in ids]),
+                              "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])})
+
+
+class StandInImageReward(torch.nn.Module):
+    """The attributes of ``ImageReward.ImageReward`` the adapter uses, with a made-up ``score_gard``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.blip = types.SimpleNamespace(tokenizer=StandInTokenizer())
+        self.mean, self.std = 0.16717362830052426, 1.0333394966054072
+        self.batches = []
+
+    def score_gard(self, prompt_ids, prompt_attention_mask, image):
+        self.batches.append(tuple(image.shape))
+        return (self.weight * image.mean((1, 2, 3)) + (prompt_ids * prompt_attention_mask).sum(1) / 100)[:, None]
+
+
+def test_imagereward_adapter_plumbing_with_a_stand_in_package(monkeypatch, tmp_path):
+    """What is exercised: finding ImageReward.pt and med_config.json in a directory and handing them to
+    ``ImageReward.load``; the tokenizer arguments of the package's ``score`` (padding to 35 tokens);
+    the images the adapter hands to ``score_gard`` (224 px, normalised with CLIP's statistics, as the
+    package's torchvision transform makes them), batching, and the fingerprint's weight digests.
+    What is not: the package itself, its BLIP model, and whether ``score_gard`` equals the package's
+    ``score`` (read from image-reward 1.5's source; it does not import under transformers 5)."""
+    loads = []
+
+    def load(name, device="cpu", download_root=None, med_config=None):
+        loads.append((name, device, med_config))
+        return StandInImageReward()
+
+    monkeypatch.setitem(sys.modules, "ImageReward", types.SimpleNamespace(load=load))
+    (tmp_path / "ImageReward.pt").write_bytes(b"weights")
+    (tmp_path / "med_config.json").write_text("{}")
+    scorer = ImageRewardScorer.from_pretrained(str(tmp_path), batch_size=2)
+    assert loads == [(str(tmp_path / "ImageReward.pt"), "cpu", str(tmp_path / "med_config.json"))]
+
+    x = torch.rand(5, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    scores = scorer(x, PROMPTS)
+    assert scorer.model.batches == [(2, 3, 224, 224), (2, 3, 224, 224), (1, 3, 224, 224)]
+    assert scorer.model.blip.tokenizer.calls[0] == {"padding": "max_length", "truncation": True,
+                                                        "max_length": 35, "return_tensors": "pt"}
+    pixels = (x - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    words = torch.tensor([sum(len(w) for w in p.split()) for p in PROMPTS], dtype=torch.float32)
+    torch.testing.assert_close(scores, pixels.mean((1, 2, 3)) + words / 100)
+
+    before = scorer.fingerprint()
+    assert set(before["weights"]) == {"ImageReward.pt", "med_config.json"}
+    (tmp_path / "ImageReward.pt").write_bytes(b"other weights")
+    assert scorer.fingerprint()["weights"]["ImageReward.pt"] != before["weights"]["ImageReward.pt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ImageReward.pt"):
+        ImageRewardScorer.from_pretrained(str(tmp_path / "empty"))
+

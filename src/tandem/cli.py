@@ -453,6 +453,9 @@ def world_train(
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [component default].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="teacher: 'constant' or 'cosine' (to 0 at --max-steps) "
                                                          "after warm-up [constant].")] = None,
+    world: Annotated[Path | None, typer.Option(help="oracle: the world whose student and teacher draw its "
+                                                    "training images and whose clip/ it starts from "
+                                                    "[the shipped world].")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
 
@@ -487,6 +490,14 @@ def world_train(
         if not valid(value):
             raise UserError(f"{flag} must be {demand}, got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
+    if world is not None:
+        if component is not Component.oracle:
+            raise UserError("--world applies to the oracle only")
+        if not (world / "model_index.json").exists():
+            raise UserError(f"--world {world} is not a world directory (no model_index.json)")
+        cfg = dataclasses.replace(cfg, world=str(world))
+    if component is Component.oracle and (vae is not None or text_encoder is not None):
+        raise UserError("--vae/--text-encoder do not apply to the oracle (it uses --world's)")
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
     elif component is Component.vae_decoder:

@@ -1,231 +1,400 @@
-"""Oracles: learned image-quality scorers with one protocol.
+"""Oracles: learned image-quality scorers behind one protocol (``Scorer``).
 
     scorer(images, prompts) -> Tensor[B]   (float32 on the CPU, higher is better)
 
-``images`` is a float tensor [B, 3, H, W] in [0, 1] (any device), a list of PIL images, or a
-list of uint8 [H, W, 3] arrays. Every scorer also has ``name`` and ``fingerprint()`` (what makes
-its scores: kind, source, weights digest), which calibrations check.
+``images`` is a float tensor [B, 3, H, W] in [0, 1] on any device, a list of PIL images, or a list
+(or array) of uint8 [H, W, 3] arrays. ``scorer.fingerprint()`` names everything that makes its
+scores (kind, source, weight digests or hub revision, constants); calibrations compare it.
 
-Adapters (each from a hub id or a local directory):
-
-* ``clip:<id>``       CLIP score, 100 * max(cos(image, text), 0) (torchmetrics' convention).
-* ``pickscore:<id>``  PickScore: logit_scale * cos(image, text) of the fine-tuned CLIP-H.
-* ``imagereward:<id>`` ImageReward (optional dependency: ``pip install image-reward``).
-* ``world-oracle[:<dir>]`` ShapesWorld's learned oracle (``tandem.world.oracle``).
+    load_scorer("clip:openai/clip-vit-large-patch14")   # 100 * max(cos, 0), torchmetrics' CLIP score
+    load_scorer("pickscore")                           # PickScore_v1: logit_scale * cos
+    load_scorer("imagereward")                         # ImageReward-v1.0 (pip install image-reward)
+    load_scorer("world-oracle")                        # ShapesWorld's learned oracle (tandem.world.oracle)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sys
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 KINDS = ("world-oracle", "clip", "pickscore", "imagereward")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, transformers' defaults
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PROCESSOR_SUFFIXES = (".json", ".txt")  # tokenizer vocabulary/merges and the preprocessor config
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str  # short id, e.g. "clip:openai/clip-vit-large-patch14"
+
+    def __call__(self, images, prompts: list[str]) -> torch.Tensor: ...
+
+    def fingerprint(self) -> dict: ...
 
 
 def to_image_tensor(images) -> torch.Tensor:
-    """[B, 3, H, W] float in [0, 1] from a tensor, a list of PIL images or uint8 [H, W, 3] arrays."""
+    """Float [B, 3, H, W] in [0, 1] (on the input's device) from such a tensor, a list of PIL images, or a
+    list or array of uint8 [H, W, 3] arrays. Raises ``ValueError`` (``TypeError`` for a wrong container)
+    naming what is malformed."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected an image tensor [B, 3, H, W], got shape {tuple(images.shape)}")
-        return images.float()
-    arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
-    if not arrays:
+        if not images.is_floating_point():
+            raise ValueError(f"expected a float image tensor in [0, 1], got {images.dtype} (divide 8-bit images by 255)")
+        x = images.float()
+    else:
+        if isinstance(images, Image.Image):
+            raise TypeError("expected a list of images, got one PIL image (pass [image])")
+        try:
+            items = list(images)
+        except TypeError:
+            raise TypeError(f"expected images as a tensor or a list of PIL images or uint8 arrays, "
+                             f"got {type(images).__name__}") from None
+        arrays = [np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im) for im in items]
+        for i, a in enumerate(arrays):
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+                raise ValueError(f"image {i}: expected uint8 [H, W, 3], got {a.dtype} {a.shape}")
+        sizes = sorted({a.shape[:2] for a in arrays})
+        if len(sizes) > 1:
+            raise ValueError(f"images differ in size ({', '.join(f'{h}x{w}' for h, w in sizes)}); give one size")
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255 if arrays else torch.empty(0)
+    if len(x) == 0:
         raise ValueError("no images")
-    for i, a in enumerate(arrays):
-        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"image {i}: expected uint8 [H, W, 3], got {a.dtype} {a.shape}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    if not ((x >= 0) & (x <= 1)).all():  # NaN fails too
+        raise ValueError(f"image values must lie in [0, 1], got [{x.min().item():g}, {x.max().item():g}]")
+    return x
 
 
-def _check_pair(x: torch.Tensor, prompts) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if len(prompts) != len(x):
-        raise ValueError(f"got {len(x)} images and {len(prompts)} prompts (one prompt per image)")
-    return prompts
+def clip_preprocess(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """CLIP's image transform on [B, 3, H, W] in [0, 1]: resize the shorter side to ``size`` (bicubic,
+    antialiased; the longer side rounds down, as in transformers' processors), centre-crop to
+    ``size`` x ``size``, normalise with ``mean``/``std``. It differs from the processors' PIL path
+    only in resampling details and in skipping their 8-bit rounding."""
+    h, w = x.shape[-2:]
+    if min(h, w) != size:
+        long = int(size * max(h, w) / min(h, w))
+        x = F.interpolate(x, size=(long, size) if w <= h else (size, long), mode="bicubic", antialias=True,
+                          align_corners=False)
+        x = x.clamp(0, 1)  # bicubic overshoots; the processors' 8-bit resize cannot
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
-def _source_fingerprint(source: str) -> dict:
+def source_fingerprint(source: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES, key: str = "weights") -> dict:
+    """``{"source": resolved path, key: {file: sha256}}`` for a local file or directory (its files with
+    these suffixes; ``calibration.file_digest``); ``{"source": id, "revision": commit or None}`` for a hub id."""
     from .calibration import file_digest
 
     path = Path(source)
-    if path.is_dir():
-        weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-        return {"source": str(path.resolve()), "weights": "+".join(file_digest(p) for p in weights)}
-    return {"source": source, "weights": None}  # a hub id: its files are whatever the id names
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+        return {"source": str(path.resolve()), key: {p.name: file_digest(p) for p in files}}
+    return {"source": str(source), "revision": _hub_revision(str(source))}
 
 
-def _require_source(source: str) -> None:
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of the cached snapshot of a hub repository (no network), None if unknown."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        cached = try_to_load_from_cache(repo_id, filename)
+        match = re.search(r"snapshots/([0-9a-f]{40})/", Path(cached).as_posix()) if isinstance(cached, str) else None
+        if match:
+            return match.group(1)
+    return None
+
+
+def _check_source(kind: str, source: str) -> None:
     if not source:
-        raise ValueError("a scorer needs a hub id or a local directory")
-    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(f"scorer path {source!r} does not exist (expected a directory or a hub id 'org/name')")
+        raise ValueError(f"the {kind} scorer needs a model: {kind}:<hub id or local directory>")
+    if not Path(source).exists() and not HUB_ID.fullmatch(source):
+        raise FileNotFoundError(f"{kind} scorer: {source!r} does not exist (expected a local path or a hub id "
+                                "'org/name')")
+
+
+def _check_prompts(prompts, n_images: int) -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, one per image, got a single string")
+    prompts = list(prompts)
+    if len(prompts) != n_images:
+        raise ValueError(f"got {n_images} images and {len(prompts)} prompts (one prompt per image)")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be strings, got {sorted({type(p).__name__ for p in prompts})}")
+    return prompts
+
+
+def _load_failure(kind: str, source: str, e: Exception) -> ValueError:
+    return ValueError(f"cannot load {kind} scorer {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+# -- CLIP and PickScore ------------------------------------------------------------------------------
 
 
 class CLIPScorer:
-    """CLIP score of a transformers ``CLIPModel``: ``scale * max(cos(image, text), 0)``."""
+    """CLIP score (Hessel et al. 2021) with torchmetrics' convention: ``scale * max(cos(image, text), 0)``,
+    scale 100, for any transformers ``CLIPModel``."""
 
     kind = "clip"
 
-    def __init__(self, model, tokenizer, source: str, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 scale: float = 100.0, device: str = "cpu", batch_size: int = 64):
-        self.model, self.tokenizer, self.source = model.to(device).eval(), tokenizer, source
-        self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(image_std).view(1, 3, 1, 1)
-        self.scale, self.device, self.batch_size = scale, device, batch_size
-        self.size = model.config.vision_config.image_size
-        self.name = f"{self.kind}:{source}"
+    def __init__(self, model, tokenizer, source: str, processor: str | None = None, image_mean=OPENAI_CLIP_MEAN,
+                 image_std=OPENAI_CLIP_STD, scale: float = 100.0, device: str | torch.device = "cpu",
+                 batch_size: int = 32):
+        self.model, self.tokenizer = model.to(device).eval(), tokenizer
+        self.source, self.processor = str(source), str(processor or source)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.scale, self.device, self.batch_size = float(scale), torch.device(device), batch_size
+        self.image_size = model.config.vision_config.image_size
+        self.max_tokens = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+        self.name = f"{self.kind}:{self.source}"
 
     @classmethod
-    def from_pretrained(cls, source: str, processor: str | None = None, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs):
-        """``processor``: where the tokenizer and image statistics live [``source``]."""
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        *, processor: str | None = None, batch_size: int = 32, **kwargs) -> CLIPScorer:
+        """Load a ``CLIPModel`` from a hub id or local directory.
+
+        Args:
+            name_or_path: the model (hub id or directory).
+            processor: where the tokenizer and ``preprocessor_config.json`` live [``name_or_path``];
+                image mean/std come from that config when it exists, else CLIP's.
+            kwargs: constructor arguments (``scale``).
+        """
         from transformers import AutoTokenizer, CLIPModel
 
         from .models import quiet_hub_libraries
 
-        _require_source(source)
+        processor = processor or name_or_path
+        _check_source(cls.kind, name_or_path)
+        _check_source(cls.kind, processor)
         quiet_hub_libraries()
-        proc = processor or source
         try:
-            model = CLIPModel.from_pretrained(source, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(proc)
+            model = CLIPModel.from_pretrained(name_or_path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(processor)
+            config = _preprocessor_config(processor)
         except OSError as e:
-            raise ValueError(f"cannot load {cls.kind} scorer {source!r}: {str(e).splitlines()[0]}") from e
-        mean, std = _image_stats(proc)
-        return cls(model, tokenizer, source, mean, std, device=device, **kwargs)
+            raise _load_failure(cls.kind, name_or_path, e) from e
+        size = model.config.vision_config.image_size
+        crop = config.get("crop_size")
+        crop = (crop, crop) if isinstance(crop, int) else (crop.get("height"), crop.get("width")) if crop else None
+        if crop is not None and crop != (size, size):
+            raise ValueError(f"{processor!r} crops images to {crop[0]}x{crop[1]} but the model {name_or_path!r} "
+                             f"expects {size}x{size}")
+        return cls(model, tokenizer, name_or_path, processor, config.get("image_mean", OPENAI_CLIP_MEAN),
+                   config.get("image_std", OPENAI_CLIP_STD), device=device, batch_size=batch_size, **kwargs)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Resize the shorter side to the model's size (bicubic, antialiased), centre-crop, normalise."""
-        h, w = x.shape[-2:]
-        if (h, w) != (self.size, self.size):
-            s = self.size / min(h, w)
-            x = F.interpolate(x, size=(max(self.size, round(h * s)), max(self.size, round(w * s))), mode="bicubic",
-                              antialias=True, align_corners=False).clamp(0, 1)
-            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-            x = x[..., top:top + self.size, left:left + self.size]
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """[B, 3, H, W] in [0, 1] -> the model's normalised pixels [B, 3, S, S] (``clip_preprocess``)."""
+        return clip_preprocess(x, self.image_size, self.image_mean, self.image_std)
 
-    def _similarity(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def cosine(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """cos(image embedding, text embedding) [B] for images [B, 3, H, W] in [0, 1]."""
         pixels = self.preprocess(x.to(self.device)).to(self.model.dtype)
-        text = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        img = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
-        txt = F.normalize(_features(self.model.get_text_features(**text)), dim=-1)
-        return (img * txt).sum(-1)
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
+                              return_tensors="pt").to(self.device)
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output.float()
+        text_embeds = self.model.get_text_features(**text).pooler_output.float()
+        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
 
-    def _score(self, cos: torch.Tensor) -> torch.Tensor:
+    def score_from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
         return self.scale * cos.clamp(min=0)
 
     @torch.no_grad()
-    def __call__(self, images, prompts) -> torch.Tensor:
+    def __call__(self, images, prompts: list[str]) -> torch.Tensor:
+        """Scores [B] (float32, CPU) of images [B, 3, H, W] in [0, 1] (or PIL / uint8 lists) and their prompts."""
         x = to_image_tensor(images)
-        prompts = _check_pair(x, prompts)
-        out = [self._score(self._similarity(x[s:s + self.batch_size], prompts[s:s + self.batch_size])).cpu()
-               for s in range(0, len(x), self.batch_size)]
-        return torch.cat(out).float()
+        prompts = _check_prompts(prompts, len(x))
+        chunks = range(0, len(x), self.batch_size)
+        return torch.cat([self.score_from_cosine(self.cosine(x[s:s + self.batch_size], prompts[s:s + self.batch_size]))
+                          .float().cpu() for s in chunks])
 
     def fingerprint(self) -> dict:
-        return {"kind": self.kind, **_source_fingerprint(self.source), "scale": self.scale}
+        return {"kind": self.kind, **source_fingerprint(self.source),
+                "processor": source_fingerprint(self.processor, PROCESSOR_SUFFIXES, key="files"),
+                "image_size": self.image_size, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "scale": self.scale, "dtype": str(self.model.dtype).removeprefix("torch.")}
 
 
 class PickScoreScorer(CLIPScorer):
-    """PickScore (Kirstain et al. 2023): the fine-tuned CLIP-H's ``logit_scale * cos``, unclipped."""
+    """PickScore (Kirstain et al. 2023), a CLIP-H fine-tuned on human preferences:
+    ``logit_scale.exp() * cos(image, text)``, not clipped (its published convention)."""
 
     kind = "pickscore"
     DEFAULT = "yuvalkirstain/PickScore_v1"
-    PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the processor PickScore was trained with
+
+    def __init__(self, model, tokenizer, source: str, processor: str | None = None, image_mean=OPENAI_CLIP_MEAN,
+                 image_std=OPENAI_CLIP_STD, device: str | torch.device = "cpu", batch_size: int = 32):
+        scale = float(model.logit_scale.detach().float().exp())
+        super().__init__(model, tokenizer, source, processor, image_mean, image_std, scale, device, batch_size)
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT, processor: str | None = None, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs):
+    def from_pretrained(cls, name_or_path: str = DEFAULT, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, *, processor: str | None = None,
+                        batch_size: int = 32) -> PickScoreScorer:
+        """``processor`` defaults to ``name_or_path`` when it is a directory holding a tokenizer, else to
+        ``PROCESSOR`` (the hub PickScore_v1 repository ships no processor)."""
         if processor is None:
-            processor = source if Path(source).is_dir() else cls.PROCESSOR
-        scorer = super().from_pretrained(source, processor, device, dtype, **kwargs)
-        scorer.scale = float(scorer.model.logit_scale.detach().exp())
-        return scorer
+            has_tokenizer = any((Path(name_or_path) / f).exists() for f in ("tokenizer.json", "vocab.json"))
+            processor = name_or_path if has_tokenizer else cls.PROCESSOR
+        return super().from_pretrained(name_or_path, device, dtype, processor=processor, batch_size=batch_size)
 
-    def _score(self, cos: torch.Tensor) -> torch.Tensor:
+    def score_from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
         return self.scale * cos
 
 
-def _features(out) -> torch.Tensor:
-    """Projected CLIP features: a tensor (transformers 4) or the output's pooler_output (transformers 5)."""
-    return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
-
-
-def _image_stats(source: str) -> tuple[tuple, tuple]:
-    """image_mean/std from a local preprocessor_config.json, or the hub's, else CLIP's."""
-    path = Path(source) / "preprocessor_config.json"
-    config = None
+def _preprocessor_config(source: str) -> dict:
+    """The ``preprocessor_config.json`` of a local directory or hub id; {} when it has none."""
+    path = Path(source)
     if path.exists():
-        config = json.loads(path.read_text())
-    elif not Path(source).exists():
-        try:
-            from huggingface_hub import hf_hub_download
+        file = path / "preprocessor_config.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-            config = json.loads(Path(hf_hub_download(source, "preprocessor_config.json")).read_text())
-        except Exception:  # noqa: BLE001 - offline or no such file: CLIP's statistics
-            config = None
-    if not config:
-        return CLIP_MEAN, CLIP_STD
-    return tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
+    try:
+        return json.loads(Path(hf_hub_download(source, "preprocessor_config.json")).read_text())
+    except RemoteEntryNotFoundError:
+        return {}
+
+
+# -- ImageReward -------------------------------------------------------------------------------------
+
+
+def _import_image_reward():
+    try:
+        import ImageReward
+    except ImportError as e:
+        if e.name == "ImageReward":
+            raise ImportError("the imagereward scorer needs the ImageReward package: pip install image-reward") from None
+        raise ImportError(f"the ImageReward package is installed but fails to import: {e} (image-reward 1.5 "
+                          "imports helpers that transformers 5 removed)") from e
+    return ImageReward
 
 
 class ImageRewardScorer:
-    """ImageReward (Xu et al. 2023) through its own package (``pip install image-reward``).
-
-    Scores one (prompt, image) pair per package call, on 8-bit PIL images as the package expects.
-    """
+    """ImageReward (Xu et al. 2023): BLIP's image-grounded text encoder and an MLP, standardised by the
+    package's reward mean/std. Runs the package's batched ``score_gard`` on images preprocessed in torch as
+    its torchvision transform does (224 px, CLIP statistics), without the 8-bit round trip of its ``score``."""
 
     kind = "imagereward"
-    DEFAULT = "ImageReward-v1.0"
+    DEFAULT = "ImageReward-v1.0"  # a name the package downloads itself (THUDM/ImageReward)
+    PACKAGE_CACHE = Path("~/.cache/ImageReward")  # where the package puts DEFAULT's files
+    CHECKPOINT, MED_CONFIG = "ImageReward.pt", "med_config.json"
+    IMAGE_SIZE, MAX_TOKENS = 224, 35  # the package's _transform(224) and tokenizer max_length
 
-    def __init__(self, model, source: str):
-        self.model, self.source = model, source
-        self.name = f"{self.kind}:{source}"
+    def __init__(self, model, source: str, files: list[Path], device: str | torch.device = "cpu",
+                 batch_size: int = 32):
+        self.model, self.source, self.files = model, str(source), files
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.name = f"{self.kind}:{self.source}"
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT, device: str = "cpu", med_config: str | None = None, **_):
+    def from_pretrained(cls, name_or_path: str = DEFAULT, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, *, med_config: str | None = None,
+                        batch_size: int = 32) -> ImageRewardScorer:
+        """Load through the ImageReward package (``pip install image-reward``).
+
+        Args:
+            name_or_path: ``ImageReward-v1.0`` (the package downloads it), a directory or hub id holding
+                ``ImageReward.pt`` and ``med_config.json``, or a checkpoint file.
+            med_config: BLIP's text-encoder config [``med_config.json`` beside the checkpoint, else the
+                package downloads it].
+        """
+        package = _import_image_reward()
+        checkpoint, med_config = cls._resolve(name_or_path, med_config)
+        with contextlib.redirect_stdout(sys.stderr):  # the package prints while it loads
+            model = package.load(str(checkpoint), device=str(device),
+                                 med_config=str(med_config) if med_config is not None else None)
+        model = model.to(device=device, dtype=dtype).eval()
+        cache = cls.PACKAGE_CACHE.expanduser()  # where the package downloads what it is not given
+        files = [cache / cls.CHECKPOINT if name_or_path == cls.DEFAULT else Path(checkpoint),
+                 Path(med_config) if med_config is not None else cache / cls.MED_CONFIG]
+        return cls(model, name_or_path, files, device, batch_size)
+
+    @classmethod
+    def _resolve(cls, source: str, med_config: str | None) -> tuple[str | Path, str | Path | None]:
+        """(checkpoint, med_config) to hand to ``ImageReward.load``."""
+        if source == cls.DEFAULT:
+            return source, med_config
+        _check_source(cls.kind, source)
+        path = Path(source)
+        if path.is_file():
+            sibling = path.parent / cls.MED_CONFIG
+            return path, med_config or (sibling if sibling.is_file() else None)
+        if path.is_dir():
+            if not (path / cls.CHECKPOINT).is_file():
+                raise FileNotFoundError(f"imagereward scorer: no {cls.CHECKPOINT} in {source!r}")
+            sibling = path / cls.MED_CONFIG
+            return path / cls.CHECKPOINT, med_config or (sibling if sibling.is_file() else None)
+        from huggingface_hub import hf_hub_download
+
         try:
-            import ImageReward as RM
-        except ImportError:
-            raise ImportError("the imagereward scorer needs the ImageReward package: pip install image-reward") from None
-        kwargs = {"device": device}
-        if med_config is not None:
-            kwargs["med_config"] = med_config
-        return cls(RM.load(source, **kwargs), source)
+            return hf_hub_download(source, cls.CHECKPOINT), med_config or hf_hub_download(source, cls.MED_CONFIG)
+        except OSError as e:
+            raise _load_failure(cls.kind, source, e) from e
 
     @torch.no_grad()
-    def __call__(self, images, prompts) -> torch.Tensor:
-        from PIL import Image
-
+    def __call__(self, images, prompts: list[str]) -> torch.Tensor:
+        """Rewards [B] (float32, CPU) of images [B, 3, H, W] in [0, 1] (or PIL / uint8 lists) and their prompts."""
         x = to_image_tensor(images)
-        prompts = _check_pair(x, prompts)
-        pil = [Image.fromarray(a) for a in (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
-        return torch.tensor([float(self.model.score(p, im)) for p, im in zip(prompts, pil)], dtype=torch.float32)
+        prompts = _check_prompts(prompts, len(x))
+        dtype = next(self.model.parameters()).dtype
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            pixels = clip_preprocess(x[s:s + self.batch_size].to(self.device), self.IMAGE_SIZE, OPENAI_CLIP_MEAN,
+                                     OPENAI_CLIP_STD).to(dtype)
+            text = self.model.blip.tokenizer(prompts[s:s + self.batch_size], padding="max_length", truncation=True,
+                                             max_length=self.MAX_TOKENS, return_tensors="pt").to(self.device)
+            rewards = self.model.score_gard(text.input_ids, text.attention_mask, pixels)
+            out.append(rewards.float().reshape(-1).cpu())
+        return torch.cat(out)
 
     def fingerprint(self) -> dict:
-        return {"kind": self.kind, **_source_fingerprint(self.source)}
+        from .calibration import file_digest
+
+        source = self.source if self.source == self.DEFAULT or not Path(self.source).exists() \
+            else str(Path(self.source).resolve())
+        return {"kind": self.kind, "source": source,
+                "weights": {p.name: file_digest(p) if p.is_file() else None for p in self.files},
+                "image_size": self.IMAGE_SIZE, "reward_mean": float(self.model.mean),
+                "reward_std": float(self.model.std),
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
 
 
-def load_scorer(spec: str, device: str = "cpu"):
-    """A scorer from ``kind[:source]``: world-oracle[:DIR], clip:ID, pickscore[:ID], imagereward[:ID]."""
+# -- registry ----------------------------------------------------------------------------------------
+
+
+def load_scorer(spec: str, device: str | torch.device = "cpu") -> Scorer:
+    """A scorer from ``kind[:source]``.
+
+    Args:
+        spec: ``world-oracle[:DIR]``, ``clip:ID_OR_DIR``, ``pickscore[:ID_OR_DIR]`` (default
+            ``yuvalkirstain/PickScore_v1``) or ``imagereward[:NAME_OR_PATH]`` (default ``ImageReward-v1.0``).
+        device: where the model runs.
+    """
     kind, _, source = spec.partition(":")
     if kind == "world-oracle":
         from .world.oracle import WorldOracleScorer
 
         return WorldOracleScorer.from_pretrained(source or None, device=device)
     if kind == "clip":
-        if not source:
-            raise ValueError("clip scorer needs a model: clip:<hub id or directory>")
         return CLIPScorer.from_pretrained(source, device=device)
     if kind == "pickscore":
         return PickScoreScorer.from_pretrained(source or PickScoreScorer.DEFAULT, device=device)
     if kind == "imagereward":
         return ImageRewardScorer.from_pretrained(source or ImageRewardScorer.DEFAULT, device=device)
-    raise ValueError(f"unknown scorer {spec!r}; expected one of {', '.join(KINDS)} (as kind:source)")
+    raise ValueError(f"unknown scorer kind {kind!r} in {spec!r}; expected one of {', '.join(KINDS)} (as kind:source)")
