@@ -224,8 +224,10 @@ def test_calibration_file_round_trip_and_no_silent_overwrite(tmp_path):
     back.check({"student_steps": 4, "scorer": {"kind": "x"}})
     with pytest.raises(CalibrationMismatch, match="scorer.kind"):
         back.check({"student_steps": 4, "scorer": {"kind": "y"}})
-    rows = back.convergence(sizes=(50, 500), ks=(50,))
+    rows = back.convergence(sizes=(50, 500), ks=(50,), resamples=2000)
     assert rows[0]["tau_std"] > rows[1]["tau_std"] > 0  # more prompts, a steadier threshold
+    # the median of n standard-normal draws has standard deviation sqrt(pi / 2) / sqrt(n), asymptotically
+    assert rows[1]["tau_std"] == pytest.approx(np.sqrt(np.pi / 2 / 500), rel=0.2)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a tandem calibration"):
         Calibration.load(tmp_path / "bad.json")

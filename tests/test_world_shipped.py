@@ -118,3 +118,21 @@ def test_the_student_draws_its_captions_in_four_steps(student_pipe):
     # satisfied 32 of 48 (19 of 21 single-object captions) at 4 steps when it was shipped
     assert summary["accuracy"] >= 0.4, summary
     assert summary["by_objects"]["1"]["accuracy"] >= 0.75, summary
+
+
+def test_the_shipped_preset_runs_adaptive_on_its_own_calibration():
+    """The world preset's calibration (500 validation prompts) matches its student and oracle, so a
+    percentile works out of the box; on other prompts about k% of images go to the teacher."""
+    from tandem.pipeline import TandemPipeline
+
+    pipe = TandemPipeline.from_preset("world")
+    assert pipe.calibration is not None and len(pipe.calibration.scores) == 500
+    prompts = load_prompts("test")[:N_PROMPTS]
+    out = pipe(prompts, percentile=50, teacher_steps=10, strategy="refine", batch_size=N_PROMPTS)
+    paths = [r["path"] for r in out.records]
+    assert set(paths) == {"accepted", "refined"}
+    assert 0.25 < paths.count("refined") / len(paths) < 0.75, paths.count("refined")
+    tau = pipe.calibration.threshold(50)
+    for r in out.records:  # 4 student calls; a refinement adds 10 CFG-doubled teacher steps
+        assert (r["student_score"] < tau) == (r["path"] == "refined")
+        assert r["unet_evals"]["total"] == (24 if r["path"] == "refined" else 4)

@@ -661,6 +661,16 @@ def world_evaluate(
     console.print(f"best {best} -> {output.path / 'results.json'}")
 
 
+def _mean_unet_evals(path: Path) -> float | None:
+    """Mean UNet evaluations per image from a `tandem generate` output's records (None if not recorded)."""
+    import json
+
+    records = [json.loads(line) for line in (path / "records.jsonl").read_text().splitlines() if line.strip()]
+    costs = [r["unet_evals"]["total"] if isinstance(r.get("unet_evals"), dict) else r.get("unet_evals")
+             for r in records]
+    return float(sum(costs) / len(costs)) if costs and all(isinstance(c, int | float) for c in costs) else None
+
+
 def _read_output_dir(path: Path) -> tuple[list[str], list]:
     import json
 
@@ -698,7 +708,7 @@ def world_judge(
     prompts, images = _read_output_dir(run)
     _check_world_prompts(prompts)
     results = check_batch(images, prompts)
-    report = {"run": str(run), **summarize(results)}
+    report = {"run": str(run), "unet_evals_mean": _mean_unet_evals(run), **summarize(results)}
     if against is not None:
         other_prompts, other_images = _read_output_dir(against)
         if other_prompts != prompts:
@@ -708,7 +718,7 @@ def world_judge(
         wins, ties = float(np.mean(mine > theirs)), float(np.mean(mine == theirs))
         report["against"] = {"run": str(against), "win": wins, "tie": ties, "loss": 1 - wins - ties,
                              "win_rate_ties_split": wins + ties / 2,
-                             "mean_score": float(theirs.mean()),
+                             "mean_score": float(theirs.mean()), "unet_evals_mean": _mean_unet_evals(against),
                              "accuracy": float(np.mean([r.satisfied for r in check_batch(other_images, other_prompts)]))}
     atomic_write_text(run / "judge.json", json.dumps(report, indent=2) + "\n")
     line = f"accuracy {report['accuracy']:.3f}, mean soft score {report['mean_score']:.4f}"
