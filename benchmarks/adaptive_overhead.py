@@ -15,7 +15,6 @@ Prints one JSON object (and writes it to ``--json`` if given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from _common import emit
 
 os.environ.setdefault("TANDEM_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -132,12 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.machine(),
         "python": sys.version.split()[0],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

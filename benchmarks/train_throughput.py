@@ -14,7 +14,6 @@ Prints one JSON object (and writes it to ``--json`` if given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ import tempfile
 import time
 
 import torch
+from _common import emit
 
 os.environ.setdefault("TANDEM_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -110,12 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_share": (wall - networks_s) / wall,
         "goal_overhead_share": 0.10,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

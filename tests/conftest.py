@@ -33,3 +33,12 @@ def build_tiny_world(path, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world") / "world")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine's other jobs keep their cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

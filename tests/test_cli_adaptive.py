@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import assert_user_error, ok, tandem_in_process
 
 from tandem.world.checker import check
 
@@ -19,27 +19,7 @@ PROMPTS = ["a red circle", "a small blue square at the top left", "a green trian
 
 
 def run(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
-    from tandem.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tandem", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-def user_error(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    return tandem_in_process(capsys, monkeypatch, *args)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +43,7 @@ def test_calibrate_writes_the_percentile_table_and_refuses_to_overwrite(calibrat
     assert data["percentiles"]["50"] == pytest.approx(float(np.percentile(data["scores"], 50)))
     assert data["fingerprint"]["student_steps"] == 4 and data["fingerprint"]["scorer"]["kind"] == "world-oracle"
     before = calibration.read_text()
-    user_error(run(capsys, monkeypatch, "calibrate", "--prompts", workdir / "prompts.txt", "--out", calibration),
+    assert_user_error(run(capsys, monkeypatch, "calibrate", "--prompts", workdir / "prompts.txt", "--out", calibration),
                "exists", "--overwrite")
     assert calibration.read_text() == before
 
@@ -93,7 +73,7 @@ def test_adaptive_generation_keeps_the_output_contract(calibration, workdir, cap
 
 
 def test_a_calibration_for_other_settings_is_refused(calibration, workdir, capsys, monkeypatch):
-    user_error(run(capsys, monkeypatch, "generate", "--mode", "adaptive", "--prompts", workdir / "prompts.txt",
+    assert_user_error(run(capsys, monkeypatch, "generate", "--mode", "adaptive", "--prompts", workdir / "prompts.txt",
                    "--calibration", calibration, "--percentile", 50, "--student-steps", 2,
                    "--out", workdir / "mismatch"), "other settings", "student_steps")
 
@@ -109,4 +89,4 @@ def test_adaptive_bad_input_is_one_line_and_exit_2(case, workdir, capsys, monkey
         "not a preset": (["--mode", "adaptive", "--model", "org/model", "--threshold", 0.1], ["preset"]),
         "bad sigma": (["--mode", "refine-all", "--rollback-sigma", 1.5], ["rollback sigma"]),
     }[case]
-    user_error(run(capsys, monkeypatch, "generate", *args, *prompts), *needles)
+    assert_user_error(run(capsys, monkeypatch, "generate", *args, *prompts), *needles)

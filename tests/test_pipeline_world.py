@@ -28,13 +28,7 @@ PROMPTS = ["a red circle", "a small blue square at the top left",
 STEPS = 3  # DPM-Solver++ 2M takes a second-order step only from step 2 on
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's other jobs keep their cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(world) -> StableDiffusionPipeline:

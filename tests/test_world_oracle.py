@@ -32,13 +32,7 @@ from tandem.world.stream import sample_batch
 ARCH = OracleArch(fusion_layers=1, heads=2, ff=64, head_hidden=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine's cores are shared: one torch thread is faster than two under contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 runs, out_json, out_png = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 results = {}
