@@ -24,6 +24,9 @@ app.add_typer(world_app, name="world")
 distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Distil a teacher into a few-step student (multi-GPU: launch with accelerate/torchrun).")
 app.add_typer(distill_app, name="distill")
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Evaluation experiments: results JSON, plots and a report in --out.")
+app.add_typer(eval_app, name="eval")
 console = Console(stderr=True)
 
 
@@ -727,6 +730,99 @@ def world_judge(
         line += (f"; vs {against}: win {a['win']:.3f} tie {a['tie']:.3f} loss {a['loss']:.3f} "
                  f"(win rate, ties split: {a['win_rate_ties_split']:.3f})")
     console.print(f"{line} -> {run / 'judge.json'}")
+
+
+class Experiment(str, Enum):
+    budget = "budget"
+    oracle = "oracle"
+
+
+def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
+          batch_size: int, device: str) -> None:
+    import time
+
+    from .eval import experiments
+    from .world.prompts import load_prompts
+
+    if model != "world":
+        raise UserError(f"`tandem eval {experiment.value}` judges with ShapesWorld's exact checker: --model world "
+                        f"(got {model!r})")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"--out {out} is not empty; pass --resume to continue that experiment (finished "
+                        "configurations are reused) or choose another directory")
+    if prompts_name in ("val", "test"):
+        prompts = load_prompts(prompts_name)
+    else:
+        prompts = _collect_prompts(None, Path(prompts_name))
+        _check_world_prompts(prompts)
+    prompts = prompts[:n] if n is not None else prompts
+    _, pipe = _tandem_pipeline(model, None, device, None)
+    made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
+               "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device}
+    t0 = time.time()
+    with _progress(f"eval {experiment.value}", len(prompts)) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done)
+
+        run = getattr(experiments, experiment.value)
+        results = run(pipe, prompts, out, seed=seed, batch_size=batch_size, log=lambda m: console.print(m),
+                      made_by=made_by, progress=progress)
+    if experiment is Experiment.budget:
+        for ref, a in results["acceleration"].items():
+            reached = (f"reached at {a['adaptive']['unet_evals_mean']:.1f} UNet evals/image ({a['factor']:.2f}x "
+                       f"cheaper)" if a["adaptive"] else f"not reached (best {100 * a['best_adaptive_accuracy']:.1f}%)")
+            console.print(f"{ref}: {100 * a['teacher']['accuracy']:.1f}% at {a['teacher']['unet_evals_mean']:.0f} "
+                          f"UNet evals/image; adaptive {reached}")
+    else:
+        d = results["decisions"]
+        best = max(d["no_reference"], key=lambda r: r["accuracy"])
+        console.print(f"full-reference agreement {100 * d['full_reference']:.1f}%, best no-reference "
+                      f"{100 * best['accuracy']:.1f}% at k = {best['k']:g}")
+    console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
+
+
+_EVAL_OPTIONS = {
+    "model": "A preset (ShapesWorld: 'world').",
+    "prompts": "'val', 'test' (the fixed lists) or a prompts file.",
+}
+
+
+@eval_app.command("budget")
+def eval_budget(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, budget.png, report.md, cache/).")],
+    model: Annotated[str, typer.Option(help=_EVAL_OPTIONS["model"])] = "world",
+    prompts: Annotated[str, typer.Option(help=_EVAL_OPTIONS["prompts"])] = "test",
+    n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = 500,
+    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Quality vs cost: teacher samplers, students, refine-all and the adaptive pipeline over k; acceleration factors."""
+    _eval(Experiment.budget, model, prompts, n, seed, out, resume, batch_size, device)
+
+
+@eval_app.command("oracle")
+def eval_oracle(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, oracle.png, report.md, cache/).")],
+    model: Annotated[str, typer.Option(help=_EVAL_OPTIONS["model"])] = "world",
+    prompts: Annotated[str, typer.Option(help=_EVAL_OPTIONS["prompts"])] = "test",
+    n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Oracle accuracy: no-reference vs full-reference decisions over k (Fig. 7), synthetic oracles (D.4)."""
+    _eval(Experiment.oracle, model, prompts, n, seed, out, resume, batch_size, device)
 
 
 def main() -> None:

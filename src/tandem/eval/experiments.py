@@ -1,0 +1,254 @@
+"""The evaluation experiments, one function (and one ``tandem eval`` command) each.
+
+* ``budget``: quality against cost (UNet evaluations per image) for the teacher's samplers, the
+  student, refine-all and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
+  acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality.
+* ``oracle``: how often the oracle's no-reference decision agrees with the judge's full-reference
+  comparison of student and teacher, over k (Fig. 7), and the adaptive pipeline's quality with a
+  synthetic oracle of chosen accuracy (appendix D.4).
+
+Each writes ``results.json`` (numbers with the exact configuration), PNG plots and ``report.md``
+into its output directory, and caches per-image results in ``cache/`` so that a stopped run
+resumes (``resume=True``) without drawing finished configurations again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import decision_accuracy, synthetic_oracle, win_rate
+from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, summary
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    teacher_steps: dict = field(default_factory=lambda: {"ddim": (5, 10, 20, 50), "dpm": (5, 10, 15, 25),
+                                                         "unipc": (5, 10, 15, 25)})
+    student_steps: tuple[int, ...] = (1, 2, 4, 8)
+    refine_steps: int = 10                         # DPM-Solver++ steps of a refinement
+    refine_sigmas: tuple[float, ...] = (0.5, 0.7, 0.85)
+    regenerate_steps: tuple[int, ...] = (10, 15, 25)  # DPM-Solver++ regenerations
+    ks: tuple[int, ...] = tuple(range(0, 101, 10))
+    references: tuple[str, ...] = ("ddim50", "dpm25")  # teacher runs the acceleration factor is measured against
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    teacher_steps: int = 25                       # DPM-Solver++: the full-reference teacher image
+    ks: tuple[int, ...] = tuple(range(0, 101, 5))
+    accuracies: tuple[float, ...] = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)
+    seeds: int = 20
+
+
+def _thresholds(pipe, ks) -> dict[float, float]:
+    """tau for each k from the pipeline's calibration, after checking it matches the student and oracle."""
+    if pipe.calibration is None:
+        raise ValueError("the adaptive curves need a calibration (tandem calibrate) for the student and oracle")
+    steps = int(pipe._setting("num_inference_steps", None, 4))
+    guidance = float(pipe._setting("guidance_scale", None, 1.0))
+    pipe.calibration.check(pipe.calibration_fingerprint(steps, guidance))
+    return {k: pipe.calibration.threshold(k) if k > 0 else -np.inf for k in ks}
+
+
+def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: BudgetConfig = BudgetConfig(),
+           batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
+           progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Quality vs cost curves and acceleration factors (see the module docstring)."""
+    out = Path(out)
+    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
+    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    taus = _thresholds(pipe, cfg.ks)
+    points: list[dict] = []
+
+    def add(family: str, label: str, per_image: dict, **extra) -> None:
+        points.append({"family": family, "label": label, **summary(per_image), **extra})
+
+    runs: dict[str, dict] = {}
+    for scheduler, steps_list in cfg.teacher_steps.items():
+        for steps in steps_list:
+            c = SamplerConfig("teacher", steps, scheduler)
+            runs[c.name] = sweep.run(c, log)
+            add(f"teacher {scheduler}", c.name, runs[c.name], config=config_dict(c))
+    for steps in sorted(set(cfg.student_steps) | {student_steps}):
+        c = SamplerConfig("student", steps)
+        runs[c.name] = sweep.run(c, log)
+        add("student", c.name, runs[c.name], config=config_dict(c))
+    student = runs[f"student{student_steps}"]
+    bases = [(f"adaptive regenerate dpm{n}", SamplerConfig("teacher", n, "dpm"), False) for n in cfg.regenerate_steps]
+    for sigma in cfg.refine_sigmas:
+        c = SamplerConfig("refine-all", cfg.refine_steps, "dpm", sigma)
+        runs[c.name] = sweep.run(c, log)
+        add("refine-all", c.name, runs[c.name], config=config_dict(c))
+        bases.append((f"adaptive refine sigma {sigma:g}", c, True))
+    for family, c, includes_student in bases:
+        improved = runs.get(c.name) or sweep.run(c, log)
+        for k, tau in taus.items():
+            composed = compose_adaptive(student, improved, tau, includes_student)
+            add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=c.name,
+                share_improved=float(composed["rejected"].mean()))
+
+    adaptive = [p for p in points if p["family"].startswith("adaptive")]
+    acceleration = {}
+    for ref in cfg.references:
+        if ref not in runs:
+            continue
+        target = summary(runs[ref])
+        reaching = [p for p in adaptive if p["accuracy"] >= target["accuracy"]]
+        best = min(reaching, key=lambda p: p["unet_evals_mean"]) if reaching else None
+        acceleration[ref] = {
+            "teacher": target,
+            "adaptive": best,
+            "factor": target["unet_evals_mean"] / best["unet_evals_mean"] if best else None,
+            "best_adaptive_accuracy": max(p["accuracy"] for p in adaptive),
+        }
+    results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
+               "points": points, "acceleration": acceleration}
+    _write(out, results, plot_budget(points, acceleration, out / "budget.png"), budget_report(results))
+    return results
+
+
+def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: OracleConfig = OracleConfig(),
+           batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
+           progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Oracle accuracy, no reference vs full reference (Fig. 7), and synthetic oracles (D.4)."""
+    out = Path(out)
+    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
+    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    student = sweep.run(SamplerConfig("student", student_steps), log)
+    teacher = sweep.run(SamplerConfig("teacher", cfg.teacher_steps, "dpm"), log)
+    taus = _thresholds(pipe, cfg.ks)
+    decisions = decision_accuracy(student["oracle"], teacher["oracle"], student["score"], teacher["score"], taus)
+    synthetic = [synthetic_oracle(student["score"], teacher["score"], a, cfg.seeds, student["satisfied"],
+                                  teacher["satisfied"]) for a in cfg.accuracies]
+    results = {"experiment": "oracle", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "student": summary(student), "teacher": summary(teacher),
+               "student_vs_teacher": win_rate(student["score"], teacher["score"]),
+               "decisions": decisions, "synthetic_oracle": synthetic}
+    _write(out, results, plot_oracle(results, out / "oracle.png"), oracle_report(results))
+    return results
+
+
+def _write(out: Path, results: dict, plot: Path, report: str) -> None:
+    from ..outputs import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=float) + "\n")
+    atomic_write_text(out / "report.md", report + f"\n![{plot.stem}]({plot.name})\n")
+
+
+# -- plots and reports ------------------------------------------------------------------------------
+
+
+def _axes(title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return plt, fig, ax
+
+
+def plot_budget(points: list[dict], acceleration: dict, path: Path) -> Path:
+    plt, fig, ax = _axes("quality vs cost")
+    families = sorted({p["family"] for p in points}, key=lambda f: (f.startswith("adaptive"), f))
+    for family in families:
+        pts = sorted((p for p in points if p["family"] == family), key=lambda p: p["unet_evals_mean"])
+        style = "-o" if not family.startswith("adaptive") else "--."
+        if family == "refine-all":
+            style = "D"
+        ax.plot([p["unet_evals_mean"] for p in pts], [100 * p["accuracy"] for p in pts], style, label=family,
+                markersize=4)
+    for ref, a in acceleration.items():
+        ax.axhline(100 * a["teacher"]["accuracy"], color="black", linewidth=0.6, linestyle=":")
+        label = f"{ref}" + (f": {a['factor']:.1f}x cheaper adaptive" if a["factor"] else ": not reached")
+        ax.annotate(label, (0.01, 100 * a["teacher"]["accuracy"]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet evaluations per image (mean; CFG doubling counted)")
+    ax.set_ylabel("captions satisfied (%)")
+    ax.legend(fontsize=6, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def budget_report(results: dict) -> str:
+    lines = [f"# Budget curves ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
+             "| acceleration vs | teacher accuracy | its cost | cheapest adaptive reaching it | cost | factor |",
+             "|---|---|---|---|---|---|"]
+    for ref, a in results["acceleration"].items():
+        best = a["adaptive"]
+        lines.append(f"| {ref} | {100 * a['teacher']['accuracy']:.1f}% | {a['teacher']['unet_evals_mean']:.1f} | "
+                     + (f"{best['label']} ({100 * best['accuracy']:.1f}%) | {best['unet_evals_mean']:.1f} | "
+                        f"{a['factor']:.2f}x |" if best else
+                        f"not reached (best {100 * a['best_adaptive_accuracy']:.1f}%) | - | - |"))
+    lines += ["", "| run | UNet evals / image | captions satisfied | soft score |", "|---|---|---|---|"]
+    for p in results["points"]:
+        if not p["family"].startswith("adaptive") or p.get("k") in (30, 50, 70, 100):
+            lines.append(f"| {p['label']} | {p['unet_evals_mean']:.1f} | {100 * p['accuracy']:.1f}% | "
+                         f"{p['mean_score']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_oracle(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    d = results["decisions"]
+    left.plot([r["k"] for r in d["no_reference"]], [100 * r["accuracy"] for r in d["no_reference"]], "-o",
+              markersize=3, label="no reference: student score >= tau(k)")
+    left.axhline(100 * d["full_reference"], color="black", linestyle="--", linewidth=1,
+                 label="full reference: student vs teacher score")
+    left.set_xlabel("percentile k")
+    left.set_ylabel("agreement with the judge (%)")
+    left.set_title("is the student's image the better one? (Fig. 7)", fontsize=9)
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    syn = results["synthetic_oracle"]
+    right.plot([100 * s["oracle_accuracy"] for s in syn], [100 * s["accuracy"] for s in syn], "-o", markersize=3,
+               label="adaptive (regenerate) with a synthetic oracle")
+    right.axhline(100 * results["teacher"]["accuracy"], color="tab:blue", linestyle="--", linewidth=1,
+                  label="teacher alone")
+    right.axhline(100 * results["student"]["accuracy"], color="tab:gray", linestyle=":", linewidth=1,
+                  label="student alone")
+    right.set_xlabel("oracle accuracy (%)")
+    right.set_ylabel("captions satisfied (%)")
+    right.set_title("what a better oracle would give (D.4)", fontsize=9)
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def oracle_report(results: dict) -> str:
+    d, w = results["decisions"], results["student_vs_teacher"]
+    best = max(d["no_reference"], key=lambda r: r["accuracy"])
+    lines = [f"# Oracle accuracy ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
+             f"- Student vs teacher under the judge: the student's image is better on {100 * w['win']:.1f}% of "
+             f"prompts, worse on {100 * w['loss']:.1f}%, tied on {100 * w['tie']:.1f}% (win rate, ties split, "
+             f"{w['win_rate']:.3f}, 95% CI {w['ci'][0]:.3f}-{w['ci'][1]:.3f}).",
+             f"- Full-reference decision (oracle compares both images): {100 * d['full_reference']:.1f}% agreement "
+             f"with the judge on {d['pairs']} prompts where it prefers one.",
+             f"- No-reference decision (student score vs tau): best {100 * best['accuracy']:.1f}% at k = "
+             f"{best['k']:g}.", "",
+             "| synthetic oracle accuracy | captions satisfied | soft score | sent to the teacher |", "|---|---|---|---|"]
+    for s in results["synthetic_oracle"]:
+        lines.append(f"| {100 * s['oracle_accuracy']:.0f}% | {100 * s['accuracy']:.1f}% | {s['mean_score']:.4f} | "
+                     f"{100 * s['teacher_share']:.0f}% |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""Per-image results of sampler configurations on a fixed prompt list, cached so that a stopped
+experiment resumes where it stopped.
+
+Every configuration draws prompt i from the same per-prompt generator ``(seed, i)``: a teacher
+run is exactly what the adaptive pipeline's *regeneration* gives image i, and a refine-all run
+exactly what its *refinement* gives (an image's result does not depend on which other images the
+oracle rejected). So the adaptive pipeline's result for any percentile k is composed from the
+student run and one teacher or refine-all run without drawing again (``compose_adaptive``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """One way of drawing an image per prompt through ``TandemPipeline``."""
+
+    mode: str                    # "teacher", "student" or "refine-all"
+    steps: int                   # teacher steps (teacher, refine-all) or student steps
+    scheduler: str = "dpm"       # the teacher's sampler
+    rollback_sigma: float | None = None  # refine-all
+
+    def __post_init__(self):
+        if self.mode not in ("teacher", "student", "refine-all"):
+            raise ValueError(f"unknown sampler mode {self.mode!r}; expected teacher, student or refine-all")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if (self.mode == "refine-all") != (self.rollback_sigma is not None):
+            raise ValueError("a rollback sigma goes with mode 'refine-all' and only with it")
+
+    @property
+    def name(self) -> str:
+        if self.mode == "student":
+            return f"student{self.steps}"
+        if self.mode == "teacher":
+            return f"{self.scheduler}{self.steps}"
+        return f"refine_{self.scheduler}{self.steps}_sigma{self.rollback_sigma:g}"
+
+    def call_kwargs(self) -> dict:
+        if self.mode == "student":
+            return {"mode": "student", "num_inference_steps": self.steps, "score": True}
+        kwargs = {"mode": self.mode, "teacher_steps": self.steps, "teacher_scheduler": self.scheduler}
+        if self.mode == "refine-all":
+            kwargs["rollback_sigma"] = self.rollback_sigma
+        return kwargs
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+class Sweep:
+    """Runs configurations of one pipeline on one prompt list and seed; caches each in ``cache_dir``.
+
+    A cached configuration is reused only if it was made for the same prompts, seed and pipeline
+    settings (``identity``); anything else is an error rather than a silent mix.
+    """
+
+    def __init__(self, pipe, prompts: list[str], seed: int, cache_dir: str | Path, batch_size: int = 100,
+                 identity: dict | None = None, oracle_on_all: bool = True,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.pipe, self.prompts, self.seed, self.batch_size = pipe, list(prompts), seed, batch_size
+        self.progress = progress  # progress(task, done, total) after each batch
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.oracle_on_all = oracle_on_all
+        self.identity = {"prompts": prompts_digest(self.prompts), "n": len(self.prompts), "seed": seed,
+                         **(identity or {})}
+        marker = self.dir / "identity.json"
+        if marker.exists():
+            made = json.loads(marker.read_text())
+            if made != self.identity:
+                raise ValueError(f"{self.dir} caches results of other prompts or settings ({made}); "
+                                 "use another --out")
+        else:
+            from ..outputs import atomic_write_text
+
+            atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
+
+    def run(self, config: SamplerConfig, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+        """Per-image arrays: ``satisfied``, ``score`` (the judge), ``oracle`` (the oracle's score of the
+        final image), ``evals`` (UNet evaluations); plus ``seconds`` of the run."""
+        path = self.dir / f"{config.name}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                return dict(data)
+        from ..world.checker import check_batch
+
+        t0 = time.perf_counter()
+        callback = None
+        if self.progress is not None:
+            def callback(phase: str, done: int, total: int) -> None:
+                self.progress(f"{config.name} ({phase})", done, total)
+        out = self.pipe(self.prompts, seed=self.seed, batch_size=self.batch_size, callback=callback,
+                        **config.call_kwargs())
+        seconds = time.perf_counter() - t0
+        results = check_batch(out.images, self.prompts)
+        if config.mode == "student":
+            oracle = np.array([r["student_score"] for r in out.records], np.float64)
+        elif self.oracle_on_all and self.pipe.scorer is not None:
+            oracle = np.concatenate([self.pipe._score(out.images[s:s + self.batch_size],
+                                                      self.prompts[s:s + self.batch_size])
+                                     for s in range(0, len(self.prompts), self.batch_size)]).astype(np.float64)
+        else:
+            oracle = np.full(len(self.prompts), np.nan)
+        data = {"satisfied": np.array([r.satisfied for r in results]),
+                "score": np.array([r.score for r in results], np.float64),
+                "oracle": oracle,
+                "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
+                "seconds": np.array(seconds)}
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **data)
+        tmp.replace(path)
+        if log:
+            log(f"{config.name}: {100 * data['satisfied'].mean():.1f}% satisfied, "
+                f"{data['evals'].mean():.1f} UNet evals/image, {seconds:.0f}s")
+        return data
+
+
+def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndarray], tau: float,
+                     improved_includes_student: bool) -> dict[str, np.ndarray]:
+    """The adaptive pipeline's per-image results at cut-off ``tau``: images whose student oracle score
+    is below tau take the improved (teacher or refined) result, the others stay the student's.
+
+    ``improved_includes_student``: the improved run's ``evals`` already count the student's steps
+    (refine-all); a teacher run's do not (regeneration adds the student's cost)."""
+    rejected = student["oracle"] < tau
+    extra = 0 if improved_includes_student else student["evals"]
+    return {
+        "rejected": rejected,
+        "satisfied": np.where(rejected, improved["satisfied"], student["satisfied"]),
+        "score": np.where(rejected, improved["score"], student["score"]),
+        "evals": np.where(rejected, improved["evals"] + extra, student["evals"]),
+    }
+
+
+def summary(per_image: dict[str, np.ndarray]) -> dict:
+    return {"accuracy": float(np.mean(per_image["satisfied"])), "mean_score": float(np.mean(per_image["score"])),
+            "unet_evals_mean": float(np.mean(per_image["evals"]))}
+
+
+def config_dict(config: SamplerConfig) -> dict:
+    return {"name": config.name, **asdict(config)}

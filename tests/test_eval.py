@@ -1,0 +1,127 @@
+"""Evaluation: metrics against hand-computed and closed-form values; the adaptive results composed
+from cached runs against a real adaptive run; resume; the `tandem eval` commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.calibration import Calibration
+from tandem.eval.metrics import decision_accuracy, synthetic_oracle, win_rate
+from tandem.eval.sweep import SamplerConfig, Sweep, compose_adaptive
+from tandem.pipeline import TandemPipeline
+from tandem.presets import PRESETS, load_student, load_teacher, world_calibration_path
+from tandem.world.checker import check_batch
+from test_cli import assert_user_error, ok, tandem_in_process
+from test_tandem_pipeline import PROMPTS, Brightness
+
+
+def test_win_rate_splits_ties_and_its_interval_shrinks_with_n():
+    a, b = np.array([1.0, 0.5, 0.2, 0.7]), np.array([0.5, 0.5, 0.9, 0.1])
+    r = win_rate(a, b)
+    assert (r["win"], r["tie"], r["loss"], r["win_rate"]) == (0.5, 0.25, 0.25, 0.625)
+    rng = np.random.default_rng(0)
+    small = win_rate(rng.random(50), rng.random(50), resamples=4000)
+    big_a, big_b = rng.random(2000), rng.random(2000)
+    big = win_rate(big_a, big_b, resamples=4000)
+    assert small["ci"][0] < small["win_rate"] < small["ci"][1]
+    # a binomial proportion near 1/2: the 95% interval is about +-1.96 sqrt(p (1 - p) / n)
+    half = 1.96 * np.sqrt(big["win_rate"] * (1 - big["win_rate"]) / 2000)
+    assert big["ci"][1] - big["ci"][0] == pytest.approx(2 * half, rel=0.15)
+    with pytest.raises(ValueError, match="equally long"):
+        win_rate(a, b[:3])
+
+
+def test_decision_accuracy_by_hand():
+    student_oracle = np.array([0.9, 0.2, 0.6, 0.4, 0.5])
+    teacher_oracle = np.array([0.1, 0.8, 0.7, 0.3, 0.5])
+    student_judge = np.array([1.0, 0.0, 0.5, 1.0, 0.3])
+    teacher_judge = np.array([0.5, 1.0, 0.4, 0.0, 0.3])  # the last prompt: a judge tie, left out
+    d = decision_accuracy(student_oracle, teacher_oracle, student_judge, teacher_judge, {50: 0.5})
+    # truth (student better): T F T T; full reference (0.9>0.1, 0.2>0.8, 0.6>0.7, 0.4>0.3): T F F T -> 3/4
+    assert d["pairs"] == 4 and d["full_reference"] == 0.75 and d["student_better_share"] == 0.75
+    # no reference at tau 0.5 (score >= 0.5): T F T F -> 3/4
+    assert d["no_reference"] == [{"k": 50.0, "tau": 0.5, "accuracy": 0.75}]
+
+
+def test_a_perfect_synthetic_oracle_keeps_the_better_image_and_a_wrong_one_the_worse():
+    s, t = np.array([0.2, 0.9, 0.5, 0.4]), np.array([0.6, 0.3, 0.5, 0.1])
+    best, worst = np.maximum(s, t).mean(), np.minimum(s, t).mean()
+    assert synthetic_oracle(s, t, 1.0)["mean_score"] == pytest.approx(best)
+    assert synthetic_oracle(s, t, 0.0)["mean_score"] == pytest.approx(worst)
+    assert worst < synthetic_oracle(s, t, 0.7, seeds=200)["mean_score"] < best
+    with pytest.raises(ValueError, match="oracle accuracy"):
+        synthetic_oracle(s, t, 1.5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(2)
+    preset = PRESETS["world"]
+    teacher = load_teacher(preset, "cpu", torch.float32)
+    student = load_student(preset, teacher, "cpu", torch.float32)
+    return TandemPipeline(student, teacher, Brightness(), defaults=dict(
+        num_inference_steps=2, guidance_scale=6.0, teacher_guidance_scale=4.5, rollback_sigma=0.6))
+
+
+@pytest.mark.parametrize("strategy", ["regenerate", "refine"])
+def test_composed_adaptive_results_equal_a_real_adaptive_run(pipe, strategy, tmp_path):
+    sweep = Sweep(pipe, PROMPTS, 3, tmp_path / "cache", batch_size=len(PROMPTS))
+    student = sweep.run(SamplerConfig("student", 2))
+    improved = sweep.run(SamplerConfig("teacher", 4) if strategy == "regenerate"
+                         else SamplerConfig("refine-all", 4, "dpm", 0.6))
+    tau = float(np.median(student["oracle"]))
+    composed = compose_adaptive(student, improved, tau, improved_includes_student=strategy == "refine")
+    real = pipe(PROMPTS, seed=3, accept_threshold=tau, strategy=strategy, teacher_steps=4)
+    judged = check_batch(real.images, PROMPTS)
+    assert list(composed["rejected"]) == [r["path"] != "accepted" for r in real.records]
+    assert 0 < composed["rejected"].sum() < len(PROMPTS)
+    np.testing.assert_array_equal(composed["evals"], [r["unet_evals"]["total"] for r in real.records])
+    # the same images up to the float rounding of other batch compositions (a rare 8-bit flip)
+    np.testing.assert_allclose(composed["score"], [r.score for r in judged], atol=0.02)
+
+
+def test_a_sweep_resumes_from_its_cache_and_refuses_other_prompts(pipe, tmp_path):
+    calls = []
+    original = pipe.__call__
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs["mode"])
+            return original(*args, **kwargs)
+
+    first = Sweep(Counting(), PROMPTS[:3], 0, tmp_path).run(SamplerConfig("student", 1))
+    again = Sweep(Counting(), PROMPTS[:3], 0, tmp_path).run(SamplerConfig("student", 1))
+    assert calls == ["student"]
+    for key in ("satisfied", "score", "oracle", "evals"):
+        np.testing.assert_array_equal(first[key], again[key])
+    with pytest.raises(ValueError, match="other prompts or settings"):
+        Sweep(pipe, PROMPTS[:2], 0, tmp_path)
+    with pytest.raises(ValueError, match="rollback sigma"):
+        SamplerConfig("teacher", 4, rollback_sigma=0.5)
+
+
+def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "oracle"
+    args = ("eval", "oracle", "--prompts", "val", "--n", 6, "--batch-size", 6, "--out", out)
+    ok(tandem_in_process(capsys, monkeypatch, *args))
+    results = json.loads((out / "results.json").read_text())
+    assert results["made_by"]["n"] == 6 and results["config"]["teacher_steps"] == 25
+    assert len(results["decisions"]["no_reference"]) == len(results["config"]["ks"])
+    assert (out / "oracle.png").stat().st_size > 0 and "Oracle accuracy" in (out / "report.md").read_text()
+    calibration = Calibration.load(world_calibration_path())
+    assert results["decisions"]["no_reference"][10]["tau"] == pytest.approx(calibration.threshold(50))
+    assert_user_error(tandem_in_process(capsys, monkeypatch, *args), "--resume")
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    ok(tandem_in_process(capsys, monkeypatch, *args, "--resume"))
+    assert sorted(p.name for p in (out / "cache").iterdir()) == cached
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--model", "sd15-lcm",
+                                        "--out", tmp_path / "x"), "exact checker")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--n", 0, "--out", tmp_path / "y"),
+                      "--n")
