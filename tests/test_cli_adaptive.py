@@ -70,6 +70,11 @@ def test_adaptive_generation_keeps_the_output_contract(calibration, workdir, cap
     expected = np.mean([check(np.asarray(Image.open(out / f"{i:05d}.png")), p).satisfied
                         for i, p in enumerate(PROMPTS)])
     assert judged["accuracy"] == pytest.approx(expected)
+    assert judged["unet_evals_mean"] == pytest.approx(config["summary"]["unet_evals_mean"])
+    # Side by side against itself: every prompt a tie, a win rate of exactly one half.
+    ok(run(capsys, monkeypatch, "world", "judge", out, "--against", out))
+    side = json.loads((out / "judge.json").read_text())["against"]
+    assert (side["tie"], side["win_rate"], side["ci"]) == (1.0, 0.5, [0.5, 0.5])
 
 
 def test_a_calibration_for_other_settings_is_refused(calibration, workdir, capsys, monkeypatch):

@@ -704,6 +704,7 @@ def world_judge(
 
     import numpy as np
 
+    from .eval.metrics import win_rate
     from .outputs import atomic_write_text
     from .world.checker import check_batch
     from .world.evaluate import summarize
@@ -716,19 +717,18 @@ def world_judge(
         other_prompts, other_images = _read_output_dir(against)
         if other_prompts != prompts:
             raise UserError(f"{against} holds other prompts than {run}; side by side needs the same ones")
-        mine = np.array([r.score for r in results])
-        theirs = np.array([r.score for r in check_batch(other_images, other_prompts)])
-        wins, ties = float(np.mean(mine > theirs)), float(np.mean(mine == theirs))
-        report["against"] = {"run": str(against), "win": wins, "tie": ties, "loss": 1 - wins - ties,
-                             "win_rate_ties_split": wins + ties / 2,
-                             "mean_score": float(theirs.mean()), "unet_evals_mean": _mean_unet_evals(against),
-                             "accuracy": float(np.mean([r.satisfied for r in check_batch(other_images, other_prompts)]))}
+        other = check_batch(other_images, other_prompts)
+        side = win_rate(np.array([r.score for r in results]), np.array([r.score for r in other]))
+        report["against"] = {"run": str(against), **side, "win_rate_ties_split": side["win_rate"],
+                             "mean_score": float(np.mean([r.score for r in other])),
+                             "unet_evals_mean": _mean_unet_evals(against),
+                             "accuracy": float(np.mean([r.satisfied for r in other]))}
     atomic_write_text(run / "judge.json", json.dumps(report, indent=2) + "\n")
     line = f"accuracy {report['accuracy']:.3f}, mean soft score {report['mean_score']:.4f}"
     if against is not None:
         a = report["against"]
         line += (f"; vs {against}: win {a['win']:.3f} tie {a['tie']:.3f} loss {a['loss']:.3f} "
-                 f"(win rate, ties split: {a['win_rate_ties_split']:.3f})")
+                 f"(win rate, ties split: {a['win_rate']:.3f}, 95% CI {a['ci'][0]:.3f}-{a['ci'][1]:.3f})")
     console.print(f"{line} -> {run / 'judge.json'}")
 
 
