@@ -125,3 +125,56 @@ def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkey
                                         "--out", tmp_path / "x"), "exact checker")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--n", 0, "--out", tmp_path / "y"),
                       "--n")
+
+
+def test_trajectory_curvature_is_the_distance_from_the_chord():
+    from tandem.eval.winners import trajectory_curvature
+
+    start, end = torch.zeros(1, 2), torch.tensor([[4.0, 0.0]])
+    on_line = torch.tensor([[[1.0, 0.0]], [[3.0, 0.0]]])
+    off_line = torch.tensor([[[1.0, 0.5]], [[2.0, -2.0]], [[6.0, 1.0]]])  # distances 0.5, 2, 1 from the x axis
+    assert trajectory_curvature(start, end, on_line).item() == 0
+    assert trajectory_curvature(start, end, off_line).item() == pytest.approx(2.0)
+
+
+def test_edge_density_counts_the_outline_of_a_square():
+    from tandem.eval.winners import edge_density
+
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    assert edge_density(image)[0] == 0
+    image[0, 8:24, 8:24] = 255  # a 16x16 white square: its gradient lives on a 2-pixel band each side of the edge
+    inner, outer = 14 * 14, 18 * 18
+    assert edge_density(image)[0] == pytest.approx((outer - inner - 4) / 1024, abs=8 / 1024)
+
+
+def test_by_bins_groups_and_scores_each_bin():
+    from tandem.eval.winners import by_bins
+
+    values = np.array([1, 1, 2, 2, 3, 3])
+    student, teacher = np.array([1.0, 0, 1, 1, 0, 0.5]), np.array([0.0, 1, 0, 0, 1, 0.5])
+    rows = by_bins(values, student, teacher, None, {"v": values.astype(float)})
+    assert [(r["low"], r["n"], r["win_rate"], r["mean_v"]) for r in rows] == [(1, 2, 0.5, 1.0), (2, 2, 1.0, 2.0),
+                                                                             (3, 2, 0.25, 3.0)]
+
+
+def test_the_recorded_teacher_draws_the_same_images_as_the_pipeline(pipe, tmp_path):
+    from tandem.eval.winners import teacher_with_curvature
+
+    images, curvature = teacher_with_curvature(pipe, PROMPTS, 3, 4, 4.5, batch_size=len(PROMPTS))
+    reference = Sweep(pipe, PROMPTS, 3, tmp_path, batch_size=len(PROMPTS)).run(SamplerConfig("teacher", 4))
+    assert np.abs(images.astype(int) - reference["images"].astype(int)).max() <= 1
+    assert curvature.shape == (len(PROMPTS),) and (curvature > 0).all()
+
+
+def test_eval_winners_and_threshold_commands(tmp_path, capsys, monkeypatch):
+    common = ("--prompts", "val", "--batch-size", 30)
+    ok(tandem_in_process(capsys, monkeypatch, "eval", "winners", *common, "--n", 6, "--out", tmp_path / "w"))
+    winners = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert sum(r["n"] for r in winners["by_objects"]) == 6 and winners["student_vs_teacher"]["n"] == 6
+    assert (tmp_path / "w" / "winners.png").exists()
+    ok(tandem_in_process(capsys, monkeypatch, "eval", "threshold", *common, "--n", 30, "--out", tmp_path / "t"))
+    threshold = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert [r["n"] for r in threshold["rows"]] == [25, 25, 25]  # the sizes below 30 prompts, for k = 30, 50, 70
+    assert "Threshold convergence" in (tmp_path / "t" / "report.md").read_text()
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "threshold", *common, "--n", 10, "--out",
+                                        tmp_path / "t2"), "more prompts")

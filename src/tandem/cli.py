@@ -734,6 +734,8 @@ def world_judge(
 
 class Experiment(str, Enum):
     budget = "budget"
+    winners = "winners"
+    threshold = "threshold"
     oracle = "oracle"
 
 
@@ -781,48 +783,44 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                        f"cheaper)" if a["adaptive"] else f"not reached (best {100 * a['best_adaptive_accuracy']:.1f}%)")
             console.print(f"{ref}: {100 * a['teacher']['accuracy']:.1f}% at {a['teacher']['unet_evals_mean']:.0f} "
                           f"UNet evals/image; adaptive {reached}")
-    else:
+    elif experiment is Experiment.oracle:
         d = results["decisions"]
         best = max(d["no_reference"], key=lambda r: r["accuracy"])
         console.print(f"full-reference agreement {100 * d['full_reference']:.1f}%, best no-reference "
                       f"{100 * best['accuracy']:.1f}% at k = {best['k']:g}")
+    elif experiment is Experiment.winners:
+        w = results["student_vs_teacher"]
+        console.print(f"student better on {100 * w['win']:.1f}% of prompts (win rate {w['win_rate']:.3f})")
     console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
 
 
-_EVAL_OPTIONS = {
-    "model": "A preset (ShapesWorld: 'world').",
-    "prompts": "'val', 'test' (the fixed lists) or a prompts file.",
-}
+def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -> None:
+    """Register ``tandem eval <experiment>`` (every experiment takes the same options)."""
+
+    def command(
+        out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
+        model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world').")] = "world",
+        prompts: Annotated[str, typer.Option(help="'val', 'test' (the fixed lists) or a prompts file.")] = "test",
+        n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = default_n,
+        seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
+        resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+        batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+        device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    ) -> None:
+        _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device)
+
+    command.__doc__ = summary
+    eval_app.command(experiment.value)(command)
 
 
-@eval_app.command("budget")
-def eval_budget(
-    out: Annotated[Path, typer.Option(help="Output directory (results.json, budget.png, report.md, cache/).")],
-    model: Annotated[str, typer.Option(help=_EVAL_OPTIONS["model"])] = "world",
-    prompts: Annotated[str, typer.Option(help=_EVAL_OPTIONS["prompts"])] = "test",
-    n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = 500,
-    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
-) -> None:
-    """Quality vs cost: teacher samplers, students, refine-all and the adaptive pipeline over k; acceleration factors."""
-    _eval(Experiment.budget, model, prompts, n, seed, out, resume, batch_size, device)
-
-
-@eval_app.command("oracle")
-def eval_oracle(
-    out: Annotated[Path, typer.Option(help="Output directory (results.json, oracle.png, report.md, cache/).")],
-    model: Annotated[str, typer.Option(help=_EVAL_OPTIONS["model"])] = "world",
-    prompts: Annotated[str, typer.Option(help=_EVAL_OPTIONS["prompts"])] = "test",
-    n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = None,
-    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
-) -> None:
-    """Oracle accuracy: no-reference vs full-reference decisions over k (Fig. 7), synthetic oracles (D.4)."""
-    _eval(Experiment.oracle, model, prompts, n, seed, out, resume, batch_size, device)
+_eval_command(Experiment.budget, "Quality vs cost: teacher samplers, students, refine-all and the adaptive pipeline "
+                                 "over k; acceleration factors (paper Fig. 9-10).", 500)
+_eval_command(Experiment.winners, "Where students win: win rate vs student-teacher distance, scene complexity, "
+                                  "prompt length and trajectory curvature (section 3.1).", None)
+_eval_command(Experiment.threshold, "How tau settles with the number of calibration prompts, with timings "
+                                    "(Table 2).", None)
+_eval_command(Experiment.oracle, "Oracle accuracy: no-reference vs full-reference decisions over k (Fig. 7), "
+                                 "synthetic oracles (D.4).", None)
 
 
 def main() -> None:

@@ -3,6 +3,9 @@
 * ``budget``: quality against cost (UNet evaluations per image) for the teacher's samplers, the
   student, refine-all and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
   acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality.
+* ``winners``: where the student's image beats the teacher's (section 3.1): win rate against the
+  student-teacher image distance, scene complexity, prompt length and trajectory curvature.
+* ``threshold``: how the cut-off tau settles with the number of calibration prompts (Table 2).
 * ``oracle``: how often the oracle's no-reference decision agrees with the judge's full-reference
   comparison of student and teacher, over k (Fig. 7), and the adaptive pipeline's quality with a
   synthetic oracle of chosen accuracy (appendix D.4).
@@ -136,6 +139,108 @@ def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Oracle
     return results
 
 
+@dataclass(frozen=True)
+class WinnersConfig:
+    teacher_steps: int = 25   # DPM-Solver++, at the preset's teacher guidance
+    bins: int = 5             # quantile bins of each continuous factor
+
+
+def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: WinnersConfig = WinnersConfig(),
+            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Where students win (see ``tandem.eval.winners``)."""
+    from scipy.stats import spearmanr
+
+    from ..models import world_dir
+    from ..world.checker import check_batch
+    from ..world.grammar import parse_caption
+    from .winners import by_bins, edge_density, image_features, teacher_with_curvature
+
+    out = Path(out)
+    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
+    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    student = sweep.run(SamplerConfig("student", student_steps), log)
+    guidance = float(pipe._setting("teacher_guidance_scale", None, 7.5))
+    cache = out / "cache" / f"teacher_dpm{cfg.teacher_steps}_curvature.npz"
+    if cache.exists():
+        with np.load(cache) as data:
+            teacher_images, curvature = data["images"], data["curvature"]
+    else:
+        teacher_images, curvature = teacher_with_curvature(
+            pipe, prompts, seed, cfg.teacher_steps, guidance, batch_size,
+            progress=(lambda d, t: progress(f"dpm{cfg.teacher_steps} with curvature", d, t)) if progress else None)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, images=teacher_images, curvature=curvature)
+        tmp.replace(cache)
+    teacher = np.array([r.score for r in check_batch(list(teacher_images), prompts)])
+    s = student["score"]
+    features = image_features(np.concatenate([student["images"], teacher_images]), world_dir() / "clip")
+    distance = 1 - (features[: len(prompts)] * features[len(prompts):]).sum(1)
+    objects = np.array([len(parse_caption(p).objects) for p in prompts])
+    tokens = np.array([len(pipe.student.tokenizer(p).input_ids) - 2 for p in prompts])
+    edges = edge_density(teacher_images)
+    factors = {"distance": distance, "curvature": curvature, "edge_density": edges}
+    results = {
+        "experiment": "winners", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
+        "student_steps": student_steps, "teacher": f"dpm{cfg.teacher_steps}, guidance {guidance:g}",
+        "config": asdict(cfg), "made_by": made_by or {},
+        "student_vs_teacher": win_rate(s, teacher),
+        "by_distance": by_bins(distance, s, teacher, cfg.bins, {"curvature": curvature}),
+        "by_objects": by_bins(objects, s, teacher, None, factors),
+        "by_edge_density": by_bins(edges, s, teacher, cfg.bins, {"curvature": curvature}),
+        "by_prompt_tokens": by_bins(tokens, s, teacher, cfg.bins, factors),
+        "by_curvature": by_bins(curvature, s, teacher, cfg.bins, {"distance": distance, "edge_density": edges}),
+        "spearman": {"distance_vs_curvature": float(spearmanr(distance, curvature).statistic),
+                     "curvature_vs_edge_density": float(spearmanr(curvature, edges).statistic),
+                     "distance_vs_objects": float(spearmanr(distance, objects).statistic)},
+    }
+    _write(out, results, plot_winners(results, out / "winners.png"), winners_report(results))
+    return results
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    sizes: tuple[int, ...] = (25, 50, 100, 250, 500)
+    ks: tuple[int, ...] = (30, 50, 70)
+    resamples: int = 200
+
+
+def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: ThresholdConfig = ThresholdConfig(),
+              batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """tau of each k from calibrations of n prompts drawn from ``prompts`` (without replacement), its
+    spread over resamples and the share of all the prompts' student images it sends to the teacher;
+    and the measured time to calibrate n prompts."""
+    import time
+
+    out = Path(out)
+    sizes = [n for n in cfg.sizes if n < len(prompts)]
+    if not sizes:
+        raise ValueError(f"threshold convergence needs more prompts than its smallest size {min(cfg.sizes)}")
+    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
+    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    scores = np.sort(sweep.run(SamplerConfig("student", student_steps), log)["oracle"])
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        pipe.calibrate(prompts[:n], seed=seed, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        subsets = [rng.choice(scores, n, replace=False) for _ in range(cfg.resamples)]
+        for k in cfg.ks:
+            taus = np.array([np.percentile(x, k) for x in subsets])
+            shares = 100 * np.searchsorted(scores, taus) / len(scores)
+            rows.append({"n": n, "k": k, "tau_mean": float(taus.mean()), "tau_std": float(taus.std()),
+                         "share_to_teacher_mean": float(shares.mean()), "share_to_teacher_std": float(shares.std()),
+                         "calibration_seconds": seconds})
+    full = {k: float(np.percentile(scores, k)) for k in cfg.ks}
+    results = {"experiment": "threshold", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "tau_all_prompts": full, "rows": rows}
+    _write(out, results, plot_threshold(results, out / "threshold.png"), threshold_report(results))
+    return results
+
+
 def _write(out: Path, results: dict, plot: Path, report: str) -> None:
     from ..outputs import atomic_write_text
 
@@ -251,4 +356,84 @@ def oracle_report(results: dict) -> str:
     for s in results["synthetic_oracle"]:
         lines.append(f"| {100 * s['oracle_accuracy']:.0f}% | {100 * s['accuracy']:.1f}% | {s['mean_score']:.4f} | "
                      f"{100 * s['teacher_share']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_winners(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("by_distance", "student-teacher distance (1 - cos, world CLIP)"),
+              ("by_objects", "objects in the caption"), ("by_edge_density", "edge density of the teacher image"),
+              ("by_prompt_tokens", "prompt length (tokens)"), ("by_curvature", "teacher trajectory curvature")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), dpi=110)
+    for ax, (key, label) in zip(axes.flat, panels):
+        rows = results[key]
+        x = [(r["low"] + r["high"]) / 2 for r in rows]
+        y = [100 * r["win_rate"] for r in rows]
+        err = [[100 * (r["win_rate"] - r["ci"][0]) for r in rows], [100 * (r["ci"][1] - r["win_rate"]) for r in rows]]
+        ax.errorbar(x, y, yerr=err, fmt="-o", markersize=4, capsize=3)
+        ax.axhline(50, color="black", linewidth=0.6, linestyle=":")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("student win rate vs teacher (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes.flat[-1]
+    rows = results["by_curvature"]
+    ax.plot([(r["low"] + r["high"]) / 2 for r in rows], [r["mean_distance"] for r in rows], "-o", markersize=4)
+    ax.set_xlabel("teacher trajectory curvature", fontsize=8)
+    ax.set_ylabel("mean student-teacher distance", fontsize=8)
+    ax.set_title("straighter trajectories, closer images (Fig. 6a)", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"where the student beats its teacher ({results['n_prompts']} prompts; 95% bootstrap CIs)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def winners_report(results: dict) -> str:
+    w = results["student_vs_teacher"]
+    lines = [f"# Where students win ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
+             f"Student {results['student_steps']} steps vs teacher {results['teacher']}: the student's image is "
+             f"better on {100 * w['win']:.1f}% of prompts, tied on {100 * w['tie']:.1f}% (win rate {w['win_rate']:.3f},"
+             f" 95% CI {w['ci'][0]:.3f}-{w['ci'][1]:.3f}).", "",
+             "Spearman correlations: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}"
+                                                  for k, v in results["spearman"].items()) + "."]
+    for key, label in (("by_distance", "distance"), ("by_objects", "objects"), ("by_edge_density", "edge density"),
+                       ("by_prompt_tokens", "tokens"), ("by_curvature", "curvature")):
+        lines += ["", f"| {label} | n | student win rate (95% CI) |", "|---|---|---|"]
+        for r in results[key]:
+            span = f"{r['low']:g}" if r["low"] == r["high"] else f"{r['low']:.3g}-{r['high']:.3g}"
+            lines.append(f"| {span} | {r['n']} | {r['win_rate']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_threshold(results: dict, path: Path) -> Path:
+    plt, fig, ax = _axes("tau vs number of calibration prompts (Table 2)")
+    for k in results["config"]["ks"]:
+        rows = [r for r in results["rows"] if r["k"] == k]
+        ax.errorbar([r["n"] for r in rows], [r["tau_mean"] for r in rows], yerr=[r["tau_std"] for r in rows],
+                    fmt="-o", markersize=4, capsize=3, label=f"k = {k}")
+        ax.axhline(results["tau_all_prompts"][k], color="black", linewidth=0.5, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("calibration prompts n")
+    ax.set_ylabel("tau (mean +- std over resamples)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def threshold_report(results: dict) -> str:
+    lines = [f"# Threshold convergence ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})",
+             "", "| n | k | tau (mean +- std) | share sent to the teacher (mean +- std, %) | calibration time (s) |",
+             "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['n']} | {r['k']} | {r['tau_mean']:.4f} +- {r['tau_std']:.4f} | "
+                     f"{r['share_to_teacher_mean']:.1f} +- {r['share_to_teacher_std']:.1f} | "
+                     f"{r['calibration_seconds']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -87,8 +87,9 @@ class Sweep:
             atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
 
     def run(self, config: SamplerConfig, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
-        """Per-image arrays: ``satisfied``, ``score`` (the judge), ``oracle`` (the oracle's score of the
-        final image), ``evals`` (UNet evaluations); plus ``seconds`` of the run."""
+        """Per-image arrays: ``images`` (uint8 [N, H, W, 3]), ``satisfied``, ``score`` (the judge),
+        ``oracle`` (the oracle's score of the final image), ``evals`` (UNet evaluations); plus
+        ``seconds`` of the run."""
         path = self.dir / f"{config.name}.npz"
         if path.exists():
             with np.load(path) as data:
@@ -112,7 +113,8 @@ class Sweep:
                                      for s in range(0, len(self.prompts), self.batch_size)]).astype(np.float64)
         else:
             oracle = np.full(len(self.prompts), np.nan)
-        data = {"satisfied": np.array([r.satisfied for r in results]),
+        data = {"images": np.stack(out.images),
+                "satisfied": np.array([r.satisfied for r in results]),
                 "score": np.array([r.score for r in results], np.float64),
                 "oracle": oracle,
                 "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),

@@ -1,0 +1,121 @@
+"""Where students win (section 3.1 and appendix B of the adaptive teacher-student paper).
+
+For each prompt, the student's and the teacher's images from the same initial noise, the judge's
+verdict on which is better, and what might explain it: the distance between the two images in the
+world CLIP's image-embedding space (the DreamSim of this world), the scene's complexity (objects
+in the caption, edge density of the teacher's image), the prompt's length in tokens, and the
+curvature of the teacher's sampling trajectory.
+
+Trajectory curvature (B.1, after Chen et al.): the largest L2 distance, over the sampler's steps,
+from the teacher's denoised prediction x0_hat(t) to the straight line through the trajectory's
+endpoints (the initial noise x_T and the final latent x_0), in latent space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .metrics import win_rate
+
+
+@torch.no_grad()
+def teacher_with_curvature(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float,
+                           batch_size: int = 100, progress: Callable[[int, int], None] | None = None):
+    """The teacher's DPM-Solver++ images of ``prompts`` (prompt i from the generator of ``(seed, i)``,
+    as every tandem sampler) and the curvature of each trajectory.
+
+    Returns:
+        uint8 images [N, H, W, 3], curvatures [N].
+    """
+    from ..generate import decode_latents, initial_latents
+    from ..models import make_scheduler
+
+    teacher = pipe.teacher
+    images, curvature = [], []
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        scheduler = make_scheduler("dpm", pipe._teacher_scheduler_config)
+        predictions = []
+        convert = scheduler.convert_model_output
+
+        def recording(*args, **kwargs):
+            x0 = convert(*args, **kwargs)  # DPM-Solver++ works with data predictions: this is x0_hat(t)
+            predictions.append(x0.detach().float().cpu())
+            return x0
+
+        scheduler.convert_model_output = recording
+        teacher.scheduler = scheduler
+        noise = initial_latents(teacher, seed, idx)
+        final = teacher([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance_scale,
+                        latents=noise.clone(), output_type="latent").images
+        images += decode_latents(teacher, final)
+        curvature.append(trajectory_curvature(noise.float().cpu(), final.float().cpu(), torch.stack(predictions)))
+        if progress:
+            progress(idx[-1] + 1, len(prompts))
+    return np.stack(images), torch.cat(curvature).numpy()
+
+
+def trajectory_curvature(start: torch.Tensor, end: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Largest distance of ``points`` [T, B, ...] from the line through ``start`` and ``end`` [B, ...]; [B]."""
+    a = start.flatten(1).double()
+    d = end.flatten(1).double() - a
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    p = points.flatten(2).double() - a  # [T, B, D]
+    along = (p * d).sum(-1, keepdim=True)
+    return (p - along * d).norm(dim=-1).amax(0).float()
+
+
+@torch.no_grad()
+def image_features(images: np.ndarray, clip_dir, batch_size: int = 500) -> np.ndarray:
+    """Unit-norm world-CLIP image embeddings [N, D] of uint8 images [N, H, W, 3]."""
+    from transformers import CLIPModel
+
+    from ..models import quiet_hub_libraries
+    from ..world.stream import images_to_tensor
+
+    quiet_hub_libraries()
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    out = []
+    for s in range(0, len(images), batch_size):
+        pooled = clip.vision_model(pixel_values=images_to_tensor(images[s:s + batch_size])).pooler_output
+        out.append(torch.nn.functional.normalize(clip.visual_projection(pooled), dim=-1))
+    return torch.cat(out).numpy()
+
+
+def edge_density(images: np.ndarray, threshold: float = 0.25) -> np.ndarray:
+    """Share of pixels whose grey-level gradient magnitude (Sobel, intensities in [0, 1]) exceeds ``threshold``."""
+    grey = images.astype(np.float64).mean(-1) / 255
+    padded = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
+
+    def window(dy: int, dx: int) -> np.ndarray:
+        h, w = grey.shape[1:]
+        return padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    gx = (window(-1, 1) + 2 * window(0, 1) + window(1, 1)) - (window(-1, -1) + 2 * window(0, -1) + window(1, -1))
+    gy = (window(1, -1) + 2 * window(1, 0) + window(1, 1)) - (window(-1, -1) + 2 * window(-1, 0) + window(-1, 1))
+    return (np.hypot(gx, gy) / 4 > threshold).mean((1, 2))
+
+
+def by_bins(values: np.ndarray, student: np.ndarray, teacher: np.ndarray, bins: int | None = 5,
+            extra: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Win rate of the student over the teacher (judge scores) within quantile bins of ``values``
+    (``bins=None``: one group per distinct value), with the mean of each ``extra`` array per bin."""
+    if bins is None:
+        groups = [(v, v, values == v) for v in np.unique(values)]
+    else:
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+        which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+        groups = [(edges[b], edges[b + 1], which == b) for b in range(len(edges) - 1)]
+    rows = []
+    for lo, hi, mask in groups:
+        if not mask.any():
+            continue
+        row = {"low": float(lo), "high": float(hi), "n": int(mask.sum()),
+               **{k: v for k, v in win_rate(student[mask], teacher[mask]).items() if k in ("win_rate", "ci", "tie")}}
+        for name, arr in (extra or {}).items():
+            row[f"mean_{name}"] = float(arr[mask].mean())
+        rows.append(row)
+    return rows
