@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import assert_user_error, ok, tandem_in_process
+from test_tandem_pipeline import PROMPTS, Brightness
 
 from tandem.calibration import Calibration
 from tandem.eval.metrics import decision_accuracy, synthetic_oracle, win_rate
@@ -15,8 +17,6 @@ from tandem.eval.sweep import SamplerConfig, Sweep, compose_adaptive
 from tandem.pipeline import TandemPipeline
 from tandem.presets import PRESETS, load_student, load_teacher, world_calibration_path
 from tandem.world.checker import check_batch
-from test_cli import assert_user_error, ok, tandem_in_process
-from test_tandem_pipeline import PROMPTS, Brightness
 
 
 def test_win_rate_splits_ties_and_its_interval_shrinks_with_n():
@@ -178,3 +178,60 @@ def test_eval_winners_and_threshold_commands(tmp_path, capsys, monkeypatch):
     assert "Threshold convergence" in (tmp_path / "t" / "report.md").read_text()
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "threshold", *common, "--n", 10, "--out",
                                         tmp_path / "t2"), "more prompts")
+
+
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    from tandem.eval.features import frechet_distance
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (20000, 3))
+    y = rng.normal([1, 0, 2], [1, 2, 0.5], (20000, 3))
+    # N(mu1, diag s1^2) vs N(mu2, diag s2^2): |mu1 - mu2|^2 + sum (s1 - s2)^2 = 5 + (0 + 1 + 0.25)
+    assert frechet_distance(x, y) == pytest.approx(6.25, rel=0.03)
+    assert abs(frechet_distance(x, x)) < 1e-6
+    with pytest.raises(ValueError, match="feature sets"):
+        frechet_distance(x, y[:, :2])
+
+
+def test_diversity_is_zero_for_copies_and_one_for_orthogonal_images():
+    from tandem.eval.features import diversity
+
+    same = np.tile(np.array([1.0, 0, 0]), (4, 3, 1))
+    assert diversity(same) == pytest.approx(0)
+    assert diversity(np.eye(3)[None]) == pytest.approx(1)
+    with pytest.raises(ValueError, match="seeds >= 2"):
+        diversity(same[:, :1])
+
+
+def test_world_features_and_clip_score_tell_renderings_apart():
+    """Independent truth: exact renderings. Two renderings of the same prompts are closer in distribution
+    than renderings and noise; a rendering matches its own caption better than a shuffled one."""
+    from tandem.eval.features import ImageFeatures, frechet_distance, renderings, world_clip_score
+    from tandem.world.prompts import load_prompts
+
+    prompts = load_prompts("val")[:200]
+    a, b = renderings(prompts, 0), renderings(prompts, 1)
+    noise = np.random.default_rng(0).integers(0, 256, a.shape, dtype=np.uint8)
+    features = ImageFeatures.world()
+    fa, fb, fn = features(a), features(b), features(noise)
+    assert np.allclose(np.linalg.norm(fa, axis=1), 1)
+    assert frechet_distance(fa, fb) < 0.2 * frechet_distance(fa, fn)
+    own = world_clip_score(a, prompts)
+    shuffled = world_clip_score(a, prompts[1:] + prompts[:1])
+    assert (own > shuffled).mean() > 0.8
+
+
+def test_image_features_load_a_local_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from tandem.eval.features import ImageFeatures
+
+    config = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": 100},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    f = ImageFeatures.from_pretrained(str(tmp_path / "clip"))
+    out = f(np.zeros((3, 64, 64, 3), np.uint8))
+    assert out.shape == (3, 8) and np.allclose(np.linalg.norm(out, axis=1), 1)

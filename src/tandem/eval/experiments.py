@@ -61,17 +61,31 @@ def _thresholds(pipe, ks) -> dict[float, float]:
 def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: BudgetConfig = BudgetConfig(),
            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
            progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Quality vs cost curves and acceleration factors (see the module docstring)."""
+    """Quality vs cost curves and acceleration factors (see the module docstring); with the world
+    CLIP score and the Fréchet distance to exact renderings of the same prompts where images are cached."""
+    from .features import ImageFeatures, renderings, world_clip_score
+
     out = Path(out)
     sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
     student_steps = int(pipe._setting("num_inference_steps", None, 4))
     taus = _thresholds(pipe, cfg.ks)
     points: list[dict] = []
+    features = ImageFeatures.world()
+    reference = features(renderings(prompts, seed))  # exact renderings of the same prompts: the FID reference
 
     def add(family: str, label: str, per_image: dict, **extra) -> None:
-        points.append({"family": family, "label": label, **summary(per_image), **extra})
+        points.append({"family": family, "label": label, **summary(per_image, reference), **extra})
 
-    runs: dict[str, dict] = {}
+    class Runs(dict):
+        """Sweep results with the world CLIP features and CLIP score of their images (when cached)."""
+
+        def __setitem__(self, name: str, data: dict) -> None:
+            if "images" in data:
+                data = {**data, "features": features(data["images"]),
+                        "clip_score": world_clip_score(data["images"], prompts)}
+            super().__setitem__(name, data)
+
+    runs = Runs()
     for scheduler, steps_list in cfg.teacher_steps.items():
         for steps in steps_list:
             c = SamplerConfig("teacher", steps, scheduler)
@@ -89,13 +103,18 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         add("refine-all", c.name, runs[c.name], config=config_dict(c))
         bases.append((f"adaptive refine sigma {sigma:g}", c, True))
     for family, c, includes_student in bases:
-        improved = runs.get(c.name) or sweep.run(c, log)
+        if c.name not in runs:
+            runs[c.name] = sweep.run(c, log)
+        improved = runs[c.name]
         for k, tau in taus.items():
             composed = compose_adaptive(student, improved, tau, includes_student)
             add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=c.name,
                 share_improved=float(composed["rejected"].mean()))
 
     adaptive = [p for p in points if p["family"].startswith("adaptive")]
+    reference_scores = summary({"satisfied": np.ones(len(prompts)), "score": np.ones(len(prompts)),
+                                "evals": np.zeros(len(prompts)), "features": reference,
+                                "clip_score": world_clip_score(renderings(prompts, seed), prompts)}, reference)
     acceleration = {}
     for ref in cfg.references:
         if ref not in runs:
@@ -112,7 +131,8 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
                "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
-               "points": points, "acceleration": acceleration}
+               "points": points, "acceleration": acceleration,
+               "renderings": {k: reference_scores[k] for k in ("clip_score", "frechet_distance")}}
     _write(out, results, plot_budget(points, acceleration, out / "budget.png"), budget_report(results))
     return results
 
@@ -151,10 +171,10 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
     """Where students win (see ``tandem.eval.winners``)."""
     from scipy.stats import spearmanr
 
-    from ..models import world_dir
     from ..world.checker import check_batch
     from ..world.grammar import parse_caption
-    from .winners import by_bins, edge_density, image_features, teacher_with_curvature
+    from .features import ImageFeatures
+    from .winners import by_bins, edge_density, teacher_with_curvature
 
     out = Path(out)
     sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
@@ -174,7 +194,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
         tmp.replace(cache)
     teacher = np.array([r.score for r in check_batch(list(teacher_images), prompts)])
     s = student["score"]
-    features = image_features(np.concatenate([student["images"], teacher_images]), world_dir() / "clip")
+    features = ImageFeatures.world()(np.concatenate([student["images"], teacher_images]))
     distance = 1 - (features[: len(prompts)] * features[len(prompts):]).sum(1)
     objects = np.array([len(parse_caption(p).objects) for p in prompts])
     tokens = np.array([len(pipe.student.tokenizer(p).input_ids) - 2 for p in prompts])
@@ -298,11 +318,13 @@ def budget_report(results: dict) -> str:
                      + (f"{best['label']} ({100 * best['accuracy']:.1f}%) | {best['unet_evals_mean']:.1f} | "
                         f"{a['factor']:.2f}x |" if best else
                         f"not reached (best {100 * a['best_adaptive_accuracy']:.1f}%) | - | - |"))
-    lines += ["", "| run | UNet evals / image | captions satisfied | soft score |", "|---|---|---|---|"]
+    lines += ["", "| run | UNet evals / image | captions satisfied | soft score | world CLIP score | "
+              "Fréchet distance to renderings |", "|---|---|---|---|---|---|"]
     for p in results["points"]:
         if not p["family"].startswith("adaptive") or p.get("k") in (30, 50, 70, 100):
             lines.append(f"| {p['label']} | {p['unet_evals_mean']:.1f} | {100 * p['accuracy']:.1f}% | "
-                         f"{p['mean_score']:.4f} |")
+                         f"{p['mean_score']:.4f} | {p.get('clip_score', float('nan')):.2f} | "
+                         f"{p.get('frechet_distance', float('nan')):.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -352,7 +374,8 @@ def oracle_report(results: dict) -> str:
              f"with the judge on {d['pairs']} prompts where it prefers one.",
              f"- No-reference decision (student score vs tau): best {100 * best['accuracy']:.1f}% at k = "
              f"{best['k']:g}.", "",
-             "| synthetic oracle accuracy | captions satisfied | soft score | sent to the teacher |", "|---|---|---|---|"]
+             "| synthetic oracle accuracy | captions satisfied | soft score | sent to the teacher |",
+             "|---|---|---|---|"]
     for s in results["synthetic_oracle"]:
         lines.append(f"| {100 * s['oracle_accuracy']:.0f}% | {100 * s['accuracy']:.1f}% | {s['mean_score']:.4f} | "
                      f"{100 * s['teacher_share']:.0f}% |")

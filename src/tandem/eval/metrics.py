@@ -71,7 +71,8 @@ def synthetic_oracle(student_judge: np.ndarray, teacher_judge: np.ndarray, accur
         teacher_share.append(1 - keep.mean())
         if student_satisfied is not None and teacher_satisfied is not None:
             sat.append(np.where(keep, student_satisfied, teacher_satisfied).mean())
-    out = {"oracle_accuracy": accuracy, "mean_score": float(np.mean(score)), "teacher_share": float(np.mean(teacher_share))}
+    out = {"oracle_accuracy": accuracy, "mean_score": float(np.mean(score)),
+           "teacher_share": float(np.mean(teacher_share))}
     if sat:
         out["accuracy"] = float(np.mean(sat))
     return out

@@ -137,17 +137,26 @@ def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndar
     (refine-all); a teacher run's do not (regeneration adds the student's cost)."""
     rejected = student["oracle"] < tau
     extra = 0 if improved_includes_student else student["evals"]
-    return {
-        "rejected": rejected,
-        "satisfied": np.where(rejected, improved["satisfied"], student["satisfied"]),
-        "score": np.where(rejected, improved["score"], student["score"]),
-        "evals": np.where(rejected, improved["evals"] + extra, student["evals"]),
-    }
+    composed = {"rejected": rejected, "evals": np.where(rejected, improved["evals"] + extra, student["evals"])}
+    for key in ("satisfied", "score", "features", "clip_score"):  # per-image values both runs have
+        if key in student and key in improved:
+            mask = rejected.reshape(-1, *([1] * (np.ndim(student[key]) - 1)))
+            composed[key] = np.where(mask, improved[key], student[key])
+    return composed
 
 
-def summary(per_image: dict[str, np.ndarray]) -> dict:
-    return {"accuracy": float(np.mean(per_image["satisfied"])), "mean_score": float(np.mean(per_image["score"])),
-            "unet_evals_mean": float(np.mean(per_image["evals"]))}
+def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | None = None) -> dict:
+    """Accuracy, mean soft score and cost; the world CLIP score and the Fréchet distance to
+    ``reference_features`` (renderings of the same prompts) where the per-image values are there."""
+    out = {"accuracy": float(np.mean(per_image["satisfied"])), "mean_score": float(np.mean(per_image["score"])),
+           "unet_evals_mean": float(np.mean(per_image["evals"]))}
+    if "clip_score" in per_image:
+        out["clip_score"] = float(np.mean(per_image["clip_score"]))
+    if "features" in per_image and reference_features is not None:
+        from .features import frechet_distance
+
+        out["frechet_distance"] = frechet_distance(per_image["features"], reference_features)
+    return out
 
 
 def config_dict(config: SamplerConfig) -> dict:

@@ -2,7 +2,7 @@
 
 For each prompt, the student's and the teacher's images from the same initial noise, the judge's
 verdict on which is better, and what might explain it: the distance between the two images in the
-world CLIP's image-embedding space (the DreamSim of this world), the scene's complexity (objects
+world CLIP's image-embedding space (``features.ImageFeatures.world``; the DreamSim of this world), the scene's complexity (objects
 in the caption, edge density of the teacher's image), the prompt's length in tokens, and the
 curvature of the teacher's sampling trajectory.
 
@@ -41,7 +41,7 @@ def teacher_with_curvature(pipe, prompts: list[str], seed: int, steps: int, guid
         predictions = []
         convert = scheduler.convert_model_output
 
-        def recording(*args, **kwargs):
+        def recording(*args, convert=convert, predictions=predictions, **kwargs):
             x0 = convert(*args, **kwargs)  # DPM-Solver++ works with data predictions: this is x0_hat(t)
             predictions.append(x0.detach().float().cpu())
             return x0
@@ -66,23 +66,6 @@ def trajectory_curvature(start: torch.Tensor, end: torch.Tensor, points: torch.T
     p = points.flatten(2).double() - a  # [T, B, D]
     along = (p * d).sum(-1, keepdim=True)
     return (p - along * d).norm(dim=-1).amax(0).float()
-
-
-@torch.no_grad()
-def image_features(images: np.ndarray, clip_dir, batch_size: int = 500) -> np.ndarray:
-    """Unit-norm world-CLIP image embeddings [N, D] of uint8 images [N, H, W, 3]."""
-    from transformers import CLIPModel
-
-    from ..models import quiet_hub_libraries
-    from ..world.stream import images_to_tensor
-
-    quiet_hub_libraries()
-    clip = CLIPModel.from_pretrained(clip_dir).eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        pooled = clip.vision_model(pixel_values=images_to_tensor(images[s:s + batch_size])).pooler_output
-        out.append(torch.nn.functional.normalize(clip.visual_projection(pooled), dim=-1))
-    return torch.cat(out).numpy()
 
 
 def edge_density(images: np.ndarray, threshold: float = 0.25) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""Distribution metrics in an image-feature space: the Fréchet distance (the FID of whichever
+feature network is used; in ShapesWorld the world CLIP's image tower, against exact renderings of
+the same prompts), diversity as the mean pairwise feature distance between images of one prompt
+(the LPIPS-diversity of the DDIL paper), and the world's CLIP score.
+
+Real tier: ``ImageFeatures.from_pretrained(hub id or directory)`` takes any transformers CLIP; a
+torchmetrics/clean-fid Inception FID needs weights from the network and is not wired here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ImageFeatures:
+    """Unit-norm CLIP image embeddings [N, D] of images (uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1])."""
+
+    def __init__(self, model, image_mean, image_std, batch_size: int = 256):
+        self.model, self.batch_size = model.eval(), batch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.image_size = model.config.vision_config.image_size
+
+    @classmethod
+    def world(cls) -> ImageFeatures:
+        """The shipped world CLIP (it sees pixels in [-1, 1]: mean and std 0.5)."""
+        from ..models import world_dir
+
+        return cls.from_pretrained(str(world_dir() / "clip"), image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, image_mean=None, image_std=None) -> ImageFeatures:
+        """A transformers ``CLIPModel`` by hub id or directory; mean/std from its preprocessor config."""
+        from transformers import CLIPModel
+
+        from ..models import quiet_hub_libraries
+        from ..scorers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _preprocessor_config
+
+        quiet_hub_libraries()
+        config = _preprocessor_config(name_or_path) if image_mean is None else {}
+        return cls(CLIPModel.from_pretrained(name_or_path), image_mean or config.get("image_mean", OPENAI_CLIP_MEAN),
+                   image_std or config.get("image_std", OPENAI_CLIP_STD))
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        from ..scorers import clip_preprocess, to_image_tensor
+
+        x = to_image_tensor(list(images) if isinstance(images, np.ndarray) else images)
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            pixels = clip_preprocess(x[s:s + self.batch_size], self.image_size, self.image_mean, self.image_std)
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+            out.append(torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1))
+        return torch.cat(out).double().numpy()
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """||mu_x - mu_y||^2 + Tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of two feature sets [N, D] (Heusel et al.)."""
+    from scipy import linalg
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"Fréchet distance needs two feature sets [N >= 2, D] of one D, got {x.shape} and {y.shape}")
+    mu, nu = x.mean(0), y.mean(0)
+    s, t = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = linalg.sqrtm(s @ t)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(((mu - nu) ** 2).sum() + np.trace(s + t - 2 * root))
+
+
+def diversity(features: np.ndarray) -> float:
+    """Mean pairwise cosine distance between the images of one prompt, averaged over prompts.
+
+    Args:
+        features: unit-norm features [P, S, D]: S >= 2 images (seeds) of each of P prompts.
+    """
+    f = np.asarray(features, np.float64)
+    if f.ndim != 3 or f.shape[1] < 2:
+        raise ValueError(f"diversity needs features [prompts, seeds >= 2, D], got {f.shape}")
+    gram = np.einsum("psd,ptd->pst", f, f)
+    i, j = np.triu_indices(f.shape[1], 1)
+    return float((1 - gram[:, i, j]).mean())
+
+
+def renderings(prompts: list[str], seed: int) -> np.ndarray:
+    """Exact ShapesWorld renderings uint8 [N, 32, 32, 3] of prompts (as ``tandem world render``)."""
+    from ..generate import prompt_seed
+    from ..world.conditional import scene_for_caption
+    from ..world.scene import render
+
+    return np.stack([render(scene_for_caption(p, np.random.default_rng(prompt_seed(seed, i))))
+                     for i, p in enumerate(prompts)])
+
+
+def world_clip_score(images, prompts: list[str]) -> np.ndarray:
+    """100 * max(cos(image, caption), 0) under the world CLIP, per image."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from ..models import quiet_hub_libraries, world_dir
+    from ..scorers import CLIPScorer
+
+    quiet_hub_libraries()
+    scorer = CLIPScorer(CLIPModel.from_pretrained(world_dir() / "clip"),
+                        CLIPTokenizer.from_pretrained(world_dir() / "tokenizer"), str(world_dir() / "clip"),
+                        image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    return scorer(images if not isinstance(images, np.ndarray) else list(images), prompts).numpy()
