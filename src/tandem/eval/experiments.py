@@ -48,6 +48,13 @@ class OracleConfig:
     seeds: int = 20
 
 
+def _student_run(pipe, prompts, out: Path, seed: int, batch_size: int, log, progress) -> tuple[Sweep, int, dict]:
+    """The experiment's cached sweep, the preset's student steps and the student's per-image results."""
+    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
+    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    return sweep, student_steps, sweep.run(SamplerConfig("student", student_steps), log)
+
+
 def _thresholds(pipe, ks) -> dict[float, float]:
     """tau for each k from the pipeline's calibration, after checking it matches the student and oracle."""
     if pipe.calibration is None:
@@ -66,8 +73,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     from .features import ImageFeatures, renderings, world_clip_score
 
     out = Path(out)
-    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
-    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
     taus = _thresholds(pipe, cfg.ks)
     points: list[dict] = []
     features = ImageFeatures.world()
@@ -149,9 +155,7 @@ def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Oracle
            progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Oracle accuracy, no reference vs full reference (Fig. 7), and synthetic oracles (D.4)."""
     out = Path(out)
-    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
-    student_steps = int(pipe._setting("num_inference_steps", None, 4))
-    student = sweep.run(SamplerConfig("student", student_steps), log)
+    sweep, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
     teacher = sweep.run(SamplerConfig("teacher", cfg.teacher_steps, "dpm"), log)
     taus = _thresholds(pipe, cfg.ks)
     decisions = decision_accuracy(student["oracle"], teacher["oracle"], student["score"], teacher["score"], taus)
@@ -184,9 +188,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
     from .winners import by_bins, edge_density, teacher_with_curvature
 
     out = Path(out)
-    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
-    student_steps = int(pipe._setting("num_inference_steps", None, 4))
-    student = sweep.run(SamplerConfig("student", student_steps), log)
+    _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
     guidance = float(pipe._setting("teacher_guidance_scale", None, 7.5))
     cache = out / "cache" / f"teacher_dpm{cfg.teacher_steps}_curvature.npz"
     if cache.exists():
@@ -244,9 +246,8 @@ def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Thr
     sizes = [n for n in cfg.sizes if n < len(prompts)]
     if not sizes:
         raise ValueError(f"threshold convergence needs more prompts than its smallest size {min(cfg.sizes)}")
-    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
-    student_steps = int(pipe._setting("num_inference_steps", None, 4))
-    scores = np.sort(sweep.run(SamplerConfig("student", student_steps), log)["oracle"])
+    _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
+    scores = np.sort(student["oracle"])
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:

@@ -2,9 +2,9 @@
 
 For each prompt, the student's and the teacher's images from the same initial noise, the judge's
 verdict on which is better, and what might explain it: the distance between the two images in the
-world CLIP's image-embedding space (``features.ImageFeatures.world``; the DreamSim of this world), the scene's complexity (objects
-in the caption, edge density of the teacher's image), the prompt's length in tokens, and the
-curvature of the teacher's sampling trajectory.
+world CLIP's image-embedding space (``features.ImageFeatures.world``; the DreamSim of this world),
+the scene's complexity (objects in the caption, edge density of the teacher's image), the prompt's
+length in tokens, and the curvature of the teacher's sampling trajectory.
 
 Trajectory curvature (B.1, after Chen et al.): the largest L2 distance, over the sampler's steps,
 from the teacher's denoised prediction x0_hat(t) to the straight line through the trajectory's
