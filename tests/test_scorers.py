@@ -143,7 +143,7 @@ def test_fingerprint_follows_the_weights(clip_dir, tmp_path):
     path = clip_dir[0]
     first = load_scorer(f"clip:{path}").fingerprint()
     assert first == load_scorer(f"clip:{path}").fingerprint()
-    assert first["source"] == str(path.resolve()) and first["scale"] == 100.0 and first["image_mean"] == list(MEAN)
+    assert first["path"] == str(path.resolve()) and first["scale"] == 100.0 and first["image_mean"] == list(MEAN)
     assert set(first["weights"]) == {"model.safetensors"}
     copy = shutil.copytree(path, tmp_path / "copy")
     assert load_scorer(f"clip:{copy}").fingerprint()["weights"] == first["weights"]

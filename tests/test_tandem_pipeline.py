@@ -224,6 +224,11 @@ def test_calibration_file_round_trip_and_no_silent_overwrite(tmp_path):
     back.check({"student_steps": 4, "scorer": {"kind": "x"}})
     with pytest.raises(CalibrationMismatch, match="scorer.kind"):
         back.check({"student_steps": 4, "scorer": {"kind": "y"}})
+    # a local load path is not compared (digests identify the weights); a hub id is
+    hub = Calibration(calib.scores, {"scorer": {"source": "org/a", "revision": None, "path": "/one"}})
+    hub.check({"scorer": {"source": "org/a", "revision": None, "path": "/elsewhere"}})
+    with pytest.raises(CalibrationMismatch, match="scorer.source"):
+        hub.check({"scorer": {"source": "org/b", "revision": None, "path": "/one"}})
     rows = back.convergence(sizes=(50, 500), ks=(50,), resamples=2000)
     assert rows[0]["tau_std"] > rows[1]["tau_std"] > 0  # more prompts, a steadier threshold
     # the median of n standard-normal draws has standard deviation sqrt(pi / 2) / sqrt(n), asymptotically

@@ -111,7 +111,7 @@ def test_save_load_round_trip_is_exact(tiny, tmp_path):
     assert json.loads((tmp_path / "o" / "config.json").read_text())["arch"] == dataclasses.asdict(ARCH)
     fingerprint = a.fingerprint()
     assert fingerprint == b.fingerprint() and fingerprint["kind"] == "world-oracle" == a.name
-    assert fingerprint["weights"].startswith("sha256:") and fingerprint["source"] == str((tmp_path / "o").resolve())
+    assert fingerprint["weights"].startswith("sha256:") and fingerprint["path"] == str((tmp_path / "o").resolve())
 
 
 def test_scores_do_not_depend_on_the_batch(tiny):

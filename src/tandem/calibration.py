@@ -69,13 +69,13 @@ def percentile_k_for_budget(budget: float, student_cost: float, improve_cost: fl
     return float(min(100.0, 100.0 * (budget - student_cost) / improve_cost))
 
 
-INFORMATIONAL = frozenset({"source"})  # where a model was loaded from: the same weights may live anywhere
+INFORMATIONAL = frozenset({"path"})  # the local directory a model was loaded from: its digests identify it
 
 
 def diff_fingerprints(expected: dict, actual: dict, prefix: str = "") -> list[str]:
     """The keys (dotted paths) whose values differ between two fingerprints. Keys in ``INFORMATIONAL``
-    (load paths) are not compared: weights are identified by their digests, so a calibration made
-    before a package was installed elsewhere still applies."""
+    (local load paths, beside the digests of what was loaded there) are not compared, so a calibration
+    made before a package was installed elsewhere still applies; a hub id (``source``) is compared."""
     out = []
     for key in sorted((set(expected) | set(actual)) - INFORMATIONAL):
         a, b = expected.get(key), actual.get(key)

@@ -186,7 +186,7 @@ class TandemPipeline:
         sched = self.student.scheduler
         return {
             "student": {
-                "source": str(getattr(self.student.unet.config, "_name_or_path", "")),
+                "path": str(getattr(self.student.unet.config, "_name_or_path", "")),  # weights identify it
                 "weights": self._student_digest,
                 "pipeline": type(self.student).__name__,
                 "scheduler": type(sched).__name__,

@@ -96,14 +96,15 @@ def clip_preprocess(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 
 
 def source_fingerprint(source: str | Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES, key: str = "weights") -> dict:
-    """``{"source": resolved path, key: {file: sha256}}`` for a local file or directory (its files with
-    these suffixes; ``calibration.file_digest``); ``{"source": id, "revision": commit or None}`` for a hub id."""
+    """``{"path": resolved path, key: {file: sha256}}`` for a local file or directory (its files with
+    these suffixes; ``calibration.file_digest``; the path itself is not compared, see
+    ``calibration.INFORMATIONAL``); ``{"source": id, "revision": commit or None}`` for a hub id."""
     from .calibration import file_digest
 
     path = Path(source)
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
-        return {"source": str(path.resolve()), key: {p.name: file_digest(p) for p in files}}
+        return {"path": str(path.resolve()), key: {p.name: file_digest(p) for p in files}}
     return {"source": str(source), "revision": _hub_revision(str(source))}
 
 
@@ -366,9 +367,9 @@ class ImageRewardScorer:
     def fingerprint(self) -> dict:
         from .calibration import file_digest
 
-        source = self.source if self.source == self.DEFAULT or not Path(self.source).exists() \
-            else str(Path(self.source).resolve())
-        return {"kind": self.kind, "source": source,
+        local = self.source != self.DEFAULT and Path(self.source).exists()
+        where = {"path": str(Path(self.source).resolve())} if local else {"source": self.source}
+        return {"kind": self.kind, **where,
                 "weights": {p.name: file_digest(p) if p.is_file() else None for p in self.files},
                 "image_size": self.IMAGE_SIZE, "reward_mean": float(self.model.mean),
                 "reward_std": float(self.model.std),

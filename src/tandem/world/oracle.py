@@ -215,8 +215,8 @@ class WorldOracleScorer:
             for k, v in self.model.state_dict().items():
                 h.update(k.encode())
                 h.update(v.detach().float().cpu().numpy().tobytes())
-            return {"kind": self.kind, "source": None, "weights": "sha256:" + h.hexdigest()}
-        return {"kind": self.kind, "source": str(self.path.resolve()), "weights": file_digest(self.path / WEIGHTS)}
+            return {"kind": self.kind, "path": None, "weights": "sha256:" + h.hexdigest()}
+        return {"kind": self.kind, "path": str(self.path.resolve()), "weights": file_digest(self.path / WEIGHTS)}
 
 
 # -- training data: tandem's own samples, labelled by the judge --------------------------------------
