@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from test_cli import assert_user_error, ok, tandem_in_process
-from test_tandem_pipeline import PROMPTS, Brightness
+from test_tandem_pipeline import PROMPTS, world_pipeline
 
 from tandem.calibration import Calibration
 from tandem.eval.metrics import decision_accuracy, synthetic_oracle, win_rate
 from tandem.eval.sweep import SamplerConfig, Sweep, compose_adaptive
-from tandem.pipeline import TandemPipeline
-from tandem.presets import PRESETS, load_student, load_teacher, world_calibration_path
+from tandem.presets import world_calibration_path
 from tandem.world.checker import check_batch
 
 
@@ -59,12 +58,7 @@ def test_a_perfect_synthetic_oracle_keeps_the_better_image_and_a_wrong_one_the_w
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(2)
-    preset = PRESETS["world"]
-    teacher = load_teacher(preset, "cpu", torch.float32)
-    student = load_student(preset, teacher, "cpu", torch.float32)
-    return TandemPipeline(student, teacher, Brightness(), defaults=dict(
-        num_inference_steps=2, guidance_scale=6.0, teacher_guidance_scale=4.5, rollback_sigma=0.6))
+    return world_pipeline(num_inference_steps=2, guidance_scale=6.0, teacher_guidance_scale=4.5, rollback_sigma=0.6)
 
 
 @pytest.mark.parametrize("strategy", ["regenerate", "refine"])

@@ -46,15 +46,19 @@ class Brightness:
         return {"kind": "brightness"}
 
 
-@pytest.fixture(scope="module")
-def pipe():
+def world_pipeline(**defaults) -> TandemPipeline:
+    """The shipped world's student and teacher with the stand-in oracle."""
     torch.set_num_threads(2)
     preset = PRESETS["world"]
     teacher = load_teacher(preset, "cpu", torch.float32)
     student = load_student(preset, teacher, "cpu", torch.float32)
-    return TandemPipeline(student, teacher, Brightness(), defaults=dict(
-        num_inference_steps=2, guidance_scale=6.0, teacher_steps=4, teacher_guidance_scale=4.5,
-        teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.6))
+    return TandemPipeline(student, teacher, Brightness(), defaults=defaults)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return world_pipeline(num_inference_steps=2, guidance_scale=6.0, teacher_steps=4, teacher_guidance_scale=4.5,
+                          teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.6)
 
 
 def test_shares_components_with_the_teacher(pipe):

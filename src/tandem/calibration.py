@@ -115,24 +115,24 @@ class Calibration:
                                       "`tandem calibrate` (" + "; ".join(diffs) + ")")
 
     def convergence(self, sizes=(50, 100, 250, 500, 1000), ks=(30, 50, 70), resamples: int = 200,
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, replace: bool = True) -> list[dict]:
         """How tau settles with the number of calibration prompts (paper Table 2): for each n, the mean
-        and standard deviation of tau over ``resamples`` bootstrap calibrations of n prompts (drawn with
-        replacement from these scores, so n may reach the calibration's own size: its row is the
-        sampling spread of this very threshold). ``share_below_std`` is that spread in percentage
-        points of images sent to the teacher."""
+        and standard deviation of tau over ``resamples`` calibrations of n prompts drawn from these
+        scores -- with replacement by default (a bootstrap, so n may reach the calibration's own size: its
+        row is the sampling spread of this very threshold), or without (``replace=False``: subsets of a
+        larger pool). ``share_below_mean``/``_std``: the share of all these scores below each resampled
+        tau, in percent: the images it would send to the teacher."""
         rng = np.random.default_rng(seed)
         rows = []
         for n in sizes:
             if n > len(self.scores):
                 continue
-            subsets = [rng.choice(self.scores, n, replace=True) for _ in range(resamples)]
+            subsets = [rng.choice(self.scores, n, replace=replace) for _ in range(resamples)]
             for k in ks:
                 taus = np.array([np.percentile(s, k) for s in subsets])
-                # what that spread means: the share of all these scores below each resampled tau
                 shares = 100 * np.searchsorted(self.scores, taus, side="left") / len(self.scores)
                 rows.append({"n": n, "k": k, "tau_mean": float(taus.mean()), "tau_std": float(taus.std()),
-                             "share_below_std": float(shares.std())})
+                             "share_below_mean": float(shares.mean()), "share_below_std": float(shares.std())})
         return rows
 
     def to_json(self) -> dict:

@@ -398,19 +398,16 @@ def world_render(
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
 ) -> None:
     """Ground-truth renderings: for each caption, a scene that satisfies it exactly."""
-    import numpy as np
-
     from .generate import prompt_seed
     from .outputs import OutputDir
-    from .world.conditional import scene_for_caption
+    from .world.conditional import scenes_for_captions
     from .world.scene import render
 
     prompts = _collect_prompts(None, prompts_file)
     _check_world_prompts(prompts)
     output = OutputDir(out, overwrite)
     records = []
-    for i, p in enumerate(prompts):
-        scene = scene_for_caption(p, np.random.default_rng(prompt_seed(seed, i)))
+    for i, (p, scene) in enumerate(zip(prompts, scenes_for_captions(prompts, seed))):
         output.save_image(i, render(scene))
         records.append({"index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
                         "prompt_seed": prompt_seed(seed, i), "mode": "render", "scene": scene.to_dict()})
@@ -664,17 +661,15 @@ def world_evaluate(
     console.print(f"best {best} -> {output.path / 'results.json'}")
 
 
-def _mean_unet_evals(path: Path) -> float | None:
-    """Mean UNet evaluations per image from a `tandem generate` output's records (None if not recorded)."""
-    import json
-
-    records = [json.loads(line) for line in (path / "records.jsonl").read_text().splitlines() if line.strip()]
+def _mean_unet_evals(records: list[dict]) -> float | None:
+    """Mean UNet evaluations per image of a `tandem generate` output's records (None if not recorded)."""
     costs = [r["unet_evals"]["total"] if isinstance(r.get("unet_evals"), dict) else r.get("unet_evals")
              for r in records]
     return float(sum(costs) / len(costs)) if costs and all(isinstance(c, int | float) for c in costs) else None
 
 
-def _read_output_dir(path: Path) -> tuple[list[str], list]:
+def _read_output_dir(path: Path) -> tuple[list[str], list, list[dict]]:
+    """Prompts, images and records of a `tandem generate` output directory."""
     import json
 
     import numpy as np
@@ -690,7 +685,7 @@ def _read_output_dir(path: Path) -> tuple[list[str], list]:
         if not file.exists():
             raise UserError(f"{file} is missing (listed in {records_file})")
         images.append(np.asarray(Image.open(file).convert("RGB")))
-    return [r["prompt"] for r in records], images
+    return [r["prompt"] for r in records], images, records
 
 
 @world_app.command("judge")
@@ -709,19 +704,19 @@ def world_judge(
     from .world.checker import check_batch
     from .world.evaluate import summarize
 
-    prompts, images = _read_output_dir(run)
+    prompts, images, records = _read_output_dir(run)
     _check_world_prompts(prompts)
     results = check_batch(images, prompts)
-    report = {"run": str(run), "unet_evals_mean": _mean_unet_evals(run), **summarize(results)}
+    report = {"run": str(run), "unet_evals_mean": _mean_unet_evals(records), **summarize(results)}
     if against is not None:
-        other_prompts, other_images = _read_output_dir(against)
+        other_prompts, other_images, other_records = _read_output_dir(against)
         if other_prompts != prompts:
             raise UserError(f"{against} holds other prompts than {run}; side by side needs the same ones")
         other = check_batch(other_images, other_prompts)
         side = win_rate(np.array([r.score for r in results]), np.array([r.score for r in other]))
         report["against"] = {"run": str(against), **side, "win_rate_ties_split": side["win_rate"],
                              "mean_score": float(np.mean([r.score for r in other])),
-                             "unet_evals_mean": _mean_unet_evals(against),
+                             "unet_evals_mean": _mean_unet_evals(other_records),
                              "accuracy": float(np.mean([r.satisfied for r in other]))}
     atomic_write_text(run / "judge.json", json.dumps(report, indent=2) + "\n")
     line = f"accuracy {report['accuracy']:.3f}, mean soft score {report['mean_score']:.4f}"

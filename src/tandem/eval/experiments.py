@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration import Calibration
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
 from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, summary
 
@@ -70,14 +71,15 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
            progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Quality vs cost curves and acceleration factors (see the module docstring); with the world
     CLIP score and the Fréchet distance to exact renderings of the same prompts where images are cached."""
-    from .features import ImageFeatures, renderings, world_clip_score
+    from .features import ImageFeatures, renderings, world_clip_score, world_clip_scorer
 
     out = Path(out)
     sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
     taus = _thresholds(pipe, cfg.ks)
     points: list[dict] = []
-    features = ImageFeatures.world()
-    reference = features(renderings(prompts, seed))  # exact renderings of the same prompts: the FID reference
+    features, clip_scorer = ImageFeatures.world(), world_clip_scorer()
+    rendered = renderings(prompts, seed)  # exact renderings of the same prompts: the FID reference
+    reference = features(rendered)
 
     def add(family: str, label: str, per_image: dict, **extra) -> None:
         points.append({"family": family, "label": label, **summary(per_image, reference), **extra})
@@ -88,7 +90,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         def __setitem__(self, name: str, data: dict) -> None:
             if "images" in data:
                 data = {**data, "features": features(data["images"]),
-                        "clip_score": world_clip_score(data["images"], prompts)}
+                        "clip_score": world_clip_score(data["images"], prompts, clip_scorer)}
             super().__setitem__(name, data)
 
     runs = Runs()
@@ -120,9 +122,6 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     # k = 0 is the student alone and k = 100 the teacher (or refine-all) alone: not adaptive
     adaptive = [p for p in points if p["family"].startswith("adaptive") and 0 < p["k"] < 100]
     teachers = [p for p in points if p["family"].startswith("teacher")]
-    reference_scores = summary({"satisfied": np.ones(len(prompts)), "score": np.ones(len(prompts)),
-                                "evals": np.zeros(len(prompts)), "features": reference,
-                                "clip_score": world_clip_score(renderings(prompts, seed), prompts)}, reference)
     acceleration = {}
     for ref in cfg.references:
         if ref not in runs:
@@ -145,7 +144,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
                "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
                "points": points, "acceleration": acceleration,
-               "renderings": {k: reference_scores[k] for k in ("clip_score", "frechet_distance")}}
+               "renderings": {"clip_score": float(world_clip_score(rendered, prompts, clip_scorer).mean())}}
     _write(out, results, plot_budget(points, acceleration, out / "budget.png"), budget_report(results))
     return results
 
@@ -247,21 +246,15 @@ def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Thr
     if not sizes:
         raise ValueError(f"threshold convergence needs more prompts than its smallest size {min(cfg.sizes)}")
     _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
-    scores = np.sort(student["oracle"])
-    rng = np.random.default_rng(seed)
-    rows = []
+    pool = Calibration(student["oracle"], fingerprint={})
+    seconds = {}
     for n in sizes:
         t0 = time.perf_counter()
         pipe.calibrate(prompts[:n], seed=seed, batch_size=batch_size)
-        seconds = time.perf_counter() - t0
-        subsets = [rng.choice(scores, n, replace=False) for _ in range(cfg.resamples)]
-        for k in cfg.ks:
-            taus = np.array([np.percentile(x, k) for x in subsets])
-            shares = 100 * np.searchsorted(scores, taus) / len(scores)
-            rows.append({"n": n, "k": k, "tau_mean": float(taus.mean()), "tau_std": float(taus.std()),
-                         "share_to_teacher_mean": float(shares.mean()), "share_to_teacher_std": float(shares.std()),
-                         "calibration_seconds": seconds})
-    full = {k: float(np.percentile(scores, k)) for k in cfg.ks}
+        seconds[n] = time.perf_counter() - t0
+    rows = [{**row, "calibration_seconds": seconds[row["n"]]}
+            for row in pool.convergence(sizes, cfg.ks, cfg.resamples, seed, replace=False)]
+    full = {k: pool.threshold(k) for k in cfg.ks}
     results = {"experiment": "threshold", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
                "tau_all_prompts": full, "rows": rows}
@@ -279,20 +272,29 @@ def _write(out: Path, results: dict, plot: Path, report: str) -> None:
 # -- plots and reports ------------------------------------------------------------------------------
 
 
-def _axes(title: str):
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2), dpi: int = 120):
+    """``(fig, axes)`` of a headless matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    return plt, fig, ax
+    return plt.subplots(nrows, ncols, figsize=size, dpi=dpi)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_budget(points: list[dict], acceleration: dict, path: Path) -> Path:
-    plt, fig, ax = _axes("quality vs cost")
+    fig, ax = _figure(size=(9, 4.2))
+    ax.set_title("quality vs cost", fontsize=10)
+    ax.grid(alpha=0.3)
     families = sorted({p["family"] for p in points}, key=lambda f: (f.startswith("adaptive"), f))
     for family in families:
         pts = sorted((p for p in points if p["family"] == family), key=lambda p: p["unet_evals_mean"])
@@ -310,11 +312,7 @@ def plot_budget(points: list[dict], acceleration: dict, path: Path) -> Path:
     ax.set_xlabel("UNet evaluations per image (mean; CFG doubling counted)")
     ax.set_ylabel("captions satisfied (%)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.set_size_inches(9, 4.2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def budget_report(results: dict) -> str:
@@ -344,12 +342,7 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def plot_oracle(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    fig, (left, right) = _figure(1, 2, (10, 3.8))
     d = results["decisions"]
     left.plot([r["k"] for r in d["no_reference"]], [100 * r["accuracy"] for r in d["no_reference"]], "-o",
               markersize=3, label="no reference: student score >= tau(k)")
@@ -372,10 +365,7 @@ def plot_oracle(results: dict, path: Path) -> Path:
     right.set_title("what a better oracle would give (D.4)", fontsize=9)
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def oracle_report(results: dict) -> str:
@@ -398,15 +388,10 @@ def oracle_report(results: dict) -> str:
 
 
 def plot_winners(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("by_distance", "student-teacher distance (1 - cos, world CLIP)"),
               ("by_objects", "objects in the caption"), ("by_edge_density", "edge density of the teacher image"),
               ("by_prompt_tokens", "prompt length (tokens)"), ("by_curvature", "teacher trajectory curvature")]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), dpi=110)
+    fig, axes = _figure(2, 3, (12, 6.5), 110)
     for ax, (key, label) in zip(axes.flat, panels):
         rows = results[key]
         x = [(r["low"] + r["high"]) / 2 for r in rows]
@@ -426,10 +411,7 @@ def plot_winners(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.suptitle(f"where the student beats its teacher ({results['n_prompts']} prompts; 95% bootstrap CIs)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def winners_report(results: dict) -> str:
@@ -450,7 +432,9 @@ def winners_report(results: dict) -> str:
 
 
 def plot_threshold(results: dict, path: Path) -> Path:
-    plt, fig, ax = _axes("tau vs number of calibration prompts (Table 2)")
+    fig, ax = _figure()
+    ax.set_title("tau vs number of calibration prompts (Table 2)", fontsize=10)
+    ax.grid(alpha=0.3)
     for k in results["config"]["ks"]:
         rows = [r for r in results["rows"] if r["k"] == k]
         ax.errorbar([r["n"] for r in rows], [r["tau_mean"] for r in rows], yerr=[r["tau_std"] for r in rows],
@@ -460,10 +444,7 @@ def plot_threshold(results: dict, path: Path) -> Path:
     ax.set_xlabel("calibration prompts n")
     ax.set_ylabel("tau (mean +- std over resamples)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def threshold_report(results: dict) -> str:
@@ -472,6 +453,6 @@ def threshold_report(results: dict) -> str:
              "|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['n']} | {r['k']} | {r['tau_mean']:.4f} +- {r['tau_std']:.4f} | "
-                     f"{r['share_to_teacher_mean']:.1f} +- {r['share_to_teacher_std']:.1f} | "
+                     f"{r['share_below_mean']:.1f} +- {r['share_below_std']:.1f} | "
                      f"{r['calibration_seconds']:.1f} |")
     return "\n".join(lines) + "\n"

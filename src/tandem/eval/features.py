@@ -84,23 +84,27 @@ def diversity(features: np.ndarray) -> float:
 
 def renderings(prompts: list[str], seed: int) -> np.ndarray:
     """Exact ShapesWorld renderings uint8 [N, 32, 32, 3] of prompts (as ``tandem world render``)."""
-    from ..generate import prompt_seed
-    from ..world.conditional import scene_for_caption
+    from ..world.conditional import scenes_for_captions
     from ..world.scene import render
 
-    return np.stack([render(scene_for_caption(p, np.random.default_rng(prompt_seed(seed, i))))
-                     for i, p in enumerate(prompts)])
+    return np.stack([render(scene) for scene in scenes_for_captions(prompts, seed)])
 
 
-def world_clip_score(images, prompts: list[str]) -> np.ndarray:
-    """100 * max(cos(image, caption), 0) under the world CLIP, per image."""
+def world_clip_scorer():
+    """The CLIP score (``tandem.scorers.CLIPScorer``) under the world CLIP, which sees pixels in [-1, 1]."""
     from transformers import CLIPModel, CLIPTokenizer
 
     from ..models import quiet_hub_libraries, world_dir
     from ..scorers import CLIPScorer
 
     quiet_hub_libraries()
-    scorer = CLIPScorer(CLIPModel.from_pretrained(world_dir() / "clip"),
-                        CLIPTokenizer.from_pretrained(world_dir() / "tokenizer"), str(world_dir() / "clip"),
-                        image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    return CLIPScorer(CLIPModel.from_pretrained(world_dir() / "clip"),
+                      CLIPTokenizer.from_pretrained(world_dir() / "tokenizer"), str(world_dir() / "clip"),
+                      image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+
+
+def world_clip_score(images, prompts: list[str], scorer=None) -> np.ndarray:
+    """100 * max(cos(image, caption), 0) under the world CLIP, per image (``scorer``: a
+    ``world_clip_scorer()`` to reuse across calls)."""
+    scorer = scorer or world_clip_scorer()
     return scorer(images if not isinstance(images, np.ndarray) else list(images), prompts).numpy()

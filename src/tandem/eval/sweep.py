@@ -66,13 +66,11 @@ class Sweep:
     """
 
     def __init__(self, pipe, prompts: list[str], seed: int, cache_dir: str | Path, batch_size: int = 100,
-                 identity: dict | None = None, oracle_on_all: bool = True,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 identity: dict | None = None, progress: Callable[[str, int, int], None] | None = None):
         self.pipe, self.prompts, self.seed, self.batch_size = pipe, list(prompts), seed, batch_size
         self.progress = progress  # progress(task, done, total) after each batch
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.oracle_on_all = oracle_on_all
         self.identity = {"prompts": prompts_digest(self.prompts), "n": len(self.prompts), "seed": seed,
                          **(identity or {})}
         marker = self.dir / "identity.json"
@@ -107,10 +105,8 @@ class Sweep:
         results = check_batch(out.images, self.prompts)
         if config.mode == "student":
             oracle = np.array([r["student_score"] for r in out.records], np.float64)
-        elif self.oracle_on_all and self.pipe.scorer is not None:
-            oracle = np.concatenate([self.pipe._score(out.images[s:s + self.batch_size],
-                                                      self.prompts[s:s + self.batch_size])
-                                     for s in range(0, len(self.prompts), self.batch_size)]).astype(np.float64)
+        elif self.pipe.scorer is not None:  # the scorer batches internally
+            oracle = self.pipe._score(out.images, self.prompts).astype(np.float64)
         else:
             oracle = np.full(len(self.prompts), np.nan)
         data = {"images": np.stack(out.images),

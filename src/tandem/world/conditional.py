@@ -58,3 +58,10 @@ def scene_for_caption(caption: str | ParsedCaption, rng: np.random.Generator) ->
             return Scene(tuple(objects), parsed.relation)
     raise ValueError(f"could not draw a scene for {parsed.to_text()!r} in {MAX_ATTEMPTS} attempts")
 
+
+
+def scenes_for_captions(captions: list[str], seed: int) -> list[Scene]:
+    """``scene_for_caption`` of caption i drawn from the generator of ``(seed, i)`` (``tandem world render``)."""
+    from ..generate import prompt_seed
+
+    return [scene_for_caption(c, np.random.default_rng(prompt_seed(seed, i))) for i, c in enumerate(captions)]
