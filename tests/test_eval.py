@@ -229,3 +229,71 @@ def test_image_features_load_a_local_clip(tmp_path):
     f = ImageFeatures.from_pretrained(str(tmp_path / "clip"))
     out = f(np.zeros((3, 64, 64, 3), np.uint8))
     assert out.shape == (3, 8) and np.allclose(np.linalg.norm(out, axis=1), 1)
+
+
+def test_image_features_load_a_local_dinov2_and_measure_preservation(tmp_path):
+    import json
+
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from tandem.eval.features import ImageFeatures, preservation
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, image_size=32, patch_size=8))
+    model.save_pretrained(tmp_path / "dino")
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    f = ImageFeatures.from_pretrained(str(tmp_path / "dino"))
+    assert f.dino and f.image_size == 32
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    expected = torch.nn.functional.normalize(model(pixel_values=(x - 0.5) / 0.5).pooler_output, dim=-1)
+    np.testing.assert_allclose(f(images), expected.detach().double().numpy(), atol=1e-5)
+    same = preservation(images, images, f)
+    np.testing.assert_allclose(same, 1.0, atol=1e-6)
+    assert (preservation(images, images[::-1], f)[[0, 3]] < 1 - 1e-4).all()
+
+
+def test_combined_report_embeds_every_experiment(tmp_path, capsys, monkeypatch):
+    import base64
+    import json
+
+    from PIL import Image
+
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(d / "plot.png")
+        (d / "results.json").write_text(json.dumps({"experiment": name, "made_by": {"command": f"eval {name}"}}))
+        (d / "report.md").write_text(f"# Experiment {name}\n\nsome `code` and **bold**\n\n| x | y |\n|---|---|\n"
+                                     f"| 1 | {name}2 |\n\n- first\n  continued\n- second\n\n![plot](plot.png)\n")
+    out = tmp_path / "report.html"
+    ok(tandem_in_process(capsys, monkeypatch, "eval", "report", tmp_path / "a", tmp_path / "b", "--out", out))
+    page = out.read_text()
+    png = base64.b64encode((tmp_path / "a" / "plot.png").read_bytes()).decode()
+    assert page.count(f"data:image/png;base64,{png}") == 2
+    assert "<td>a2</td>" in page and "<td>b2</td>" in page and "<th>x</th>" in page
+    assert "<li>first continued</li>" in page and "<code>code</code>" in page and "<b>bold</b>" in page
+    assert "eval b" in page  # the configuration behind each section
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "report", tmp_path / "a", "--out", out),
+                      "exists")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "report", tmp_path, "--out",
+                                        tmp_path / "x.html"), "not a finished")
+
+
+def test_diversity_is_zero_over_repeated_seeds_and_positive_over_distinct_ones(tmp_path):
+    from tandem.eval.experiments import DiversityConfig, diversity
+
+    pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, teacher_guidance_scale=4.5)
+    pipe.calibration = pipe.calibrate(PROMPTS, seed=9)
+    small = dict(teacher_steps=(2,), refine_steps=2, k=50)
+    same = diversity(pipe, PROMPTS[:3], tmp_path / "same", cfg=DiversityConfig(seeds=(0, 0), **small), log=str)
+    assert {r["run"] for r in same["rows"]} == {"student", "dpm2", "refine-all", "adaptive refine k=50",
+                                                "adaptive regenerate dpm2 k=50"}
+    assert all(abs(r["diversity"]) < 1e-6 for r in same["rows"])  # a seed repeated draws the same images
+    distinct = diversity(pipe, PROMPTS[:3], tmp_path / "distinct", cfg=DiversityConfig(seeds=(0, 1), **small),
+                         log=str)
+    assert all(r["diversity"] > 1e-4 for r in distinct["rows"])
+    assert (tmp_path / "distinct" / "diversity.png").exists()

@@ -69,3 +69,33 @@ def test_real_tier_presets_carry_the_papers_settings():
     assert PRESETS["sdxl-turbo"].teacher_kind == "img2img" and PRESETS["sdxl-turbo"].defaults["teacher_steps"] == 4
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("sd3-turbo")
+
+
+def test_a_controlnet_preset_plugs_one_controlnet_into_student_and_teacher(parts, tmp_path):
+    from diffusers import ControlNetModel
+
+    world, unet_dir, scorer = parts
+    torch.manual_seed(0)
+    teacher_unet = UNet2DConditionModel.from_pretrained(world / "unet")
+    ControlNetModel.from_unet(teacher_unet, conditioning_embedding_out_channels=(8, 8, 8)).save_pretrained(
+        tmp_path / "controlnet")
+    pipe = load_preset(preset(world, unet_dir, controlnet=str(tmp_path / "controlnet"),
+                              defaults={**PRESETS["sd15-lcm-canny"].defaults, "num_inference_steps": 2,
+                                        "teacher_steps": 2}), scorer=scorer)
+    assert pipe.student.controlnet is pipe.teacher.controlnet is pipe.teacher_img2img.controlnet
+    assert pipe.student.unet.config.time_cond_proj_dim == 256 and pipe.student.unet is not pipe.teacher.unet
+    edges = torch.zeros(1, 3, 32, 32)
+    edges[..., 8:24, 8] = 1.0
+    out = pipe(PROMPTS, accept_threshold=float("inf"), seed=0, control_image=edges)  # everything refined
+    assert {r["path"] for r in out.records} == {"refined"}
+    assert all(r["controlnet_evals"] == r["unet_evals"]["total"] for r in out.records)
+    with pytest.raises(ValueError, match="cannot load ControlNet"):
+        load_preset(preset(world, unet_dir, controlnet=str(tmp_path / "missing")), scorer=scorer)
+
+
+def test_controlnet_presets_carry_the_papers_d6_settings():
+    for name, k in (("sd15-lcm-canny", 50), ("sd15-lcm-seg", 70)):
+        d = PRESETS[name].defaults
+        assert (d["num_inference_steps"], d["teacher_steps"], d["teacher_scheduler"], d["rollback_sigma"],
+                d["percentile"]) == (5, 10, "unipc", 0.5, k)
+        assert PRESETS[name].controlnet.startswith("lllyasviel/")

@@ -58,6 +58,13 @@ class Component(str, Enum):
     clip = "clip"
     teacher = "teacher"
     oracle = "oracle"
+    controlnet = "controlnet"
+
+
+class EditMode(str, Enum):
+    adaptive = "adaptive"
+    student = "student"
+    teacher = "teacher"
 
 
 class Split(str, Enum):
@@ -72,6 +79,17 @@ def _progress(description: str, total: int):
                     console=console, transient=True, disable=os.environ.get("TANDEM_PROGRESS", "1") == "0")
 
 
+def _phase_bars(bar):
+    """``progress(phase, done, total)``: one bar per phase (student, teacher, a sweep's runs) in ``bar``."""
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done)
+    return progress
+
+
 def _collect_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
     from .world.prompts import read_prompt_file
 
@@ -81,6 +99,34 @@ def _collect_prompts(prompts: list[str] | None, prompts_file: Path | None) -> li
     if not collected:
         raise UserError("no prompts: give PROMPT arguments or --prompts FILE")
     return collected
+
+
+def _read_images(files: list[Path], flag: str) -> list:
+    """RGB images from files, with a one-line error naming an unreadable one."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(f"{flag} {file}: cannot read the image ({e.__class__.__name__})") from None
+    return images
+
+
+def _control_preset(model: str, control: str | None) -> str:
+    """The preset that adds the ``control`` ControlNet to ``model`` (``world`` + ``mask`` -> ``world-mask``)."""
+    from .presets import PRESETS
+
+    if control is None:
+        return model
+    name = f"{model}-{control}"
+    if name not in PRESETS:
+        options = sorted(p.rsplit("-", 1)[1] for p in PRESETS if p.startswith(f"{model}-") and PRESETS[p].controlnet)
+        raise UserError(f"--control {control}: preset {model!r} has no such ControlNet preset "
+                        f"(it has: {', '.join(options) or 'none'})")
+    return name
 
 
 def _check_world_prompts(prompts: list[str]) -> None:
@@ -131,16 +177,24 @@ def generate(
                                                           "[the preset's].")] = None,
     scorer: Annotated[str | None, typer.Option(help="adaptive: the oracle, e.g. world-oracle:DIR, clip:ID, "
                                                     "imagereward [the preset's].")] = None,
+    control: Annotated[str | None, typer.Option(help="ControlNet conditioning: the preset's control kind "
+                                                     "(world: mask or edges; sd15-lcm: canny or seg).")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option(help="--control: control image file(s), one per "
+                                                                  "prompt or one for all (repeat the option).")] = None,
 ) -> None:
     """Generate one image per prompt: with the teacher, the student, or both in tandem
-    (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected)."""
+    (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected).
+    With --control, one ControlNet conditions student and teacher alike (all modes)."""
     import time
 
-    if mode in (Mode.adaptive, Mode.refine_all):
+    if (control is None) != (control_image is None):
+        raise UserError("--control and --control-image go together")
+    if mode in (Mode.adaptive, Mode.refine_all) or control is not None:
         return _generate_tandem(
-            prompt, prompts_file, model, mode, teacher_steps, scheduler, student, student_steps, guidance_scale,
-            seed, batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff,
-            percentile, threshold, budget, teacher_guidance_scale, calibration, scorer)
+            prompt, prompts_file, _control_preset(model, control), mode, teacher_steps, scheduler, student,
+            student_steps, guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
+            rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale, calibration, scorer,
+            control_image)
     tandem_only = {"--scorer": scorer, "--strategy": strategy, "--rollback-sigma": rollback_sigma, "--percentile": percentile,
                    "--threshold": threshold, "--budget": budget, "--teacher-guidance-scale": teacher_guidance_scale,
                    "--calibration": calibration, "--rollback-convention": rollback_convention}
@@ -242,7 +296,7 @@ def _tandem_pipeline(model: str, student: Path | None, device: str, calibration:
 def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler, student, student_steps,
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
-                     calibration, scorer) -> None:
+                     calibration, scorer, control_image=None) -> None:
     import time
 
     from PIL import Image
@@ -254,9 +308,13 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
     for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if mode is Mode.refine_all and any(v is not None for v in (percentile, threshold, budget)):
-        raise UserError("--percentile/--threshold/--budget apply to --mode adaptive (refine-all refines every image)")
+    if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
+        raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
     prompts = _collect_prompts(prompt, prompts_file)
+    controls = _read_images(control_image, "--control-image") if control_image else None
+    if controls is not None and len(controls) not in (1, len(prompts)):
+        raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
+                        "(one per prompt, or one for all)")
     preset, pipe = _tandem_pipeline(model, student, device, calibration, scorer)
     if preset.teacher == "world":
         _check_world_prompts(prompts)
@@ -269,26 +327,28 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
                   percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
     t0 = time.time()
     with _progress("tandem", len(prompts)) as bar:
-        tasks = {}
+        progress = _phase_bars(bar)
 
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
-        result = pipe(prompts, callback=progress, **kwargs)
+        try:
+            result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     for i, (record, image) in enumerate(zip(result.records, result.images)):
         output.save_image(i, image)
         record.update(file=output.image_path(i).name, seed=seed, model=preset.name)
+        if control_image:
+            record["control_image"] = str(control_image[i if len(control_image) > 1 else 0])
     output.write_records(result.records)
     summary = result.summary
-    grid_rows = [im for pair in zip(result.student_images, result.images) for im in pair]
+    firsts = result.student_images if result.student_images is not None else result.images
+    grid_rows = [im for pair in zip(firsts, result.images) for im in pair]
     Image.fromarray(image_grid(grid_rows[:128], columns=8)).save(output.path / "grid.png")
     output.write_config({
         "command": "generate", "tandem_version": __version__, "preset": preset.name,
         "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
         "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
         "calibration": str(calibration) if calibration else preset.calibration,
+        "controlnet": preset.controlnet, "control_images": [str(c) for c in control_image or []] or None,
         **summary["settings"], "seed": seed, "batch_size": batch_size,
         "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
         "summary": {k: v for k, v in summary.items() if k != "settings"},
@@ -316,30 +376,212 @@ def calibrate(
     batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    edits: Annotated[str | None, typer.Option(help="Calibrate *edits* instead: 'val' (the world's validation "
+                                                   "edit list) or an edit list file (JSON lines).")] = None,
+    strength: Annotated[float | None, typer.Option(help="--edits: the SDEdit strength [preset default].")] = None,
+    control: Annotated[str | None, typer.Option(help="Calibrate the student with this ControlNet (world: mask or "
+                                                     "edges, on the validation prompts' scenes).")] = None,
 ) -> None:
-    """Score the student on held-out prompts and store the percentile table the cut-off tau comes from."""
+    """Score the student on held-out prompts and store the percentile table the cut-off tau comes from.
+    With --edits, score the student's edits (the table `tandem edit` takes tau from); with --control,
+    the student under that ControlNet."""
     from .world.prompts import load_prompts
 
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
     if student_steps is not None and student_steps < 1:
         raise UserError(f"--student-steps must be >= 1, got {student_steps}")
+    if strength is not None and edits is None:
+        raise UserError("--strength applies to --edits")
+    if edits is not None and control is not None:
+        raise UserError("--edits and --control do not go together")
+    if edits is not None:
+        return _calibrate_edits(out, model, edits, strength, student, scorer, student_steps, guidance_scale, seed,
+                                batch_size, overwrite, device)
     if prompts_file is None and model != "world":
         raise UserError("--prompts is required for a real-tier preset")
+    if control is not None and model != "world":
+        raise UserError("--control calibrates on the world's scenes; for a real-tier preset use the Python API "
+                        "(TandemPipeline.calibrate(prompts, control_image=...))")
     prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("val")
-    preset, pipe = _tandem_pipeline(model, student, device, None, scorer)
+    preset, pipe = _tandem_pipeline(_control_preset(model, control), student, device, None, scorer)
+    controls = None
     if preset.teacher == "world":
         _check_world_prompts(prompts)
+        if control is not None:
+            from .world.conditional import scenes_for_captions
+            from .world.control import control_image
+
+            controls = [control_image(sc, control) for sc in scenes_for_captions(prompts, seed)]
     with _progress("calibrating", len(prompts)) as bar:
         task = bar.add_task("student", total=len(prompts))
         calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,
                                callback=lambda _p, done, _t: bar.update(task, completed=done),
                                config={"command": "calibrate", "tandem_version": __version__, "preset": preset.name,
-                                       "student": preset.student,
-                                       "prompts_file": str(prompts_file) if prompts_file else "val"})
+                                       "student": preset.student, "control": control,
+                                       "control_images": "scenes_for_captions(prompts, seed)" if control else None,
+                                       "prompts_file": str(prompts_file) if prompts_file else "val"},
+                               control_image=controls)
     calib.save(out, overwrite=overwrite)
     taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
     console.print(f"{len(prompts)} student samples scored; tau {taus} -> {out}")
+
+
+def _load_edit_cases(edits: str):
+    from .world.edits import EDIT_SEEDS, load_edits, read_edit_file
+
+    try:
+        return load_edits(edits) if edits in EDIT_SEEDS else read_edit_file(edits)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _calibrate_edits(out, model, edits, strength, student, scorer, student_steps, guidance_scale, seed, batch_size,
+                     overwrite, device) -> None:
+    if model != "world":
+        raise UserError("--edits calibrates on ShapesWorld edit lists; for a real-tier preset use the Python API "
+                        "(TandemPipeline.calibrate_edits)")
+    if edits == "test":
+        raise UserError("--edits test: calibrate on held-out edits ('val'), never on the test list")
+    cases = _load_edit_cases(edits)
+    preset, pipe = _tandem_pipeline(model, student, device, None, scorer)
+    with _progress("calibrating edits", len(cases)) as bar:
+        task = bar.add_task("student", total=len(cases))
+        try:
+            calib = pipe.calibrate_edits(
+                [c.image() for c in cases], [c.prompt for c in cases], strength, student_steps, guidance_scale,
+                seed, batch_size, callback=lambda _p, done, _t: bar.update(task, completed=done),
+                config={"command": "calibrate --edits", "tandem_version": __version__, "preset": preset.name,
+                        "student": preset.student, "edits": edits})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    calib.save(out, overwrite=overwrite)
+    taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
+    console.print(f"{len(cases)} student edits scored at strength {calib.fingerprint['task']['edit_strength']}; "
+                  f"tau {taus} -> {out}")
+
+
+@app.command()
+def edit(
+    image: Annotated[list[Path] | None, typer.Option(help="Input image file(s) (repeat the option).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="The edited prompt(s): one per image, or one for all "
+                                                          "(repeat the option).")] = None,
+    edits: Annotated[str | None, typer.Option(help="world: edit an edit list instead of --image/--prompt: "
+                                                   "'test', 'val' or a JSON-lines file (its source renderings "
+                                                   "and edited captions).")] = None,
+    n: Annotated[int | None, typer.Option(help="--edits: only the first N edits.")] = None,
+    model: Annotated[str, typer.Option(help="A preset (its student, teacher and oracle).")] = "world",
+    mode: Annotated[EditMode, typer.Option(help="adaptive (student, teacher where the oracle rejects), or one "
+                                                "model alone.")] = EditMode.adaptive,
+    strength: Annotated[float | None, typer.Option(help="SDEdit strength in (0, 1] [preset default].")] = None,
+    student_steps: Annotated[int | None, typer.Option(help="Student steps of its img2img schedule "
+                                                           "[preset default].")] = None,
+    teacher_steps: Annotated[int | None, typer.Option(help="Teacher steps run from the noised input "
+                                                           "[preset default].")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Student guidance [preset default].")] = None,
+    teacher_guidance_scale: Annotated[float | None, typer.Option(help="Teacher guidance [preset default].")] = None,
+    percentile: Annotated[float | None, typer.Option(help="adaptive: tau = this percentile k of the edit "
+                                                          "calibration [preset default].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="adaptive: the cut-off tau itself.")] = None,
+    budget: Annotated[float | None, typer.Option(help="adaptive: target average UNet evaluations per image.")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="adaptive: an edit calibration (`tandem calibrate "
+                                                          "--edits`) [the preset's, for its strength].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; image i uses a generator seeded from (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per model call; never changes an image.")] = 16,
+    out: Annotated[Path, typer.Option(help="Output directory (PNGs, inputs, records.jsonl, config.json).")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Text-guided editing (SDEdit) in tandem: the student edits each noised input; where the oracle
+    scores the edit below tau, the teacher edits the same noised input instead (regeneration)."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from .calibration import Calibration
+    from .outputs import OutputDir, image_grid
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps), ("--n", n)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if mode is not EditMode.adaptive and any(v is not None for v in (percentile, threshold, budget, calibration)):
+        raise UserError("--percentile/--threshold/--budget/--calibration apply to --mode adaptive")
+    cases = None
+    if edits is not None:
+        if image or prompt:
+            raise UserError("--edits replaces --image and --prompt")
+        if model != "world":
+            raise UserError("--edits lists are ShapesWorld edits (--model world)")
+        cases = _load_edit_cases(edits)[:n]
+        inputs, prompts = [Image.fromarray(c.image()) for c in cases], [c.prompt for c in cases]
+    else:
+        if not image or not prompt:
+            raise UserError("give --image and --prompt (or --edits)")
+        if n is not None:
+            raise UserError("--n applies to --edits")
+        inputs, prompts = _read_images(image, "--image"), list(prompt)
+        if len(prompts) == 1 and len(inputs) > 1:
+            prompts = prompts * len(inputs)
+        if len(inputs) == 1 and len(prompts) > 1:
+            inputs = inputs * len(prompts)
+        if len(inputs) != len(prompts):
+            raise UserError(f"got {len(inputs)} images and {len(prompts)} prompts (one each, or one for all)")
+    if calibration is not None and not calibration.exists():
+        raise UserError(f"--calibration {calibration} does not exist; make one with `tandem calibrate --edits`")
+    preset, pipe = _tandem_pipeline(model, None, device, None)
+    if preset.teacher == "world":
+        _check_world_prompts(prompts)
+    output = OutputDir(out, overwrite)
+    t0 = time.time()
+    with _progress("editing", len(prompts)) as bar:
+        progress = _phase_bars(bar)
+
+        try:
+            result = pipe.edit(inputs, prompts, strength=strength, mode=mode.value, num_inference_steps=student_steps,
+                               guidance_scale=guidance_scale, teacher_steps=teacher_steps,
+                               teacher_guidance_scale=teacher_guidance_scale, accept_threshold=threshold,
+                               percentile=percentile, budget=budget,
+                               calibration=Calibration.load(calibration) if calibration else None, seed=seed,
+                               batch_size=batch_size, callback=progress)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    size = pipe.resolution()
+    for i, (record, result_image) in enumerate(zip(result.records, result.images)):
+        output.save_image(i, result_image)
+        source = inputs[i].convert("RGB")
+        if source.size != (size[1], size[0]):
+            source = source.resize((size[1], size[0]), Image.BICUBIC)
+        input_path = output.path / f"{i:05d}_input.png"
+        source.save(input_path)
+        record.update(file=output.image_path(i).name, input_file=input_path.name, seed=seed, model=preset.name)
+        if cases is not None:
+            record["edit"] = {k: getattr(cases[i], k) for k in ("split", "index", "source", "object", "attribute",
+                                                                 "before", "after")}
+        elif image:
+            record["input_path"] = str(image[i if len(image) > 1 else 0])
+    output.write_records(result.records)
+    summary = result.summary
+    rows = [np.asarray(im) for i in range(len(prompts)) for im in (inputs[i].convert("RGB").resize(
+        (size[1], size[0])), result.images[i])]
+    Image.fromarray(image_grid(rows[:128], columns=8)).save(output.path / "grid.png")
+    output.write_config({
+        "command": "edit", "tandem_version": __version__, "preset": preset.name, "teacher": preset.teacher,
+        "student": preset.student, "scorer": preset.scorer,
+        "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+        "calibration": str(calibration) if calibration else (
+            preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
+            else None),
+        **summary["settings"], "seed": seed, "batch_size": batch_size, "edits": edits, "n_prompts": len(prompts),
+        "device": device, "summary": {k: v for k, v in summary.items() if k != "settings"},
+    })
+    paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
+    console.print(f"{len(prompts)} edits in {time.time() - t0:.1f}s ({paths}); "
+                  f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average; "
+                  f"tau {summary['settings']['accept_threshold']} -> {out}")
+    console.print(f"side by side (input | edit): {output.path / 'grid.png'}")
 
 
 @distill_app.command("consistency")
@@ -435,6 +677,36 @@ def world_prompts(
     console.print(f"{n} {split.value} prompts -> {out}")
 
 
+@world_app.command("edits")
+def world_edits(
+    split: Annotated[Split, typer.Option(help="Which edit list.")],
+    out: Annotated[Path, typer.Option(help="Edit list to write (JSON lines).")],
+    n: Annotated[int | None, typer.Option(help="Number of edits [the shipped size: val 200, test 500].")] = None,
+    images: Annotated[Path | None, typer.Option(help="Also write each edit's source rendering here "
+                                                     "(00000.png, ...), for `tandem edit --image`.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Regenerate an editing benchmark list: renderings whose caption changes in one attribute."""
+    from PIL import Image
+
+    from .world.edits import EDIT_SIZES, generate_edits
+
+    n = EDIT_SIZES[split.value] if n is None else n
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if images is not None and images.exists() and any(images.iterdir()) and not overwrite:
+        raise UserError(f"--images {images} is not empty; pass --overwrite to replace its files")
+    cases = generate_edits(split.value, n)
+    out.write_text("".join(c.to_json() + "\n" for c in cases))
+    if images is not None:
+        images.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(cases):
+            Image.fromarray(c.image()).save(images / f"{i:05d}.png")
+    console.print(f"{n} {split.value} edits -> {out}" + (f" (source renderings in {images})" if images else ""))
+
+
 @world_app.command("train")
 def world_train(
     component: Annotated[Component, typer.Argument(help="Which component to train.")],
@@ -454,23 +726,30 @@ def world_train(
     lr_schedule: Annotated[str | None, typer.Option(help="teacher: 'constant' or 'cosine' (to 0 at --max-steps) "
                                                          "after warm-up [constant].")] = None,
     world: Annotated[Path | None, typer.Option(help="oracle: the world whose student and teacher draw its "
-                                                    "training images and whose clip/ it starts from "
+                                                    "training images and whose clip/ it starts from; "
+                                                    "controlnet: the world whose teacher it trains for "
                                                     "[the shipped world].")] = None,
+    control: Annotated[str | None, typer.Option(help="controlnet: the control image kind, mask or edges.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads [component default].")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
 
     Order: vae and clip (independent); then teacher (--vae RUN/vae --text-encoder CLIP_RUN)
     and vae-decoder (--vae RUN/vae: fine-tunes the decoder only, so the latent space the
     teacher learned is unchanged); then `tandem world assemble`. The oracle trains last, on
-    samples of the world's teacher and student (the shipped ones).
+    samples of the world's teacher and student (the shipped ones). A controlnet (--control mask or
+    edges) trains for the teacher of --world, which stays frozen.
     """
     import dataclasses
 
     from .models import world_dir
     from .world import oracle, train
 
+    from .world import control as world_control
+
     configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
-               "teacher": train.TeacherTrainConfig, "oracle": oracle.OracleTrainConfig}
+               "teacher": train.TeacherTrainConfig, "oracle": oracle.OracleTrainConfig,
+               "controlnet": world_control.ControlNetTrainConfig}
     cfg = configs[component.value]()
     teacher_only = {"init_from", "lr_schedule"}
     overrides = {  # field: (value, its check, what the check demands)
@@ -480,6 +759,8 @@ def world_train(
         "lr": (lr, lambda v: v > 0, "> 0"),
         "warmup_steps": (warmup_steps, lambda v: v >= 0, ">= 0"),
         "lr_schedule": (lr_schedule, lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+        "control": (control, lambda v: v in world_control.CONTROLS, " or ".join(world_control.CONTROLS)),
+        "threads": (threads, lambda v: v >= 1, ">= 1"),
     }
     for name, (value, valid, demand) in overrides.items():
         if value is None:
@@ -487,17 +768,21 @@ def world_train(
         flag = "--" + name.replace("_", "-")
         if name in teacher_only and component is not Component.teacher:
             raise UserError(f"{flag} applies to the teacher only")
+        if name == "control" and component is not Component.controlnet:
+            raise UserError(f"{flag} applies to the controlnet only")
         if not valid(value):
             raise UserError(f"{flag} must be {demand}, got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
+    if component is Component.controlnet and control is None:
+        raise UserError("controlnet: give --control mask or --control edges")
     if world is not None:
-        if component is not Component.oracle:
-            raise UserError("--world applies to the oracle only")
+        if component not in (Component.oracle, Component.controlnet):
+            raise UserError("--world applies to the oracle and the controlnet only")
         if not (world / "model_index.json").exists():
             raise UserError(f"--world {world} is not a world directory (no model_index.json)")
         cfg = dataclasses.replace(cfg, world=str(world))
-    if component is Component.oracle and (vae is not None or text_encoder is not None):
-        raise UserError("--vae/--text-encoder do not apply to the oracle (it uses --world's)")
+    if component in (Component.oracle, Component.controlnet) and (vae is not None or text_encoder is not None):
+        raise UserError(f"--vae/--text-encoder do not apply to the {component.value} (it uses --world's)")
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
     elif component is Component.vae_decoder:
@@ -506,6 +791,8 @@ def world_train(
         result = train.train_clip(out, cfg, resume)
     elif component is Component.oracle:
         result = oracle.train_oracle(out, cfg, resume)
+    elif component is Component.controlnet:
+        result = world_control.train_controlnet(out, cfg, resume)
     else:
         result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
     console.print(f"{component.value} trained -> {result}")
@@ -732,6 +1019,19 @@ class Experiment(str, Enum):
     winners = "winners"
     threshold = "threshold"
     oracle = "oracle"
+    diversity = "diversity"
+
+
+def _check_eval_out(out: Path, resume: bool) -> None:
+    """Refuse a non-empty --out without --resume; under ``accelerate launch`` every process checks
+    before any writes."""
+    from .eval.sweep import _processes
+
+    refuse = out.exists() and any(out.iterdir()) and not resume
+    _processes()[2]()
+    if refuse:
+        raise UserError(f"--out {out} is not empty; pass --resume to continue that experiment (finished "
+                        "configurations are reused) or choose another directory")
 
 
 def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
@@ -748,9 +1048,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         raise UserError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise UserError(f"--out {out} is not empty; pass --resume to continue that experiment (finished "
-                        "configurations are reused) or choose another directory")
+    _check_eval_out(out, resume)
     if prompts_name in ("val", "test"):
         prompts = load_prompts(prompts_name)
     else:
@@ -762,12 +1060,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device}
     t0 = time.time()
     with _progress(f"eval {experiment.value}", len(prompts)) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(task: str, done: int, total: int) -> None:
-            if task not in tasks:
-                tasks[task] = bar.add_task(task, total=total)
-            bar.update(tasks[task], completed=done)
+        progress = _phase_bars(bar)
 
         run = getattr(experiments, experiment.value)
         results = run(pipe, prompts, out, seed=seed, batch_size=batch_size, log=lambda m: console.print(m),
@@ -816,6 +1109,121 @@ _eval_command(Experiment.threshold, "How tau settles with the number of calibrat
                                     "(Table 2).", None)
 _eval_command(Experiment.oracle, "Oracle accuracy: no-reference vs full-reference decisions over k (Fig. 7), "
                                  "synthetic oracles (D.4).", None)
+_eval_command(Experiment.diversity, "Diversity over seeds (mean pairwise world-CLIP distance) of the student, the "
+                                    "teacher and the adaptive pipeline, beside their accuracy.", 100)
+
+
+def _eval_task_run(name: str, out: Path, resume: bool, batch_size: int, run) -> dict:
+    """Common checks, progress and timing of `tandem eval edit|control`."""
+    import time
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_eval_out(out, resume)
+    t0 = time.time()
+    with _progress(f"eval {name}", 1) as bar:
+        progress = _phase_bars(bar)
+
+        results = run(progress)
+    for name_, a in results["acceptance"].items():
+        reached = (f"{a['adaptive']['label']} reaches {100 * a['adaptive']['accuracy']:.1f}% at "
+                   f"{a['adaptive']['unet_evals_mean']:.1f} UNet evals/image" if a["adaptive"]
+                   else f"not reached below its cost (best adaptive {100 * a['best_adaptive_accuracy']:.1f}%)")
+        console.print(f"{name_}: {100 * a['teacher']['accuracy']:.1f}% at {a['teacher']['unet_evals_mean']:.0f} "
+                      f"UNet evals/image; student {100 * a['student']['accuracy']:.1f}%; {reached}")
+    console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
+    return results
+
+
+@eval_app.command("edit")
+def eval_edit(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
+    model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world').")] = "world",
+    edits: Annotated[str, typer.Option(help="'test', 'val' or an edit list file (JSON lines).")] = "test",
+    n: Annotated[int | None, typer.Option(help="Use the first N edits [all].")] = None,
+    strengths: Annotated[str, typer.Option(help="Comma-separated SDEdit strengths.")] = "0.4,0.5,0.6,0.7,0.8",
+    seed: Annotated[int, typer.Option(help="Run seed (edit i draws from (seed, i)).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Editing (SDEdit) in tandem: quality, reference preservation and cost of the student, the teacher
+    and the adaptive pipeline over strengths; tau from the validation edits (paper Table 1, Fig. 13)."""
+    from .eval import tasks
+
+    if model != "world":
+        raise UserError(f"`tandem eval edit` judges with ShapesWorld's exact checker: --model world (got {model!r})")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    try:
+        values = tuple(float(v) for v in strengths.split(","))
+    except ValueError:
+        raise UserError(f"--strengths must be comma-separated numbers, got {strengths!r}") from None
+    if any(not 0 < v <= 1 for v in values):
+        raise UserError(f"--strengths must lie in (0, 1], got {strengths!r}")
+    cases = _load_edit_cases(edits)[:n]
+    main_strength = 0.6 if 0.6 in values else values[0]
+    cfg = tasks.EditConfig(strengths=values, main_strength=main_strength)
+    _, pipe = _tandem_pipeline(model, None, device, None)
+    made_by = {"command": "eval edit", "tandem_version": __version__, "model": model, "edits": edits,
+               "n": len(cases), "seed": seed, "batch_size": batch_size, "device": device}
+    _eval_task_run("edit", out, resume, batch_size, lambda progress: tasks.edit(
+        pipe, cases, out, seed, cfg, batch_size, lambda m: console.print(m), made_by, progress))
+
+
+@eval_app.command("control")
+def eval_control(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
+    control: Annotated[str, typer.Option(help="The world ControlNet: mask or edges.")] = "mask",
+    model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world').")] = "world",
+    prompts: Annotated[str, typer.Option(help="'val', 'test' (the fixed lists) or a prompts file.")] = "test",
+    n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i); its control image is "
+                                           "that of the scene drawn for it with the same seed).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """ControlNet generation in tandem: the student, the teacher, refine-all and the adaptive pipeline with
+    one ControlNet in both, on captions with exact control images (paper section 4.3, D.6)."""
+    from .eval import tasks
+    from .world.prompts import load_prompts
+
+    if model != "world":
+        raise UserError(f"`tandem eval control` judges with ShapesWorld's exact checker: --model world "
+                        f"(got {model!r})")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if prompts in ("val", "test"):
+        captions = load_prompts(prompts)
+    else:
+        captions = _collect_prompts(None, Path(prompts))
+        _check_world_prompts(captions)
+    captions = captions[:n]
+    _, pipe = _tandem_pipeline(_control_preset(model, control), None, device, None)
+    made_by = {"command": "eval control", "tandem_version": __version__, "model": model, "control": control,
+               "prompts": prompts, "n": len(captions), "seed": seed, "batch_size": batch_size, "device": device}
+    _eval_task_run("control", out, resume, batch_size, lambda progress: tasks.control(
+        pipe, captions, control, out, seed, tasks.ControlConfig(), batch_size, lambda m: console.print(m), made_by,
+        progress))
+
+
+@eval_app.command("report")
+def eval_report(
+    experiments: Annotated[list[Path], typer.Argument(help="Experiment directories written by `tandem eval`.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")],
+    title: Annotated[str, typer.Option(help="The page title.")] = "tandem evaluation",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """One self-contained HTML report (plots embedded) of several experiments, each with the command
+    and configuration behind its numbers."""
+    from .eval.report import combined_report
+    from .outputs import atomic_write_text
+
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    atomic_write_text(out, combined_report(experiments, title))
+    console.print(f"{len(experiments)} experiments -> {out}")
 
 
 def main() -> None:

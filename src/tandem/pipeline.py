@@ -105,6 +105,37 @@ def refine_schedule(scheduler, teacher_steps: int, rollback_sigma: float, conven
     return RefineSchedule(best, strength, teacher_steps, t, float(1 - alphas[t]))
 
 
+def edit_timesteps(scheduler, steps: int, strength: float) -> list[int]:
+    """The student's img2img timesteps at ``strength`` (diffusers' convention; ``scheduler`` is not modified):
+    an LCM scheduler picks ``steps`` of its skipping schedule truncated at ``strength``, any other runs the
+    last ``int(steps * strength)`` steps of its ``steps``-step schedule."""
+    sched = copy.deepcopy(scheduler)
+    if "strength" in inspect.signature(sched.set_timesteps).parameters:
+        sched.set_timesteps(steps, strength=strength)
+        ts = [int(t) for t in sched.timesteps]
+    else:
+        sched.set_timesteps(steps)
+        run = min(int(steps * strength), steps)
+        order = getattr(sched, "order", 1)
+        ts = [int(t) for t in sched.timesteps[(steps - run) * order:]]
+    if not ts:
+        raise ValueError(f"strength {strength} of {steps} student steps runs no step; raise the steps or the strength")
+    return ts
+
+
+def teacher_edit_timesteps(scheduler, start: int, steps: int) -> list[int]:
+    """``steps`` timesteps evenly spaced from ``start`` (included) towards 0, for a teacher scheduler
+    that accepts custom timesteps (DPM-Solver++; not DDIM or UniPC in diffusers)."""
+    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"editing needs a teacher scheduler that takes custom timesteps (dpm); "
+                         f"{type(scheduler).__name__} does not")
+    if steps > start:
+        raise ValueError(f"{steps} teacher steps do not fit below timestep {start}; lower the steps "
+                         "or raise the strength")
+    ts = np.round(np.linspace(start, 0, steps + 1)[:-1]).astype(int)
+    return [int(t) for t in ts]
+
+
 def unet_evals_per_step(pipe, guidance_scale: float) -> int:
     """UNet rows per image and step: 2 with classifier-free guidance (a doubled batch), 1 for a
     guidance-embedded (LCM) UNet or guidance <= 1."""
@@ -126,6 +157,41 @@ def _count_rows(modules: dict[str, torch.nn.Module], counts: dict[str, int]):
     finally:
         for h in handles:
             h.remove()
+
+
+def images_to_unit_tensor(images, size: tuple[int, int], what: str = "image") -> torch.Tensor:
+    """PIL images, uint8 [H, W, 3] arrays (or one [B, H, W, 3] array) or a float [B, 3, H, W] tensor in
+    [0, 1] -> float [B, 3, H, W] in [0, 1] at ``size`` (height, width); other sizes are resized (bicubic)."""
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        x = images.float()
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{what} tensor must be [B, 3, H, W], got {list(images.shape)}")
+        if x.min() < 0 or x.max() > 1:
+            raise ValueError(f"{what} tensor values must lie in [0, 1]")
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        return x
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    if isinstance(images, Image.Image | np.ndarray):
+        images = [images]
+    arrays = []
+    for im in images:
+        if isinstance(im, np.ndarray):
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[-1] != 3:
+                raise ValueError(f"{what} arrays must be uint8 [H, W, 3], got {im.dtype} {list(im.shape)}")
+            im = Image.fromarray(im)
+        elif not isinstance(im, Image.Image):
+            raise ValueError(f"{what}: expected PIL images, uint8 arrays or a tensor, got {type(im).__name__}")
+        im = im.convert("RGB")
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
+        arrays.append(np.asarray(im))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
 def _accepts(pipe, name: str) -> bool:
@@ -160,6 +226,8 @@ class TandemPipeline:
             pipe.set_progress_bar_config(disable=True)
         self._teacher_scheduler_config = dict(self.teacher_img2img.scheduler.config)
         self._student_digest: str | None = None
+        self._controlnet_digest: str | None = None
+        self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the student's edit scores
 
     # -- settings ----------------------------------------------------------------------------
 
@@ -177,14 +245,25 @@ class TandemPipeline:
         factor = self.student.vae_scale_factor
         return (size * factor, size * factor)
 
-    def calibration_fingerprint(self, num_inference_steps: int, guidance_scale: float) -> dict:
-        """Everything that changes the student's oracle scores."""
+    def calibration_fingerprint(self, num_inference_steps: int, guidance_scale: float,
+                                task: dict | None = None) -> dict:
+        """Everything that changes the student's oracle scores: the student, its sampler, the
+        scorer, a ControlNet if any, and ``task`` (how an edit was made; absent for generation)."""
         if self.scorer is None:
             raise ValueError("no scorer: the pipeline was built without an oracle")
         if self._student_digest is None:
             self._student_digest = module_digest(self.student.unet)
         sched = self.student.scheduler
-        return {
+        extra = {}
+        controlnet = getattr(self.student, "controlnet", None)
+        if controlnet is not None:
+            if self._controlnet_digest is None:
+                self._controlnet_digest = module_digest(controlnet)
+            extra["controlnet"] = {"path": str(getattr(controlnet.config, "_name_or_path", "")),
+                                   "weights": self._controlnet_digest}
+        if task is not None:
+            extra["task"] = dict(task)
+        return {**extra,
             "student": {
                 "path": str(getattr(self.student.unet.config, "_name_or_path", "")),  # weights identify it
                 "weights": self._student_digest,
@@ -229,6 +308,8 @@ class TandemPipeline:
         output_type: str = "np",
         score: bool | None = None,
         callback: Callable[[str, int, int], None] | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | None = None,
     ) -> TandemOutput:
         """Generate one image per prompt.
 
@@ -250,6 +331,10 @@ class TandemPipeline:
             output_type: "np" (uint8 [H, W, 3]), "pil", or "latent".
             score: also score the student images outside adaptive mode (calibration does).
             callback: ``callback(phase, done, total)`` after each batch, for progress bars.
+            control_image: with a ControlNet pipeline (``with_controlnet``), the control images: one
+                per prompt or one for all (PIL, uint8 [H, W, 3] arrays, or a float [B, 3, H, W] tensor in
+                [0, 1]); the same control conditions the student, the teacher and the refinement.
+            controlnet_conditioning_scale: the ControlNet residuals' weight [1.0].
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -297,11 +382,14 @@ class TandemPipeline:
             raise ValueError("scoring needs a scorer (oracle); build the pipeline with scorer=...")
 
         n = len(prompts)
+        controls = self._controls(control_image, n)
+        c_scale = float(self._setting("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0))
         gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
         pipe0 = self.student if mode != "teacher" else self._teacher_any
         noise = initial_latents(pipe0, seed, list(range(n)), gens)
         counts: dict[str, int] = {}
-        per_image = {key: np.zeros(n) for key in ("student", "teacher", "vae_decode", "vae_encode", "oracle")}
+        per_image = {key: np.zeros(n) for key in ("student", "teacher", "controlnet", "vae_decode", "vae_encode",
+                                                  "oracle")}
         timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
         chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
@@ -313,16 +401,18 @@ class TandemPipeline:
         student_images: list[np.ndarray | None] = [None] * n
         scores = np.full(n, np.nan)
         t_start = time.perf_counter()
-        modules = {"student": self.student.unet, "teacher": self._teacher_any.unet}
+        modules = self._counted_modules()
         with _count_rows(modules, counts):
             if mode != "teacher":
                 for done, idx in enumerate(chunks):
                     t0 = time.perf_counter()
-                    before = counts.get("student", 0)
+                    before, before_c = counts.get("student", 0), counts.get("controlnet", 0)
                     out = self.student([prompts[i] for i in idx], num_inference_steps=steps,
                                        guidance_scale=guidance, latents=noise[idx], generator=[gens[i] for i in idx],
-                                       output_type="latent").images
+                                       output_type="latent",
+                                       **self._control_kwargs(self.student, controls, idx, c_scale)).images
                     charge("student", idx, before)
+                    charge("controlnet", idx, before_c)
                     t1 = time.perf_counter()
                     decoded = self._decode(self.student, out)
                     per_image["vae_decode"][idx] += 1
@@ -354,11 +444,13 @@ class TandemPipeline:
                     idx = todo[start:start + batch_size]
                     t0 = time.perf_counter()
                     before_t, before_s = counts.get("teacher", 0), counts.get("student", 0)
+                    before_c = counts.get("controlnet", 0)
                     ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
                     if regenerate:
                         self.teacher.scheduler = copy.deepcopy(base)
                         out = self.teacher(ps, num_inference_steps=t_steps, guidance_scale=t_guidance,
-                                           latents=noise[idx], generator=gs, output_type="latent").images
+                                           latents=noise[idx], generator=gs, output_type="latent",
+                                           **self._control_kwargs(self.teacher, controls, idx, c_scale)).images
                     else:
                         self.teacher_img2img.scheduler = copy.deepcopy(base)
                         start_image = torch.cat([latents[i] for i in idx])
@@ -368,8 +460,10 @@ class TandemPipeline:
                         out = self.teacher_img2img(
                             ps, image=start_image, strength=refine.strength,
                             num_inference_steps=refine.num_inference_steps, guidance_scale=t_guidance,
-                            generator=gs, output_type="latent").images
+                            generator=gs, output_type="latent",
+                            **self._control_kwargs(self.teacher_img2img, controls, idx, c_scale)).images
                     charge("teacher", idx, before_t)
+                    charge("controlnet", idx, before_c)
                     if counts.get("student", 0) != before_s and self.student.unet is not self._teacher_any.unet:
                         raise RuntimeError("the teacher call ran the student UNet")
                     t1 = time.perf_counter()
@@ -402,6 +496,8 @@ class TandemPipeline:
                 "vae": {"decode": int(per_image["vae_decode"][i]), "encode": int(per_image["vae_encode"][i])},
                 "oracle_calls": int(per_image["oracle"][i]),
             }
+            if controls is not None:
+                rec["controlnet_evals"] = float(per_image["controlnet"][i])
             if taken == "refined":
                 rec["rollback_sigma"] = refine.sigma
                 rec["teacher_steps_run"] = refine.steps
@@ -412,6 +508,8 @@ class TandemPipeline:
             "rollback_sigma": sigma, "rollback_convention": convention, "handoff": handoff,
             "accept_threshold": tau, "percentile": k, "budget": budget,
         }
+        if controls is not None:
+            settings["controlnet_conditioning_scale"] = c_scale
         summary = self._summary(records, settings, timings, total, student_cost, improve_cost, refine)
         if output_type == "latent":
             final = latents
@@ -424,19 +522,244 @@ class TandemPipeline:
 
     def calibrate(self, prompts: Sequence[str], num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 16,
-                  callback: Callable[[str, int, int], None] | None = None, config: dict | None = None) -> Calibration:
-        """Score student samples of held-out ``prompts`` and keep them as a calibration (appendix C)."""
+                  callback: Callable[[str, int, int], None] | None = None, config: dict | None = None,
+                  control_image=None) -> Calibration:
+        """Score student samples of held-out ``prompts`` and keep them as a calibration (appendix C).
+        With a ControlNet, ``control_image`` gives the held-out prompts' control images."""
         steps = int(self._setting("num_inference_steps", num_inference_steps, 4))
         guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                   batch_size=batch_size, score=True, callback=callback)
+                   batch_size=batch_size, score=True, callback=callback, control_image=control_image)
         scores = np.array([r["student_score"] for r in out.records])
         made = {"n_prompts": len(prompts), "seed": seed, "seconds": out.summary["seconds"]["total"], **(config or {})}
         return Calibration(scores, self.calibration_fingerprint(steps, guidance), made)
 
+    # -- editing (SDEdit, section 4.2) -------------------------------------------------------------
+
+    @torch.no_grad()
+    def edit(
+        self,
+        image,
+        prompt: str | Sequence[str],
+        *,
+        strength: float | None = None,
+        mode: str = "adaptive",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        teacher_steps: int | None = None,
+        teacher_guidance_scale: float | None = None,
+        teacher_scheduler: str | None = None,
+        accept_threshold: float | None = None,
+        percentile: float | None = None,
+        budget: float | None = None,
+        calibration: Calibration | None = None,
+        seed: int = 0,
+        generator: Sequence[torch.Generator] | None = None,
+        batch_size: int = 16,
+        output_type: str = "np",
+        score: bool | None = None,
+        callback: Callable[[str, int, int], None] | None = None,
+    ) -> TandemOutput:
+        """Adaptive text-guided editing (SDEdit): noise each input image to ``strength``, denoise it
+        with its new prompt by the student, score the edit, and let the teacher edit the *same*
+        noised input instead where the score is below tau (regeneration: the paper found that
+        refinement's extra noising loses the reference).
+
+        The noised input is x_t = sqrt(a_t) z + sqrt(1 - a_t) eps, with z the VAE mean of the input,
+        eps drawn from the image's generator, and t the first timestep of the student's img2img
+        schedule at ``strength`` (diffusers' convention: about ``strength * 1000``). The student runs
+        that schedule from x_t; the teacher runs ``teacher_steps`` steps evenly spaced from t to 0.
+
+        Args:
+            image: the inputs, one per prompt or one for all (PIL, uint8 [H, W, 3] arrays, or a float
+                [B, 3, H, W] tensor in [0, 1]); other sizes are resized to the pipeline's resolution.
+            prompt: the edited prompts.
+            mode: "adaptive", or the baselines "student" and "teacher" (every image edited by one model).
+            num_inference_steps: the student's steps [the preset's ``edit_num_inference_steps``, else its
+                generation steps].
+            teacher_steps: teacher steps actually run from t (not the length of a longer schedule).
+            accept_threshold / percentile / budget: as for generation; percentile and budget need an
+                *edit* calibration (``calibrate_edits``) for the same strength, passed as ``calibration``.
+            Other arguments as for ``__call__``.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompts")
+        if mode not in ("adaptive", "student", "teacher"):
+            raise ValueError(f"unknown edit mode {mode!r}; expected adaptive, student or teacher")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if self.teacher is None:
+            raise ValueError("this teacher is an image-to-image pipeline: editing needs a text-to-image teacher")
+        if getattr(self.student, "controlnet", None) is not None:
+            raise ValueError("editing with a ControlNet is not supported; edit with the pipeline without it")
+        strength = float(self._setting("edit_strength", strength, 0.6))
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        steps = self._edit_student_steps(num_inference_steps)
+        guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
+        t_steps = int(self._setting("edit_teacher_steps", teacher_steps, self.defaults.get("teacher_steps", 25)))
+        t_guidance = float(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5))
+        t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
+        if steps < 1 or t_steps < 1:
+            raise ValueError(f"steps must be >= 1 (student {steps}, teacher {t_steps})")
+        n = len(prompts)
+        pixels = images_to_unit_tensor(image, self.resolution(), "input image")
+        if len(pixels) == 1 and n > 1:
+            pixels = pixels.expand(n, -1, -1, -1)
+        if len(pixels) != n:
+            raise ValueError(f"got {len(pixels)} input images for {n} prompts (one per prompt, or one for all)")
+        if generator is not None and len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} prompts (one per prompt)")
+
+        student_ts = edit_timesteps(self.student.scheduler, steps, strength)
+        base = self._teacher_scheduler(t_sched)
+        teacher_ts = teacher_edit_timesteps(base, student_ts[0], t_steps)
+        student_cost = len(student_ts) * unet_evals_per_step(self.student, guidance)
+        improve_cost = len(teacher_ts) * unet_evals_per_step(self.teacher, t_guidance)
+        tau, k = None, None
+        task = {"edit_strength": strength}
+        if mode == "adaptive":
+            tau, k = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
+                                     improve_cost, calibration=calibration, task=task)
+        elif any(v is not None for v in (accept_threshold, percentile, budget)):
+            raise ValueError(f"accept_threshold/percentile/budget apply to mode='adaptive', not {mode!r}")
+        do_score = mode == "adaptive" or bool(score)
+        if do_score and self.scorer is None:
+            raise ValueError("scoring needs a scorer (oracle); build the pipeline with scorer=...")
+
+        gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
+        chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        alphas = self.student.scheduler.alphas_cumprod
+        if not torch.allclose(alphas, base.alphas_cumprod):
+            raise ValueError("the student's and the teacher's noise schedules differ (alphas_cumprod): "
+                             "they cannot edit the same noised input")
+        vae = self.student.vae
+        noised = []
+        for idx in chunks:  # x_t: the input's VAE mean noised with each image's own eps
+            z = vae.encode((pixels[idx] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+            z = z * vae.config.scaling_factor
+            eps = torch.cat([torch.randn(z[:1].shape, generator=gens[i], device=gens[i].device, dtype=z.dtype)
+                             for i in idx])
+            a_t = alphas[student_ts[0]].to(device=z.device, dtype=z.dtype)
+            noised.append(a_t.sqrt() * z + (1 - a_t).sqrt() * eps.to(z.device))
+        noised = torch.cat(noised)
+
+        counts: dict[str, int] = {}
+        per_image = {key: np.zeros(n) for key in ("student", "teacher")}
+        latents: list[torch.Tensor | None] = [None] * n
+        images: list[np.ndarray | None] = [None] * n
+        student_images: list[np.ndarray | None] = [None] * n
+        scores = np.full(n, np.nan)
+        t_start = time.perf_counter()
+        timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
+        with _count_rows(self._counted_modules(), counts):
+            if mode != "teacher":
+                original = self.student.scheduler
+                self.student.scheduler = copy.deepcopy(original)
+                try:
+                    for done, idx in enumerate(chunks):
+                        t0 = time.perf_counter()
+                        before = counts.get("student", 0)
+                        out = self.student([prompts[i] for i in idx], timesteps=student_ts, guidance_scale=guidance,
+                                           latents=noised[idx], generator=[gens[i] for i in idx],
+                                           output_type="latent").images
+                        per_image["student"][idx] += (counts.get("student", 0) - before) / len(idx)
+                        t1 = time.perf_counter()
+                        decoded = self._decode(self.student, out)
+                        t2 = time.perf_counter()
+                        for j, i in enumerate(idx):
+                            latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
+                        if do_score:
+                            scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx])
+                        timings["student"] += t1 - t0
+                        timings["decode"] += t2 - t1
+                        timings["oracle"] += time.perf_counter() - t2
+                        if callback:
+                            callback("student", min((done + 1) * batch_size, n), n)
+                finally:
+                    self.student.scheduler = original
+            if mode == "teacher":
+                todo = list(range(n))
+            elif mode == "adaptive":
+                todo = [i for i in range(n) if scores[i] < tau]
+            else:
+                todo = []
+            for done, start in enumerate(range(0, len(todo), batch_size)):
+                idx = todo[start:start + batch_size]
+                t0 = time.perf_counter()
+                before = counts.get("teacher", 0)
+                self.teacher.scheduler = copy.deepcopy(base)
+                out = self.teacher([prompts[i] for i in idx], timesteps=teacher_ts, guidance_scale=t_guidance,
+                                   latents=noised[idx], generator=[gens[i] for i in idx], output_type="latent").images
+                per_image["teacher"][idx] += (counts.get("teacher", 0) - before) / len(idx)
+                t1 = time.perf_counter()
+                decoded = self._decode(self.teacher, out)
+                for j, i in enumerate(idx):
+                    latents[i], images[i] = out[j:j + 1], decoded[j]
+                timings["teacher"] += t1 - t0
+                timings["decode"] += time.perf_counter() - t1
+                if callback:
+                    callback("teacher", min(start + batch_size, len(todo)), len(todo))
+        total = time.perf_counter() - t_start
+
+        todo_set = set(todo)
+        path = "teacher" if mode == "teacher" else "regenerated"
+        records = []
+        for i in range(n):
+            taken = "student" if mode == "student" else (path if i in todo_set else "accepted")
+            records.append({
+                "index": i, "prompt": prompts[i], "path": taken,
+                "prompt_seed": prompt_seed(seed, i) if generator is None else None,
+                "student_score": None if np.isnan(scores[i]) else float(scores[i]),
+                "tau": tau,
+                "edit_strength": strength, "start_timestep": int(student_ts[0]),
+                "unet_evals": {"student": float(per_image["student"][i]), "teacher": float(per_image["teacher"][i]),
+                               "total": float(per_image["student"][i] + per_image["teacher"][i])},
+            })
+        settings = {
+            "task": "edit", "mode": mode, "edit_strength": strength, "num_inference_steps": steps,
+            "guidance_scale": guidance, "student_timesteps": [int(t) for t in student_ts],
+            "teacher_steps": t_steps, "teacher_timesteps": [int(t) for t in teacher_ts],
+            "teacher_guidance_scale": t_guidance, "teacher_scheduler": t_sched, "strategy": "regenerate",
+            "accept_threshold": tau, "percentile": k, "budget": budget,
+        }
+        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, None)
+        if output_type == "latent":
+            final = latents
+        elif output_type == "pil":
+            from PIL import Image
+            final = [Image.fromarray(im) for im in images]
+        else:
+            final = images
+        return TandemOutput(final, records, summary, None if mode == "teacher" else student_images)
+
+    def calibrate_edits(self, images, prompts: Sequence[str], strength: float | None = None,
+                        num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                        seed: int = 0, batch_size: int = 16, callback: Callable[[str, int, int], None] | None = None,
+                        config: dict | None = None) -> Calibration:
+        """Score student edits of held-out (image, prompt) pairs: the calibration of ``edit`` at ``strength``."""
+        steps = self._edit_student_steps(num_inference_steps)
+        guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
+        out = self.edit(images, prompts, strength=strength, mode="student", num_inference_steps=steps,
+                        guidance_scale=guidance, seed=seed, batch_size=batch_size, score=True, callback=callback)
+        scores = np.array([r["student_score"] for r in out.records])
+        strength = out.summary["settings"]["edit_strength"]
+        made = {"n_prompts": len(prompts), "seed": seed, "seconds": out.summary["seconds"]["total"], **(config or {})}
+        return Calibration(scores, self.calibration_fingerprint(steps, guidance, {"edit_strength": strength}), made)
+
+    def _edit_student_steps(self, num_inference_steps: int | None) -> int:
+        """The student's edit steps: given, else the preset's ``edit_num_inference_steps`` (an edit starts
+        part-way, so a preset may give the student more steps there), else its generation steps."""
+        fallback = self.defaults.get("num_inference_steps", 4)
+        return int(self._setting("edit_num_inference_steps", num_inference_steps, fallback))
+
     # -- pieces --------------------------------------------------------------------------------
 
-    def _threshold(self, accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost):
+    def _threshold(self, accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost,
+                   calibration: Calibration | None = None, task: dict | None = None):
         given = [name for name, v in (("accept_threshold", accept_threshold), ("percentile", percentile),
                                       ("budget", budget)) if v is not None]
         if not given and self.defaults.get("percentile") is not None:
@@ -446,11 +769,45 @@ class TandemPipeline:
                              f"got {', '.join(given) if given else 'none'}")
         if accept_threshold is not None:
             return float(accept_threshold), None
-        if self.calibration is None:
-            raise ValueError(f"{given[0]}= needs a calibration (tandem calibrate); or pass accept_threshold")
-        self.calibration.check(self.calibration_fingerprint(steps, guidance))
+        if calibration is None:
+            calibration = self.calibration if task is None else self.edit_calibrations.get(task["edit_strength"])
+        if calibration is None:
+            what = "an edit calibration (tandem calibrate --edits)" if task else "a calibration (tandem calibrate)"
+            raise ValueError(f"{given[0]}= needs {what}; or pass accept_threshold")
+        calibration.check(self.calibration_fingerprint(steps, guidance, task))
         k = percentile if percentile is not None else percentile_k_for_budget(budget, student_cost, improve_cost)
-        return self.calibration.threshold(k), float(k)
+        return calibration.threshold(k), float(k)
+
+    def _counted_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"student": self.student.unet, "teacher": self._teacher_any.unet}
+        controlnet = getattr(self.student, "controlnet", None)
+        if controlnet is not None:
+            modules["controlnet"] = controlnet
+        return modules
+
+    def _controls(self, control_image, n: int) -> torch.Tensor | None:
+        """Control images as a float [n, 3, H, W] tensor in [0, 1] at the pipeline's resolution."""
+        has_controlnet = getattr(self.student, "controlnet", None) is not None
+        if control_image is None:
+            if has_controlnet:
+                raise ValueError("this pipeline has a ControlNet: pass control_image (one per prompt, or one)")
+            return None
+        if not has_controlnet:
+            raise ValueError("control_image needs a ControlNet: build the pipeline with "
+                             "TandemPipeline.with_controlnet(...)")
+        x = images_to_unit_tensor(control_image, self.resolution(), "control image")
+        if len(x) == 1 and n > 1:
+            x = x.expand(n, -1, -1, -1)
+        if len(x) != n:
+            raise ValueError(f"got {len(x)} control images for {n} prompts (one per prompt, or one for all)")
+        return x
+
+    @staticmethod
+    def _control_kwargs(pipe, controls: torch.Tensor | None, idx: list[int], scale: float) -> dict:
+        if controls is None:
+            return {}
+        key = "control_image" if _accepts(pipe, "control_image") else "image"  # img2img vs text2img ControlNet
+        return {key: controls[idx], "controlnet_conditioning_scale": scale}
 
     def _score(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
@@ -487,6 +844,23 @@ class TandemPipeline:
         }
 
     # -- construction ----------------------------------------------------------------------------
+
+    def with_controlnet(self, controlnet, calibration: Calibration | None = None, defaults: dict | None = None,
+                        name: str | None = None) -> TandemPipeline:
+        """The same student, teacher and oracle with one ControlNet plugged into both (section 4.3: a
+        ControlNet trained for the teacher works on its distilled student). The components are shared,
+        not copied. ``calibration`` must be made with this ControlNet (fingerprints include it)."""
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+        def controlled(pipe):
+            xl = getattr(pipe, "text_encoder_2", None) is not None
+            cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
+            return cls.from_pipe(pipe, controlnet=controlnet)
+
+        if self.teacher is None:
+            raise ValueError("ControlNet generation needs a text-to-image teacher")
+        return TandemPipeline(controlled(self.student), controlled(self.teacher), self.scorer, calibration,
+                              defaults={**self.defaults, **(defaults or {})}, name=name or f"{self.name}+controlnet")
 
     @classmethod
     def from_preset(cls, name: str = "world", device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -10,6 +10,13 @@ Student kinds:
 * ``pipeline``: a complete diffusers pipeline of its own (e.g. SDXL-Turbo, LCM-Dreamshaper).
 
 Teacher kinds: ``text2img`` (can refine and regenerate) or ``img2img`` (refine only, e.g. the SDXL refiner).
+
+A preset with a ``controlnet`` plugs that ControlNet into both student and teacher (section 4.3 and
+appendix D.6); its calls then need a control image per prompt. ``world-mask`` and ``world-edges`` are
+the shipped world with its mask and edge ControlNets (``tandem world train controlnet``).
+
+``edit_calibrations`` are the student's *edit* score tables (``tandem calibrate --edits``), one per
+SDEdit strength, that ``TandemPipeline.edit`` takes tau from.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class Preset:
     teacher_kind: str = "text2img"
     calibration: str | None = None  # a calibration file shipped with the preset
     source: str = ""
+    controlnet: str | None = None   # a ControlNetModel (hub id or directory; "world:KIND" for the shipped ones)
+    edit_calibrations: dict = field(default_factory=dict)  # SDEdit strength -> calibration file ("world:NAME")
 
 
 PRESETS: dict[str, Preset] = {
@@ -41,9 +50,10 @@ PRESETS: dict[str, Preset] = {
         name="world",
         description="ShapesWorld: shipped teacher, consistency student, world oracle and calibration",
         teacher="world", student="world", student_kind="world", scorer="world-oracle",
-        calibration="world",
+        calibration="world", edit_calibrations={0.6: "world:calibration-edit-0.6.json"},
         defaults=dict(num_inference_steps=4, guidance_scale=6.0, teacher_steps=10, teacher_guidance_scale=4.5,
-                      teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.7, percentile=50),
+                      teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.7, percentile=50,
+                      edit_strength=0.6, edit_num_inference_steps=8),
         source="measured on ShapesWorld's validation prompts (README, 'Adaptive generation')",
     ),
     "sd15-lcm": Preset(
@@ -76,10 +86,54 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The world with its ControlNets (the generation settings of `world`; docs/results/eval_control_*).
+for _kind, _what in (("mask", "object silhouettes"), ("edges", "object outlines")):
+    PRESETS[f"world-{_kind}"] = Preset(
+        name=f"world-{_kind}", description=f"ShapesWorld with its {_kind} ControlNet ({_what}) in student and teacher",
+        teacher="world", student="world", student_kind="world", scorer="world-oracle", controlnet=f"world:{_kind}",
+        calibration=f"world:controlnet-{_kind}/calibration.json",
+        defaults={k: v for k, v in PRESETS["world"].defaults.items() if not k.startswith("edit_")},
+        source="the world preset's generation settings")
+
+# Real-tier ControlNet presets: paper appendix D.6 (student 5 steps; refinement 10 UniPC steps, sigma 0.5;
+# k 50 for Canny edges, 70 for segmentation masks), on the sd15-lcm pair with SD1.5's ControlNets.
+for _name, _controlnet, _k in (("sd15-lcm-canny", "lllyasviel/control_v11p_sd15_canny", 50),
+                               ("sd15-lcm-seg", "lllyasviel/control_v11p_sd15_seg", 70)):
+    PRESETS[_name] = Preset(
+        name=_name, description=f"sd15-lcm with the SD1.5 ControlNet {_controlnet} in student and teacher",
+        teacher="Lykon/dreamshaper-7", student="SimianLuo/LCM_Dreamshaper_v7", student_kind="pipeline",
+        scorer="imagereward:ImageReward-v1.0", controlnet=_controlnet,
+        defaults=dict(num_inference_steps=5, guidance_scale=8.5, teacher_steps=10, teacher_guidance_scale=7.5,
+                      teacher_scheduler="unipc", strategy="refine", rollback_sigma=0.5, percentile=_k),
+        source="paper appendix D.6 (ControlNet: CD 5 steps + UniPC refinement 10 steps, sigma 0.5, "
+               f"k {_k})")
+
+
 def world_calibration_path() -> Path:
     from .models import world_dir
 
     return world_dir() / "calibration.json"
+
+
+def _world_file(spec: str) -> Path:
+    """``world:NAME`` -> the shipped world's file or directory NAME; anything else is a path."""
+    from .models import world_dir
+
+    return world_dir() / spec.split(":", 1)[1] if spec.startswith("world:") else Path(spec)
+
+
+def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A ``diffusers.ControlNetModel`` from a hub id, a directory, or ``world:KIND`` (shipped)."""
+    from diffusers import ControlNetModel
+
+    from .models import quiet_hub_libraries
+
+    quiet_hub_libraries()
+    source = str(_world_file(f"world:controlnet-{spec.split(':', 1)[1]}")) if spec.startswith("world:") else spec
+    try:
+        return ControlNetModel.from_pretrained(source, torch_dtype=dtype).to(device=device, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"cannot load ControlNet {spec!r}: {str(e).splitlines()[0]}") from e
 
 
 def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = torch.float32, scorer=None,
@@ -100,10 +154,21 @@ def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = to
         path = world_calibration_path()
         calibration = Calibration.load(path) if path.exists() else None
     elif calibration is None and preset.calibration:
-        calibration = Calibration.load(preset.calibration)
+        path = _world_file(preset.calibration)
+        shipped = preset.calibration.startswith("world:")
+        calibration = Calibration.load(path) if path.exists() or not shipped else None
     elif isinstance(calibration, str | Path):
         calibration = Calibration.load(calibration)
-    return TandemPipeline(student, teacher, scorer, calibration, defaults=preset.defaults, name=preset.name)
+    pipe = TandemPipeline(student, teacher, scorer, None if preset.controlnet else calibration,
+                          defaults=preset.defaults, name=preset.name)
+    if preset.controlnet:
+        pipe = pipe.with_controlnet(load_controlnet(preset.controlnet, device, dtype), calibration=calibration,
+                                    name=preset.name)
+    for strength, spec in preset.edit_calibrations.items():
+        path = _world_file(spec)
+        if path.exists():
+            pipe.edit_calibrations[float(strength)] = Calibration.load(path)
+    return pipe
 
 
 def load_teacher(preset: Preset, device: str, dtype: torch.dtype):

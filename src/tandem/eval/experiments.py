@@ -26,7 +26,7 @@ import numpy as np
 
 from ..calibration import Calibration
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
-from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, summary
+from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, is_main_process, summary
 
 
 @dataclass(frozen=True)
@@ -262,8 +262,62 @@ def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Thr
     return results
 
 
+@dataclass(frozen=True)
+class DiversityConfig:
+    seeds: tuple[int, ...] = (0, 1, 2, 3)        # run seeds: image i of seed s draws from (s, i)
+    teacher_steps: tuple[int, ...] = (10, 25)    # DPM-Solver++
+    refine_sigma: float = 0.7                    # adaptive refinement (10 DPM steps) ...
+    refine_steps: int = 10
+    k: int = 50                                  # ... and regeneration (DPM-25) at this percentile
+
+
+def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: DiversityConfig = DiversityConfig(),
+              batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Diversity (the DDIL paper's LPIPS-diversity, in world CLIP features): the mean pairwise feature
+    distance between the images of one prompt over ``cfg.seeds``, for the student, the teacher and the
+    adaptive pipeline, beside their accuracy. ``seed`` offsets every run seed."""
+    from .features import ImageFeatures
+    from .features import diversity as feature_diversity
+
+    out = Path(out)
+    features = ImageFeatures.world()
+    student_steps = int(pipe._setting("num_inference_steps", None, 4))
+    tau = _thresholds(pipe, (cfg.k,))[cfg.k]
+    configs = {"student": SamplerConfig("student", student_steps),
+               **{f"dpm{n}": SamplerConfig("teacher", n, "dpm") for n in cfg.teacher_steps},
+               "refine-all": SamplerConfig("refine-all", cfg.refine_steps, "dpm", cfg.refine_sigma)}
+    per_seed: dict[str, list[dict]] = {}
+    for s in cfg.seeds:
+        sweep = Sweep(pipe, prompts, seed + s, out / "cache" / f"seed{seed + s}", batch_size,
+                      identity={"preset": pipe.name}, progress=progress)
+        runs = {}
+        for name, c in configs.items():
+            data = sweep.run(c, log)
+            runs[name] = {**data, "features": features(data["images"])}
+        regen = f"dpm{max(cfg.teacher_steps)}"
+        runs[f"adaptive refine k={cfg.k}"] = compose_adaptive(runs["student"], runs["refine-all"], tau, True)
+        runs[f"adaptive regenerate {regen} k={cfg.k}"] = compose_adaptive(runs["student"], runs[regen], tau, False)
+        for name, data in runs.items():
+            per_seed.setdefault(name, []).append(data)
+    rows = []
+    for name, runs in per_seed.items():
+        stacked = np.stack([r["features"] for r in runs], axis=1)  # [prompts, seeds, D]
+        rows.append({"run": name, "diversity": feature_diversity(stacked),
+                     "accuracy": float(np.mean([r["satisfied"].mean() for r in runs])),
+                     "unet_evals_mean": float(np.mean([r["evals"].mean() for r in runs]))})
+    results = {"experiment": "diversity", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "tau": tau,
+               "rows": rows}
+    _write(out, results, plot_diversity(results, out / "diversity.png"), diversity_report(results))
+    return results
+
+
 def _write(out: Path, results: dict, plot: Path, report: str) -> None:
     from ..outputs import atomic_write_text
+
+    if not is_main_process():
+        return
 
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=float) + "\n")
     atomic_write_text(out / "report.md", report + f"\n![{plot.stem}]({plot.name})\n")
@@ -286,7 +340,8 @@ def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path)
+    if is_main_process():
+        fig.savefig(path)
     plt.close(fig)
     return path
 
@@ -455,4 +510,29 @@ def threshold_report(results: dict) -> str:
         lines.append(f"| {r['n']} | {r['k']} | {r['tau_mean']:.4f} +- {r['tau_std']:.4f} | "
                      f"{r['share_below_mean']:.1f} +- {r['share_below_std']:.1f} | "
                      f"{r['calibration_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_diversity(results: dict, path: Path) -> Path:
+    fig, ax = _figure()
+    ax.set_title("diversity vs quality over seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    for r in results["rows"]:
+        ax.plot(r["diversity"], 100 * r["accuracy"], "o")
+        ax.annotate(f"{r['run']} ({r['unet_evals_mean']:.0f})", (r["diversity"], 100 * r["accuracy"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 3))
+    ax.set_xlabel("diversity: mean pairwise world-CLIP distance between seeds of a prompt")
+    ax.set_ylabel("captions satisfied (%)")
+    return _save_figure(fig, path)
+
+
+def diversity_report(results: dict) -> str:
+    lines = [f"# Diversity ({results['preset']}, {results['n_prompts']} prompts x "
+             f"{len(results['config']['seeds'])} seeds)", "",
+             "Diversity is the mean pairwise cosine distance, in world CLIP image features, between the images "
+             "of one prompt drawn with different seeds (the DDIL paper's LPIPS-diversity); (UNet evaluations "
+             "per image in brackets in the plot).", "",
+             "| run | diversity | satisfied | UNet evals |", "|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['run']} | {r['diversity']:.4f} | {100 * r['accuracy']:.1f}% | {r['unet_evals_mean']:.1f} |")
     return "\n".join(lines) + "\n"

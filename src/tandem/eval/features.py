@@ -3,7 +3,8 @@ feature network is used; in ShapesWorld the world CLIP's image tower, against ex
 the same prompts), diversity as the mean pairwise feature distance between images of one prompt
 (the LPIPS-diversity of the DDIL paper), and the world's CLIP score.
 
-Real tier: ``ImageFeatures.from_pretrained(hub id or directory)`` takes any transformers CLIP; a
+Real tier: ``ImageFeatures.from_pretrained(hub id or directory)`` takes any transformers CLIP or
+DINOv2 (the paper's reference-preservation metric for editing: ``preservation``); a
 torchmetrics/clean-fid Inception FID needs weights from the network and is not wired here.
 """
 
@@ -13,13 +14,19 @@ import numpy as np
 import torch
 
 
-class ImageFeatures:
-    """Unit-norm CLIP image embeddings [N, D] of images (uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1])."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    def __init__(self, model, image_mean, image_std, batch_size: int = 256):
+
+class ImageFeatures:
+    """Unit-norm image embeddings [N, D] of images (uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1])
+    by a CLIP image tower (projected) or a DINOv2 (its CLS token)."""
+
+    def __init__(self, model, image_mean, image_std, batch_size: int = 256, image_size: int | None = None):
         self.model, self.batch_size = model.eval(), batch_size
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        self.image_size = model.config.vision_config.image_size
+        self.dino = model.config.model_type == "dinov2"
+        config = model.config if self.dino else model.config.vision_config
+        self.image_size = image_size or config.image_size
 
     @classmethod
     def world(cls) -> ImageFeatures:
@@ -30,14 +37,20 @@ class ImageFeatures:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, image_mean=None, image_std=None) -> ImageFeatures:
-        """A transformers ``CLIPModel`` by hub id or directory; mean/std from its preprocessor config."""
-        from transformers import CLIPModel
+        """A transformers ``CLIPModel`` or ``Dinov2Model`` by hub id or directory; mean, std and (DINOv2)
+        crop size from its preprocessor config."""
+        from transformers import AutoConfig, CLIPModel, Dinov2Model
 
         from ..models import quiet_hub_libraries
         from ..scorers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _preprocessor_config
 
         quiet_hub_libraries()
         config = _preprocessor_config(name_or_path) if image_mean is None else {}
+        if AutoConfig.from_pretrained(name_or_path).model_type == "dinov2":
+            crop = config.get("crop_size")
+            size = crop.get("height") if isinstance(crop, dict) else crop
+            return cls(Dinov2Model.from_pretrained(name_or_path), image_mean or config.get("image_mean", IMAGENET_MEAN),
+                       image_std or config.get("image_std", IMAGENET_STD), image_size=size)
         return cls(CLIPModel.from_pretrained(name_or_path), image_mean or config.get("image_mean", OPENAI_CLIP_MEAN),
                    image_std or config.get("image_std", OPENAI_CLIP_STD))
 
@@ -49,9 +62,18 @@ class ImageFeatures:
         out = []
         for s in range(0, len(x), self.batch_size):
             pixels = clip_preprocess(x[s:s + self.batch_size], self.image_size, self.image_mean, self.image_std)
-            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-            out.append(torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1))
+            if self.dino:
+                embedding = self.model(pixel_values=pixels).pooler_output
+            else:
+                embedding = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+            out.append(torch.nn.functional.normalize(embedding, dim=-1))
         return torch.cat(out).double().numpy()
+
+
+def preservation(inputs, outputs, features: ImageFeatures) -> np.ndarray:
+    """Per-image reference preservation of an edit: the cosine similarity of input and output features
+    (the paper's DINOv2 similarity; in ShapesWorld, the world CLIP's)."""
+    return np.einsum("nd,nd->n", features(inputs), features(outputs))
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:

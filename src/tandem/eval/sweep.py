@@ -66,8 +66,13 @@ class Sweep:
     """
 
     def __init__(self, pipe, prompts: list[str], seed: int, cache_dir: str | Path, batch_size: int = 100,
-                 identity: dict | None = None, progress: Callable[[str, int, int], None] | None = None):
+                 identity: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
+                 call: Callable | None = None):
+        """``call(indices, prompts, **kwargs)`` replaces ``pipe(prompts, **kwargs)`` for the prompts of those
+        indices, e.g. to pass their control images or to edit their inputs (``pipe.edit``); whatever it
+        binds belongs in ``identity``."""
         self.pipe, self.prompts, self.seed, self.batch_size = pipe, list(prompts), seed, batch_size
+        self.call = call or (lambda _indices, prompts, **kwargs: pipe(prompts, **kwargs))
         self.progress = progress  # progress(task, done, total) after each batch
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -87,41 +92,92 @@ class Sweep:
     def run(self, config: SamplerConfig, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
         """Per-image arrays: ``images`` (uint8 [N, H, W, 3]), ``satisfied``, ``score`` (the judge),
         ``oracle`` (the oracle's score of the final image), ``evals`` (UNet evaluations); plus
-        ``seconds`` of the run."""
+        ``seconds`` of the run (summed over chunks and processes).
+
+        The prompts are drawn in chunks of ``batch_size``, each saved as it finishes, so a stopped run
+        resumes at the first unfinished chunk. Under ``accelerate launch`` (several processes) chunk c
+        goes to process c mod P; the main process merges the chunks. Image i always draws from the
+        generator of ``(seed, i)``, so neither chunking nor sharding changes a result."""
         path = self.dir / f"{config.name}.npz"
         if path.exists():
             with np.load(path) as data:
                 return dict(data)
+        rank, world, barrier = _processes()
+        n = len(self.prompts)
+        starts = list(range(0, n, self.batch_size))
+        for c, start in enumerate(starts):
+            part = self._part(config, start)
+            if c % world == rank and not part.exists():
+                self._run_chunk(config, list(range(start, min(start + self.batch_size, n))), part)
+        barrier()
+        if rank == 0:
+            parts = []
+            for start in starts:
+                with np.load(self._part(config, start)) as chunk:
+                    parts.append(dict(chunk))
+            data = {key: np.concatenate([c[key] for c in parts]) for key in parts[0] if key != "seconds"}
+            data["seconds"] = np.array(sum(float(c["seconds"]) for c in parts))
+            _save_npz(path, data)
+            for start in starts:
+                self._part(config, start).unlink()
+            if log:
+                log(f"{config.name}: {100 * data['satisfied'].mean():.1f}% satisfied, "
+                    f"{data['evals'].mean():.1f} UNet evals/image, {float(data['seconds']):.0f}s")
+        barrier()
+        with np.load(path) as data:
+            return dict(data)
+
+    def _part(self, config: SamplerConfig, start: int) -> Path:
+        return self.dir / f"{config.name}.part{start:06d}.npz"
+
+    def _run_chunk(self, config: SamplerConfig, idx: list[int], part: Path) -> None:
+        from ..generate import prompt_generator
         from ..world.checker import check_batch
 
         t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in idx]
         callback = None
         if self.progress is not None:
             def callback(phase: str, done: int, total: int) -> None:
-                self.progress(f"{config.name} ({phase})", done, total)
-        out = self.pipe(self.prompts, seed=self.seed, batch_size=self.batch_size, callback=callback,
-                        **config.call_kwargs())
-        seconds = time.perf_counter() - t0
-        results = check_batch(out.images, self.prompts)
+                self.progress(f"{config.name} ({phase})", idx[0] + done, len(self.prompts))
+        out = self.call(idx, prompts, generator=[prompt_generator(self.seed, i) for i in idx],
+                        batch_size=self.batch_size, callback=callback, **config.call_kwargs())
+        results = check_batch(out.images, prompts)
         if config.mode == "student":
             oracle = np.array([r["student_score"] for r in out.records], np.float64)
         elif self.pipe.scorer is not None:  # the scorer batches internally
-            oracle = self.pipe._score(out.images, self.prompts).astype(np.float64)
+            oracle = self.pipe._score(out.images, prompts).astype(np.float64)
         else:
-            oracle = np.full(len(self.prompts), np.nan)
-        data = {"images": np.stack(out.images),
-                "satisfied": np.array([r.satisfied for r in results]),
-                "score": np.array([r.score for r in results], np.float64),
-                "oracle": oracle,
-                "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
-                "seconds": np.array(seconds)}
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **data)
-        tmp.replace(path)
-        if log:
-            log(f"{config.name}: {100 * data['satisfied'].mean():.1f}% satisfied, "
-                f"{data['evals'].mean():.1f} UNet evals/image, {seconds:.0f}s")
-        return data
+            oracle = np.full(len(prompts), np.nan)
+        _save_npz(part, {"images": np.stack(out.images),
+                         "satisfied": np.array([r.satisfied for r in results]),
+                         "score": np.array([r.score for r in results], np.float64),
+                         "oracle": oracle,
+                         "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
+                         "seconds": np.array(time.perf_counter() - t0)})
+
+
+def _save_npz(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **data)
+    tmp.replace(path)
+
+
+def is_main_process() -> bool:
+    """False in every process but the first under ``accelerate launch`` (they skip writing reports)."""
+    return _processes()[0] == 0
+
+
+def _processes() -> tuple[int, int, Callable[[], None]]:
+    """(rank, number of processes, barrier) under ``accelerate launch``; (0, 1, no-op) otherwise."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true")
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndarray], tau: float,
@@ -134,7 +190,7 @@ def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndar
     rejected = student["oracle"] < tau
     extra = 0 if improved_includes_student else student["evals"]
     composed = {"rejected": rejected, "evals": np.where(rejected, improved["evals"] + extra, student["evals"])}
-    for key in ("satisfied", "score", "features", "clip_score"):  # per-image values both runs have
+    for key in ("satisfied", "score", "features", "clip_score", "preservation", "fidelity"):  # in both runs
         if key in student and key in improved:
             mask = rejected.reshape(-1, *([1] * (np.ndim(student[key]) - 1)))
             composed[key] = np.where(mask, improved[key], student[key])

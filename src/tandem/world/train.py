@@ -94,6 +94,15 @@ class TeacherTrainConfig:
     init_from: str | None = None  # warm start: a UNet save_pretrained directory (e.g. a world's unet/)
 
 
+def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon-prediction MSE weighted by Min-SNR-gamma (Hang et al. 2023): (loss, per-sample MSE)."""
+    snr = (alphas_cumprod[t] / (1 - alphas_cumprod[t])).float()
+    weight = torch.clamp(snr, max=gamma) / snr
+    per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean(), per_sample
+
+
 def _lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown lr schedule {schedule!r}; expected 'cosine' or 'constant'")
@@ -297,10 +306,7 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
         noise = torch.randn(latents.shape, generator=g)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, cond).sample
-        snr = (alphas_cumprod[t] / (1 - alphas_cumprod[t])).float()
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # Min-SNR-gamma, epsilon prediction
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (weight * per_sample).mean()
+        loss, per_sample = min_snr_loss(pred, noise, t, alphas_cumprod, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -1,0 +1,176 @@
+"""ShapesWorld control images and the world's ControlNets.
+
+Two kinds of control image, both rendered exactly from a scene (32x32 RGB uint8, white on black):
+
+* ``mask``: every object's silhouette (the spec's pixel sets) in white: the layout of shapes,
+  sizes and positions, but not their colours, which the caption must still supply.
+* ``edges``: the silhouettes' boundary pixels (object pixels with a 4-neighbour outside the
+  object or the canvas): the same layout as a sparse outline, as Canny edges are for photos.
+
+A world ControlNet is a ``diffusers.ControlNetModel`` initialised from the teacher UNet (its
+zero convolutions start the residuals at 0, so training starts from the teacher itself) and
+trained with the teacher frozen, on the training stream's scenes and their control images; the
+EMA of its weights is exported in float16.
+Its conditioning embedding downsamples by 4, the world VAE's factor (SD's by 8).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .scene import CANVAS, Scene, object_mask, sample_scene, render
+from .stream import TRAIN_STREAM_SEED, images_to_tensor
+
+CONTROLS = ("mask", "edges")
+# conv_in + one stride-2 block per step between these widths: 32x32 control -> 8x8 latent
+CONDITIONING_CHANNELS = (16, 32, 64)
+
+
+def _silhouettes(scene: Scene) -> list[np.ndarray]:
+    return [object_mask(o.shape, o.cx, o.cy, o.radius) for o in scene.objects]
+
+
+def control_image(scene: Scene, kind: str) -> np.ndarray:
+    """The ``kind`` control image of ``scene``: uint8 [32, 32, 3], 255 on the control's pixels."""
+    if kind not in CONTROLS:
+        raise ValueError(f"unknown control {kind!r}; expected one of {', '.join(CONTROLS)}")
+    on = np.zeros((CANVAS, CANVAS), dtype=bool)
+    for m in _silhouettes(scene):
+        if kind == "edges":
+            padded = np.pad(m, 1)  # outside the canvas counts as outside the object
+            inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+            m = m & ~inner
+        on |= m
+    return np.repeat((on * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def control_from_image(image: np.ndarray, kind: str, dark: int = 60) -> np.ndarray:
+    """A ``kind`` control image read off an image (e.g. a rendering or a photo of the world):
+    pixels brighter than ``dark`` in any channel are objects. On a clean rendering this equals
+    ``control_image`` of its scene (tested)."""
+    if kind not in CONTROLS:
+        raise ValueError(f"unknown control {kind!r}; expected one of {', '.join(CONTROLS)}")
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    on = (image.max(axis=-1) > dark)
+    if kind == "edges":
+        padded = np.pad(on, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        # a boundary between two touching objects is not in the spec's worlds (objects are apart)
+        on = on & ~inner
+    return np.repeat((on * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def control_fidelity(image: np.ndarray, control: np.ndarray, kind: str) -> float:
+    """Intersection over union of the objects' pixels in ``image`` with the ``control``'s layout
+    (both read as the ``kind`` control), in [0, 1]: how closely a generation follows its control."""
+    got = control_from_image(image, kind)[..., 0] > 0
+    want = control[..., 0] > 127
+    union = (got | want).sum()
+    return float((got & want).sum() / union) if union else 1.0
+
+
+def control_to_tensor(controls: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1] (diffusers' ControlNet convention)."""
+    return torch.from_numpy(np.ascontiguousarray(controls)).permute(0, 3, 1, 2).float() / 255
+
+
+def sample_control_batch(seed: int, step: int, batch_size: int, kind: str):
+    """Captions, renderings and ``kind`` control images of batch ``step`` of the stream ``seed``."""
+    rng = np.random.default_rng([TRAIN_STREAM_SEED, seed, step])
+    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    return ([s.caption for s in scenes], np.stack([render(s) for s in scenes]),
+            np.stack([control_image(s, kind) for s in scenes]))
+
+
+@dataclass
+class ControlNetTrainConfig:
+    control: str = "mask"
+    seed: int = 6
+    max_steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    cond_dropout: float = 0.1  # p(caption -> ""), as for the teacher, so guidance works with control
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    threads: int = 2
+    world: str | None = None  # the world whose teacher, VAE and text encoder it trains on [shipped]
+
+
+def build_controlnet(unet):
+    """A world ControlNet initialised from ``unet`` (the teacher)."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS)
+
+
+def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig = ControlNetTrainConfig(),
+                     resume: bool = False) -> Path:
+    """Train a ``cfg.control`` ControlNet for the teacher of ``cfg.world``; export to ``out/controlnet``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..models import encode_captions, quiet_hub_libraries, world_dir
+    from .models import build_noise_scheduler
+    from .runs import EMA, Run
+    from .train import _finish, _lr_lambda, min_snr_loss
+
+    if cfg.control not in CONTROLS:
+        raise ValueError(f"unknown control {cfg.control!r}; expected one of {', '.join(CONTROLS)}")
+    quiet_hub_libraries()
+    world = Path(cfg.world) if cfg.world is not None else world_dir()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run = Run(out, f"controlnet-{cfg.control}", cfg, resume)
+    vae = AutoencoderKL.from_pretrained(world / "vae").eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(world / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(world / "text_encoder").eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32)
+    unet = unet.float().eval().requires_grad_(False)
+    controlnet = build_controlnet(unet).train()
+    noise_scheduler = build_noise_scheduler()
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
+    ema = EMA(controlnet, cfg.ema_decay)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps, "constant"))
+    state = {"controlnet": controlnet, "ema": ema, "opt": opt, "sched": sched}
+    start = run.load(state) if resume else 0
+
+    def step(i: int) -> dict[str, float]:
+        captions, images, controls = sample_control_batch(cfg.seed, i, cfg.batch_size, cfg.control)
+        g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, i, 1]).integers(2**62)))
+        drop = torch.rand(len(captions), generator=g) < cfg.cond_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            latents = vae.encode(images_to_tensor(images)).latent_dist.sample(g) * vae.config.scaling_factor
+            cond = encode_captions(tokenizer, text_encoder, captions)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        down, mid = controlnet(noisy, t, cond, controlnet_cond=control_to_tensor(controls), return_dict=False)
+        pred = unet(noisy, t, cond, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+        loss, per_sample = min_snr_loss(pred, noise, t, alphas_cumprod, cfg.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(controlnet.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(controlnet)
+        return {"loss": loss.item(), "mse": per_sample.mean().item(), "grad_norm": float(gnorm)}
+
+    run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
+    controlnet.load_state_dict(ema.state_dict())
+    target = run.dir / "controlnet"
+    controlnet.eval().half().save_pretrained(target)  # float16, as the shipped teacher (the checkpoint keeps fp32)
+    (target / "control.json").write_text(json.dumps({"control": cfg.control}, indent=2) + "\n")
+    _finish(run, target, {"steps": cfg.max_steps, "weights": "ema", "control": cfg.control})
+    return target
