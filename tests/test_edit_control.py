@@ -182,3 +182,47 @@ def test_control_image_errors(pipe, controlnet):
         controlled(CAPTIONS, mode="student")
     with pytest.raises(ValueError, match="2 control images for 3 prompts"):
         controlled(CAPTIONS, mode="student", control_image=IMAGES[:2])
+
+
+# -- the experiments -------------------------------------------------------------------------------
+
+
+def test_edit_experiment_composes_adaptive_points_and_writes_its_report(pipe, tmp_path):
+    from tandem.eval.tasks import EditConfig, edit
+    from tandem.world.edits import load_edits
+
+    cfg = EditConfig(strengths=(0.5, 0.6), teacher_steps=(2,), main_teacher_steps=(2, 3), main_student_steps=(2,),
+                     ks=(0, 50, 100))
+    results = edit(pipe, load_edits("test")[:4], tmp_path, cfg=cfg, batch_size=4, log=str,
+                   calibration_cases=load_edits("val")[:4])
+    main = {p["label"]: p for p in results["points"] if p["strength"] == 0.6}
+    assert {"student4", "student2", "dpm2", "dpm3"} <= set(main)
+    # k = 0 is the student alone; every adaptive point costs the student plus its share of the teacher
+    assert main["adaptive regenerate dpm2 k=0"]["accuracy"] == main["student4"]["accuracy"]
+    for label, p in main.items():
+        if label.startswith("adaptive regenerate dpm2 k="):
+            assert p["unet_evals_mean"] == pytest.approx(4 + p["share_improved"] * 4)
+        if label.startswith("adaptive"):
+            assert 0 < p["preservation"] <= 1
+    assert set(results["acceptance"]) == {"dpm2", "dpm3"}
+    assert [r["strength"] for r in results["curves"]["student"]] == [0.5, 0.6]
+    for name in ("report.md", "results.json", "edit_quality_vs_cost.png", "edit_preservation_vs_quality.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_control_experiment_scores_fidelity_against_its_masks(pipe, controlnet, tmp_path):
+    from tandem.eval.tasks import ControlConfig, control
+
+    controlled = pipe.with_controlnet(controlnet)
+    prompts = ["a red circle", "a large blue square at the top left", "a green triangle"]
+    results = control(controlled, prompts, "mask", tmp_path, cfg=ControlConfig(teacher_steps=(2,), refine_steps=2,
+                                                                                refine_sigmas=(0.5,), ks=(0, 50, 100)),
+                      batch_size=3, log=str, calibration_prompts=prompts)
+    labels = {p["label"]: p for p in results["points"]}
+    assert {"student4", "dpm2", "refine_dpm2_sigma0.5"} <= set(labels)
+    assert all(0 <= p["fidelity"] <= 1 for p in results["points"])
+    refine = [p for p in results["points"] if p["family"] == "adaptive refine sigma 0.5"]
+    assert [p["k"] for p in refine] == [0, 50, 100]
+    # tau comes from these same prompts: at k = 50 the lower half of their student scores is refined
+    assert refine[1]["share_improved"] == pytest.approx(1 / 3)
+    assert (tmp_path / "control_quality_vs_cost.png").exists() and "Acceptance" in (tmp_path / "report.md").read_text()

@@ -82,8 +82,26 @@ def _acceptance(points: list[dict], student: dict, teachers: dict[str, dict]) ->
         best = min(reaching, key=lambda p: p["unet_evals_mean"]) if reaching else None
         out[name] = {"teacher": t, "adaptive": best, "student": student,
                      "met": best is not None and best["accuracy"] > student["accuracy"],
-                     "best_adaptive_accuracy": max(p["accuracy"] for p in adaptive)}
+                     "best_adaptive_accuracy": max((p["accuracy"] for p in adaptive), default=None)}
     return out
+
+
+def _acceptance_lines(acceptance: dict) -> list[str]:
+    """The report's bullets for ``_acceptance``'s result."""
+    lines = []
+    for name, a in acceptance.items():
+        t = a["teacher"]
+        if a["adaptive"]:
+            p = a["adaptive"]
+            lines.append(f"- vs teacher {name} ({100 * t['accuracy']:.1f}% at {t['unet_evals_mean']:.0f} evals): "
+                         f"{p['label']} reaches {100 * p['accuracy']:.1f}% at {p['unet_evals_mean']:.1f} evals "
+                         f"(student alone {100 * a['student']['accuracy']:.1f}%; the cheapest such point "
+                         "over k, chosen on these prompts).")
+        else:
+            best = a["best_adaptive_accuracy"]
+            lines.append(f"- vs teacher {name} ({100 * t['accuracy']:.1f}%): not reached below its cost (best "
+                         f"adaptive with 0 < k < 100: {'none' if best is None else f'{100 * best:.1f}%'}).")
+    return lines
 
 
 # -- editing ---------------------------------------------------------------------------------------
@@ -223,16 +241,7 @@ def edit_report(results: dict) -> str:
             lines.append(f"| {r['strength']:g} | {name} | {100 * r['accuracy']:.1f}% | {r['mean_score']:.3f} | "
                          f"{r['preservation']:.3f} | {r['unet_evals_mean']:.1f} |")
     lines += ["", f"## Acceptance at strength {cfg['main_strength']:g}", ""]
-    for name, a in results["acceptance"].items():
-        t = a["teacher"]
-        if a["adaptive"]:
-            p = a["adaptive"]
-            lines.append(f"- vs teacher {name} ({100 * t['accuracy']:.1f}% at {t['unet_evals_mean']:.0f} evals): "
-                         f"{p['label']} reaches {100 * p['accuracy']:.1f}% at {p['unet_evals_mean']:.1f} "
-                         f"evals (student alone {100 * a['student']['accuracy']:.1f}%).")
-        else:
-            lines.append(f"- vs teacher {name} ({100 * t['accuracy']:.1f}%): not reached below its cost "
-                         f"(best adaptive {100 * a['best_adaptive_accuracy']:.1f}%).")
+    lines += _acceptance_lines(results["acceptance"])
     for name, w in results["win_rates"].items():
         r = w["win_rate_adaptive_vs_teacher"]
         lines.append(f"- soft-score win rate of {name} (k={cfg['k_curve']}) over its teacher alone: "
@@ -322,16 +331,7 @@ def control_report(results: dict) -> str:
         lines.append(f"| {p['label']} | {100 * p['accuracy']:.1f}% | {p['mean_score']:.3f} | "
                      f"{_number(p.get('fidelity'), 3)} | {p['unet_evals_mean']:.1f} |")
     lines += ["", "## Acceptance", ""]
-    for name, a in results["acceptance"].items():
-        t = a["teacher"]
-        if a["adaptive"]:
-            p = a["adaptive"]
-            lines.append(f"- vs teacher {name} ({100 * t['accuracy']:.1f}% at {t['unet_evals_mean']:.0f} evals): "
-                         f"{p['label']} reaches {100 * p['accuracy']:.1f}% at {p['unet_evals_mean']:.1f} evals "
-                         f"(student alone {100 * a['student']['accuracy']:.1f}%).")
-        else:
-            lines.append(f"- vs teacher {name} ({100 * t['accuracy']:.1f}%): not reached below its cost "
-                         f"(best adaptive {100 * a['best_adaptive_accuracy']:.1f}%).")
+    lines += _acceptance_lines(results["acceptance"])
     return "\n".join(lines) + "\n"
 
 
