@@ -194,6 +194,17 @@ def images_to_unit_tensor(images, size: tuple[int, int], what: str = "image") ->
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
+def _final(images: list, latents: list, output_type: str) -> list:
+    """A run's outputs as ``output_type`` asks: uint8 arrays ("np"), PIL images ("pil") or latents."""
+    if output_type == "latent":
+        return latents
+    if output_type == "pil":
+        from PIL import Image
+
+        return [Image.fromarray(im) for im in images]
+    return images
+
+
 def _accepts(pipe, name: str) -> bool:
     return name in inspect.signature(pipe.__call__).parameters
 
@@ -511,14 +522,8 @@ class TandemPipeline:
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale
         summary = self._summary(records, settings, timings, total, student_cost, improve_cost, refine)
-        if output_type == "latent":
-            final = latents
-        elif output_type == "pil":
-            from PIL import Image
-            final = [Image.fromarray(im) for im in images]
-        else:
-            final = images
-        return TandemOutput(final, records, summary, None if mode == "teacher" else student_images)
+        return TandemOutput(_final(images, latents, output_type), records, summary,
+                            None if mode == "teacher" else student_images)
 
     def calibrate(self, prompts: Sequence[str], num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 16,
@@ -530,9 +535,7 @@ class TandemPipeline:
         guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                    batch_size=batch_size, score=True, callback=callback, control_image=control_image)
-        scores = np.array([r["student_score"] for r in out.records])
-        made = {"n_prompts": len(prompts), "seed": seed, "seconds": out.summary["seconds"]["total"], **(config or {})}
-        return Calibration(scores, self.calibration_fingerprint(steps, guidance), made)
+        return self._calibration(out, steps, guidance, seed, config)
 
     # -- editing (SDEdit, section 4.2) -------------------------------------------------------------
 
@@ -606,11 +609,7 @@ class TandemPipeline:
         if steps < 1 or t_steps < 1:
             raise ValueError(f"steps must be >= 1 (student {steps}, teacher {t_steps})")
         n = len(prompts)
-        pixels = images_to_unit_tensor(image, self.resolution(), "input image")
-        if len(pixels) == 1 and n > 1:
-            pixels = pixels.expand(n, -1, -1, -1)
-        if len(pixels) != n:
-            raise ValueError(f"got {len(pixels)} input images for {n} prompts (one per prompt, or one for all)")
+        pixels = self._per_prompt(image, n, "input image")
         if generator is not None and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} prompts (one per prompt)")
 
@@ -727,14 +726,8 @@ class TandemPipeline:
             "accept_threshold": tau, "percentile": k, "budget": budget,
         }
         summary = self._summary(records, settings, timings, total, student_cost, improve_cost, None)
-        if output_type == "latent":
-            final = latents
-        elif output_type == "pil":
-            from PIL import Image
-            final = [Image.fromarray(im) for im in images]
-        else:
-            final = images
-        return TandemOutput(final, records, summary, None if mode == "teacher" else student_images)
+        return TandemOutput(_final(images, latents, output_type), records, summary,
+                            None if mode == "teacher" else student_images)
 
     def calibrate_edits(self, images, prompts: Sequence[str], strength: float | None = None,
                         num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -745,10 +738,15 @@ class TandemPipeline:
         guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
         out = self.edit(images, prompts, strength=strength, mode="student", num_inference_steps=steps,
                         guidance_scale=guidance, seed=seed, batch_size=batch_size, score=True, callback=callback)
+        return self._calibration(out, steps, guidance, seed, config,
+                                 {"edit_strength": out.summary["settings"]["edit_strength"]})
+
+    def _calibration(self, out: TandemOutput, steps: int, guidance: float, seed: int, config: dict | None,
+                     task: dict | None = None) -> Calibration:
+        """The calibration of a scored student run ``out``."""
         scores = np.array([r["student_score"] for r in out.records])
-        strength = out.summary["settings"]["edit_strength"]
-        made = {"n_prompts": len(prompts), "seed": seed, "seconds": out.summary["seconds"]["total"], **(config or {})}
-        return Calibration(scores, self.calibration_fingerprint(steps, guidance, {"edit_strength": strength}), made)
+        made = {"n_prompts": len(scores), "seed": seed, "seconds": out.summary["seconds"]["total"], **(config or {})}
+        return Calibration(scores, self.calibration_fingerprint(steps, guidance, task), made)
 
     def _edit_student_steps(self, num_inference_steps: int | None) -> int:
         """The student's edit steps: given, else the preset's ``edit_num_inference_steps`` (an edit starts
@@ -795,11 +793,16 @@ class TandemPipeline:
         if not has_controlnet:
             raise ValueError("control_image needs a ControlNet: build the pipeline with "
                              "TandemPipeline.with_controlnet(...)")
-        x = images_to_unit_tensor(control_image, self.resolution(), "control image")
+        return self._per_prompt(control_image, n, "control image")
+
+    def _per_prompt(self, images, n: int, what: str) -> torch.Tensor:
+        """``images`` (one per prompt, or one for all) as a float [n, 3, H, W] tensor in [0, 1] at the
+        pipeline's resolution."""
+        x = images_to_unit_tensor(images, self.resolution(), what)
         if len(x) == 1 and n > 1:
             x = x.expand(n, -1, -1, -1)
         if len(x) != n:
-            raise ValueError(f"got {len(x)} control images for {n} prompts (one per prompt, or one for all)")
+            raise ValueError(f"got {len(x)} {what}s for {n} prompts (one per prompt, or one for all)")
         return x
 
     @staticmethod

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..calibration import Calibration
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
-from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, is_main_process, summary
+from .sweep import SamplerConfig, Sweep, _save_npz, compose_adaptive, config_dict, is_main_process, summary
 
 
 @dataclass(frozen=True)
@@ -197,9 +197,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
         teacher_images, curvature = teacher_with_curvature(
             pipe, prompts, seed, cfg.teacher_steps, guidance, batch_size,
             progress=(lambda d, t: progress(f"dpm{cfg.teacher_steps} with curvature", d, t)) if progress else None)
-        tmp = cache.with_name(cache.stem + ".tmp.npz")
-        np.savez(tmp, images=teacher_images, curvature=curvature)
-        tmp.replace(cache)
+        _save_npz(cache, {"images": teacher_images, "curvature": curvature})
     teacher = np.array([r.score for r in check_batch(list(teacher_images), prompts)])
     s = student["score"]
     features = ImageFeatures.world()(np.concatenate([student["images"], teacher_images]))

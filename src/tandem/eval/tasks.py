@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration import Calibration
 from .experiments import _figure, _number, _save_figure, _write
 from .metrics import win_rate
 from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, summary
@@ -49,7 +50,9 @@ class ControlConfig:
 
 
 def _taus(scores: np.ndarray, ks) -> dict[int, float]:
-    return {k: float(np.percentile(scores, k)) if k > 0 else -np.inf for k in ks}
+    """tau of each k from held-out student scores (k = 0: nothing goes to the teacher)."""
+    held_out = Calibration(scores, fingerprint={})
+    return {k: held_out.threshold(k) if k > 0 else -np.inf for k in ks}
 
 
 def _adaptive_points(points: list[dict], family: str, student: dict, improved: dict, taus: dict, improved_name: str,
@@ -145,7 +148,7 @@ def edit(pipe, cases: list, out: str | Path, seed: int = 0, cfg: EditConfig = Ed
         val_taus = {n: _taus(val_sweep.run(SamplerConfig("student", n), log)["oracle"], cfg.ks)
                     for n in students_steps}
 
-        def run(config: SamplerConfig) -> dict:
+        def run(config: SamplerConfig, sweep: Sweep = sweep) -> dict:
             data = sweep.run(config, log)
             return {**data, "preservation": np.einsum("nd,nd->n", features(data["images"]), input_features)}
 

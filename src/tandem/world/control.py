@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .scene import CANVAS, Scene, object_mask, sample_scene, render
-from .stream import TRAIN_STREAM_SEED, images_to_tensor
+from .scene import CANVAS, Scene, object_mask, render
+from .stream import sample_scenes
 
 CONTROLS = ("mask", "edges")
 # conv_in + one stride-2 block per step between these widths: 32x32 control -> 8x8 latent
@@ -41,11 +41,18 @@ def control_image(scene: Scene, kind: str) -> np.ndarray:
         raise ValueError(f"unknown control {kind!r}; expected one of {', '.join(CONTROLS)}")
     on = np.zeros((CANVAS, CANVAS), dtype=bool)
     for m in _silhouettes(scene):
-        if kind == "edges":
-            padded = np.pad(m, 1)  # outside the canvas counts as outside the object
-            inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-            m = m & ~inner
-        on |= m
+        on |= _outline(m) if kind == "edges" else m
+    return _white_on_black(on)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` with a 4-neighbour outside it (outside the canvas counts as outside)."""
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def _white_on_black(on: np.ndarray) -> np.ndarray:
     return np.repeat((on * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
@@ -57,13 +64,9 @@ def control_from_image(image: np.ndarray, kind: str, dark: int = 60) -> np.ndarr
         raise ValueError(f"unknown control {kind!r}; expected one of {', '.join(CONTROLS)}")
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
-    on = (image.max(axis=-1) > dark)
-    if kind == "edges":
-        padded = np.pad(on, 1)
-        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        # a boundary between two touching objects is not in the spec's worlds (objects are apart)
-        on = on & ~inner
-    return np.repeat((on * 255).astype(np.uint8)[..., None], 3, axis=2)
+    on = image.max(axis=-1) > dark
+    # one outline of all objects: the spec's objects never touch, so each keeps its own
+    return _white_on_black(_outline(on) if kind == "edges" else on)
 
 
 def control_fidelity(image: np.ndarray, control: np.ndarray, kind: str) -> float:
@@ -82,8 +85,7 @@ def control_to_tensor(controls: np.ndarray) -> torch.Tensor:
 
 def sample_control_batch(seed: int, step: int, batch_size: int, kind: str):
     """Captions, renderings and ``kind`` control images of batch ``step`` of the stream ``seed``."""
-    rng = np.random.default_rng([TRAIN_STREAM_SEED, seed, step])
-    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    scenes = sample_scenes(seed, step, batch_size)
     return ([s.caption for s in scenes], np.stack([render(s) for s in scenes]),
             np.stack([control_image(s, kind) for s in scenes]))
 
@@ -118,10 +120,10 @@ def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig = ControlNetTra
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..models import encode_captions, quiet_hub_libraries, world_dir
+    from ..models import quiet_hub_libraries, world_dir
     from .models import build_noise_scheduler
     from .runs import EMA, Run
-    from .train import _finish, _lr_lambda, min_snr_loss
+    from .train import _finish, _lr_lambda, min_snr_loss, noised_batch
 
     if cfg.control not in CONTROLS:
         raise ValueError(f"unknown control {cfg.control!r}; expected one of {', '.join(CONTROLS)}")
@@ -147,14 +149,8 @@ def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig = ControlNetTra
     def step(i: int) -> dict[str, float]:
         captions, images, controls = sample_control_batch(cfg.seed, i, cfg.batch_size, cfg.control)
         g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, i, 1]).integers(2**62)))
-        drop = torch.rand(len(captions), generator=g) < cfg.cond_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        with torch.no_grad():
-            latents = vae.encode(images_to_tensor(images)).latent_dist.sample(g) * vae.config.scaling_factor
-            cond = encode_captions(tokenizer, text_encoder, captions)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g)
-        noise = torch.randn(latents.shape, generator=g)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
+        noisy, t, cond, noise = noised_batch(captions, images, g, cfg.cond_dropout, vae, tokenizer, text_encoder,
+                                             noise_scheduler)
         down, mid = controlnet(noisy, t, cond, controlnet_cond=control_to_tensor(controls), return_dict=False)
         pred = unet(noisy, t, cond, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample

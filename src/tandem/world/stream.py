@@ -12,14 +12,19 @@ from .scene import make_example, render, sample_scene
 TRAIN_STREAM_SEED = 0  # training scenes; the prompt lists use the disjoint seed families (1, i) and (2, i)
 
 
+def sample_scenes(seed: int, step: int, batch_size: int) -> list:
+    """The scenes of batch ``step`` of the stream ``seed``."""
+    rng = np.random.default_rng([TRAIN_STREAM_SEED, seed, step])
+    return [sample_scene(rng) for _ in range(batch_size)]
+
+
 def sample_batch(seed: int, step: int, batch_size: int) -> tuple[list[str], np.ndarray]:
     """Captions and renderings of batch ``step`` of the stream ``seed``.
 
     Returns:
         captions (list[str] of length B), images (uint8 array [B, 32, 32, 3]).
     """
-    rng = np.random.default_rng([TRAIN_STREAM_SEED, seed, step])
-    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    scenes = sample_scenes(seed, step, batch_size)
     return [s.caption for s in scenes], np.stack([render(s) for s in scenes])
 
 
@@ -36,4 +41,4 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["images_to_tensor", "make_example", "sample_batch", "tensor_to_images"]
+__all__ = ["images_to_tensor", "make_example", "sample_batch", "sample_scenes", "tensor_to_images"]

@@ -94,6 +94,21 @@ class TeacherTrainConfig:
     init_from: str | None = None  # warm start: a UNet save_pretrained directory (e.g. a world's unet/)
 
 
+def noised_batch(captions: list[str], images: np.ndarray, g: torch.Generator, cond_dropout: float, vae,
+                 tokenizer, text_encoder, noise_scheduler):
+    """A denoising training batch drawn from ``g``: captions dropped to "" with probability ``cond_dropout``
+    (for classifier-free guidance), latents sampled from the VAE, a timestep and noise per image.
+    Returns (noisy latents, timesteps, caption embeddings, noise)."""
+    drop = torch.rand(len(captions), generator=g) < cond_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    with torch.no_grad():
+        latents = vae.encode(images_to_tensor(images)).latent_dist.sample(g) * vae.config.scaling_factor
+        cond = encode_captions(tokenizer, text_encoder, captions)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    return noise_scheduler.add_noise(latents, noise, t), t, cond, noise
+
+
 def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                  gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Epsilon-prediction MSE weighted by Min-SNR-gamma (Hang et al. 2023): (loss, per-sample MSE)."""
@@ -297,14 +312,8 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     def step(i: int) -> dict[str, float]:
         captions, images = sample_batch(cfg.seed, i, cfg.batch_size)
         g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, i]).integers(2**62)))
-        drop = torch.rand(len(captions), generator=g) < cfg.cond_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        with torch.no_grad():
-            latents = vae.encode(images_to_tensor(images)).latent_dist.sample(g) * vae.config.scaling_factor
-            cond = encode_captions(tokenizer, text_encoder, captions)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g)
-        noise = torch.randn(latents.shape, generator=g)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
+        noisy, t, cond, noise = noised_batch(captions, images, g, cfg.cond_dropout, vae, tokenizer, text_encoder,
+                                             noise_scheduler)
         pred = unet(noisy, t, cond).sample
         loss, per_sample = min_snr_loss(pred, noise, t, alphas_cumprod, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
