@@ -116,7 +116,7 @@ def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkey
     ok(tandem_in_process(capsys, monkeypatch, *args, "--resume"))
     assert sorted(p.name for p in (out / "cache").iterdir()) == cached
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--model", "sd15-lcm",
-                                        "--out", tmp_path / "x"), "exact checker")
+                                        "--out", tmp_path / "x"), "ShapesWorld list")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--n", 0, "--out", tmp_path / "y"),
                       "--n")
 
@@ -165,6 +165,8 @@ def test_eval_winners_and_threshold_commands(tmp_path, capsys, monkeypatch):
     ok(tandem_in_process(capsys, monkeypatch, "eval", "winners", *common, "--n", 6, "--out", tmp_path / "w"))
     winners = json.loads((tmp_path / "w" / "results.json").read_text())
     assert sum(r["n"] for r in winners["by_objects"]) == 6 and winners["student_vs_teacher"]["n"] == 6
+    assert sum(r["n"] for r in winners["by_text_influence"]) == 6
+    assert all(0 < r["low"] <= r["high"] <= 1 for r in winners["by_text_influence"])
     assert (tmp_path / "w" / "winners.png").exists()
     ok(tandem_in_process(capsys, monkeypatch, "eval", "threshold", *common, "--n", 30, "--out", tmp_path / "t"))
     threshold = json.loads((tmp_path / "t" / "results.json").read_text())
@@ -297,3 +299,20 @@ def test_diversity_is_zero_over_repeated_seeds_and_positive_over_distinct_ones(t
                          log=str)
     assert all(r["diversity"] > 1e-4 for r in distinct["rows"])
     assert (tmp_path / "distinct" / "diversity.png").exists()
+
+
+def test_student_cross_attention_is_a_distribution_over_tokens_and_leaves_the_student_unchanged(pipe):
+    from tandem.eval.winners import student_cross_attention, student_text_influence
+
+    before = pipe(PROMPTS[:3], mode="student", seed=3, score=False).images
+    processors = {name: type(p) for name, p in pipe.student.unet.attn_processors.items()}
+    per_token = student_cross_attention(pipe, PROMPTS[:3], 3, 2, batch_size=2)
+    assert per_token.shape == (3, pipe.student.tokenizer.model_max_length)
+    np.testing.assert_allclose(per_token.sum(1), 1, atol=1e-5)  # softmax over tokens, averaged
+    influence = student_text_influence(pipe, PROMPTS[:3], 3, 2, batch_size=2)
+    for row, prompt, value in zip(per_token, PROMPTS, influence):
+        n = len(pipe.student.tokenizer(prompt).input_ids)
+        assert value == pytest.approx(row[1:n - 1].max())  # the prompt's own tokens only
+    assert {name: type(p) for name, p in pipe.student.unet.attn_processors.items()} == processors
+    after = pipe(PROMPTS[:3], mode="student", seed=3, score=False).images
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

@@ -1034,43 +1034,80 @@ def _check_eval_out(out: Path, resume: bool) -> None:
                         "configurations are reused) or choose another directory")
 
 
+def _eval_measures(model: str, judge: str | None, features: str | None, clip_score: str | None,
+                   reference: Path | None, device: str):
+    """ShapesWorld: the exact checker (or --judge), world CLIP features and renderings. Real tier: --judge
+    (required), --features, --clip-score and --reference as given."""
+    from .eval.judges import Measures, load_judge
+
+    if model == "world":
+        if features is not None or clip_score is not None or reference is not None:
+            raise UserError("--features, --clip-score and --reference are for real-tier models; the world "
+                            "measures with its CLIP against exact renderings")
+        if judge is None or judge == "world":
+            return Measures.for_world()
+        return Measures.for_world(_load(lambda: load_judge(judge, device), "--judge"), judge_spec=judge)
+    if judge is None or judge == "world":
+        raise UserError(f"--model {model} has no exact checker: choose a judge, e.g. --judge imagereward or "
+                        "--judge pickscore (best not the pipeline's own oracle)")
+    return _load(lambda: Measures.from_specs(judge, features, clip_score, reference, device),
+                 "--judge/--features/--clip-score/--reference")
+
+
+def _load(make, what: str):
+    try:
+        return make()
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"{what}: {e}") from e
+
+
 def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
-          batch_size: int, device: str) -> None:
+          batch_size: int, device: str, judge: str | None = None, features: str | None = None,
+          clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None) -> None:
     import time
 
     from .eval import experiments
+    from .eval.judges import quality
     from .world.prompts import load_prompts
 
-    if model != "world":
-        raise UserError(f"`tandem eval {experiment.value}` judges with ShapesWorld's exact checker: --model world "
-                        f"(got {model!r})")
     if n is not None and n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     _check_eval_out(out, resume)
     if prompts_name in ("val", "test"):
+        if model != "world":
+            raise UserError(f"--prompts {prompts_name} is a ShapesWorld list; give --model {model} a prompts file")
         prompts = load_prompts(prompts_name)
     else:
         prompts = _collect_prompts(None, Path(prompts_name))
-        _check_world_prompts(prompts)
+        if model == "world":
+            _check_world_prompts(prompts)
     prompts = prompts[:n] if n is not None else prompts
-    _, pipe = _tandem_pipeline(model, None, device, None)
+    measures = _eval_measures(model, judge, features, clip_score, reference, device)
+    _, pipe = _tandem_pipeline(model, None, device, calibration)
+    if pipe.calibration is None and experiment in (Experiment.budget, Experiment.oracle, Experiment.diversity):
+        raise UserError(f"--model {model} has no calibration: make one on held-out prompts (tandem calibrate "
+                        f"--model {model} --prompts FILE --out calibration.json) and pass --calibration")
     made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
-               "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device}
+               "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
+               "calibration": str(calibration) if calibration else None, **measures.spec}
     t0 = time.time()
     with _progress(f"eval {experiment.value}", len(prompts)) as bar:
         progress = _phase_bars(bar)
 
         run = getattr(experiments, experiment.value)
         results = run(pipe, prompts, out, seed=seed, batch_size=batch_size, log=lambda m: console.print(m),
-                      made_by=made_by, progress=progress)
+                      made_by=made_by, progress=progress, measures=measures)
     if experiment is Experiment.budget:
+        from .eval.judges import format_quality
+
         for ref, a in results["acceleration"].items():
             reached = (f"reached at {a['adaptive']['unet_evals_mean']:.1f} UNet evals/image ({a['factor']:.2f}x "
-                       f"cheaper)" if a["adaptive"] else f"not reached (best {100 * a['best_adaptive_accuracy']:.1f}%)")
-            console.print(f"{ref}: {100 * a['teacher']['accuracy']:.1f}% at {a['teacher']['unet_evals_mean']:.0f} "
-                          f"UNet evals/image; adaptive {reached}")
+                       f"cheaper)" if a["adaptive"]
+                       else f"not reached (best {format_quality(a['best_adaptive_quality'], results)})")
+            console.print(f"{ref}: {format_quality(quality(a['teacher']), results)} at "
+                          f"{a['teacher']['unet_evals_mean']:.0f} UNet evals/image; adaptive {reached}")
     elif experiment is Experiment.oracle:
         d = results["decisions"]
         best = max(d["no_reference"], key=lambda r: r["accuracy"])
@@ -1087,15 +1124,28 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
 
     def command(
         out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
-        model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world').")] = "world",
-        prompts: Annotated[str, typer.Option(help="'val', 'test' (the fixed lists) or a prompts file.")] = "test",
+        model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world'; real tier: e.g. sd15-lcm).")] = "world",
+        prompts: Annotated[str, typer.Option(help="'val', 'test' (the world's fixed lists) or a prompts file.")] = "test",
         n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = default_n,
         seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
         resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
         batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
         device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+        judge: Annotated[str | None, typer.Option(
+            help="Who decides which image is better: 'world' (the exact checker; the world's default) or a "
+                 "scorer (imagereward[:PATH], pickscore[:ID], clip:ID, world-oracle[:DIR]); required off the "
+                 "world.")] = None,
+        features: Annotated[str | None, typer.Option(
+            help="Real tier: a CLIP or DINOv2 (hub id or directory) for the Fréchet distance, diversity and "
+                 "student-teacher distance.")] = None,
+        clip_score: Annotated[str | None, typer.Option(help="Real tier: a CLIP for the CLIP-score column.")] = None,
+        reference: Annotated[Path | None, typer.Option(
+            help="Real tier: a directory of reference images (e.g. COCO) for the Fréchet distance.")] = None,
+        calibration: Annotated[Path | None, typer.Option(
+            help="A calibration (tandem calibrate) for the preset's student and oracle [the preset's].")] = None,
     ) -> None:
-        _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device)
+        _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
+              reference, calibration)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)

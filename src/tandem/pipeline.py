@@ -237,6 +237,7 @@ class TandemPipeline:
             pipe.set_progress_bar_config(disable=True)
         self._teacher_scheduler_config = dict(self.teacher_img2img.scheduler.config)
         self._student_digest: str | None = None
+        self._teacher_digest: str | None = None
         self._controlnet_digest: str | None = None
         self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the student's edit scores
 
@@ -287,6 +288,22 @@ class TandemPipeline:
             "resolution": list(self.resolution()),
             "scorer": self.scorer.fingerprint(),
         }
+
+    def fingerprint(self) -> dict:
+        """The weights behind this pipeline's images and scores (student, teacher, ControlNet) and its
+        scorer: an evaluation cache made with other models is refused, not mixed in."""
+        if self._student_digest is None:
+            self._student_digest = module_digest(self.student.unet)
+        if self._teacher_digest is None:
+            self._teacher_digest = module_digest(self._teacher_any.unet)
+        out = {"student": self._student_digest, "teacher": self._teacher_digest,
+               "scorer": self.scorer.fingerprint() if self.scorer is not None else None}
+        controlnet = getattr(self.student, "controlnet", None)
+        if controlnet is not None:
+            if self._controlnet_digest is None:
+                self._controlnet_digest = module_digest(controlnet)
+            out["controlnet"] = self._controlnet_digest
+        return out
 
     def _teacher_scheduler(self, name: str):
         if name not in SCHEDULERS:

@@ -188,6 +188,10 @@ class CLIPScorer:
             config = _preprocessor_config(processor)
         except OSError as e:
             raise _load_failure(cls.kind, name_or_path, e) from e
+        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+            # transformers makes an empty tokenizer of a directory without vocabulary files
+            raise ValueError(f"{cls.kind} scorer: {processor!r} holds no tokenizer vocabulary; pass the directory "
+                             "that has the model's tokenizer files (processor=...)")
         size = model.config.vision_config.image_size
         crop = config.get("crop_size")
         crop = (crop, crop) if isinstance(crop, int) else (crop.get("height"), crop.get("width")) if crop else None

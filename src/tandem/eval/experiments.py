@@ -4,7 +4,8 @@
   student, refine-all and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
   acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality.
 * ``winners``: where the student's image beats the teacher's (section 3.1): win rate against the
-  student-teacher image distance, scene complexity, prompt length and trajectory curvature.
+  student-teacher image distance, scene complexity, prompt length, trajectory curvature and the
+  student's text influence (its cross-attention on the prompt's tokens).
 * ``threshold``: how the cut-off tau settles with the number of calibration prompts (Table 2).
 * ``oracle``: how often the oracle's no-reference decision agrees with the judge's full-reference
   comparison of student and teacher, over k (Fig. 7), and the adaptive pipeline's quality with a
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..calibration import Calibration
+from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality, quality_label
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
 from .sweep import SamplerConfig, Sweep, _save_npz, compose_adaptive, config_dict, is_main_process, summary
 
@@ -49,9 +51,11 @@ class OracleConfig:
     seeds: int = 20
 
 
-def _student_run(pipe, prompts, out: Path, seed: int, batch_size: int, log, progress) -> tuple[Sweep, int, dict]:
+def _student_run(pipe, prompts, out: Path, seed: int, batch_size: int, log, progress,
+                 measures: Measures) -> tuple[Sweep, int, dict]:
     """The experiment's cached sweep, the preset's student steps and the student's per-image results."""
-    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress)
+    sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress,
+                  judge=measures.judge)
     student_steps = int(pipe._setting("num_inference_steps", None, 4))
     return sweep, student_steps, sweep.run(SamplerConfig("student", student_steps), log)
 
@@ -66,31 +70,36 @@ def _thresholds(pipe, ks) -> dict[float, float]:
     return {k: pipe.calibration.threshold(k) if k > 0 else -np.inf for k in ks}
 
 
+def _clip_score(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    return scorer(list(images), prompts).double().numpy()
+
+
 def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: BudgetConfig = BudgetConfig(),
            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-           progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Quality vs cost curves and acceleration factors (see the module docstring); with the world
-    CLIP score and the Fréchet distance to exact renderings of the same prompts where images are cached."""
-    from .features import ImageFeatures, renderings, world_clip_score, world_clip_scorer
-
+           progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
+    """Quality vs cost curves and acceleration factors (see the module docstring); with the CLIP score
+    and the Fréchet distance to the reference images (in ShapesWorld: exact renderings of the same
+    prompts, in the world CLIP's features) where ``measures`` has them."""
+    measures = measures or Measures.for_world()
     out = Path(out)
-    sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
+    sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
     taus = _thresholds(pipe, cfg.ks)
     points: list[dict] = []
-    features, clip_scorer = ImageFeatures.world(), world_clip_scorer()
-    rendered = renderings(prompts, seed)  # exact renderings of the same prompts: the FID reference
-    reference = features(rendered)
+    features, clip_scorer = measures.features, measures.clip_scorer
+    rendered = measures.reference(prompts, seed) if measures.reference is not None else None
+    reference = features(rendered) if rendered is not None else None
 
     def add(family: str, label: str, per_image: dict, **extra) -> None:
         points.append({"family": family, "label": label, **summary(per_image, reference), **extra})
 
     class Runs(dict):
-        """Sweep results with the world CLIP features and CLIP score of their images (when cached)."""
+        """Sweep results with the features and CLIP score of their images (when cached and measured)."""
 
         def __setitem__(self, name: str, data: dict) -> None:
-            if "images" in data:
-                data = {**data, "features": features(data["images"]),
-                        "clip_score": world_clip_score(data["images"], prompts, clip_scorer)}
+            if "images" in data and features is not None:
+                data = {**data, "features": features(data["images"])}
+            if "images" in data and clip_scorer is not None:
+                data = {**data, "clip_score": _clip_score(clip_scorer, data["images"], prompts)}
             super().__setitem__(name, data)
 
     runs = Runs()
@@ -127,41 +136,45 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         if ref not in runs:
             continue
         target = summary(runs[ref])
-        reaching = [p for p in adaptive if p["accuracy"] >= target["accuracy"]]
+        reaching = [p for p in adaptive if quality(p) >= quality(target)]
         best = min(reaching, key=lambda p: p["unet_evals_mean"]) if reaching else None
-        cheaper_teacher = min((p for p in teachers if p["accuracy"] >= target["accuracy"]),
+        cheaper_teacher = min((p for p in teachers if quality(p) >= quality(target)),
                               key=lambda p: p["unet_evals_mean"])
         acceleration[ref] = {
             "teacher": target,
             "adaptive": best,
             "factor": target["unet_evals_mean"] / best["unet_evals_mean"] if best else None,
-            "best_adaptive_accuracy": max(p["accuracy"] for p in adaptive),
+            "best_adaptive_quality": max(quality(p) for p in adaptive),
             # for context: the cheapest teacher sampler reaching the same quality
             "cheapest_teacher": cheaper_teacher,
             "teacher_factor": target["unet_evals_mean"] / cheaper_teacher["unet_evals_mean"],
         }
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "judge": measures.judge.describe(), "measures": measures.describe(),
                "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
-               "points": points, "acceleration": acceleration,
-               "renderings": {"clip_score": float(world_clip_score(rendered, prompts, clip_scorer).mean())}}
-    _write(out, results, plot_budget(points, acceleration, out / "budget.png"), budget_report(results))
+               "points": points, "acceleration": acceleration}
+    if rendered is not None and clip_scorer is not None and measures.world:  # the renderings' own CLIP score
+        results["renderings"] = {"clip_score": float(_clip_score(clip_scorer, rendered, prompts).mean())}
+    _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
 
 
 def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: OracleConfig = OracleConfig(),
            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-           progress: Callable[[str, int, int], None] | None = None) -> dict:
+           progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
     """Oracle accuracy, no reference vs full reference (Fig. 7), and synthetic oracles (D.4)."""
+    measures = measures or Measures(ExactJudge())
     out = Path(out)
-    sweep, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
+    sweep, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
     teacher = sweep.run(SamplerConfig("teacher", cfg.teacher_steps, "dpm"), log)
     taus = _thresholds(pipe, cfg.ks)
     decisions = decision_accuracy(student["oracle"], teacher["oracle"], student["score"], teacher["score"], taus)
-    synthetic = [synthetic_oracle(student["score"], teacher["score"], a, cfg.seeds, student["satisfied"],
-                                  teacher["satisfied"]) for a in cfg.accuracies]
+    synthetic = [synthetic_oracle(student["score"], teacher["score"], a, cfg.seeds, student.get("satisfied"),
+                                  teacher.get("satisfied")) for a in cfg.accuracies]
     results = {"experiment": "oracle", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "judge": measures.judge.describe(),
                "student": summary(student), "teacher": summary(teacher),
                "student_vs_teacher": win_rate(student["score"], teacher["score"]),
                "decisions": decisions, "synthetic_oracle": synthetic}
@@ -177,17 +190,19 @@ class WinnersConfig:
 
 def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: WinnersConfig = WinnersConfig(),
             batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Where students win (see ``tandem.eval.winners``)."""
+            progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
+    """Where students win (see ``tandem.eval.winners``); the student-teacher distance needs ``measures``
+    with features, the objects in the caption ShapesWorld's captions."""
     from scipy.stats import spearmanr
 
-    from ..world.checker import check_batch
-    from ..world.grammar import parse_caption
-    from .features import ImageFeatures
-    from .winners import by_bins, edge_density, teacher_with_curvature
+    from .winners import by_bins, edge_density, student_text_influence, teacher_with_curvature
 
+    measures = measures or Measures.for_world()
+    if measures.features is None:
+        raise ValueError("the winners experiment needs a feature network for the student-teacher distance "
+                         "(e.g. a CLIP or DINOv2: --features)")
     out = Path(out)
-    _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
+    _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
     guidance = float(pipe._setting("teacher_guidance_scale", None, 7.5))
     cache = out / "cache" / f"teacher_dpm{cfg.teacher_steps}_curvature.npz"
     if cache.exists():
@@ -198,28 +213,43 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
             pipe, prompts, seed, cfg.teacher_steps, guidance, batch_size,
             progress=(lambda d, t: progress(f"dpm{cfg.teacher_steps} with curvature", d, t)) if progress else None)
         _save_npz(cache, {"images": teacher_images, "curvature": curvature})
-    teacher = np.array([r.score for r in check_batch(list(teacher_images), prompts)])
+    cache = out / "cache" / f"student{student_steps}_text_influence.npz"
+    if cache.exists():
+        with np.load(cache) as data:
+            influence = data["influence"]
+    else:
+        influence = student_text_influence(
+            pipe, prompts, seed, student_steps, batch_size,
+            progress=(lambda d, t: progress("student cross-attention", d, t)) if progress else None)
+        _save_npz(cache, {"influence": influence})
+    teacher = measures.judge(teacher_images, prompts)["score"]
     s = student["score"]
-    features = ImageFeatures.world()(np.concatenate([student["images"], teacher_images]))
+    features = measures.features(np.concatenate([student["images"], teacher_images]))
     distance = 1 - (features[: len(prompts)] * features[len(prompts):]).sum(1)
-    objects = np.array([len(parse_caption(p).objects) for p in prompts])
     tokens = np.array([len(pipe.student.tokenizer(p).input_ids) - 2 for p in prompts])
     edges = edge_density(teacher_images)
-    factors = {"distance": distance, "curvature": curvature, "edge_density": edges}
+    factors = {"distance": distance, "curvature": curvature, "edge_density": edges, "text_influence": influence}
     results = {
         "experiment": "winners", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
         "student_steps": student_steps, "teacher": f"dpm{cfg.teacher_steps}, guidance {guidance:g}",
         "config": asdict(cfg), "made_by": made_by or {},
+        "judge": measures.judge.describe(), "measures": measures.describe(),
         "student_vs_teacher": win_rate(s, teacher),
         "by_distance": by_bins(distance, s, teacher, cfg.bins, {"curvature": curvature}),
-        "by_objects": by_bins(objects, s, teacher, None, factors),
         "by_edge_density": by_bins(edges, s, teacher, cfg.bins, {"curvature": curvature}),
         "by_prompt_tokens": by_bins(tokens, s, teacher, cfg.bins, factors),
         "by_curvature": by_bins(curvature, s, teacher, cfg.bins, {"distance": distance, "edge_density": edges}),
+        "by_text_influence": by_bins(influence, s, teacher, cfg.bins, {"distance": distance}),
         "spearman": {"distance_vs_curvature": float(spearmanr(distance, curvature).statistic),
                      "curvature_vs_edge_density": float(spearmanr(curvature, edges).statistic),
-                     "distance_vs_objects": float(spearmanr(distance, objects).statistic)},
+                     "distance_vs_text_influence": float(spearmanr(distance, influence).statistic)},
     }
+    if measures.world:
+        from ..world.grammar import parse_caption
+
+        objects = np.array([len(parse_caption(p).objects) for p in prompts])
+        results["by_objects"] = by_bins(objects, s, teacher, None, factors)
+        results["spearman"]["distance_vs_objects"] = float(spearmanr(distance, objects).statistic)
     _write(out, results, plot_winners(results, out / "winners.png"), winners_report(results))
     return results
 
@@ -233,7 +263,7 @@ class ThresholdConfig:
 
 def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: ThresholdConfig = ThresholdConfig(),
               batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> dict:
+              progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
     """tau of each k from calibrations of n prompts drawn from ``prompts`` (without replacement), its
     spread over resamples and the share of all the prompts' student images it sends to the teacher;
     and the measured time to calibrate n prompts."""
@@ -243,7 +273,8 @@ def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Thr
     sizes = [n for n in cfg.sizes if n < len(prompts)]
     if not sizes:
         raise ValueError(f"threshold convergence needs more prompts than its smallest size {min(cfg.sizes)}")
-    _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress)
+    _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress,
+                                             measures or Measures(ExactJudge()))
     pool = Calibration(student["oracle"], fingerprint={})
     seconds = {}
     for n in sizes:
@@ -271,15 +302,18 @@ class DiversityConfig:
 
 def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: DiversityConfig = DiversityConfig(),
               batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Diversity (the DDIL paper's LPIPS-diversity, in world CLIP features): the mean pairwise feature
-    distance between the images of one prompt over ``cfg.seeds``, for the student, the teacher and the
-    adaptive pipeline, beside their accuracy. ``seed`` offsets every run seed."""
-    from .features import ImageFeatures
+              progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
+    """Diversity (the DDIL paper's LPIPS-diversity, in the features of ``measures``; ShapesWorld: the
+    world CLIP's): the mean pairwise feature distance between the images of one prompt over
+    ``cfg.seeds``, for the student, the teacher and the adaptive pipeline, beside their quality.
+    ``seed`` offsets every run seed."""
     from .features import diversity as feature_diversity
 
+    measures = measures or Measures.for_world()
+    if measures.features is None:
+        raise ValueError("the diversity experiment needs a feature network (e.g. a CLIP or DINOv2: --features)")
     out = Path(out)
-    features = ImageFeatures.world()
+    features = measures.features
     student_steps = int(pipe._setting("num_inference_steps", None, 4))
     tau = _thresholds(pipe, (cfg.k,))[cfg.k]
     configs = {"student": SamplerConfig("student", student_steps),
@@ -288,7 +322,7 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
     per_seed: dict[str, list[dict]] = {}
     for s in cfg.seeds:
         sweep = Sweep(pipe, prompts, seed + s, out / "cache" / f"seed{seed + s}", batch_size,
-                      identity={"preset": pipe.name}, progress=progress)
+                      identity={"preset": pipe.name}, progress=progress, judge=measures.judge)
         runs = {}
         for name, c in configs.items():
             data = sweep.run(c, log)
@@ -301,11 +335,14 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
     rows = []
     for name, runs in per_seed.items():
         stacked = np.stack([r["features"] for r in runs], axis=1)  # [prompts, seeds, D]
-        rows.append({"run": name, "diversity": feature_diversity(stacked),
-                     "accuracy": float(np.mean([r["satisfied"].mean() for r in runs])),
+        row = {"run": name, "diversity": feature_diversity(stacked)}
+        if "satisfied" in runs[0]:
+            row["accuracy"] = float(np.mean([r["satisfied"].mean() for r in runs]))
+        rows.append({**row, "mean_score": float(np.mean([r["score"].mean() for r in runs])),
                      "unet_evals_mean": float(np.mean([r["evals"].mean() for r in runs]))})
     results = {"experiment": "diversity", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "tau": tau,
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "judge": measures.judge.describe(), "measures": measures.describe(), "tau": tau,
                "rows": rows}
     _write(out, results, plot_diversity(results, out / "diversity.png"), diversity_report(results))
     return results
@@ -344,7 +381,9 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_budget(points: list[dict], acceleration: dict, path: Path) -> Path:
+def plot_budget(results: dict, path: Path) -> Path:
+    points, acceleration = results["points"], results["acceleration"]
+    y = lambda p: plotted_quality(quality(p), results)  # noqa: E731
     fig, ax = _figure(size=(9, 4.2))
     ax.set_title("quality vs cost", fontsize=10)
     ax.grid(alpha=0.3)
@@ -354,39 +393,43 @@ def plot_budget(points: list[dict], acceleration: dict, path: Path) -> Path:
         style = "-o" if not family.startswith("adaptive") else "--."
         if family == "refine-all":
             style = "D"
-        ax.plot([p["unet_evals_mean"] for p in pts], [100 * p["accuracy"] for p in pts], style, label=family,
-                markersize=4)
+        ax.plot([p["unet_evals_mean"] for p in pts], [y(p) for p in pts], style, label=family, markersize=4)
     for i, (ref, a) in enumerate(acceleration.items()):
-        ax.axhline(100 * a["teacher"]["accuracy"], color="black", linewidth=0.6, linestyle=":")
+        ax.axhline(y(a["teacher"]), color="black", linewidth=0.6, linestyle=":")
         label = f"{ref}" + (f": {a['factor']:.1f}x cheaper adaptive" if a["factor"] else ": not reached")
-        ax.annotate(label, (0.01, 100 * a["teacher"]["accuracy"]), xycoords=("axes fraction", "data"),
+        ax.annotate(label, (0.01, y(a["teacher"])), xycoords=("axes fraction", "data"),
                     textcoords="offset points", xytext=(0, -10 - 9 * i), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("UNet evaluations per image (mean; CFG doubling counted)")
-    ax.set_ylabel("captions satisfied (%)")
+    ax.set_ylabel(quality_label(results))
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save_figure(fig, path)
 
 
 def budget_report(results: dict) -> str:
+    q = lambda p: format_quality(quality(p), results)  # noqa: E731
+    label = quality_label(results).removesuffix(" (%)")
     lines = [f"# Budget curves ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
-             "| acceleration vs | teacher accuracy | its cost | cheapest adaptive (0 < k < 100) reaching it | cost | "
+             f"Quality: {label}.", "",
+             "| acceleration vs | teacher quality | its cost | cheapest adaptive (0 < k < 100) reaching it | cost | "
              "factor | cheapest teacher sampler reaching it (factor) |",
              "|---|---|---|---|---|---|---|"]
     for ref, a in results["acceleration"].items():
         best, t = a["adaptive"], a["cheapest_teacher"]
-        lines.append(f"| {ref} | {100 * a['teacher']['accuracy']:.1f}% | {a['teacher']['unet_evals_mean']:.1f} | "
-                     + (f"{best['label']} ({100 * best['accuracy']:.1f}%) | {best['unet_evals_mean']:.1f} | "
-                        f"{a['factor']:.2f}x |" if best else
-                        f"not reached (best {100 * a['best_adaptive_accuracy']:.1f}%) | - | - |")
+        # results made before real-tier judges name the best adaptive point's accuracy
+        top = a.get("best_adaptive_quality", a.get("best_adaptive_accuracy"))
+        lines.append(f"| {ref} | {q(a['teacher'])} | {a['teacher']['unet_evals_mean']:.1f} | "
+                     + (f"{best['label']} ({q(best)}) | {best['unet_evals_mean']:.1f} | {a['factor']:.2f}x |" if best
+                        else f"not reached (best {format_quality(top, results)}) | - | - |")
                      + f" {t['label']} ({a['teacher_factor']:.2f}x) |")
-    lines += ["", "| run | UNet evals / image | captions satisfied | soft score | world CLIP score | "
-              "Fréchet distance to renderings |", "|---|---|---|---|---|---|"]
+    score = "soft score | " if "accuracy" in results["points"][0] else ""
+    lines += ["", f"| run | UNet evals / image | {label} | {score}CLIP score | Fréchet distance to the reference |",
+              "|---|---|---|---|---|" + ("---|" if score else "")]
     for p in results["points"]:
         if not p["family"].startswith("adaptive") or p.get("k") in (30, 50, 70, 100):
-            lines.append(f"| {p['label']} | {p['unet_evals_mean']:.1f} | {100 * p['accuracy']:.1f}% | "
-                         f"{p['mean_score']:.4f} | {_number(p.get('clip_score'), 2)} | "
-                         f"{_number(p.get('frechet_distance'), 4)} |")
+            lines.append(f"| {p['label']} | {p['unet_evals_mean']:.1f} | {q(p)} | "
+                         + (f"{p['mean_score']:.4f} | " if score else "")
+                         + f"{_number(p.get('clip_score'), 2)} | {_number(p.get('frechet_distance'), 4)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -407,14 +450,13 @@ def plot_oracle(results: dict, path: Path) -> Path:
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
     syn = results["synthetic_oracle"]
-    right.plot([100 * s["oracle_accuracy"] for s in syn], [100 * s["accuracy"] for s in syn], "-o", markersize=3,
+    y = lambda s: plotted_quality(quality(s), results)  # noqa: E731
+    right.plot([100 * s["oracle_accuracy"] for s in syn], [y(s) for s in syn], "-o", markersize=3,
                label="adaptive (regenerate) with a synthetic oracle")
-    right.axhline(100 * results["teacher"]["accuracy"], color="tab:blue", linestyle="--", linewidth=1,
-                  label="teacher alone")
-    right.axhline(100 * results["student"]["accuracy"], color="tab:gray", linestyle=":", linewidth=1,
-                  label="student alone")
+    right.axhline(y(results["teacher"]), color="tab:blue", linestyle="--", linewidth=1, label="teacher alone")
+    right.axhline(y(results["student"]), color="tab:gray", linestyle=":", linewidth=1, label="student alone")
     right.set_xlabel("oracle accuracy (%)")
-    right.set_ylabel("captions satisfied (%)")
+    right.set_ylabel(quality_label(results))
     right.set_title("what a better oracle would give (D.4)", fontsize=9)
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
@@ -432,19 +474,25 @@ def oracle_report(results: dict) -> str:
              f"with the judge on {d['pairs']} prompts where it prefers one.",
              f"- No-reference decision (student score vs tau): best {100 * best['accuracy']:.1f}% at k = "
              f"{best['k']:g}.", "",
-             "| synthetic oracle accuracy | captions satisfied | soft score | sent to the teacher |",
+             "| synthetic oracle accuracy | captions satisfied | judge score | sent to the teacher |",
              "|---|---|---|---|"]
     for s in results["synthetic_oracle"]:
-        lines.append(f"| {100 * s['oracle_accuracy']:.0f}% | {100 * s['accuracy']:.1f}% | {s['mean_score']:.4f} | "
+        satisfied = f"{100 * s['accuracy']:.1f}%" if "accuracy" in s else "-"
+        lines.append(f"| {100 * s['oracle_accuracy']:.0f}% | {satisfied} | {s['mean_score']:.4f} | "
                      f"{100 * s['teacher_share']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
 def plot_winners(results: dict, path: Path) -> Path:
-    panels = [("by_distance", "student-teacher distance (1 - cos, world CLIP)"),
+    space = results.get("measures", {}).get("features", "world clip")
+    panels = [("by_distance", f"student-teacher distance (1 - cos, {space})"),
               ("by_objects", "objects in the caption"), ("by_edge_density", "edge density of the teacher image"),
-              ("by_prompt_tokens", "prompt length (tokens)"), ("by_curvature", "teacher trajectory curvature")]
-    fig, axes = _figure(2, 3, (12, 6.5), 110)
+              ("by_prompt_tokens", "prompt length (tokens)"), ("by_curvature", "teacher trajectory curvature"),
+              ("by_text_influence", "student text influence (cross-attention)")]
+    panels = [(key, label) for key, label in panels if key in results]
+    fig, axes = _figure(2, 4, (15, 6.5), 110)
+    for ax in axes.flat[len(panels):-2]:
+        ax.set_visible(False)
     for ax, (key, label) in zip(axes.flat, panels):
         rows = results[key]
         x = [(r["low"] + r["high"]) / 2 for r in rows]
@@ -455,13 +503,17 @@ def plot_winners(results: dict, path: Path) -> Path:
         ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("student win rate vs teacher (%)", fontsize=8)
         ax.grid(alpha=0.3)
-    ax = axes.flat[-1]
-    rows = results["by_curvature"]
-    ax.plot([(r["low"] + r["high"]) / 2 for r in rows], [r["mean_distance"] for r in rows], "-o", markersize=4)
-    ax.set_xlabel("teacher trajectory curvature", fontsize=8)
-    ax.set_ylabel("mean student-teacher distance", fontsize=8)
-    ax.set_title("student-teacher distance vs curvature (paper Fig. 6a)", fontsize=8)
-    ax.grid(alpha=0.3)
+    for ax, key, label, figure in ((axes.flat[-2], "by_curvature", "teacher trajectory curvature", "Fig. 6a"),
+                                   (axes.flat[-1], "by_text_influence", "student text influence", "Fig. 5b")):
+        if key not in results:  # results made before text influence was measured
+            ax.set_visible(False)
+            continue
+        rows = results[key]
+        ax.plot([(r["low"] + r["high"]) / 2 for r in rows], [r["mean_distance"] for r in rows], "-o", markersize=4)
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("mean student-teacher distance", fontsize=8)
+        ax.set_title(f"student-teacher distance vs {label.split(' ', 1)[1]} (paper {figure})", fontsize=8)
+        ax.grid(alpha=0.3)
     fig.suptitle(f"where the student beats its teacher ({results['n_prompts']} prompts; 95% bootstrap CIs)",
                  fontsize=10)
     return _save_figure(fig, path)
@@ -476,7 +528,10 @@ def winners_report(results: dict) -> str:
              "Spearman correlations: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}"
                                                   for k, v in results["spearman"].items()) + "."]
     for key, label in (("by_distance", "distance"), ("by_objects", "objects"), ("by_edge_density", "edge density"),
-                       ("by_prompt_tokens", "tokens"), ("by_curvature", "curvature")):
+                       ("by_prompt_tokens", "tokens"), ("by_curvature", "curvature"),
+                       ("by_text_influence", "text influence")):
+        if key not in results:
+            continue
         lines += ["", f"| {label} | n | student win rate (95% CI) |", "|---|---|---|"]
         for r in results[key]:
             span = f"{r['low']:g}" if r["low"] == r["high"] else f"{r['low']:.3g}-{r['high']:.3g}"
@@ -515,22 +570,25 @@ def plot_diversity(results: dict, path: Path) -> Path:
     fig, ax = _figure()
     ax.set_title("diversity vs quality over seeds", fontsize=10)
     ax.grid(alpha=0.3)
+    space = results.get("measures", {}).get("features", "world clip")
     for r in results["rows"]:
-        ax.plot(r["diversity"], 100 * r["accuracy"], "o")
-        ax.annotate(f"{r['run']} ({r['unet_evals_mean']:.0f})", (r["diversity"], 100 * r["accuracy"]), fontsize=7,
+        y = plotted_quality(quality(r), results)
+        ax.plot(r["diversity"], y, "o")
+        ax.annotate(f"{r['run']} ({r['unet_evals_mean']:.0f})", (r["diversity"], y), fontsize=7,
                     textcoords="offset points", xytext=(4, 3))
-    ax.set_xlabel("diversity: mean pairwise world-CLIP distance between seeds of a prompt")
-    ax.set_ylabel("captions satisfied (%)")
+    ax.set_xlabel(f"diversity: mean pairwise distance ({space}) between seeds of a prompt")
+    ax.set_ylabel(quality_label(results))
     return _save_figure(fig, path)
 
 
 def diversity_report(results: dict) -> str:
     lines = [f"# Diversity ({results['preset']}, {results['n_prompts']} prompts x "
              f"{len(results['config']['seeds'])} seeds)", "",
-             "Diversity is the mean pairwise cosine distance, in world CLIP image features, between the images "
-             "of one prompt drawn with different seeds (the DDIL paper's LPIPS-diversity); (UNet evaluations "
-             "per image in brackets in the plot).", "",
-             "| run | diversity | satisfied | UNet evals |", "|---|---|---|---|"]
+             f"Diversity is the mean pairwise cosine distance, in {results.get('measures', {}).get('features', 'world clip')}"
+             " image features, between the images of one prompt drawn with different seeds (the DDIL paper's "
+             "LPIPS-diversity); (UNet evaluations per image in brackets in the plot).", "",
+             f"| run | diversity | {quality_label(results).removesuffix(' (%)')} | UNet evals |", "|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['run']} | {r['diversity']:.4f} | {100 * r['accuracy']:.1f}% | {r['unet_evals_mean']:.1f} |")
+        lines.append(f"| {r['run']} | {r['diversity']:.4f} | {format_quality(quality(r), results)} | "
+                     f"{r['unet_evals_mean']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .judges import ExactJudge, Judge
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -67,17 +69,19 @@ class Sweep:
 
     def __init__(self, pipe, prompts: list[str], seed: int, cache_dir: str | Path, batch_size: int = 100,
                  identity: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
-                 call: Callable | None = None):
+                 call: Callable | None = None, judge: Judge | None = None):
         """``call(indices, prompts, **kwargs)`` replaces ``pipe(prompts, **kwargs)`` for the prompts of those
         indices, e.g. to pass their control images or to edit their inputs (``pipe.edit``); whatever it
-        binds belongs in ``identity``."""
+        binds belongs in ``identity``. ``judge`` scores each image (default: ShapesWorld's exact checker)."""
         self.pipe, self.prompts, self.seed, self.batch_size = pipe, list(prompts), seed, batch_size
+        self.judge = judge or ExactJudge()
         self.call = call or (lambda _indices, prompts, **kwargs: pipe(prompts, **kwargs))
         self.progress = progress  # progress(task, done, total) after each batch
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.identity = {"prompts": prompts_digest(self.prompts), "n": len(self.prompts), "seed": seed,
-                         **(identity or {})}
+        identity = {"prompts": prompts_digest(self.prompts), "n": len(self.prompts), "seed": seed,
+                    "models": pipe.fingerprint(), "judge": self.judge.describe(), **(identity or {})}
+        self.identity = json.loads(json.dumps(identity))  # as it reads back from identity.json
         marker = self.dir / "identity.json"
         if marker.exists():
             made = json.loads(marker.read_text())
@@ -90,7 +94,7 @@ class Sweep:
             atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
 
     def run(self, config: SamplerConfig, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
-        """Per-image arrays: ``images`` (uint8 [N, H, W, 3]), ``satisfied``, ``score`` (the judge),
+        """Per-image arrays: ``images`` (uint8 [N, H, W, 3]), ``score`` and (exact judge) ``satisfied``,
         ``oracle`` (the oracle's score of the final image), ``evals`` (UNet evaluations); plus
         ``seconds`` of the run (summed over chunks and processes).
 
@@ -121,8 +125,10 @@ class Sweep:
             for start in starts:
                 self._part(config, start).unlink()
             if log:
-                log(f"{config.name}: {100 * data['satisfied'].mean():.1f}% satisfied, "
-                    f"{data['evals'].mean():.1f} UNet evals/image, {float(data['seconds']):.0f}s")
+                quality = (f"{100 * data['satisfied'].mean():.1f}% satisfied" if "satisfied" in data
+                           else f"mean score {data['score'].mean():.4f}")
+                log(f"{config.name}: {quality}, {data['evals'].mean():.1f} UNet evals/image, "
+                    f"{float(data['seconds']):.0f}s")
         barrier()
         with np.load(path) as data:
             return dict(data)
@@ -132,7 +138,6 @@ class Sweep:
 
     def _run_chunk(self, config: SamplerConfig, idx: list[int], part: Path) -> None:
         from ..generate import prompt_generator
-        from ..world.checker import check_batch
 
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in idx]
@@ -142,16 +147,14 @@ class Sweep:
                 self.progress(f"{config.name} ({phase})", idx[0] + done, len(self.prompts))
         out = self.call(idx, prompts, generator=[prompt_generator(self.seed, i) for i in idx],
                         batch_size=self.batch_size, callback=callback, **config.call_kwargs())
-        results = check_batch(out.images, prompts)
+        judged = self.judge(out.images, prompts)
         if config.mode == "student":
             oracle = np.array([r["student_score"] for r in out.records], np.float64)
         elif self.pipe.scorer is not None:  # the scorer batches internally
             oracle = self.pipe._score(out.images, prompts).astype(np.float64)
         else:
             oracle = np.full(len(prompts), np.nan)
-        _save_npz(part, {"images": np.stack(out.images),
-                         "satisfied": np.array([r.satisfied for r in results]),
-                         "score": np.array([r.score for r in results], np.float64),
+        _save_npz(part, {"images": np.stack(out.images), **judged,
                          "oracle": oracle,
                          "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
                          "seconds": np.array(time.perf_counter() - t0)})
@@ -198,10 +201,11 @@ def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndar
 
 
 def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | None = None) -> dict:
-    """Accuracy, mean soft score and cost; the world CLIP score and the Fréchet distance to
-    ``reference_features`` (renderings of the same prompts) where the per-image values are there."""
-    out = {"accuracy": float(np.mean(per_image["satisfied"])), "mean_score": float(np.mean(per_image["score"])),
-           "unet_evals_mean": float(np.mean(per_image["evals"]))}
+    """Accuracy (an exact judge's share satisfied), mean judge score and cost; the CLIP score and the
+    Fréchet distance to ``reference_features`` (e.g. renderings of the same prompts) where the
+    per-image values are there."""
+    out = {"accuracy": float(np.mean(per_image["satisfied"]))} if "satisfied" in per_image else {}
+    out.update(mean_score=float(np.mean(per_image["score"])), unet_evals_mean=float(np.mean(per_image["evals"])))
     if "clip_score" in per_image:
         out["clip_score"] = float(np.mean(per_image["clip_score"]))
     if "features" in per_image and reference_features is not None:

@@ -4,7 +4,8 @@ For each prompt, the student's and the teacher's images from the same initial no
 verdict on which is better, and what might explain it: the distance between the two images in the
 world CLIP's image-embedding space (``features.ImageFeatures.world``; the DreamSim of this world),
 the scene's complexity (objects in the caption, edge density of the teacher's image), the prompt's
-length in tokens, and the curvature of the teacher's sampling trajectory.
+length in tokens, the curvature of the teacher's sampling trajectory, and the student's text
+influence (how strongly its cross-attention dwells on the prompt's tokens).
 
 Trajectory curvature (B.1, after Chen et al.): the largest L2 distance, over the sampler's steps,
 from the teacher's denoised prediction x0_hat(t) to the straight line through the trajectory's
@@ -56,6 +57,74 @@ def teacher_with_curvature(pipe, prompts: list[str], seed: int, steps: int, guid
         if progress:
             progress(idx[-1] + 1, len(prompts))
     return np.stack(images), torch.cat(curvature).numpy()
+
+
+def student_text_influence(pipe, prompts: list[str], seed: int, steps: int, batch_size: int = 100,
+                           progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """How much the student's image follows its prompt (B.1, after DAAM): of the student's mean
+    cross-attention per token (``student_cross_attention``), the largest over the prompt's own tokens
+    (not BOS, EOS or padding). Returns influence [N] in [0, 1]."""
+    per_token = student_cross_attention(pipe, prompts, seed, steps, batch_size, progress)
+    lengths = [min(len(pipe.student.tokenizer(p).input_ids), per_token.shape[1]) for p in prompts]  # BOS..EOS
+    return np.array([row[1:max(n - 1, 2)].max() for row, n in zip(per_token, lengths)])
+
+
+@torch.no_grad()
+def student_cross_attention(pipe, prompts: list[str], seed: int, steps: int, batch_size: int = 100,
+                            progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The student's cross-attention probabilities of each text token, averaged over its steps, UNet
+    layers, heads and image positions: [N, tokens] (each row sums to 1). The student draws prompt i
+    from the generator of ``(seed, i)``, as in the sweeps; under classifier-free guidance only the
+    conditional half counts."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from ..generate import prompt_generator
+
+    class Recording(AttnProcessor):
+        """diffusers' plain attention, with its attention probabilities passed to ``sink``."""
+
+        def __init__(self, sink):
+            super().__init__()
+            self.sink = sink
+
+        def __call__(self, attn, *args, **kwargs):
+            scores = attn.get_attention_scores
+
+            def recording(query, key, attention_mask=None):
+                probs = scores(query, key, attention_mask)
+                self.sink(probs, attn.heads)
+                return probs
+
+            attn.get_attention_scores = recording
+            try:
+                return super().__call__(attn, *args, **kwargs)
+            finally:
+                del attn.get_attention_scores
+
+    unet = pipe.student.unet
+    saved = unet.attn_processors
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        total: list[torch.Tensor] = []
+
+        def sink(probs: torch.Tensor, heads: int, n: int = len(idx), total=total) -> None:
+            per_token = probs.unflatten(0, (-1, heads)).float().mean((1, 2))[-n:]  # [n, tokens]
+            total.append(per_token)
+
+        unet.set_attn_processor({name: Recording(sink) if name.endswith("attn2.processor") else processor
+                                 for name, processor in saved.items()})
+        try:
+            pipe([prompts[i] for i in idx], mode="student", num_inference_steps=steps, score=False,
+                 generator=[prompt_generator(seed, i) for i in idx], batch_size=len(idx))
+        finally:
+            unet.set_attn_processor(dict(saved))  # diffusers empties the dict it is given
+        if not total:
+            raise ValueError("the student's UNet has no cross-attention layers (attn2) to measure text influence by")
+        rows.append(torch.stack(total).mean(0).double().numpy())
+        if progress:
+            progress(idx[-1] + 1, len(prompts))
+    return np.concatenate(rows)
 
 
 def trajectory_curvature(start: torch.Tensor, end: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
