@@ -83,6 +83,15 @@ def test_reference_images_are_read_resized_and_checked(clip, reference_dir, tmp_
         Measures.from_specs(f"clip:{clip}", reference=reference_dir)
 
 
+def test_features_refuse_a_model_that_is_neither_clip_nor_dinov2(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                       image_size=16, patch_size=8)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="'vit' model; expected a CLIP or a DINOv2"):
+        ImageFeatures.from_pretrained(str(tmp_path / "vit"))
+
+
 def test_budget_and_oracle_with_a_scorer_judge(pipe, clip, reference_dir, tmp_path):
     measures = Measures.from_specs(f"clip:{clip}", features=clip, clip_score=clip, reference=reference_dir)
     cfg = BudgetConfig(teacher_steps={"dpm": (2, 4)}, student_steps=(1,), refine_sigmas=(0.6,), refine_steps=2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -112,6 +113,8 @@ def test_warm_start_begins_from_the_given_unet(tmp_path, tiny_world):
     a = UNet2DConditionModel.from_pretrained(first).state_dict()
     b = UNet2DConditionModel.from_pretrained(second).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "with lr 0 the warm-started teacher must equal its start"
+    recorded = json.loads((second / "train_config.json").read_text())["init_from_weights"]
+    assert recorded == "sha256:" + hashlib.sha256((first / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="config differs"):
         other = dataclasses.replace(TINY_UNET, block_out_channels=(16, 16), norm_num_groups=4)
         train_teacher(tmp_path / "third", tiny_world / "vae", tiny_world,

@@ -4,8 +4,9 @@ the same prompts), diversity as the mean pairwise feature distance between image
 (the LPIPS-diversity of the DDIL paper), and the world's CLIP score.
 
 Real tier: ``ImageFeatures.from_pretrained(hub id or directory)`` takes any transformers CLIP or
-DINOv2 (the paper's reference-preservation metric for editing: ``preservation``); a
-torchmetrics/clean-fid Inception FID needs weights from the network and is not wired here.
+DINOv2 (the paper's reference-preservation metric for editing: ``preservation``). An Inception FID is
+not built in: torchmetrics and clean-fid load Inception through torch-fidelity or torchvision and fetch its
+weights from the network; ``frechet_distance`` takes any features, e.g. Inception's computed elsewhere.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ class ImageFeatures:
         from ..scorers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _preprocessor_config
 
         quiet_hub_libraries()
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        if model_type not in ("clip", "dinov2"):
+            raise ValueError(f"image features: {name_or_path} is a {model_type!r} model; expected a CLIP or a DINOv2 "
+                             "(an Inception FID is not built in: see tandem.eval.features)")
         config = _preprocessor_config(name_or_path) if image_mean is None else {}
-        if AutoConfig.from_pretrained(name_or_path).model_type == "dinov2":
+        if model_type == "dinov2":
             crop = config.get("crop_size")
             size = crop.get("height") if isinstance(crop, dict) else crop
             return cls(Dinov2Model.from_pretrained(name_or_path), image_mean or config.get("image_mean", IMAGENET_MEAN),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..calibration import module_digest
 from ..models import encode_captions, quiet_hub_libraries
 from .assemble import text_encoder_of
 from .models import (
@@ -327,5 +328,8 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
     unet.load_state_dict(ema.state_dict())  # the exported teacher is the EMA of the weights
     unet.save_pretrained(run.dir / "unet")
-    _finish(run, run.dir / "unet", {"steps": cfg.max_steps, "weights": "ema"})
+    summary = {"steps": cfg.max_steps, "weights": "ema"}
+    if cfg.init_from is not None:  # the path may later hold other weights (a shipped dir updated in place)
+        summary["init_from_weights"] = module_digest(warm)
+    _finish(run, run.dir / "unet", summary)
     return run.dir / "unet"
