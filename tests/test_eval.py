@@ -3,6 +3,7 @@ from cached runs against a real adaptive run; resume; the `tandem eval` commands
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from test_tandem_pipeline import PROMPTS, world_pipeline
 from tandem.calibration import Calibration
 from tandem.eval.metrics import decision_accuracy, synthetic_oracle, win_rate
 from tandem.eval.sweep import SamplerConfig, Sweep, compose_adaptive
+from tandem.models import world_dir
 from tandem.presets import world_calibration_path
 from tandem.world.checker import check_batch
 
@@ -107,6 +109,10 @@ def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkey
     ok(tandem_in_process(capsys, monkeypatch, *args))
     results = json.loads((out / "results.json").read_text())
     assert results["made_by"]["n"] == 6 and results["config"]["teacher_steps"] == 25
+    shipped = world_dir() / "unet" / "diffusion_pytorch_model.safetensors"
+    assert results["models"]["teacher"] == "sha256:" + hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert results["pipeline_defaults"]["teacher_guidance_scale"] == json.loads(
+        (world_dir() / "tandem.json").read_text())["teacher"]["guidance_scale"]
     assert len(results["decisions"]["no_reference"]) == len(results["config"]["ks"])
     assert (out / "oracle.png").stat().st_size > 0 and "Oracle accuracy" in (out / "report.md").read_text()
     calibration = Calibration.load(world_calibration_path())

@@ -3,10 +3,12 @@ given, on the same code path as the world's exact checker (run here on the shipp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_cli import assert_user_error, ok, tandem_in_process
 from test_tandem_pipeline import PROMPTS, world_pipeline
@@ -18,7 +20,6 @@ from tandem.eval.sweep import SamplerConfig, Sweep
 from tandem.models import world_dir
 from tandem.scorers import CLIPScorer
 from tandem.world.checker import check_batch
-
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,59 @@ def test_budget_and_oracle_with_a_scorer_judge(pipe, clip, reference_dir, tmp_pa
     assert all("accuracy" not in s for s in orc["synthetic_oracle"])
 
 
+class TinyFeatureNet(torch.nn.Module):
+    """A stand-in for the FID's Inception: uint8 images [N, 3, S, S] -> 12 raw features."""
+
+    num_features = 12
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, self.num_features, 4, stride=4)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x.float() / 255)).mean((2, 3)) * 10
+
+
+def test_frechet_distance_equals_torchmetrics_fid_on_the_same_network():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from tandem.eval.features import InceptionFeatures, frechet_distance
+
+    real, fake = renderings(PROMPTS * 8, 1), renderings(PROMPTS[::-1] * 8, 2)
+    features = InceptionFeatures(TinyFeatureNet(), image_size=16)
+    ours = frechet_distance(features(real), features(fake))
+    fid = FrechetInceptionDistance(feature=TinyFeatureNet())
+    for images, is_real in ((real, True), (fake, False)):  # the same bicubic resize, then torchmetrics
+        resized = np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.Resampling.BICUBIC)) for im in images])
+        fid.update(torch.from_numpy(resized).permute(0, 3, 1, 2), real=is_real)
+    assert ours > 1e-3 and ours == pytest.approx(float(fid.compute()), rel=1e-4)
+    assert frechet_distance(features(real), features(real)) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="uint8 images"):
+        features(real.astype(np.float32))
+
+
+def test_budget_reports_an_inception_fid_against_the_reference(pipe, clip, reference_dir, tmp_path):
+    import dataclasses
+
+    from tandem.eval.features import InceptionFeatures, frechet_distance
+
+    inception = InceptionFeatures(TinyFeatureNet(), image_size=16)
+    stored = reference_images(reference_dir, 16)
+    measures = dataclasses.replace(Measures.from_specs(f"clip:{clip}"), fid_features=inception,
+                                   fid_reference=lambda _p, _s: stored)
+    cfg = BudgetConfig(teacher_steps={"dpm": (2,)}, student_steps=(1,), refine_sigmas=(0.6,), refine_steps=2,
+                       regenerate_steps=(2,), ks=(0, 50, 100), references=("dpm2",))
+    results = budget(pipe, PROMPTS, tmp_path / "budget", seed=3, cfg=cfg, batch_size=len(PROMPTS), log=str,
+                     measures=measures)
+    points = {p["label"]: p for p in results["points"]}
+    cached = np.load(tmp_path / "budget" / "cache" / "dpm2.npz")
+    assert points["dpm2"]["fid"] == pytest.approx(frechet_distance(inception(cached["images"]), inception(stored)))
+    everything = next(p for p in results["points"] if p["family"].startswith("adaptive regenerate") and p["k"] == 100)
+    assert everything["fid"] == pytest.approx(points["dpm2"]["fid"])  # k = 100: every image is the teacher's
+    assert "Inception FID" in (tmp_path / "budget" / "report.md").read_text()
+
+
 def test_a_cache_of_other_models_or_another_judge_is_refused(pipe, clip, tmp_path):
     Sweep(pipe, PROMPTS, 0, tmp_path).run(SamplerConfig("student", 1))
     with pytest.raises(ValueError, match="other prompts or settings"):
@@ -150,6 +204,16 @@ def test_eval_command_takes_a_judge_and_checks_real_tier_options(clip, tmp_path,
     for args, message in [(("--model", "sd15-lcm", "--prompts", tmp_path / "prompts.txt"), "no exact checker"),
                           (("--model", "sd15-lcm", "--judge", "pickscore"), "prompts file"),
                           (("--features", clip), "real-tier"),
-                          (("--judge", "lpips"), "unknown scorer kind")]:
+                          (("--judge", "lpips"), "unknown scorer kind"),
+                          (("--fid", "inception"), "real-tier")]:
         assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--prompts", "val", *args,
+                                            "--out", tmp_path / "x"), message)
+    real = ("--model", "sd15-lcm", "--prompts", tmp_path / "prompts.txt", "--judge", f"clip:{clip}")
+    fid_errors = [(("--fid", "inception"), "needs reference images"),
+                  (("--fid", "swav", "--reference", tmp_path), "unknown FID network"),
+                  (("--fid", f"inception:{tmp_path / 'missing.pth'}", "--reference", tmp_path), "not a file")]
+    if importlib.util.find_spec("torch_fidelity") is None:
+        fid_errors.append((("--fid", "inception", "--reference", tmp_path), "torch-fidelity"))
+    for args, message in fid_errors:
+        assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", *real, *args,
                                             "--out", tmp_path / "x"), message)

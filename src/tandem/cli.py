@@ -1035,14 +1035,14 @@ def _check_eval_out(out: Path, resume: bool) -> None:
 
 
 def _eval_measures(model: str, judge: str | None, features: str | None, clip_score: str | None,
-                   reference: Path | None, device: str):
+                   reference: Path | None, device: str, fid: str | None = None):
     """ShapesWorld: the exact checker (or --judge), world CLIP features and renderings. Real tier: --judge
-    (required), --features, --clip-score and --reference as given."""
+    (required), --features, --clip-score, --reference and --fid as given."""
     from .eval.judges import Measures, load_judge
 
     if model == "world":
-        if features is not None or clip_score is not None or reference is not None:
-            raise UserError("--features, --clip-score and --reference are for real-tier models; the world "
+        if features is not None or clip_score is not None or reference is not None or fid is not None:
+            raise UserError("--features, --clip-score, --reference and --fid are for real-tier models; the world "
                             "measures with its CLIP against exact renderings")
         if judge is None or judge == "world":
             return Measures.for_world()
@@ -1050,8 +1050,8 @@ def _eval_measures(model: str, judge: str | None, features: str | None, clip_sco
     if judge is None or judge == "world":
         raise UserError(f"--model {model} has no exact checker: choose a judge, e.g. --judge imagereward or "
                         "--judge pickscore (best not the pipeline's own oracle)")
-    return _load(lambda: Measures.from_specs(judge, features, clip_score, reference, device),
-                 "--judge/--features/--clip-score/--reference")
+    return _load(lambda: Measures.from_specs(judge, features, clip_score, reference, device, fid),
+                 "--judge/--features/--clip-score/--reference/--fid")
 
 
 def _load(make, what: str):
@@ -1063,7 +1063,8 @@ def _load(make, what: str):
 
 def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
           batch_size: int, device: str, judge: str | None = None, features: str | None = None,
-          clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None) -> None:
+          clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
+          fid: str | None = None) -> None:
     import time
 
     from .eval import experiments
@@ -1084,7 +1085,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         if model == "world":
             _check_world_prompts(prompts)
     prompts = prompts[:n] if n is not None else prompts
-    measures = _eval_measures(model, judge, features, clip_score, reference, device)
+    measures = _eval_measures(model, judge, features, clip_score, reference, device, fid)
     _, pipe = _tandem_pipeline(model, None, device, calibration)
     if pipe.calibration is None and experiment in (Experiment.budget, Experiment.oracle, Experiment.diversity):
         raise UserError(f"--model {model} has no calibration: make one on held-out prompts (tandem calibrate "
@@ -1143,9 +1144,12 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
             help="Real tier: a directory of reference images (e.g. COCO) for the Fréchet distance.")] = None,
         calibration: Annotated[Path | None, typer.Option(
             help="A calibration (tandem calibrate) for the preset's student and oracle [the preset's].")] = None,
+        fid: Annotated[str | None, typer.Option(
+            help="Real tier, budget: 'inception' or 'inception:WEIGHTS_FILE' for an Inception FID against "
+                 "--reference (needs tandem[fid]).")] = None,
     ) -> None:
         _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
-              reference, calibration)
+              reference, calibration, fid)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)

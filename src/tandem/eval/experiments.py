@@ -88,9 +88,11 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     features, clip_scorer = measures.features, measures.clip_scorer
     rendered = measures.reference(prompts, seed) if measures.reference is not None else None
     reference = features(rendered) if rendered is not None else None
+    inception = measures.fid_features
+    fid_reference = inception(measures.fid_reference(prompts, seed)) if inception is not None else None
 
     def add(family: str, label: str, per_image: dict, **extra) -> None:
-        points.append({"family": family, "label": label, **summary(per_image, reference), **extra})
+        points.append({"family": family, "label": label, **summary(per_image, reference, fid_reference), **extra})
 
     class Runs(dict):
         """Sweep results with the features and CLIP score of their images (when cached and measured)."""
@@ -98,6 +100,8 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         def __setitem__(self, name: str, data: dict) -> None:
             if "images" in data and features is not None:
                 data = {**data, "features": features(data["images"])}
+            if "images" in data and inception is not None:
+                data = {**data, "fid_features": inception(data["images"])}
             if "images" in data and clip_scorer is not None:
                 data = {**data, "clip_score": _clip_score(clip_scorer, data["images"], prompts)}
             super().__setitem__(name, data)
@@ -150,7 +154,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
             "teacher_factor": target["unet_evals_mean"] / cheaper_teacher["unet_evals_mean"],
         }
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
                "judge": measures.judge.describe(), "measures": measures.describe(),
                "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
                "points": points, "acceleration": acceleration}
@@ -173,7 +177,7 @@ def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Oracle
     synthetic = [synthetic_oracle(student["score"], teacher["score"], a, cfg.seeds, student.get("satisfied"),
                                   teacher.get("satisfied")) for a in cfg.accuracies]
     results = {"experiment": "oracle", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
                "judge": measures.judge.describe(),
                "student": summary(student), "teacher": summary(teacher),
                "student_vs_teacher": win_rate(student["score"], teacher["score"]),
@@ -232,7 +236,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
     results = {
         "experiment": "winners", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
         "student_steps": student_steps, "teacher": f"dpm{cfg.teacher_steps}, guidance {guidance:g}",
-        "config": asdict(cfg), "made_by": made_by or {},
+        "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
         "judge": measures.judge.describe(), "measures": measures.describe(),
         "student_vs_teacher": win_rate(s, teacher),
         "by_distance": by_bins(distance, s, teacher, cfg.bins, {"curvature": curvature}),
@@ -285,7 +289,7 @@ def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Thr
             for row in pool.convergence(sizes, cfg.ks, cfg.resamples, seed, replace=False)]
     full = {k: pool.threshold(k) for k in cfg.ks}
     results = {"experiment": "threshold", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
                "tau_all_prompts": full, "rows": rows}
     _write(out, results, plot_threshold(results, out / "threshold.png"), threshold_report(results))
     return results
@@ -341,7 +345,7 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
         rows.append({**row, "mean_score": float(np.mean([r["score"].mean() for r in runs])),
                      "unet_evals_mean": float(np.mean([r["evals"].mean() for r in runs]))})
     results = {"experiment": "diversity", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
                "judge": measures.judge.describe(), "measures": measures.describe(), "tau": tau,
                "rows": rows}
     _write(out, results, plot_diversity(results, out / "diversity.png"), diversity_report(results))
@@ -423,13 +427,16 @@ def budget_report(results: dict) -> str:
                         else f"not reached (best {format_quality(top, results)}) | - | - |")
                      + f" {t['label']} ({a['teacher_factor']:.2f}x) |")
     score = "soft score | " if "accuracy" in results["points"][0] else ""
-    lines += ["", f"| run | UNet evals / image | {label} | {score}CLIP score | Fréchet distance to the reference |",
-              "|---|---|---|---|---|" + ("---|" if score else "")]
+    fid = any("fid" in p for p in results["points"])
+    lines += ["", f"| run | UNet evals / image | {label} | {score}CLIP score | Fréchet distance to the reference |"
+              + (" Inception FID |" if fid else ""),
+              "|---|---|---|---|---|" + ("---|" if score else "") + ("---|" if fid else "")]
     for p in results["points"]:
         if not p["family"].startswith("adaptive") or p.get("k") in (30, 50, 70, 100):
             lines.append(f"| {p['label']} | {p['unet_evals_mean']:.1f} | {q(p)} | "
                          + (f"{p['mean_score']:.4f} | " if score else "")
-                         + f"{_number(p.get('clip_score'), 2)} | {_number(p.get('frechet_distance'), 4)} |")
+                         + f"{_number(p.get('clip_score'), 2)} | {_number(p.get('frechet_distance'), 4)} |"
+                         + (f" {_number(p.get('fid'), 2)} |" if fid else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -4,16 +4,17 @@ the same prompts), diversity as the mean pairwise feature distance between image
 (the LPIPS-diversity of the DDIL paper), and the world's CLIP score.
 
 Real tier: ``ImageFeatures.from_pretrained(hub id or directory)`` takes any transformers CLIP or
-DINOv2 (the paper's reference-preservation metric for editing: ``preservation``). An Inception FID is
-not built in: torchmetrics and clean-fid load Inception through torch-fidelity or torchvision and fetch its
-weights from the network; ``frechet_distance`` takes any features, e.g. Inception's computed elsewhere.
-"""
+DINOv2 (the paper's reference-preservation metric for editing: ``preservation``). The FID proper is
+``InceptionFeatures.torchmetrics()``: the FID Inception network through torchmetrics and torch-fidelity
+(``pip install "tandem[fid]"``), fed clean-fid style (every image, generated or reference, resized to
+299 x 299 with PIL's bicubic filter before it enters the network)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -49,7 +50,7 @@ class ImageFeatures:
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
         if model_type not in ("clip", "dinov2"):
             raise ValueError(f"image features: {name_or_path} is a {model_type!r} model; expected a CLIP or a DINOv2 "
-                             "(an Inception FID is not built in: see tandem.eval.features)")
+                             "(the Inception FID is --fid inception)")
         config = _preprocessor_config(name_or_path) if image_mean is None else {}
         if model_type == "dinov2":
             crop = config.get("crop_size")
@@ -72,6 +73,48 @@ class ImageFeatures:
             else:
                 embedding = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
             out.append(torch.nn.functional.normalize(embedding, dim=-1))
+        return torch.cat(out).double().numpy()
+
+
+class InceptionFeatures:
+    """Raw (not normalised) feature vectors [N, D] of a network that takes uint8 images [N, 3, S, S]: the
+    FID's Inception pool features with ``torchmetrics()``, or any such ``module``. Images (uint8
+    [N, H, W, 3]) are resized to ``image_size`` with PIL's bicubic filter first, generated and reference
+    alike, so that the network's own resizing never differs between the two (Parmar et al., clean-fid)."""
+
+    def __init__(self, module: torch.nn.Module, image_size: int = 299, batch_size: int = 64):
+        self.module, self.image_size, self.batch_size = module.eval(), image_size, batch_size
+
+    @classmethod
+    def torchmetrics(cls, weights: str | None = None) -> InceptionFeatures:
+        """The FID Inception (``inception-v3-compat``, 2048 pool features) of torchmetrics/torch-fidelity;
+        ``weights``: a local copy of its weights file (pt_inception-2015-12-05), else they are fetched."""
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError as e:
+            raise ImportError(f"the Inception FID needs torchmetrics ({e}); pip install 'tandem[fid]'") from e
+        if weights is not None and not Path(weights).is_file():
+            raise ValueError(f"Inception weights: {weights} is not a file")
+        try:
+            module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                        feature_extractor_weights_path=weights)
+        except ModuleNotFoundError as e:
+            raise ImportError(f"the Inception FID needs torch-fidelity and torchvision ({e}); pip install "
+                              "'tandem[fid]' (torchvision must match your torch build)") from e
+        return cls(module)
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        from PIL import Image
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Inception features take uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
+        out = []
+        for s in range(0, len(images), self.batch_size):
+            resized = np.stack([np.asarray(Image.fromarray(im).resize((self.image_size,) * 2, Image.Resampling.BICUBIC))
+                                for im in images[s:s + self.batch_size]])
+            out.append(self.module(torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()).reshape(len(resized), -1))
         return torch.cat(out).double().numpy()
 
 

@@ -96,8 +96,9 @@ def plotted_quality(value: float, results: dict) -> float:
 class Measures:
     """How an experiment measures images: the ``judge`` (quality), a ``features`` network (Fréchet
     distance, diversity, student-teacher distance), a ``clip_scorer`` (the CLIP score column), the
-    ``reference`` images of the Fréchet distance (``reference(prompts, seed)`` -> uint8 images), and
-    whether the captions are ShapesWorld's (``world``: factors read from the caption's parse).
+    ``reference`` images of the Fréchet distance (``reference(prompts, seed)`` -> uint8 images),
+    whether the captions are ShapesWorld's (``world``: factors read from the caption's parse), and the
+    Inception network and reference images of the FID proper (``fid_features``, ``fid_reference``).
     Without features or a reference, the metrics that need them are left out."""
 
     judge: Judge
@@ -106,6 +107,8 @@ class Measures:
     reference: Callable[[list[str], int], np.ndarray] | None = None
     world: bool = False
     spec: dict = field(default_factory=dict)  # how each part was chosen, for results.json
+    fid_features: object | None = None   # tandem.eval.features.InceptionFeatures: the FID proper
+    fid_reference: Callable[[list[str], int], np.ndarray] | None = None  # its reference images
 
     @classmethod
     def for_world(cls, judge: Judge | None = None, judge_spec: str = "world") -> Measures:
@@ -119,26 +122,39 @@ class Measures:
 
     @classmethod
     def from_specs(cls, judge: str, features: str | None = None, clip_score: str | None = None,
-                   reference: str | Path | None = None, device: str = "cpu") -> Measures:
+                   reference: str | Path | None = None, device: str = "cpu", fid: str | None = None) -> Measures:
         """Real tier: a judge spec (``load_judge``), a CLIP or DINOv2 for features (hub id or directory),
-        a CLIP for the CLIP score, and a directory of reference images for the Fréchet distance."""
-        from .features import ImageFeatures
+        a CLIP for the CLIP score, a directory of reference images for the Fréchet distance, and ``fid``
+        ('inception' or 'inception:WEIGHTS_FILE') for the Inception FID against the same reference."""
+        from .features import ImageFeatures, InceptionFeatures
 
-        if reference is not None and features is None:
-            raise ValueError("a Fréchet reference needs a feature network (features=...)")
+        if reference is not None and features is None and fid is None:
+            raise ValueError("a Fréchet reference needs a feature network (features=... or fid=...)")
+        if fid is not None and reference is None:
+            raise ValueError("the FID needs reference images (reference=DIR)")
+        inception = None
+        if fid is not None:
+            kind, _, weights = fid.partition(":")
+            if kind != "inception":
+                raise ValueError(f"unknown FID network {fid!r}; expected 'inception' or 'inception:WEIGHTS_FILE'")
+            inception = InceptionFeatures.torchmetrics(weights or None)
         feats = ImageFeatures.from_pretrained(features) if features is not None else None
         clip = None
         if clip_score is not None:
             from ..scorers import CLIPScorer
 
             clip = CLIPScorer.from_pretrained(clip_score, device=device)
-        images = None
-        if reference is not None:
+        images = fid_images = None
+        if reference is not None and feats is not None:
             stored = reference_images(reference, feats.image_size)
-            images = lambda _prompts, _seed: stored  # noqa: E731 - one fixed set, whatever the prompts
+            images = lambda _prompts, _seed: stored  # one fixed set, whatever the prompts
+        if inception is not None:
+            stored_fid = reference_images(reference, inception.image_size)
+            fid_images = lambda _prompts, _seed: stored_fid
         return cls(load_judge(judge, device), feats, clip, images, world=False,
                    spec={"judge": judge, "features": features, "clip_score": clip_score,
-                         "reference": str(reference) if reference is not None else None})
+                         "reference": str(reference) if reference is not None else None, "fid": fid},
+                   fid_features=inception, fid_reference=fid_images)
 
     def describe(self) -> dict:
         return {**self.spec, "judge": self.judge.describe()}

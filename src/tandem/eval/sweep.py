@@ -193,17 +193,18 @@ def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndar
     rejected = student["oracle"] < tau
     extra = 0 if improved_includes_student else student["evals"]
     composed = {"rejected": rejected, "evals": np.where(rejected, improved["evals"] + extra, student["evals"])}
-    for key in ("satisfied", "score", "features", "clip_score", "preservation", "fidelity"):  # in both runs
+    for key in ("satisfied", "score", "features", "fid_features", "clip_score", "preservation", "fidelity"):
         if key in student and key in improved:
             mask = rejected.reshape(-1, *([1] * (np.ndim(student[key]) - 1)))
             composed[key] = np.where(mask, improved[key], student[key])
     return composed
 
 
-def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | None = None) -> dict:
-    """Accuracy (an exact judge's share satisfied), mean judge score and cost; the CLIP score and the
-    Fréchet distance to ``reference_features`` (e.g. renderings of the same prompts) where the
-    per-image values are there."""
+def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | None = None,
+            fid_reference: np.ndarray | None = None) -> dict:
+    """Accuracy (an exact judge's share satisfied), mean judge score and cost; the CLIP score, the
+    Fréchet distance to ``reference_features`` (e.g. renderings of the same prompts) and the Inception
+    FID to ``fid_reference`` where the per-image values are there."""
     out = {"accuracy": float(np.mean(per_image["satisfied"]))} if "satisfied" in per_image else {}
     out.update(mean_score=float(np.mean(per_image["score"])), unet_evals_mean=float(np.mean(per_image["evals"])))
     if "clip_score" in per_image:
@@ -212,6 +213,10 @@ def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | N
         from .features import frechet_distance
 
         out["frechet_distance"] = frechet_distance(per_image["features"], reference_features)
+    if "fid_features" in per_image and fid_reference is not None:
+        from .features import frechet_distance
+
+        out["fid"] = frechet_distance(per_image["fid_features"], fid_reference)
     return out
 
 
