@@ -95,8 +95,8 @@ def test_features_refuse_a_model_that_is_neither_clip_nor_dinov2(tmp_path):
 
 def test_budget_and_oracle_with_a_scorer_judge(pipe, clip, reference_dir, tmp_path):
     measures = Measures.from_specs(f"clip:{clip}", features=clip, clip_score=clip, reference=reference_dir)
-    cfg = BudgetConfig(teacher_steps={"dpm": (2, 4)}, student_steps=(1,), refine_sigmas=(0.6,), refine_steps=2,
-                       regenerate_steps=(4,), ks=(0, 50, 100), references=("dpm4",))
+    cfg = BudgetConfig(teacher_steps={"dpm": (2, 4), "ddim": (2,)}, student_steps=(1,), refine_sigmas=(0.6,),
+                       refine_steps=2, regenerate={"dpm": (4,), "ddim": (2,)}, ks=(0, 50, 100), references=("dpm4",))
     results = budget(pipe, PROMPTS, tmp_path / "budget", seed=3, cfg=cfg, batch_size=len(PROMPTS), log=str,
                      measures=measures)
     assert results["judge"]["exact"] is False and results["measures"]["features"] == clip
@@ -114,6 +114,13 @@ def test_budget_and_oracle_with_a_scorer_judge(pipe, clip, reference_dir, tmp_pa
     expected = frechet_distance(features(cached["images"]),
                                 features(reference_images(reference_dir, features.image_size)))
     assert teacher["frechet_distance"] == pytest.approx(expected, rel=1e-6)
+    # regeneration by each scheduler of the grid: at k = 100 every image is that teacher's, at the student's cost more
+    points = {p["label"]: p for p in results["points"]}
+    for teacher_run in ("dpm4", "ddim2"):
+        everything = points[f"adaptive regenerate {teacher_run} k=100"]
+        assert everything["mean_score"] == pytest.approx(points[teacher_run]["mean_score"])
+        assert everything["unet_evals_mean"] == pytest.approx(points[teacher_run]["unet_evals_mean"]
+                                                              + points["student2"]["unet_evals_mean"])
     a = results["acceleration"]["dpm4"]
     assert a["best_adaptive_quality"] == max(p["mean_score"] for p in results["points"]
                                              if p["family"].startswith("adaptive") and 0 < p["k"] < 100)
@@ -168,7 +175,7 @@ def test_budget_reports_an_inception_fid_against_the_reference(pipe, clip, refer
     measures = dataclasses.replace(Measures.from_specs(f"clip:{clip}"), fid_features=inception,
                                    fid_reference=lambda _p, _s: stored)
     cfg = BudgetConfig(teacher_steps={"dpm": (2,)}, student_steps=(1,), refine_sigmas=(0.6,), refine_steps=2,
-                       regenerate_steps=(2,), ks=(0, 50, 100), references=("dpm2",))
+                       regenerate={"dpm": (2,)}, ks=(0, 50, 100), references=("dpm2",))
     results = budget(pipe, PROMPTS, tmp_path / "budget", seed=3, cfg=cfg, batch_size=len(PROMPTS), log=str,
                      measures=measures)
     points = {p["label"]: p for p in results["points"]}

@@ -38,7 +38,8 @@ class BudgetConfig:
     student_steps: tuple[int, ...] = (1, 2, 4, 8)
     refine_steps: int = 10                         # DPM-Solver++ steps of a refinement
     refine_sigmas: tuple[float, ...] = (0.5, 0.7, 0.85)
-    regenerate_steps: tuple[int, ...] = (10, 15, 25)  # DPM-Solver++ regenerations
+    # regenerations, by teacher scheduler (runs shared with the teacher curves where the steps agree)
+    regenerate: dict = field(default_factory=lambda: {"dpm": (10, 15, 25), "ddim": (10, 20)})
     ks: tuple[int, ...] = tuple(range(0, 101, 10))
     references: tuple[str, ...] = ("ddim50", "dpm25")  # teacher runs the acceleration factor is measured against
 
@@ -117,7 +118,8 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         runs[c.name] = sweep.run(c, log)
         add("student", c.name, runs[c.name], config=config_dict(c))
     student = runs[f"student{student_steps}"]
-    bases = [(f"adaptive regenerate dpm{n}", SamplerConfig("teacher", n, "dpm"), False) for n in cfg.regenerate_steps]
+    bases = [(f"adaptive regenerate {scheduler}{n}", SamplerConfig("teacher", n, scheduler), False)
+             for scheduler, steps_list in cfg.regenerate.items() for n in steps_list]
     for sigma in cfg.refine_sigmas:
         c = SamplerConfig("refine-all", cfg.refine_steps, "dpm", sigma)
         runs[c.name] = sweep.run(c, log)
@@ -386,18 +388,22 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 def plot_budget(results: dict, path: Path) -> Path:
+    import matplotlib
+
     points, acceleration = results["points"], results["acceleration"]
     y = lambda p: plotted_quality(quality(p), results)  # noqa: E731
     fig, ax = _figure(size=(9, 4.2))
     ax.set_title("quality vs cost", fontsize=10)
     ax.grid(alpha=0.3)
     families = sorted({p["family"] for p in points}, key=lambda f: (f.startswith("adaptive"), f))
-    for family in families:
+    colours = matplotlib.colormaps["tab20" if len(families) > 10 else "tab10"]  # one colour per family
+    for i, family in enumerate(families):
         pts = sorted((p for p in points if p["family"] == family), key=lambda p: p["unet_evals_mean"])
         style = "-o" if not family.startswith("adaptive") else "--."
         if family == "refine-all":
             style = "D"
-        ax.plot([p["unet_evals_mean"] for p in pts], [y(p) for p in pts], style, label=family, markersize=4)
+        ax.plot([p["unet_evals_mean"] for p in pts], [y(p) for p in pts], style, label=family, markersize=4,
+                color=colours(i % colours.N))
     for i, (ref, a) in enumerate(acceleration.items()):
         ax.axhline(y(a["teacher"]), color="black", linewidth=0.6, linestyle=":")
         label = f"{ref}" + (f": {a['factor']:.1f}x cheaper adaptive" if a["factor"] else ": not reached")
