@@ -236,9 +236,7 @@ class TandemPipeline:
         for pipe in (student, teacher, self.teacher_img2img):
             pipe.set_progress_bar_config(disable=True)
         self._teacher_scheduler_config = dict(self.teacher_img2img.scheduler.config)
-        self._student_digest: str | None = None
-        self._teacher_digest: str | None = None
-        self._controlnet_digest: str | None = None
+        self._digests: dict[str, str] = {}  # weights digests by component, computed once
         self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the student's edit scores
 
     # -- settings ----------------------------------------------------------------------------
@@ -263,22 +261,18 @@ class TandemPipeline:
         scorer, a ControlNet if any, and ``task`` (how an edit was made; absent for generation)."""
         if self.scorer is None:
             raise ValueError("no scorer: the pipeline was built without an oracle")
-        if self._student_digest is None:
-            self._student_digest = module_digest(self.student.unet)
         sched = self.student.scheduler
         extra = {}
         controlnet = getattr(self.student, "controlnet", None)
         if controlnet is not None:
-            if self._controlnet_digest is None:
-                self._controlnet_digest = module_digest(controlnet)
             extra["controlnet"] = {"path": str(getattr(controlnet.config, "_name_or_path", "")),
-                                   "weights": self._controlnet_digest}
+                                   "weights": self._weights_digest("controlnet", controlnet)}
         if task is not None:
             extra["task"] = dict(task)
         return {**extra,
             "student": {
                 "path": str(getattr(self.student.unet.config, "_name_or_path", "")),  # weights identify it
-                "weights": self._student_digest,
+                "weights": self._weights_digest("student", self.student.unet),
                 "pipeline": type(self.student).__name__,
                 "scheduler": type(sched).__name__,
                 "original_inference_steps": sched.config.get("original_inference_steps"),
@@ -292,18 +286,19 @@ class TandemPipeline:
     def fingerprint(self) -> dict:
         """The weights behind this pipeline's images and scores (student, teacher, ControlNet) and its
         scorer: an evaluation cache made with other models is refused, not mixed in."""
-        if self._student_digest is None:
-            self._student_digest = module_digest(self.student.unet)
-        if self._teacher_digest is None:
-            self._teacher_digest = module_digest(self._teacher_any.unet)
-        out = {"student": self._student_digest, "teacher": self._teacher_digest,
+        out = {"student": self._weights_digest("student", self.student.unet),
+               "teacher": self._weights_digest("teacher", self._teacher_any.unet),
                "scorer": self.scorer.fingerprint() if self.scorer is not None else None}
         controlnet = getattr(self.student, "controlnet", None)
         if controlnet is not None:
-            if self._controlnet_digest is None:
-                self._controlnet_digest = module_digest(controlnet)
-            out["controlnet"] = self._controlnet_digest
+            out["controlnet"] = self._weights_digest("controlnet", controlnet)
         return out
+
+    def _weights_digest(self, component: str, module) -> str:
+        """``module_digest`` of a component, computed once per pipeline (hashing weight files is not free)."""
+        if component not in self._digests:
+            self._digests[component] = module_digest(module)
+        return self._digests[component]
 
     def _teacher_scheduler(self, name: str):
         if name not in SCHEDULERS:

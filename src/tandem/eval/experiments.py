@@ -28,7 +28,7 @@ import numpy as np
 from ..calibration import Calibration
 from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality, quality_label
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
-from .sweep import SamplerConfig, Sweep, _save_npz, compose_adaptive, config_dict, is_main_process, summary
+from .sweep import SamplerConfig, Sweep, _save_npz, compose_adaptive, config_dict, is_main_process, provenance, summary
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
             "teacher_factor": target["unet_evals_mean"] / cheaper_teacher["unet_evals_mean"],
         }
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
                "judge": measures.judge.describe(), "measures": measures.describe(),
                "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
                "points": points, "acceleration": acceleration}
@@ -179,7 +179,7 @@ def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Oracle
     synthetic = [synthetic_oracle(student["score"], teacher["score"], a, cfg.seeds, student.get("satisfied"),
                                   teacher.get("satisfied")) for a in cfg.accuracies]
     results = {"experiment": "oracle", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
                "judge": measures.judge.describe(),
                "student": summary(student), "teacher": summary(teacher),
                "student_vs_teacher": win_rate(student["score"], teacher["score"]),
@@ -238,7 +238,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
     results = {
         "experiment": "winners", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
         "student_steps": student_steps, "teacher": f"dpm{cfg.teacher_steps}, guidance {guidance:g}",
-        "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+        "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
         "judge": measures.judge.describe(), "measures": measures.describe(),
         "student_vs_teacher": win_rate(s, teacher),
         "by_distance": by_bins(distance, s, teacher, cfg.bins, {"curvature": curvature}),
@@ -291,7 +291,7 @@ def threshold(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Thr
             for row in pool.convergence(sizes, cfg.ks, cfg.resamples, seed, replace=False)]
     full = {k: pool.threshold(k) for k in cfg.ks}
     results = {"experiment": "threshold", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
                "tau_all_prompts": full, "rows": rows}
     _write(out, results, plot_threshold(results, out / "threshold.png"), threshold_report(results))
     return results
@@ -347,7 +347,7 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
         rows.append({**row, "mean_score": float(np.mean([r["score"].mean() for r in runs])),
                      "unet_evals_mean": float(np.mean([r["evals"].mean() for r in runs]))})
     results = {"experiment": "diversity", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
                "judge": measures.judge.describe(), "measures": measures.describe(), "tau": tau,
                "rows": rows}
     _write(out, results, plot_diversity(results, out / "diversity.png"), diversity_report(results))
@@ -595,11 +595,12 @@ def plot_diversity(results: dict, path: Path) -> Path:
 
 
 def diversity_report(results: dict) -> str:
+    space = results.get("measures", {}).get("features", "world clip")
     lines = [f"# Diversity ({results['preset']}, {results['n_prompts']} prompts x "
              f"{len(results['config']['seeds'])} seeds)", "",
-             f"Diversity is the mean pairwise cosine distance, in {results.get('measures', {}).get('features', 'world clip')}"
-             " image features, between the images of one prompt drawn with different seeds (the DDIL paper's "
-             "LPIPS-diversity); (UNet evaluations per image in brackets in the plot).", "",
+             f"Diversity is the mean pairwise cosine distance, in {space} image features, between the images "
+             "of one prompt drawn with different seeds (the DDIL paper's LPIPS-diversity); (UNet evaluations "
+             "per image in brackets in the plot).", "",
              f"| run | diversity | {quality_label(results).removesuffix(' (%)')} | UNet evals |", "|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['run']} | {r['diversity']:.4f} | {format_quality(quality(r), results)} | "

@@ -114,7 +114,8 @@ class InceptionFeatures:
         for s in range(0, len(images), self.batch_size):
             resized = np.stack([np.asarray(Image.fromarray(im).resize((self.image_size,) * 2, Image.Resampling.BICUBIC))
                                 for im in images[s:s + self.batch_size]])
-            out.append(self.module(torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()).reshape(len(resized), -1))
+            batch = torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()
+            out.append(self.module(batch).reshape(len(resized), -1))
         return torch.cat(out).double().numpy()
 
 

@@ -209,15 +209,19 @@ def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | N
     out.update(mean_score=float(np.mean(per_image["score"])), unet_evals_mean=float(np.mean(per_image["evals"])))
     if "clip_score" in per_image:
         out["clip_score"] = float(np.mean(per_image["clip_score"]))
-    if "features" in per_image and reference_features is not None:
-        from .features import frechet_distance
+    from .features import frechet_distance
 
+    if "features" in per_image and reference_features is not None:
         out["frechet_distance"] = frechet_distance(per_image["features"], reference_features)
     if "fid_features" in per_image and fid_reference is not None:
-        from .features import frechet_distance
-
         out["fid"] = frechet_distance(per_image["fid_features"], fid_reference)
     return out
+
+
+def provenance(pipe) -> dict:
+    """What an experiment's results were made with, beyond its config: the digests of the pipeline's
+    weights and its preset defaults (e.g. the teacher's guidance scale)."""
+    return {"models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults)}
 
 
 def config_dict(config: SamplerConfig) -> dict:

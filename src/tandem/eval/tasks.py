@@ -26,7 +26,7 @@ import numpy as np
 from ..calibration import Calibration
 from .experiments import _figure, _number, _save_figure, _write
 from .metrics import win_rate
-from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, summary
+from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, provenance, summary
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def edit(pipe, cases: list, out: str | Path, seed: int = 0, cfg: EditConfig = Ed
             best_student = max((_summary(d) for d in students.values()), key=lambda r: r["accuracy"])
             acceptance = _acceptance(here, best_student, teachers)
     results = {"experiment": "edit", "n_edits": len(cases), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
                "calibration_edits": len(held_out), "points": points, "curves": curves,
                "acceptance": acceptance, "win_rates": main}
     cost_plot = plot_edit_cost(results, out / "edit_quality_vs_cost.png")
@@ -309,7 +309,8 @@ def control(pipe, prompts: list[str], kind: str, out: str | Path, seed: int = 0,
         points.append({"family": "refine-all", "label": c.name, **_summary(refined), "config": config_dict(c)})
         _adaptive_points(points, f"adaptive refine sigma {sigma:g}", student, refined, taus, c.name, True)
     results = {"experiment": "control", "control": kind, "n_prompts": len(prompts), "seed": seed,
-               "preset": pipe.name, "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, "models": pipe.fingerprint(), "pipeline_defaults": dict(pipe.defaults),
+               "preset": pipe.name, "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {},
+               **provenance(pipe),
                "calibration_prompts": len(held_out), "points": points,
                "acceptance": _acceptance(points, _summary(student), teachers)}
     plot = plot_control(results, out / "control_quality_vs_cost.png")
