@@ -10,20 +10,16 @@ seconds (imports), so the runs are module fixtures shared by the tests that read
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import assert_user_error, ok, tandem, tandem_in_process
 from PIL import Image
 
 from tandem.world.checker import check
 
-# One thread per process: the suite must not fight the machine's other jobs for cores.
-ENV = {**os.environ, "TANDEM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 STEPS = 3  # DPM-Solver++ 2M takes a second-order step only from step 2 on
 A = "a red circle"
 B = "a small blue square at the top left"
@@ -31,26 +27,6 @@ C = "an orange triangle to the left of a large green circle"
 D = "a white circle and a purple square"
 E = "a cyan triangle in the center"
 PROMPTS = [A, B, C]
-
-
-def tandem(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tandem.cli", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=300)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit status 2 and one line on stderr that names the problem."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def pngs(out: Path) -> list[Path]:
@@ -242,17 +218,6 @@ def test_generate_refuses_a_non_empty_out_dir(runs, tiny_world, tmp_path):
 # tandem generate: bad input. The subprocess case above shows that a refusal reaches the shell as
 # exit status 2 and one stderr line; these run ``tandem.cli.main`` in-process (a subprocess costs
 # seconds of imports each) and check the same status and line.
-
-
-def tandem_in_process(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
-    from tandem.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tandem", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
 
 
 @pytest.mark.parametrize("case", ["unknown model", "outside grammar", "steps -1", "steps 0", "batch 0",

@@ -8,8 +8,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from clitools import assert_user_error, ok, tandem_in_process
 from PIL import Image
-from test_cli import assert_user_error, ok, tandem_in_process
 
 from tandem.world.checker import check
 

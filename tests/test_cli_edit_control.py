@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from clitools import assert_user_error, ok, tandem_in_process
 from PIL import Image
-from test_cli import assert_user_error, ok, tandem_in_process
 
 from tandem.calibration import Calibration
 from tandem.models import world_dir

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import assert_user_error, ok, tandem_in_process
+from clitools import assert_user_error, ok, tandem_in_process
 from test_tandem_pipeline import PROMPTS, world_pipeline
 
 from tandem.calibration import Calibration

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from clitools import assert_user_error, ok, tandem_in_process
 from PIL import Image
-from test_cli import assert_user_error, ok, tandem_in_process
 from test_tandem_pipeline import PROMPTS, world_pipeline
 
 from tandem.eval.experiments import BudgetConfig, OracleConfig, budget, oracle

@@ -219,7 +219,7 @@ def test_training_command_caches_data_resumes_exactly_and_evaluates(tiny_clip, t
 
 
 def test_cli_refuses_bad_input_with_exit_status_2(tmp_path, capsys, monkeypatch):
-    from test_cli import assert_user_error, tandem_in_process
+    from clitools import assert_user_error, tandem_in_process
 
     """In-process ``tandem.cli.main`` (tests/test_cli.py shows the same status and line reach the shell)."""
     out = tmp_path / "run"

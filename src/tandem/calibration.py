@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import finite_number
+
 FORMAT = "tandem-calibration/1"
 PERCENTILES = tuple(range(101))
 
@@ -61,8 +63,9 @@ def percentile_k_for_budget(budget: float, student_cost: float, improve_cost: fl
     """The percentile k whose average cost ``student + (k/100) * improve`` equals ``budget``
     (paper: 5 + 0.5 * 20 = 15). Raises if the budget is below the student's own cost; a budget
     above refine-all's cost gives k = 100."""
-    if improve_cost <= 0:
-        raise ValueError(f"improvement cost must be > 0, got {improve_cost}")
+    budget = finite_number(budget, "budget", low=0, low_open=True)
+    student_cost = finite_number(student_cost, "student cost", low=0)
+    improve_cost = finite_number(improve_cost, "improvement cost", low=0, low_open=True)
     if budget < student_cost:
         raise ValueError(f"budget {budget:g} model evaluations per image is below the student's own cost "
                          f"({student_cost:g}); nothing is left for the teacher")
@@ -103,9 +106,7 @@ class Calibration:
 
     def threshold(self, k: float) -> float:
         """tau = the k-th percentile (linear interpolation) of the calibration scores."""
-        if not 0 <= k <= 100:
-            raise ValueError(f"percentile k must be in [0, 100], got {k}")
-        return float(np.percentile(self.scores, k))
+        return float(np.percentile(self.scores, finite_number(k, "percentile k", low=0, high=100)))
 
     def check(self, fingerprint: dict) -> None:
         """Raise ``CalibrationMismatch`` naming every difference from a call's fingerprint."""
@@ -157,13 +158,69 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration file written by ``save``; anything else is a ``ValueError`` naming the file
+        and what is wrong with it (not JSON, another format, a missing or mistyped key, scores that do not
+        match its own percentile table)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(f"calibration file {path} does not exist; make one with `tandem calibrate`") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read calibration {path}: {e}") from None
+        except OSError as e:
+            raise ValueError(f"cannot read calibration {path}: {e.strerror or e}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not a calibration JSON file (not UTF-8 text: byte {e.start} is "
+                             f"0x{raw[e.start]:02x})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not a calibration JSON file (invalid JSON at line {e.lineno} column "
+                             f"{e.colno}: {e.msg})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a tandem calibration (expected format {FORMAT!r})")
-        return cls(np.asarray(data["scores"]), data["fingerprint"], data.get("config", {}))
+        return cls._from_json(data, path)
+
+    @classmethod
+    def _from_json(cls, data: dict, path: Path) -> Calibration:
+        """A calibration from the parsed contents of ``path``, checking each key's type."""
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"calibration {path} is malformed: {problem}; remake it with `tandem calibrate`")
+
+        for key, kind, what in (("scores", list, "a list of numbers"), ("fingerprint", dict, "an object")):
+            if key not in data:
+                raise bad(f"it has no {key!r}")
+            if not isinstance(data[key], kind):
+                raise bad(f"{key!r} must be {what}, got {_json_type(data[key])}")
+        scores = data["scores"]
+        if not scores:
+            raise bad("'scores' is empty")
+        for i, x in enumerate(scores):
+            if isinstance(x, bool) or not isinstance(x, int | float):
+                raise bad(f"'scores'[{i}] must be a number, got {_json_type(x)}")
+            if not np.isfinite(x):
+                raise bad(f"'scores'[{i}] is {x} (scores must be finite)")
+        config = data.get("config", {})
+        if not isinstance(config, dict):
+            raise bad(f"'config' must be an object, got {_json_type(config)}")
+        n = data.get("n", len(scores))
+        if isinstance(n, bool) or not isinstance(n, int) or n != len(scores):
+            raise bad(f"'n' is {n!r} but 'scores' holds {len(scores)}")
+        calibration = cls(np.asarray(scores, dtype=np.float64), data["fingerprint"], config)
+        table = data.get("percentiles", {})
+        if not isinstance(table, dict):
+            raise bad(f"'percentiles' must be an object, got {_json_type(table)}")
+        for k, tau in table.items():  # the table is derived from the scores: an edited one would be ignored
+            if not (isinstance(tau, int | float) and not isinstance(tau, bool) and k.isdigit() and int(k) <= 100):
+                raise bad(f"'percentiles' entry {k!r}: {tau!r} (expected k in 0..100 and a number)")
+            if not np.isclose(tau, calibration.threshold(int(k)), rtol=1e-9, atol=1e-12):
+                raise bad(f"'percentiles'[{k!r}] is {tau!r} but its scores give {calibration.threshold(int(k))!r} "
+                          "(edited by hand?)")
+        return calibration
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)

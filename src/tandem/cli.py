@@ -109,10 +109,28 @@ def _read_images(files: list[Path], flag: str) -> list:
     for file in files:
         try:
             with Image.open(file) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"{flag} {file}: cannot read the image ({e.__class__.__name__})") from None
+                images.append(_to_rgb8(im))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"{flag} {file}: cannot read the image ({e})") from None
     return images
+
+
+def _to_rgb8(im):
+    """An 8-bit RGB copy of a PIL image. 16- and 32-bit greyscale (modes I;16*, I) are scaled from their
+    full range (PIL's own conversion would clip them to black and white); float images are refused."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(2**32 - 1)
+        if a.min(initial=0) < 0:
+            raise ValueError(f"a {im.mode} image with negative values")
+        grey = np.round(a * (255.0 / top)).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1))
+    if im.mode == "F":
+        raise ValueError("a floating-point image (mode F); give an 8- or 16-bit PNG")
+    return im.convert("RGB")
 
 
 def _control_preset(model: str, control: str | None) -> str:
@@ -127,6 +145,26 @@ def _control_preset(model: str, control: str | None) -> str:
         raise UserError(f"--control {control}: preset {model!r} has no such ControlNet preset "
                         f"(it has: {', '.join(options) or 'none'})")
     return name
+
+
+def _check_out_file(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Before any compute: ``out`` is a file name that may be written (not an existing file without
+    --overwrite, not a directory or a dangling symlink, in a writable directory)."""
+    import tempfile
+
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"{flag} {out} is a symlink to {os.readlink(out)}, which does not exist")
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a directory; give a file name")
+    if out.exists() and not overwrite:
+        raise UserError(f"{flag} {out} exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
 
 
 def _check_world_prompts(prompts: list[str]) -> None:
@@ -154,7 +192,9 @@ def generate(
                                                     "'deterministic'.")] = "stochastic",
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance [model default].")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; prompt i uses a generator seeded from (seed, i).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per model call; never changes an image.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call (speed and memory). Every image keeps "
+                                                 "its seed and noise; another batch size can change pixels by "
+                                                 "float rounding (at most 1/255 measured on CPU).")] = 16,
     out: Annotated[Path, typer.Option(help="Output directory (PNGs, records.jsonl, config.json).")] = ...,
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
@@ -231,38 +271,39 @@ def generate(
                             else preset.guidance_scale if preset else spec.teacher.guidance_scale),
             noise=student_noise,
         )
-    output = OutputDir(out, overwrite)
     t0 = time.time()
-    with _progress("generating", len(prompts)) as bar:
-        task = bar.add_task("generate", total=len(prompts))
-        def done(n: int) -> None:
-            bar.update(task, completed=n)
+    with OutputDir(out, overwrite, info={"command": "generate"}) as output:
+        with _progress("generating", len(prompts)) as bar:
+            task = bar.add_task("generate", total=len(prompts))
+            def done(n: int) -> None:
+                bar.update(task, completed=n)
 
-        if mode is Mode.teacher:
-            pipe = load_teacher_pipeline(spec, device=device)
-            images = generate_teacher(pipe, prompts, settings, seed, batch_size, on_batch=done)
-        else:
-            pipe = load_student_pipeline(spec, student_path, device=device)
-            images = generate_student(pipe, prompts, settings, seed, batch_size, on_batch=done)
-    mode_fields = ({"teacher_steps": settings.steps, "scheduler": settings.scheduler} if mode is Mode.teacher
-                   else {"student": str(student_path), "student_steps": settings.steps,
-                         "student_noise": settings.noise})
-    records = []
-    for i, (p, image) in enumerate(zip(prompts, images)):
-        output.save_image(i, image)
-        records.append({
-            "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
-            "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name, **mode_fields,
-            "guidance_scale": settings.guidance_scale, "unet_evals": settings.unet_evals_per_image,
-            "vae_decodes": 1,
+            if mode is Mode.teacher:
+                pipe = load_teacher_pipeline(spec, device=device)
+                images = generate_teacher(pipe, prompts, settings, seed, batch_size, on_batch=done)
+            else:
+                pipe = load_student_pipeline(spec, student_path, device=device)
+                images = generate_student(pipe, prompts, settings, seed, batch_size, on_batch=done)
+        mode_fields = ({"teacher_steps": settings.steps, "scheduler": settings.scheduler} if mode is Mode.teacher
+                       else {"student": str(student_path), "student_steps": settings.steps,
+                             "student_noise": settings.noise})
+        records = []
+        for i, (p, image) in enumerate(zip(prompts, images)):
+            output.save_image(i, image)
+            records.append({
+                "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
+                "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name, **mode_fields,
+                "guidance_scale": settings.guidance_scale, "unet_evals": settings.unet_evals_per_image,
+                "vae_decodes": 1,
+            })
+        output.write_records(records)
+        output.write_config({
+            "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,
+            "mode": mode.value,
+            mode.value: {**settings.__dict__, **({"path": str(student_path)} if student_path else {})},
+            "seed": seed, "batch_size": batch_size,
+            "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
         })
-    output.write_records(records)
-    output.write_config({
-        "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,
-        "mode": mode.value, mode.value: {**settings.__dict__, **({"path": str(student_path)} if student_path else {})},
-        "seed": seed, "batch_size": batch_size,
-        "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
-    })
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
 
 
@@ -299,9 +340,7 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
                      calibration, scorer, control_image=None) -> None:
     import time
 
-    from PIL import Image
-
-    from .outputs import OutputDir, image_grid
+    from .outputs import OutputDir, image_grid, save_png
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -315,44 +354,45 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
     if controls is not None and len(controls) not in (1, len(prompts)):
         raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
                         "(one per prompt, or one for all)")
-    preset, pipe = _tandem_pipeline(model, student, device, calibration, scorer)
-    if preset.teacher == "world":
-        _check_world_prompts(prompts)
-    output = OutputDir(out, overwrite)
-    kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
-                  teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
-                  teacher_scheduler=scheduler.value if scheduler is not None else None,
-                  strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
-                  rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
-                  percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
-    t0 = time.time()
-    with _progress("tandem", len(prompts)) as bar:
-        progress = _phase_bars(bar)
+    output = OutputDir(out, overwrite, info={"command": f"generate --mode {mode.value}"})
+    with output:  # a failure anywhere below leaves --out as it was
+        preset, pipe = _tandem_pipeline(model, student, device, calibration, scorer)
+        if preset.teacher == "world":
+            _check_world_prompts(prompts)
+        kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                      teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
+                      teacher_scheduler=scheduler.value if scheduler is not None else None,
+                      strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
+                      rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
+                      percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
+        t0 = time.time()
+        with _progress("tandem", len(prompts)) as bar:
+            progress = _phase_bars(bar)
 
-        try:
-            result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    for i, (record, image) in enumerate(zip(result.records, result.images)):
-        output.save_image(i, image)
-        record.update(file=output.image_path(i).name, seed=seed, model=preset.name)
-        if control_image:
-            record["control_image"] = str(control_image[i if len(control_image) > 1 else 0])
-    output.write_records(result.records)
-    summary = result.summary
-    firsts = result.student_images if result.student_images is not None else result.images
-    grid_rows = [im for pair in zip(firsts, result.images) for im in pair]
-    Image.fromarray(image_grid(grid_rows[:128], columns=8)).save(output.path / "grid.png")
-    output.write_config({
-        "command": "generate", "tandem_version": __version__, "preset": preset.name,
-        "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
-        "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
-        "calibration": str(calibration) if calibration else preset.calibration,
-        "controlnet": preset.controlnet, "control_images": [str(c) for c in control_image or []] or None,
-        **summary["settings"], "seed": seed, "batch_size": batch_size,
-        "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
-        "summary": {k: v for k, v in summary.items() if k != "settings"},
-    })
+            try:
+                result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        for i, (record, image) in enumerate(zip(result.records, result.images)):
+            output.save_image(i, image)
+            record.update(file=output.image_path(i).name, seed=seed, model=preset.name)
+            if control_image:
+                record["control_image"] = str(control_image[i if len(control_image) > 1 else 0])
+        output.write_records(result.records)
+        summary = result.summary
+        firsts = result.student_images if result.student_images is not None else result.images
+        grid_rows = [im for pair in zip(firsts, result.images) for im in pair]
+        save_png(output.path / "grid.png", image_grid(grid_rows[:128], columns=8))
+        output.write_config({
+            "command": "generate", "tandem_version": __version__, "preset": preset.name,
+            "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
+            "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+            "calibration": str(calibration) if calibration else preset.calibration,
+            "controlnet": preset.controlnet, "control_images": [str(c) for c in control_image or []] or None,
+            **summary["settings"], "seed": seed, "batch_size": batch_size,
+            "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
+            "summary": {k: v for k, v in summary.items() if k != "settings"},
+        })
     paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s ({paths}); "
                   f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average "
@@ -387,8 +427,7 @@ def calibrate(
     the student under that ControlNet."""
     from .world.prompts import load_prompts
 
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    _check_out_file(out, overwrite)
     if student_steps is not None and student_steps < 1:
         raise UserError(f"--student-steps must be >= 1, got {student_steps}")
     if strength is not None and edits is None:
@@ -487,7 +526,9 @@ def edit(
     calibration: Annotated[Path | None, typer.Option(help="adaptive: an edit calibration (`tandem calibrate "
                                                           "--edits`) [the preset's, for its strength].")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; image i uses a generator seeded from (seed, i).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per model call; never changes an image.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per model call (speed and memory). Every image keeps "
+                                                 "its seed and noise; another batch size can change pixels by "
+                                                 "float rounding (at most 1/255 measured on CPU).")] = 16,
     out: Annotated[Path, typer.Option(help="Output directory (PNGs, inputs, records.jsonl, config.json).")] = ...,
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
@@ -500,7 +541,7 @@ def edit(
     from PIL import Image
 
     from .calibration import Calibration
-    from .outputs import OutputDir, image_grid
+    from .outputs import OutputDir, image_grid, save_png
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -531,52 +572,52 @@ def edit(
             raise UserError(f"got {len(inputs)} images and {len(prompts)} prompts (one each, or one for all)")
     if calibration is not None and not calibration.exists():
         raise UserError(f"--calibration {calibration} does not exist; make one with `tandem calibrate --edits`")
-    preset, pipe = _tandem_pipeline(model, None, device, None)
-    if preset.teacher == "world":
-        _check_world_prompts(prompts)
-    output = OutputDir(out, overwrite)
-    t0 = time.time()
-    with _progress("editing", len(prompts)) as bar:
-        progress = _phase_bars(bar)
+    with OutputDir(out, overwrite, info={"command": "edit"}) as output:  # a failure leaves --out as it was
+        preset, pipe = _tandem_pipeline(model, None, device, None)
+        if preset.teacher == "world":
+            _check_world_prompts(prompts)
+        t0 = time.time()
+        with _progress("editing", len(prompts)) as bar:
+            progress = _phase_bars(bar)
 
-        try:
-            result = pipe.edit(inputs, prompts, strength=strength, mode=mode.value, num_inference_steps=student_steps,
-                               guidance_scale=guidance_scale, teacher_steps=teacher_steps,
-                               teacher_guidance_scale=teacher_guidance_scale, accept_threshold=threshold,
-                               percentile=percentile, budget=budget,
-                               calibration=Calibration.load(calibration) if calibration else None, seed=seed,
-                               batch_size=batch_size, callback=progress)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    size = pipe.resolution()
-    for i, (record, result_image) in enumerate(zip(result.records, result.images)):
-        output.save_image(i, result_image)
-        source = inputs[i].convert("RGB")
-        if source.size != (size[1], size[0]):
-            source = source.resize((size[1], size[0]), Image.BICUBIC)
-        input_path = output.path / f"{i:05d}_input.png"
-        source.save(input_path)
-        record.update(file=output.image_path(i).name, input_file=input_path.name, seed=seed, model=preset.name)
-        if cases is not None:
-            record["edit"] = {k: getattr(cases[i], k) for k in ("split", "index", "source", "object", "attribute",
-                                                                 "before", "after")}
-        elif image:
-            record["input_path"] = str(image[i if len(image) > 1 else 0])
-    output.write_records(result.records)
-    summary = result.summary
-    rows = [np.asarray(im) for i in range(len(prompts)) for im in (inputs[i].convert("RGB").resize(
-        (size[1], size[0])), result.images[i])]
-    Image.fromarray(image_grid(rows[:128], columns=8)).save(output.path / "grid.png")
-    output.write_config({
-        "command": "edit", "tandem_version": __version__, "preset": preset.name, "teacher": preset.teacher,
-        "student": preset.student, "scorer": preset.scorer,
-        "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
-        "calibration": str(calibration) if calibration else (
-            preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
-            else None),
-        **summary["settings"], "seed": seed, "batch_size": batch_size, "edits": edits, "n_prompts": len(prompts),
-        "device": device, "summary": {k: v for k, v in summary.items() if k != "settings"},
-    })
+            try:
+                result = pipe.edit(inputs, prompts, strength=strength, mode=mode.value, num_inference_steps=student_steps,
+                                   guidance_scale=guidance_scale, teacher_steps=teacher_steps,
+                                   teacher_guidance_scale=teacher_guidance_scale, accept_threshold=threshold,
+                                   percentile=percentile, budget=budget,
+                                   calibration=Calibration.load(calibration) if calibration else None, seed=seed,
+                                   batch_size=batch_size, callback=progress)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        size = pipe.resolution()
+        for i, (record, result_image) in enumerate(zip(result.records, result.images)):
+            output.save_image(i, result_image)
+            source = inputs[i].convert("RGB")
+            if source.size != (size[1], size[0]):
+                source = source.resize((size[1], size[0]), Image.BICUBIC)
+            input_path = output.path / f"{i:05d}_input.png"
+            save_png(input_path, source)
+            record.update(file=output.image_path(i).name, input_file=input_path.name, seed=seed, model=preset.name)
+            if cases is not None:
+                record["edit"] = {k: getattr(cases[i], k) for k in ("split", "index", "source", "object", "attribute",
+                                                                     "before", "after")}
+            elif image:
+                record["input_path"] = str(image[i if len(image) > 1 else 0])
+        output.write_records(result.records)
+        summary = result.summary
+        rows = [np.asarray(im) for i in range(len(prompts)) for im in (inputs[i].convert("RGB").resize(
+            (size[1], size[0])), result.images[i])]
+        save_png(output.path / "grid.png", image_grid(rows[:128], columns=8))
+        output.write_config({
+            "command": "edit", "tandem_version": __version__, "preset": preset.name, "teacher": preset.teacher,
+            "student": preset.student, "scorer": preset.scorer,
+            "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+            "calibration": str(calibration) if calibration else (
+                preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
+                else None),
+            **summary["settings"], "seed": seed, "batch_size": batch_size, "edits": edits, "n_prompts": len(prompts),
+            "device": device, "summary": {k: v for k, v in summary.items() if k != "settings"},
+        })
     paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
     console.print(f"{len(prompts)} edits in {time.time() - t0:.1f}s ({paths}); "
                   f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average; "
@@ -624,7 +665,8 @@ def distill_consistency_cmd(
                          mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, threads=threads)
     t0 = time.time()
     student = distill_consistency(teacher, out, cfg, tcfg, data=data, resume=resume)
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    log_path = out / "log.jsonl"  # absent when a resumed run had nothing left to train and its log was removed
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
     last = log[-1] if log else {}
     console.print(f"consistency student: {max_steps} steps ({time.time() - t0:.0f}s in this call), "
                   f"last loss {last.get('loss', float('nan')):.5f} -> {student}")
@@ -647,15 +689,15 @@ def world_render(
 
     prompts = _collect_prompts(None, prompts_file)
     _check_world_prompts(prompts)
-    output = OutputDir(out, overwrite)
-    records = []
-    for i, (p, scene) in enumerate(zip(prompts, scenes_for_captions(prompts, seed))):
-        output.save_image(i, render(scene))
-        records.append({"index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
-                        "prompt_seed": prompt_seed(seed, i), "mode": "render", "scene": scene.to_dict()})
-    output.write_records(records)
-    output.write_config({"command": "world render", "tandem_version": __version__, "seed": seed,
-                         "prompts_file": str(prompts_file), "n_prompts": len(prompts)})
+    with OutputDir(out, overwrite, info={"command": "world render"}) as output:
+        records = []
+        for i, (p, scene) in enumerate(zip(prompts, scenes_for_captions(prompts, seed))):
+            output.save_image(i, render(scene))
+            records.append({"index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
+                            "prompt_seed": prompt_seed(seed, i), "mode": "render", "scene": scene.to_dict()})
+        output.write_records(records)
+        output.write_config({"command": "world render", "tandem_version": __version__, "seed": seed,
+                             "prompts_file": str(prompts_file), "n_prompts": len(prompts)})
     console.print(f"{len(prompts)} renderings -> {out}")
 
 
@@ -667,13 +709,13 @@ def world_prompts(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Regenerate a fixed prompt list (the shipped lists: val n=500, test n=1000)."""
+    from .outputs import atomic_write_text
     from .world.prompts import generate_prompts
 
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
-    out.write_text("\n".join(generate_prompts(split.value, n)) + "\n")
+    _check_out_file(out, overwrite)
+    atomic_write_text(out, "\n".join(generate_prompts(split.value, n)) + "\n")
     console.print(f"{n} {split.value} prompts -> {out}")
 
 
@@ -687,23 +729,20 @@ def world_edits(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Regenerate an editing benchmark list: renderings whose caption changes in one attribute."""
-    from PIL import Image
-
+    from .outputs import OutputDir, atomic_write_text
     from .world.edits import EDIT_SIZES, generate_edits
 
     n = EDIT_SIZES[split.value] if n is None else n
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
-    if images is not None and images.exists() and any(images.iterdir()) and not overwrite:
-        raise UserError(f"--images {images} is not empty; pass --overwrite to replace its files")
+    _check_out_file(out, overwrite)
+    folder = OutputDir(images, overwrite, info={"command": "world edits"}, flag="--images") if images else None
     cases = generate_edits(split.value, n)
-    out.write_text("".join(c.to_json() + "\n" for c in cases))
-    if images is not None:
-        images.mkdir(parents=True, exist_ok=True)
-        for i, c in enumerate(cases):
-            Image.fromarray(c.image()).save(images / f"{i:05d}.png")
+    if folder is not None:
+        with folder:
+            for i, c in enumerate(cases):
+                folder.save_image(i, c.image())
+    atomic_write_text(out, "".join(c.to_json() + "\n" for c in cases))
     console.print(f"{n} {split.value} edits -> {out}" + (f" (source renderings in {images})" if images else ""))
 
 
@@ -743,9 +782,8 @@ def world_train(
     import dataclasses
 
     from .models import world_dir
-    from .world import oracle, train
-
     from .world import control as world_control
+    from .world import oracle, train
 
     configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
                "teacher": train.TeacherTrainConfig, "oracle": oracle.OracleTrainConfig,
@@ -871,7 +909,7 @@ def world_evaluate(
 
     from .generate import StudentSettings, TeacherSettings, generate_student, generate_teacher
     from .models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
-    from .outputs import OutputDir
+    from .outputs import OutputDir, atomic_write_text
     from .world.evaluate import judge, vae_reconstructions
     from .world.prompts import load_prompts
 
@@ -908,43 +946,43 @@ def world_evaluate(
         config.update(student=str(path), student_noise=student_noise)
         runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
                 for g in (guidance_scale or [default_g]) for n in (student_steps or [1, 2, 4, 8])]
-    output = OutputDir(out, overwrite)
-    if mode is Mode.teacher:
-        pipe, generate = load_teacher_pipeline(spec), generate_teacher
-    else:
-        pipe, generate = load_student_pipeline(spec, path), generate_student
-    results = {"config": config, mode.value: {}}
-    for key, name, settings in runs:
-        with _progress(name, len(prompts)) as bar:
-            task = bar.add_task("generate", total=len(prompts))
+    with OutputDir(out, overwrite, info={"command": "world evaluate"}) as output:
+        if mode is Mode.teacher:
+            pipe, generate = load_teacher_pipeline(spec), generate_teacher
+        else:
+            pipe, generate = load_student_pipeline(spec, path), generate_student
+        results = {"config": config, mode.value: {}}
+        for key, name, settings in runs:
+            with _progress(name, len(prompts)) as bar:
+                task = bar.add_task("generate", total=len(prompts))
 
-            def done(n: int, bar=bar, task=task) -> None:
-                bar.update(task, completed=n)
+                def done(n: int, bar=bar, task=task) -> None:
+                    bar.update(task, completed=n)
 
-            images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
-        summary = {**judge(images, prompts), "settings": settings.__dict__,
-                   "unet_evals_per_image": settings.unet_evals_per_image}
-        results[mode.value][key] = summary
-        np.savez_compressed(output.path / f"{name}.npz", images=np.stack(images))
-        console.print(f"{name}: accuracy {summary['accuracy']:.3f}, "
-                      f"1 object {summary['by_objects'].get('1', {}).get('accuracy', float('nan')):.3f}, "
-                      f"score {summary['mean_score']:.3f}")
-    best = max(results[mode.value], key=lambda k: results[mode.value][k]["accuracy"])
-    if mode is Mode.teacher:
-        results["best_guidance_scale"] = float(best)
-    else:
-        from .plots import plot_quality_vs_steps
+                images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
+            summary = {**judge(images, prompts), "settings": settings.__dict__,
+                       "unet_evals_per_image": settings.unet_evals_per_image}
+            results[mode.value][key] = summary
+            np.savez_compressed(output.path / f"{name}.npz", images=np.stack(images))
+            console.print(f"{name}: accuracy {summary['accuracy']:.3f}, "
+                          f"1 object {summary['by_objects'].get('1', {}).get('accuracy', float('nan')):.3f}, "
+                          f"score {summary['mean_score']:.3f}")
+        best = max(results[mode.value], key=lambda k: results[mode.value][k]["accuracy"])
+        if mode is Mode.teacher:
+            results["best_guidance_scale"] = float(best)
+        else:
+            from .plots import plot_quality_vs_steps
 
-        results["best"] = best
-        if ref is not None:
-            results["reference"] = {"file": str(reference), **{k: v[0] for k, v in ref.items()}}
-        plot = plot_quality_vs_steps(results["student"], output.path / "quality_vs_steps.png", ref,
-                                     title=f"{spec.name} student on {config['prompts_file']} prompts")
-        console.print(f"plot -> {plot}")
-    if vae:
-        results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
-        console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
-    (output.path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            results["best"] = best
+            if ref is not None:
+                results["reference"] = {"file": str(reference), **{k: v[0] for k, v in ref.items()}}
+            plot = plot_quality_vs_steps(results["student"], output.path / "quality_vs_steps.png", ref,
+                                         title=f"{spec.name} student on {config['prompts_file']} prompts")
+            console.print(f"plot -> {output.final / plot.name}")
+        if vae:
+            results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
+            console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
+        atomic_write_text(output.path / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"best {best} -> {output.path / 'results.json'}")
 
 
@@ -962,16 +1000,41 @@ def _read_output_dir(path: Path) -> tuple[list[str], list, list[dict]]:
     import numpy as np
     from PIL import Image
 
+    from .outputs import INCOMPLETE
+
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory (give the --out of a `tandem generate` run)")
     records_file = path / "records.jsonl"
     if not records_file.exists():
         raise UserError(f"{path} has no records.jsonl (not a `tandem generate` output directory)")
-    records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+    if (path / INCOMPLETE).exists():
+        raise UserError(f"{path} is an unfinished run (it holds {INCOMPLETE}); nothing in it is a result")
+    records = []
+    try:
+        lines = records_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{records_file} is unreadable ({e.__class__.__name__}: {e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{records_file} line {n} is not JSON ({e})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not (
+                isinstance(r.get("file"), str) or isinstance(r.get("index"), int)):
+            raise UserError(f"{records_file} line {n} is not a tandem record (needs 'prompt' and 'file' or 'index')")
+        records.append(r)
     images = []
     for r in records:
-        file = path / r.get("file", f"{r['index']:05d}.png")
+        file = path / r.get("file", f"{r.get('index', 0):05d}.png")
         if not file.exists():
             raise UserError(f"{file} is missing (listed in {records_file})")
-        images.append(np.asarray(Image.open(file).convert("RGB")))
+        try:
+            with Image.open(file) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{file} is not a readable image (truncated or corrupt: {e})") from None
     return [r["prompt"] for r in records], images, records
 
 
@@ -1027,11 +1090,22 @@ def _check_eval_out(out: Path, resume: bool) -> None:
     before any writes."""
     from .eval.sweep import _processes
 
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
     refuse = out.exists() and any(out.iterdir()) and not resume
     _processes()[2]()
     if refuse:
         raise UserError(f"--out {out} is not empty; pass --resume to continue that experiment (finished "
                         "configurations are reused) or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def _eval_measures(model: str, judge: str | None, features: str | None, clip_score: str | None,
@@ -1274,10 +1348,58 @@ def eval_report(
     from .eval.report import combined_report
     from .outputs import atomic_write_text
 
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    _check_out_file(out, overwrite)
     atomic_write_text(out, combined_report(experiments, title))
     console.print(f"{len(experiments)} experiments -> {out}")
+
+
+def _check_device(device: str) -> None:
+    """A torch device that exists on this machine, or a one-line error."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available (torch {torch.__version__}"
+                            f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: tandem runs on cpu, cuda or mps")
+
+
+def _checked(command):
+    """Checks every command's options share, before the command runs: every number finite (typer reads
+    'nan' and 'inf' as floats), seeds >= 0, the device present on this machine."""
+    import functools
+    import inspect
+    import math
+
+    signature = inspect.signature(command)
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            flag = "--" + name.replace("_", "-")
+            for v in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise UserError(f"{flag} must be a finite number, got {v}")
+            if name == "seed" and value is not None and value < 0:
+                raise UserError(f"--seed must be >= 0, got {value}")
+            if name == "device" and value is not None:
+                _check_device(value)
+        return command(*args, **kwargs)
+    return run
+
+
+for _app in (app, world_app, distill_app, eval_app):
+    for _info in _app.registered_commands:
+        _info.callback = _checked(_info.callback)
 
 
 def main() -> None:

@@ -1,18 +1,21 @@
 """Teacher generation with per-prompt seeding.
 
-An image's result depends only on (model, settings, prompt, seed, index): the initial noise
-of prompt ``index`` comes from its own generator, seeded from ``(seed, index)``, so neither
-the batch size nor the other prompts of the batch change it.
+An image's noise depends only on (seed, index): the initial noise of prompt ``index`` comes from
+its own generator, seeded from ``(seed, index)``, so neither the batch size nor the other prompts
+of the batch change it. Its pixels also depend on the *shape* of the batch it is computed in (the
+float rounding of batched kernels; never on the other prompts in it): the same seed and batch size
+give the same bytes, another batch size may move a pixel by one grey level.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .checks import check_finite, count, finite_number, sampler_steps
 from .models import SCHEDULERS, make_scheduler
 
 
@@ -38,12 +41,10 @@ class TeacherSettings:
     guidance_scale: float = 7.5
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"teacher steps must be >= 1, got {self.steps}")
+        count(self.steps, "teacher steps")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        finite_number(self.guidance_scale, "guidance scale", low=0)
 
     @property
     def unet_evals_per_image(self) -> int:
@@ -80,24 +81,37 @@ def generate_teacher(
         pipe: a ``diffusers.StableDiffusionPipeline``.
         prompts: B prompts; prompt i is seeded from ``(seed, i)``.
         settings: steps, scheduler and guidance scale.
-        batch_size: prompts per pipeline call (does not change any image).
+        batch_size: prompts per pipeline call. Every image keeps its noise at any batch size; its pixels
+            may change by float rounding (at most 1/255 measured on CPU; ``tandem.pipeline``).
         on_batch: called with the number of images finished after each batch.
     Returns:
         B uint8 images [H, W, 3].
+    Raises:
+        ValueError: before any model runs, for steps the sampler cannot take (more than its training
+            timesteps allow), a negative seed or a batch size below 1.
+        NonFiniteError: where the teacher or the VAE produced NaN/inf (no image is returned).
     """
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    sampler_steps(settings.steps, pipe.scheduler, "teacher steps", "the teacher")
+    _check_run(seed, batch_size)
 
     def draw(chunk: list[int]) -> list[np.ndarray]:
-        out = pipe(
+        latents = pipe(
             [prompts[i] for i in chunk],
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
             latents=initial_latents(pipe, seed, chunk),
-            output_type="np",
+            output_type="latent",
         ).images
-        return _to_uint8(np.asarray(out))
+        check_finite(latents, "the teacher's latents", chunk)
+        return decode_latents(pipe, latents, chunk)
 
     return _in_batches(len(prompts), batch_size, draw, on_batch)
+
+
+def _check_run(seed: int, batch_size: int) -> None:
+    count(seed, "seed", minimum=0)
+    count(batch_size, "batch size")
 
 
 @dataclass(frozen=True)
@@ -109,9 +123,8 @@ class StudentSettings:
     def __post_init__(self):
         from .sampling import NOISE_MODES
 
-        if self.steps < 1:
-            raise ValueError(f"student steps must be >= 1, got {self.steps}")
-        if self.guidance_scale < 1:
+        count(self.steps, "student steps")
+        if finite_number(self.guidance_scale, "student guidance scale") < 1:
             raise ValueError(f"student guidance scale must be >= 1 (its w-embedding takes w - 1), "
                              f"got {self.guidance_scale}")
         if self.noise not in NOISE_MODES:
@@ -123,9 +136,11 @@ class StudentSettings:
         return self.steps
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> list[np.ndarray]:
-    """VAE-decode [B, C, h, w] latents to uint8 images [H, W, 3] (as the pipelines' ``output_type="np"``)."""
+def decode_latents(pipe, latents: torch.Tensor, indices: Sequence[int] | None = None) -> list[np.ndarray]:
+    """VAE-decode [B, C, h, w] latents to uint8 images [H, W, 3] (as the pipelines' ``output_type="np"``);
+    a ``NonFiniteError`` names the prompt ``indices`` (default 0 .. B-1) of any NaN/inf image."""
     x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    check_finite(x, "the VAE's decoded images", indices)
     return _to_uint8((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
 
 
@@ -165,10 +180,18 @@ def generate_student(
     Returns:
         B uint8 images [H, W, 3]. Image i uses only the generator of ``(seed, i)``: first its initial
         noise, then the fresh noise of each stochastic step, as diffusers' LCM pipeline does.
+    Raises:
+        ValueError: before any model runs, for more steps than the distillation grid holds, a negative
+            seed or a batch size below 1.
+        NonFiniteError: where the student or the VAE produced NaN/inf (no image is returned).
     """
     from .sampling import consistency_sample
 
-    original = original_steps or pipe.scheduler.config.original_inference_steps
+    original = count(original_steps or pipe.scheduler.config.original_inference_steps, "original_steps")
+    if settings.steps > original:
+        raise ValueError(f"student steps must be at most {original} for this student (its distillation grid "
+                         f"has {original} timesteps), got {settings.steps}")
+    _check_run(seed, batch_size)
 
     def draw(chunk: list[int]) -> list[np.ndarray]:
         gens = [prompt_generator(seed, i) for i in chunk]
@@ -177,7 +200,8 @@ def generate_student(
         x0 = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
                                 steps=settings.steps, guidance_scale=settings.guidance_scale,
                                 noise=settings.noise, original_steps=original)
-        return decode_latents(pipe, x0)
+        check_finite(x0, "the student's latents", chunk)
+        return decode_latents(pipe, x0, chunk)
 
     return _in_batches(len(prompts), batch_size, draw, on_batch)
 

@@ -10,8 +10,29 @@ from pathlib import Path
 
 import torch
 
+from .checks import quote
+
 WORLD = "world"
 SCHEDULERS = ("dpm", "ddim", "unipc")
+# A diffusers Stable Diffusion directory: each component's folder and the file that configures it.
+SD_LAYOUT = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+             "tokenizer": None, "scheduler": "scheduler_config.json"}
+
+
+def check_model_dir(path: str | Path, components: tuple[str, ...] | None = None,
+                    layout: dict[str, str | None] = SD_LAYOUT,
+                    expected: str = "a diffusers Stable Diffusion directory") -> None:
+    """Raise a ``ValueError`` naming the first folder or config file of ``layout`` (only ``components`` of
+    it, if given) that ``path`` lacks; diffusers would report only "no file named config.json"."""
+    path = Path(path)
+    folders = ", ".join(f"{name}/" for name in layout)
+    for name, config in layout.items():
+        if components is not None and name not in components:
+            continue
+        if not (path / name).is_dir():
+            raise ValueError(f"{path} has no {name}/ (expected {expected} with {folders})")
+        if config is not None and not (path / name / config).is_file():
+            raise ValueError(f"{path / name} has no {config} (expected {expected} with {folders})")
 
 
 def world_dir() -> Path:
@@ -50,21 +71,54 @@ def resolve_model(name: str) -> ModelSpec:
         root = world_dir()
         if not (root / "model_index.json").exists():
             raise FileNotFoundError(f"the shipped world is missing from {root}; reinstall tandem")
-        meta = json.loads((root / "tandem.json").read_text())
-        return ModelSpec(WORLD, str(root), True, TeacherDefaults(**meta["teacher"]), _student(root, meta))
+        meta = _read_meta(root / "tandem.json")
+        return ModelSpec(WORLD, str(root), True, _teacher_defaults(root / "tandem.json", meta), _student(root, meta))
     path = Path(name)
-    if path.is_dir():
+    if _is_dir(path):
         if not (path / "model_index.json").exists():
-            raise ValueError(f"model directory {name!r} has no model_index.json (not a diffusers pipeline)")
+            raise ValueError(f"model directory {quote(name)} has no model_index.json (not a diffusers pipeline)")
         meta_path = path / "tandem.json"
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            return ModelSpec(name, str(path), bool(meta.get("world", False)), TeacherDefaults(**meta["teacher"]),
+            meta = _read_meta(meta_path)
+            return ModelSpec(name, str(path), bool(meta.get("world", False)), _teacher_defaults(meta_path, meta),
                              _student(path, meta))
         return ModelSpec(name, str(path), False)
-    if name.count("/") == 1 and not path.exists() and all(name.split("/")):
+    if name.count("/") == 1 and all(name.split("/")) and not _exists(path):
         return ModelSpec(name, name, False)
-    raise ValueError(f"unknown model {name!r}; expected 'world', a diffusers model directory or a hub id 'org/name'")
+    raise ValueError(f"unknown model {quote(name)}; expected 'world', a diffusers model directory or a hub id "
+                     "'org/name'")
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long to be a path, say
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _read_meta(path: Path) -> dict:
+    """A world's ``tandem.json`` (preset defaults), or a ``ValueError`` naming the file."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("teacher"), dict):
+        raise ValueError(f"{path} has no 'teacher' settings object (expected tandem's model metadata)")  # noqa: TRY004
+    return meta
+
+
+def _teacher_defaults(path: Path, meta: dict) -> TeacherDefaults:
+    try:
+        return TeacherDefaults(**meta["teacher"])
+    except TypeError as e:
+        raise ValueError(f"{path}: bad 'teacher' settings ({e})") from None
 
 
 def _student(root: Path, meta: dict) -> StudentDefaults | None:
@@ -83,10 +137,15 @@ def student_dir(spec: ModelSpec, student: str | Path | None) -> Path:
                              "(the student/ directory written by `tandem distill`)")
         return Path(spec.student.path)
     path = Path(student)
+    if not path.is_dir():
+        raise ValueError(f"student directory {quote(path)} does not exist or is not a directory "
+                         "(expected the student/ directory written by `tandem distill`)")
     missing = [p for p in ("unet", "scheduler") if not (path / p).is_dir()]
     if missing:
-        raise ValueError(f"student directory {str(path)!r} lacks {', '.join(m + '/' for m in missing)} "
+        raise ValueError(f"student directory {quote(path)} lacks {', '.join(m + '/' for m in missing)} "
                          "(expected the student/ directory written by `tandem distill`)")
+    check_model_dir(path, layout={"unet": "config.json", "scheduler": "scheduler_config.json"},
+                    expected="the student/ directory written by `tandem distill`")
     return path
 
 
@@ -96,6 +155,8 @@ def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 
     quiet_hub_libraries()
+    if _is_dir(Path(spec.path)):  # the student brings its UNet and scheduler; the rest comes from the model
+        check_model_dir(spec.path, ("vae", "text_encoder", "tokenizer"))
     path = student_dir(spec, student)
     unet = UNet2DConditionModel.from_pretrained(path / "unet").to(dtype)
     if unet.config.time_cond_proj_dim is None:
@@ -135,7 +196,9 @@ def load_teacher_pipeline(spec: ModelSpec, device: str | torch.device = "cpu", d
     from diffusers import StableDiffusionPipeline
 
     quiet_hub_libraries()
-    kwargs = dict(dtype=dtype)
+    if _is_dir(Path(spec.path)):
+        check_model_dir(spec.path)
+    kwargs = {"dtype": dtype}
     if not spec.is_world:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

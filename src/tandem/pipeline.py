@@ -7,8 +7,12 @@ from the student's own initial noise). Student, teacher and oracle are ordinary 
 pipelines and scorers; the teacher's image-to-image twin shares its components.
 
 Every image owns a generator seeded from ``(seed, index)``: it draws the image's initial noise,
-the student's per-step noise and the refinement noise, in that order, so an image's result does
-not depend on its batch or on which other images the oracle rejected.
+the student's per-step noise and the refinement noise, in that order, so an image's noise does
+not depend on its batch or on which other images the oracle rejected. Its pixels depend on the
+batch only through the float rounding of batched kernels, which follows the batch's *shape*, not
+the other images in it: at another ``batch_size`` a pixel may differ by one grey level (measured on
+CPU, teacher, student and refinement, 24 prompts at batch 1, 7 and 16, 1 and 2 threads: at most 1/255,
+latents within 4e-4); a score that close to tau could take the other path.
 
 Rollback conventions (``rollback_convention``):
 
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 from .calibration import Calibration, module_digest, percentile_k_for_budget
+from .checks import check_finite, count, finite_number, sampler_step_limit, sampler_steps, threshold_value
 from .generate import _to_uint8, initial_latents, prompt_generator, prompt_seed
 from .models import SCHEDULERS, make_scheduler
 
@@ -68,10 +73,8 @@ def refine_schedule(scheduler, teacher_steps: int, rollback_sigma: float, conven
     """Where the teacher starts refining, for ``scheduler`` (not modified) and a rollback value."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown rollback convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
-    if not 0 < rollback_sigma <= 1:
-        raise ValueError(f"rollback sigma must be in (0, 1], got {rollback_sigma}")
-    if teacher_steps < 1:
-        raise ValueError(f"teacher steps must be >= 1, got {teacher_steps}")
+    rollback_sigma = _rollback_sigma(rollback_sigma)
+    teacher_steps = sampler_steps(teacher_steps, scheduler, "teacher_steps", "the teacher")
     sched = copy.deepcopy(scheduler)
     alphas = sched.alphas_cumprod
     order = getattr(sched, "order", 1)
@@ -89,7 +92,7 @@ def refine_schedule(scheduler, teacher_steps: int, rollback_sigma: float, conven
         return RefineSchedule(teacher_steps, rollback_sigma, run, t, float(1 - alphas[t]))
     # Stretch the schedule: the more steps in all, the later its last ``teacher_steps`` start.
     target = 1.0 - rollback_sigma
-    lo, hi = teacher_steps, sched.config.num_train_timesteps
+    lo, hi = teacher_steps, sampler_step_limit(sched)  # longer schedules repeat timesteps
     if float(alphas[start(lo, teacher_steps)]) >= target:
         best = lo
     else:
@@ -105,13 +108,31 @@ def refine_schedule(scheduler, teacher_steps: int, rollback_sigma: float, conven
     return RefineSchedule(best, strength, teacher_steps, t, float(1 - alphas[t]))
 
 
+def _rollback_sigma(value) -> float:
+    return finite_number(value, "rollback sigma (rollback_sigma)", low=0, low_open=True, high=1)
+
+
+def _guidance(value, name: str) -> float:
+    return finite_number(value, name, low=0)
+
+
+def _strength(value) -> float:
+    return finite_number(value, "strength", low=0, low_open=True, high=1)
+
+
 def edit_timesteps(scheduler, steps: int, strength: float) -> list[int]:
     """The student's img2img timesteps at ``strength`` (diffusers' convention; ``scheduler`` is not modified):
     an LCM scheduler picks ``steps`` of its skipping schedule truncated at ``strength``, any other runs the
     last ``int(steps * strength)`` steps of its ``steps``-step schedule."""
     sched = copy.deepcopy(scheduler)
     if "strength" in inspect.signature(sched.set_timesteps).parameters:
-        sched.set_timesteps(steps, strength=strength)
+        try:
+            sched.set_timesteps(steps, strength=strength)
+        except ValueError:  # diffusers' LCM: the grid truncated at ``strength`` holds fewer than ``steps``
+            grid = sched.config.get("original_inference_steps")
+            fit = f" (at most {int(grid * strength)})" if grid else ""
+            raise ValueError(f"{steps} student steps do not fit in the student's schedule at strength {strength:g}"
+                             f"{fit}; lower the steps or raise the strength") from None
         ts = [int(t) for t in sched.timesteps]
     else:
         sched.set_timesteps(steps)
@@ -368,29 +389,33 @@ class TandemPipeline:
             raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
         if handoff not in HANDOFFS:
             raise ValueError(f"unknown handoff {handoff!r}; expected one of {', '.join(HANDOFFS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        steps = int(self._setting("num_inference_steps", num_inference_steps, 4))
-        guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
-        t_steps = int(self._setting("teacher_steps", teacher_steps, 25))
-        t_guidance = float(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5))
+        batch_size = count(batch_size, "batch_size")
+        seed = count(seed, "seed", minimum=0)
+        steps = count(self._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
+        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
+        t_steps = count(self._setting("teacher_steps", teacher_steps, 25), "teacher_steps")
+        t_guidance = _guidance(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5),
+                               "teacher_guidance_scale")
         t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
         strategy = self._setting("strategy", strategy, "refine")
-        sigma = float(self._setting("rollback_sigma", rollback_sigma, 0.5))
+        sigma = _rollback_sigma(self._setting("rollback_sigma", rollback_sigma, 0.5))
         convention = self._setting("rollback_convention", rollback_convention, "paper")
-        if steps < 1 or t_steps < 1:
-            raise ValueError(f"steps must be >= 1 (student {steps}, teacher {t_steps})")
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
         if (mode == "teacher" or (mode == "adaptive" and strategy == "regenerate")) and self.teacher is None:
             raise ValueError("this teacher is an image-to-image pipeline: it can only refine")
         if generator is not None and len(generator) != len(prompts):
             raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts (one per prompt)")
+        if mode != "teacher":
+            sampler_steps(steps, self.student.scheduler, "num_inference_steps", "the student")
 
         improves = mode == "refine-all" or (mode == "adaptive")
+        regenerates = mode == "teacher" or (mode == "adaptive" and strategy == "regenerate")
         refine = None
         if improves and (mode == "refine-all" or strategy == "refine"):
             refine = refine_schedule(self._teacher_scheduler(t_sched), t_steps, sigma, convention)
+        elif regenerates:
+            sampler_steps(t_steps, self._teacher_scheduler(t_sched), "teacher_steps", "the teacher")
         student_cost = steps * unet_evals_per_step(self.student, guidance)
         teacher_step_cost = unet_evals_per_step(self._teacher_any, t_guidance)
         improve_cost = (refine.steps if refine is not None else t_steps) * teacher_step_cost
@@ -406,7 +431,8 @@ class TandemPipeline:
 
         n = len(prompts)
         controls = self._controls(control_image, n)
-        c_scale = float(self._setting("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0))
+        c_scale = finite_number(self._setting("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0),
+                                "controlnet_conditioning_scale")
         gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
         pipe0 = self.student if mode != "teacher" else self._teacher_any
         noise = initial_latents(pipe0, seed, list(range(n)), gens)
@@ -436,14 +462,15 @@ class TandemPipeline:
                                        **self._control_kwargs(self.student, controls, idx, c_scale)).images
                     charge("student", idx, before)
                     charge("controlnet", idx, before_c)
+                    check_finite(out, "the student's latents", idx)
                     t1 = time.perf_counter()
-                    decoded = self._decode(self.student, out)
+                    decoded = self._decode(self.student, out, idx)
                     per_image["vae_decode"][idx] += 1
                     t2 = time.perf_counter()
                     for j, i in enumerate(idx):
                         latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
                     if do_score:
-                        scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx])
+                        scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx], idx)
                         per_image["oracle"][idx] += 1
                     timings["student"] += t1 - t0
                     timings["decode"] += t2 - t1
@@ -460,7 +487,6 @@ class TandemPipeline:
                 path = "refined" if strategy == "refine" else "regenerated"
             else:
                 todo, path = [], None
-            regenerate = mode == "teacher" or (mode == "adaptive" and strategy == "regenerate")
             if todo:
                 base = self._teacher_scheduler(t_sched)
                 for done, start in enumerate(range(0, len(todo), batch_size)):
@@ -469,7 +495,7 @@ class TandemPipeline:
                     before_t, before_s = counts.get("teacher", 0), counts.get("student", 0)
                     before_c = counts.get("controlnet", 0)
                     ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
-                    if regenerate:
+                    if regenerates:
                         self.teacher.scheduler = copy.deepcopy(base)
                         out = self.teacher(ps, num_inference_steps=t_steps, guidance_scale=t_guidance,
                                            latents=noise[idx], generator=gs, output_type="latent",
@@ -478,7 +504,7 @@ class TandemPipeline:
                         self.teacher_img2img.scheduler = copy.deepcopy(base)
                         start_image = torch.cat([latents[i] for i in idx])
                         if handoff == "pixel":
-                            start_image = self._pixels(self.student, start_image)
+                            start_image = self._pixels(self.student, start_image, idx)
                             per_image["vae_encode"][idx] += 1
                         out = self.teacher_img2img(
                             ps, image=start_image, strength=refine.strength,
@@ -489,8 +515,9 @@ class TandemPipeline:
                     charge("controlnet", idx, before_c)
                     if counts.get("student", 0) != before_s and self.student.unet is not self._teacher_any.unet:
                         raise RuntimeError("the teacher call ran the student UNet")
+                    check_finite(out, "the teacher's latents", idx)
                     t1 = time.perf_counter()
-                    decoded = self._decode(self._teacher_any, out)
+                    decoded = self._decode(self._teacher_any, out, idx)
                     per_image["vae_decode"][idx] += 1
                     for j, i in enumerate(idx):
                         latents[i], images[i] = out[j:j + 1], decoded[j]
@@ -543,8 +570,8 @@ class TandemPipeline:
                   control_image=None) -> Calibration:
         """Score student samples of held-out ``prompts`` and keep them as a calibration (appendix C).
         With a ControlNet, ``control_image`` gives the held-out prompts' control images."""
-        steps = int(self._setting("num_inference_steps", num_inference_steps, 4))
-        guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
+        steps = count(self._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
+        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                    batch_size=batch_size, score=True, callback=callback, control_image=control_image)
         return self._calibration(out, steps, guidance, seed, config)
@@ -604,27 +631,26 @@ class TandemPipeline:
             raise ValueError(f"unknown edit mode {mode!r}; expected adaptive, student or teacher")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        batch_size = count(batch_size, "batch_size")
+        seed = count(seed, "seed", minimum=0)
         if self.teacher is None:
             raise ValueError("this teacher is an image-to-image pipeline: editing needs a text-to-image teacher")
         if getattr(self.student, "controlnet", None) is not None:
             raise ValueError("editing with a ControlNet is not supported; edit with the pipeline without it")
-        strength = float(self._setting("edit_strength", strength, 0.6))
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        strength = _strength(self._setting("edit_strength", strength, 0.6))
         steps = self._edit_student_steps(num_inference_steps)
-        guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
-        t_steps = int(self._setting("edit_teacher_steps", teacher_steps, self.defaults.get("teacher_steps", 25)))
-        t_guidance = float(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5))
+        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
+        t_steps = count(self._setting("edit_teacher_steps", teacher_steps, self.defaults.get("teacher_steps", 25)),
+                        "teacher_steps")
+        t_guidance = _guidance(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5),
+                               "teacher_guidance_scale")
         t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
-        if steps < 1 or t_steps < 1:
-            raise ValueError(f"steps must be >= 1 (student {steps}, teacher {t_steps})")
         n = len(prompts)
         pixels = self._per_prompt(image, n, "input image")
         if generator is not None and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} prompts (one per prompt)")
 
+        sampler_steps(steps, self.student.scheduler, "num_inference_steps", "the student")
         student_ts = edit_timesteps(self.student.scheduler, steps, strength)
         base = self._teacher_scheduler(t_sched)
         teacher_ts = teacher_edit_timesteps(base, student_ts[0], t_steps)
@@ -651,6 +677,7 @@ class TandemPipeline:
         noised = []
         for idx in chunks:  # x_t: the input's VAE mean noised with each image's own eps
             z = vae.encode((pixels[idx] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+            check_finite(z, "the VAE's encoded inputs", idx)
             z = z * vae.config.scaling_factor
             eps = torch.cat([torch.randn(z[:1].shape, generator=gens[i], device=gens[i].device, dtype=z.dtype)
                              for i in idx])
@@ -678,13 +705,14 @@ class TandemPipeline:
                                            latents=noised[idx], generator=[gens[i] for i in idx],
                                            output_type="latent").images
                         per_image["student"][idx] += (counts.get("student", 0) - before) / len(idx)
+                        check_finite(out, "the student's latents", idx)
                         t1 = time.perf_counter()
-                        decoded = self._decode(self.student, out)
+                        decoded = self._decode(self.student, out, idx)
                         t2 = time.perf_counter()
                         for j, i in enumerate(idx):
                             latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
                         if do_score:
-                            scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx])
+                            scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx], idx)
                         timings["student"] += t1 - t0
                         timings["decode"] += t2 - t1
                         timings["oracle"] += time.perf_counter() - t2
@@ -706,8 +734,9 @@ class TandemPipeline:
                 out = self.teacher([prompts[i] for i in idx], timesteps=teacher_ts, guidance_scale=t_guidance,
                                    latents=noised[idx], generator=[gens[i] for i in idx], output_type="latent").images
                 per_image["teacher"][idx] += (counts.get("teacher", 0) - before) / len(idx)
+                check_finite(out, "the teacher's latents", idx)
                 t1 = time.perf_counter()
-                decoded = self._decode(self.teacher, out)
+                decoded = self._decode(self.teacher, out, idx)
                 for j, i in enumerate(idx):
                     latents[i], images[i] = out[j:j + 1], decoded[j]
                 timings["teacher"] += t1 - t0
@@ -747,7 +776,7 @@ class TandemPipeline:
                         config: dict | None = None) -> Calibration:
         """Score student edits of held-out (image, prompt) pairs: the calibration of ``edit`` at ``strength``."""
         steps = self._edit_student_steps(num_inference_steps)
-        guidance = float(self._setting("guidance_scale", guidance_scale, 1.0))
+        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
         out = self.edit(images, prompts, strength=strength, mode="student", num_inference_steps=steps,
                         guidance_scale=guidance, seed=seed, batch_size=batch_size, score=True, callback=callback)
         return self._calibration(out, steps, guidance, seed, config,
@@ -764,7 +793,7 @@ class TandemPipeline:
         """The student's edit steps: given, else the preset's ``edit_num_inference_steps`` (an edit starts
         part-way, so a preset may give the student more steps there), else its generation steps."""
         fallback = self.defaults.get("num_inference_steps", 4)
-        return int(self._setting("edit_num_inference_steps", num_inference_steps, fallback))
+        return count(self._setting("edit_num_inference_steps", num_inference_steps, fallback), "num_inference_steps")
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -778,7 +807,11 @@ class TandemPipeline:
             raise ValueError("adaptive mode needs exactly one of accept_threshold (tau), percentile (k) or budget; "
                              f"got {', '.join(given) if given else 'none'}")
         if accept_threshold is not None:
-            return float(accept_threshold), None
+            return threshold_value(accept_threshold, "accept_threshold"), None
+        if percentile is not None:
+            percentile = finite_number(percentile, "percentile", low=0, high=100)
+        if budget is not None:
+            budget = finite_number(budget, "budget", low=0, low_open=True)
         if calibration is None:
             calibration = self.calibration if task is None else self.edit_calibrations.get(task["edit_strength"])
         if calibration is None:
@@ -824,19 +857,26 @@ class TandemPipeline:
         key = "control_image" if _accepts(pipe, "control_image") else "image"  # img2img vs text2img ControlNet
         return {key: controls[idx], "controlnet_conditioning_scale": scale}
 
-    def _score(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+    def _score(self, images: list[np.ndarray], prompts: list[str], idx: list[int] | None = None) -> np.ndarray:
+        """The oracle's scores of uint8 images (prompt indices ``idx``, default 0 .. B-1), refusing NaN/inf
+        (a NaN score is never below tau: the image would pass unseen)."""
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-        s = self.scorer(x, prompts)
-        return torch.as_tensor(s, dtype=torch.float32).cpu().numpy()
+        s = torch.as_tensor(self.scorer(x, prompts), dtype=torch.float32).cpu()
+        if s.shape != (len(images),):
+            raise ValueError(f"the scorer returned shape {list(s.shape)} for {len(images)} images; expected "
+                             f"[{len(images)}] (one score per image)")
+        check_finite(s, "the oracle's scores", idx)
+        return s.numpy()
 
     @staticmethod
-    def _decode(pipe, latents: torch.Tensor) -> list[np.ndarray]:
-        x = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-        return _to_uint8((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+    def _decode(pipe, latents: torch.Tensor, idx: list[int] | None = None) -> list[np.ndarray]:
+        """uint8 images [H, W, 3] of latents (prompt indices ``idx``), refusing NaN/inf."""
+        return _to_uint8(TandemPipeline._pixels(pipe, latents, idx).permute(0, 2, 3, 1).float().cpu().numpy())
 
     @staticmethod
-    def _pixels(pipe, latents: torch.Tensor) -> torch.Tensor:
+    def _pixels(pipe, latents: torch.Tensor, idx: list[int] | None = None) -> torch.Tensor:
         x = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        check_finite(x, "the VAE's decoded images", idx)
         return (x / 2 + 0.5).clamp(0, 1)
 
     def _summary(self, records, settings, timings, total, student_cost, improve_cost, refine) -> dict:

@@ -187,6 +187,19 @@ def load_teacher(preset: Preset, device: str, dtype: torch.dtype):
     return pipe.to(device)
 
 
+def _check_student_dir(preset: Preset) -> None:
+    """A local student directory of the layout its kind needs (diffusers would say only "no file named ...")."""
+    from .checks import quote
+
+    path = Path(preset.student)
+    if preset.student_kind not in ("unet", "pipeline") or not path.is_dir():
+        return
+    needed, layout = (("config.json", "a diffusers UNet2DConditionModel directory") if preset.student_kind == "unet"
+                      else ("model_index.json", "a diffusers pipeline directory"))
+    if not (path / needed).is_file():
+        raise ValueError(f"student {quote(preset.student)} has no {needed} (expected {layout})")
+
+
 def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
     from diffusers import (
         AutoPipelineForText2Image,
@@ -198,6 +211,7 @@ def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
     from .models import quiet_hub_libraries, resolve_model, student_dir
 
     quiet_hub_libraries()
+    _check_student_dir(preset)
     try:
         if preset.student_kind == "world":
             path = student_dir(resolve_model(preset.teacher), None if preset.student == "world" else preset.student)

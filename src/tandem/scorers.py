@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checks import quote
+
 KINDS = ("world-oracle", "clip", "pickscore", "imagereward")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, transformers' defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,7 +126,7 @@ def _check_source(kind: str, source: str) -> None:
     if not source:
         raise ValueError(f"the {kind} scorer needs a model: {kind}:<hub id or local directory>")
     if not Path(source).exists() and not HUB_ID.fullmatch(source):
-        raise FileNotFoundError(f"{kind} scorer: {source!r} does not exist (expected a local path or a hub id "
+        raise FileNotFoundError(f"{kind} scorer: {quote(source)} does not exist (expected a local path or a hub id "
                                 "'org/name')")
 
 
@@ -140,7 +142,7 @@ def _check_prompts(prompts, n_images: int) -> list[str]:
 
 
 def _load_failure(kind: str, source: str, e: Exception) -> ValueError:
-    return ValueError(f"cannot load {kind} scorer {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return ValueError(f"cannot load {kind} scorer {quote(source)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 # -- CLIP and PickScore ------------------------------------------------------------------------------
@@ -402,4 +404,5 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Scorer:
         return PickScoreScorer.from_pretrained(source or PickScoreScorer.DEFAULT, device=device)
     if kind == "imagereward":
         return ImageRewardScorer.from_pretrained(source or ImageRewardScorer.DEFAULT, device=device)
-    raise ValueError(f"unknown scorer kind {kind!r} in {spec!r}; expected one of {', '.join(KINDS)} (as kind:source)")
+    raise ValueError(f"unknown scorer kind {quote(kind)} in {quote(spec)}; expected one of {', '.join(KINDS)} "
+                     "(as kind:source)")

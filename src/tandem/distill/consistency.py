@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from ..models import encode_captions
+from ..outputs import atomic_write_text
 from ..sampling import boundary_scalings, distillation_grid, guidance_embedding
+from ..world.runs import require_decay, require_number
 from .trainer import StepContext, Trainable
 
 LOSSES = ("l2", "huber")
@@ -52,14 +54,22 @@ class ConsistencyConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        if not 1 <= self.num_ddim_timesteps <= 1000:
-            raise ValueError(f"num_ddim_timesteps must be in [1, 1000], got {self.num_ddim_timesteps}")
-        if not 0 <= self.w_min <= self.w_max:
+        require_number(self.num_ddim_timesteps, "num_ddim_timesteps", integer=True, at_least=1, at_most=1000)
+        require_number(self.w_min, "w_min (guidance scale range)", at_least=0.0)
+        require_number(self.w_max, "w_max (guidance scale range)", at_least=0.0)
+        if not self.w_min <= self.w_max:
             raise ValueError(f"need 0 <= w_min <= w_max, got [{self.w_min}, {self.w_max}]")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.w_embedding_dim < 4:
-            raise ValueError(f"w_embedding_dim must be >= 4, got {self.w_embedding_dim}")
+        require_number(self.w_embedding_dim, "w_embedding_dim", integer=True, at_least=4)
+        require_number(self.huber_c, "huber_c", above=0.0)
+        require_decay(self.target_ema, "target_ema (EMA decay)")
+        if self.sampling_ema is not None:
+            require_decay(self.sampling_ema, "sampling_ema (EMA decay)")
+        require_number(self.lr, "lr", above=0.0)
+        require_number(self.warmup_steps, "warmup_steps", integer=True, at_least=0)
+        require_number(self.weight_decay, "weight_decay", at_least=0.0)
+        require_number(self.grad_clip, "grad_clip", above=0.0)
 
 
 def make_student_unet(teacher_unet, w_embedding_dim: int):
@@ -207,7 +217,7 @@ def save_student(unet, out_dir: str | Path, scheduler_config: dict, meta: dict, 
     unet.save_pretrained(out / "unet")
     lcm = LCMScheduler.from_config(scheduler_config, original_inference_steps=meta.get("num_ddim_timesteps", 50))
     lcm.save_pretrained(out / "scheduler")
-    (out / STUDENT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_write_text(out / STUDENT_META, json.dumps(meta, indent=2, default=str) + "\n")
     return out
 
 
@@ -217,12 +227,13 @@ def distill_consistency(teacher: str, out_dir: str | Path, cfg: ConsistencyConfi
     ``out_dir``; the student is exported to ``out_dir/student``. Returns that directory."""
     from ..models import load_teacher_pipeline, resolve_model
     from .data import WorldSource, open_source
-    from .trainer import Trainer
+    from .trainer import Trainer, check_run_dir
 
     spec = resolve_model(teacher)
     if data == "world" and not spec.is_world:
         raise ValueError(f"--data world (ShapesWorld renderings) only fits the world teacher, not {teacher!r}; "
                          "give --data a folder, webdataset shards or a saved HF dataset")
+    check_run_dir(out_dir, resume, trainer_cfg.max_steps)  # a bad --out fails before the teacher loads
     pipe = load_teacher_pipeline(spec)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     source = WorldSource(trainer_cfg.seed) if data == "world" else open_source(data, resolution, trainer_cfg.seed)

@@ -10,7 +10,14 @@ loss is computed; the Trainer owns everything else:
 - gradient accumulation and clipping, EMA copies (kept per network, by name),
 - JSONL logs and a progress bar on the main process,
 - periodic atomic checkpoints and exact resume: weights, optimizers, LR schedules, EMAs,
-  every process's RNG states and the data position (the step).
+  every process's RNG states and the data position (the step). Checkpoints hold tensors and
+  plain data only and are read with ``torch.load(weights_only=True)``: resuming never runs code
+  from a file, and a file that would is refused.
+
+The run directory follows the contract of :mod:`tandem.world.runs`: a new run needs a new or
+empty ``--out`` (checked, created and probed for writability before any model is loaded), and
+``--resume`` continues the run whose ``train_config.json`` matches, from its last checkpoint (or
+step 0 when it stopped before its first one), never from a checkpoint past ``max_steps``.
 
 Data comes from a :class:`~tandem.distill.data.BatchSource`: batch ``i`` is a pure function
 of ``i``, so the data position is the step and a resumed run sees the batches an
@@ -39,9 +46,21 @@ from torch import nn
 
 from ..generate import derive_seed
 from ..outputs import atomic_write_text
+from ..world.runs import (
+    RUN_CONFIG,
+    check_new_run_dir,
+    load_checkpoint_file,
+    make_writable_dir,
+    read_json_file,
+    require_decay,
+    require_number,
+    restore,
+    trim_log,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 MIXED_PRECISION = ("no", "bf16", "fp16")
+_STATE_PARTS = ("models", "optimizers", "schedulers", "emas")  # of checkpoint/state.pt
 
 
 @dataclass
@@ -67,6 +86,22 @@ class Trainable:
     every: int = 1
     emas: dict[str, float] = field(default_factory=dict)
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("a trainable needs a name")
+        require_number(self.lr, f"{self.name}: lr", above=0.0)
+        if len(self.betas) != 2:
+            raise ValueError(f"{self.name}: betas must be two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            require_decay(beta, f"{self.name}: betas")
+        require_number(self.weight_decay, f"{self.name}: weight_decay", at_least=0.0)
+        require_number(self.warmup_steps, f"{self.name}: warmup_steps", integer=True, at_least=0)
+        if self.grad_clip is not None:
+            require_number(self.grad_clip, f"{self.name}: grad_clip", above=0.0)
+        require_number(self.every, f"{self.name}: every", integer=True, at_least=1)
+        for ema_name, decay in self.emas.items():
+            require_decay(decay, f"{self.name}: EMA {ema_name!r} decay")
 
 
 class Method(Protocol):
@@ -98,22 +133,23 @@ class TrainerConfig:
     threads: int | None = None  # torch intra-op threads per process [torch's default]
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+        require_number(self.max_steps, "max_steps", integer=True, at_least=1)
+        require_number(self.seed, "seed", integer=True, at_least=0)
+        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
+        require_number(self.grad_accum, "grad_accum", integer=True, at_least=1)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
+        require_number(self.checkpoint_every, "checkpoint_every", integer=True, at_least=1)
+        require_number(self.log_every, "log_every", integer=True, at_least=1)
+        if self.threads is not None:
+            require_number(self.threads, "threads", integer=True, at_least=1)
 
 
 class EMACopy:
     """An exponential moving average of a module, kept as a module (so a method can run it)."""
 
     def __init__(self, module: nn.Module, decay: float, device: torch.device | str = "cpu"):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        require_decay(decay, "EMA decay")
         self.decay = decay
         self.module = copy.deepcopy(module).requires_grad_(False).eval().to(device)
 
@@ -158,11 +194,69 @@ class StepContext:
         return self._trainer._frozen[name]
 
 
+def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int) -> Path | None:
+    """Check that ``out_dir`` can hold this run before any model is loaded, and create it.
+
+    A new run needs a new or empty directory; a resumed one a ``train_config.json`` (read as JSON
+    here) and, if it checkpointed, a checkpoint at most at ``max_steps``. Either way the directory
+    is created and proved writable; nothing is written in it.
+
+    Returns:
+        the checkpoint directory a resumed run continues from (``None`` for a new run, or for a run
+        stopped before its first checkpoint, which starts again at step 0).
+    """
+    path = Path(out_dir)
+    if not resume:
+        check_new_run_dir(path, (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", "done.json"))
+        make_writable_dir(path)
+        return None
+    if not (path / RUN_CONFIG).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {path} (no {RUN_CONFIG}: no run there)")
+    read_json_file(path / RUN_CONFIG, "run config")
+    ckpt = _checkpoint_dir(path)
+    if ckpt is None and (path / "done.json").exists():  # finished, then its checkpoint was removed
+        raise FileNotFoundError(f"--resume: no checkpoint in {path} (the run finished; its checkpoint is gone)")
+    if ckpt is not None:
+        meta = _checkpoint_meta(ckpt)
+        if meta["step"] > max_steps:
+            raise ValueError(f"the checkpoint in {path} is at step {meta['step']}, past --max-steps {max_steps}; "
+                             f"resume with --max-steps {meta['step']} or more")
+        # read (tensors memory-mapped, so cheaply) now rather than after the models load: a damaged or
+        # foreign checkpoint file is refused first
+        for name in ("state.pt", *(f"rng-{i}.pt" for i in range(meta["num_processes"]))):
+            load_checkpoint_file(ckpt / name, mmap=True)
+    make_writable_dir(path)
+    return ckpt
+
+
+def _checkpoint_dir(run_dir: Path) -> Path | None:
+    """``checkpoint/``, or ``checkpoint.old/`` after a crash between the two renames of a save; None if neither."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
+            return run_dir / name
+    return None
+
+
+def _checkpoint_meta(ckpt: Path) -> dict:
+    meta = read_json_file(ckpt / "meta.json", "checkpoint")
+    if not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in ("step", "num_processes")):
+        raise ValueError(f"checkpoint {ckpt / 'meta.json'} lacks its step or number of processes; it is damaged")
+    return meta
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a directory tree; nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 class Trainer:
     """Train ``method`` into ``out_dir``.
 
-    A new run refuses a directory that already holds a run (``resume=True`` continues it,
-    and then the run's saved configuration must match, except for ``max_steps``).
+    A new run needs a new or empty directory (``resume=True`` continues the run in it, and then
+    the run's saved configuration must match, except for ``max_steps``).
     """
 
     def __init__(self, method: Method, source, cfg: TrainerConfig, out_dir: str | Path,
@@ -178,9 +272,9 @@ class Trainer:
         if cpu is None:
             cpu = not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-        self._check_run_dir()
+        checkpoint = self._check_run_dir()
         torch.manual_seed(cfg.seed)
-        self.trainables = {t.name: t for t in method.trainables()}
+        self.trainables = {t.name: t for t in method.trainables()}  # each checked by Trainable.__post_init__
         if not self.trainables:
             raise ValueError(f"method {method.name} declares no trainable networks")
         self._frozen = {}
@@ -201,7 +295,8 @@ class Trainer:
             module, opt = self.accelerator.prepare(t.module, opt)
             self._prepared[t.name], self._optimizers[t.name], self._schedulers[t.name] = module, opt, sched
         self.ctx = StepContext(self)
-        self.start_step = self._load() if resume else 0
+        self.start_step = self._load(checkpoint) if checkpoint is not None else 0
+        self._open_run()
 
     # -- run directory -------------------------------------------------------------------------------
 
@@ -209,23 +304,33 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _check_run_dir(self) -> None:
-        cfg_path = self.dir / "train_config.json"
+    def _check_run_dir(self) -> Path | None:
+        """Every check of the run directory, in every process, before anything is loaded or written."""
+        ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps)
         if self.resume:
-            if not (self.dir / CHECKPOINT_DIR).is_dir() and not (self.dir / (CHECKPOINT_DIR + ".old")).is_dir():
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.dir}")
-            saved = json.loads(cfg_path.read_text())
-            if _without_max_steps(saved) != _without_max_steps(_jsonable(self.run_config)):
-                raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path}:\n"
-                                 f"  saved     {_without_max_steps(saved)}\n"
-                                 f"  requested {_without_max_steps(_jsonable(self.run_config))}")
-        elif any(self.dir.joinpath(n).exists() for n in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", "done.json")):
-            raise FileExistsError(f"{self.dir} already holds a training run; pass --resume to continue it "
-                                  "or choose another --out")
+            cfg_path = self.dir / RUN_CONFIG
+            saved = _without_max_steps(read_json_file(cfg_path, "run config"))
+            requested = _without_max_steps(_jsonable(self.run_config))
+            if saved != requested:
+                raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path}: "
+                                 f"saved {saved}, requested {requested}")
+            if ckpt is not None:
+                meta = _checkpoint_meta(ckpt)
+                if meta["num_processes"] != self.accelerator.num_processes:
+                    raise ValueError(f"--resume: the checkpoint was written by {meta['num_processes']} processes; "
+                                     f"resume it with the same number (this run has {self.accelerator.num_processes})")
+        self.accelerator.wait_for_everyone()
+        return ckpt
+
+    def _open_run(self) -> None:
+        """Write the run's config (a resumed run: once its checkpoint has loaded, with its log trimmed to the
+        checkpoint's step and the previous ``done.json`` removed until the run finishes again)."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cfg_path, json.dumps(_jsonable(self.run_config), indent=2) + "\n")
+            if self.resume:
+                trim_log(self.dir / "log.jsonl", self.start_step)
+                (self.dir / "done.json").unlink(missing_ok=True)
+            atomic_write_text(self.dir / RUN_CONFIG, json.dumps(_jsonable(self.run_config), indent=2) + "\n")
         self.accelerator.wait_for_everyone()
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -241,11 +346,12 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         """Write ``checkpoint/`` atomically: every process writes into a temporary directory, then
-        the main process swaps it in by renames (the previous checkpoint survives a crash)."""
+        the main process swaps it in by renames (the previous checkpoint survives a crash). Whatever
+        lies at the temporary and old names (a symlink included) is removed, never followed."""
         acc = self.accelerator
         tmp, final, old = (self.dir / f"{CHECKPOINT_DIR}{s}" for s in (".tmp", "", ".old"))
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
@@ -254,34 +360,36 @@ class Trainer:
             (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": acc.num_processes}) + "\n")
         acc.wait_for_everyone()
         if self.is_main:
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
+            if final.exists() or final.is_symlink():
+                _remove(old)
                 os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         acc.wait_for_everyone()
 
-    def _load(self) -> int:
+    def _load(self, ckpt: Path) -> int:
+        """Restore weights, optimizers, LR schedules, EMAs and this process's RNG states from ``ckpt``."""
         acc = self.accelerator
-        ckpt = self.dir / CHECKPOINT_DIR
-        if not ckpt.is_dir():  # a crash between the two renames of save_checkpoint
-            ckpt = self.dir / (CHECKPOINT_DIR + ".old")
-        meta = json.loads((ckpt / "meta.json").read_text())
-        if meta["num_processes"] != acc.num_processes:
-            raise ValueError(f"--resume: the checkpoint was written by {meta['num_processes']} processes; "
-                             f"resume it with the same number (this run has {acc.num_processes})")
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        for n, m in self._prepared.items():
-            acc.unwrap_model(m).load_state_dict(state["models"][n])
-        for n, o in self._optimizers.items():
-            o.load_state_dict(state["optimizers"][n])
-        for n, s in self._schedulers.items():
-            s.load_state_dict(state["schedulers"][n])
+        meta = _checkpoint_meta(ckpt)
+        state_path = ckpt / "state.pt"
+        state = load_checkpoint_file(state_path)
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in _STATE_PARTS):
+            raise ValueError(f"checkpoint {state_path} is not a tandem Trainer checkpoint")
+        parts = [("models", n, acc.unwrap_model(m)) for n, m in self._prepared.items()]
+        parts += [("optimizers", n, o) for n, o in self._optimizers.items()]
+        parts += [("schedulers", n, s) for n, s in self._schedulers.items()]
+        for part, name, obj in parts:
+            if name not in state[part]:
+                raise ValueError(f"checkpoint {state_path} holds no {part} entry {name!r}; it is not this run's")
+            restore(obj, state[part][name], f"checkpoint {state_path} ({part} {name})")
         for n, emas in self._emas.items():
             for e, c in emas.items():
-                c.module.load_state_dict(state["emas"][n][e])
-        _set_rng_state(torch.load(ckpt / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=False))
-        return int(meta["step"])
+                if not isinstance(state["emas"].get(n), dict) or e not in state["emas"][n]:
+                    raise ValueError(f"checkpoint {state_path} holds no EMA {n}/{e}; it is not this run's")
+                restore(c.module, state["emas"][n][e], f"checkpoint {state_path} (EMA {n}/{e})")
+        rng_path = ckpt / f"rng-{acc.process_index}.pt"
+        _set_rng_state(load_checkpoint_file(rng_path), rng_path)
+        return meta["step"]
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -372,18 +480,30 @@ def _name_key(name: str) -> int:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain data (what ``torch.load(weights_only=True)`` reads)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(state: Any, path: Path) -> None:
+    """Restore what :func:`_rng_state` saved (read from ``path``)."""
+    try:
+        numpy_state, python_state = state["numpy"], state["python"]
+        torch.set_rng_state(state["torch"])
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+        raise ValueError(f"checkpoint {path} holds no valid RNG state; it is damaged or not tandem's") from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -392,6 +512,6 @@ def _jsonable(obj: Any) -> Any:
 
 def _without_max_steps(cfg: dict) -> dict:
     out = json.loads(json.dumps(cfg))
-    out.get("trainer", {}).pop("max_steps", None)
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"].pop("max_steps", None)
     return out
-

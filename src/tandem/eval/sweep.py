@@ -161,9 +161,11 @@ class Sweep:
 
 
 def _save_npz(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **data)
-    tmp.replace(path)
+    """Write ``data`` to ``path`` atomically, through a fresh temporary file (nothing beside ``path`` is followed)."""
+    from ..outputs import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: np.savez adds no ".npz" suffix
+        np.savez(f, **data)
 
 
 def is_main_process() -> bool:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..outputs import atomic_write_text
+from .runs import require_decay, require_number, require_probability, require_training_fields
 from .scene import CANVAS, Scene, object_mask, render
 from .stream import sample_scenes
 
@@ -106,6 +108,16 @@ class ControlNetTrainConfig:
     threads: int = 2
     world: str | None = None  # the world whose teacher, VAE and text encoder it trains on [shipped]
 
+    def __post_init__(self):
+        if self.control not in CONTROLS:
+            raise ValueError(f"unknown control {self.control!r}; expected one of {', '.join(CONTROLS)}")
+        require_training_fields(self)
+        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
+        require_probability(self.cond_dropout, "cond_dropout")
+        require_number(self.min_snr_gamma, "min_snr_gamma", above=0.0)
+        require_decay(self.ema_decay, "ema_decay")
+        require_number(self.grad_clip, "grad_clip", above=0.0)
+
 
 def build_controlnet(unet):
     """A world ControlNet initialised from ``unet`` (the teacher)."""
@@ -114,7 +126,7 @@ def build_controlnet(unet):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS)
 
 
-def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig = ControlNetTrainConfig(),
+def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig | None = None,
                      resume: bool = False) -> Path:
     """Train a ``cfg.control`` ControlNet for the teacher of ``cfg.world``; export to ``out/controlnet``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -125,6 +137,7 @@ def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig = ControlNetTra
     from .runs import EMA, Run
     from .train import _finish, _lr_lambda, min_snr_loss, noised_batch
 
+    cfg = cfg if cfg is not None else ControlNetTrainConfig()
     if cfg.control not in CONTROLS:
         raise ValueError(f"unknown control {cfg.control!r}; expected one of {', '.join(CONTROLS)}")
     quiet_hub_libraries()
@@ -167,6 +180,6 @@ def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig = ControlNetTra
     controlnet.load_state_dict(ema.state_dict())
     target = run.dir / "controlnet"
     controlnet.eval().half().save_pretrained(target)  # float16, as the shipped teacher (the checkpoint keeps fp32)
-    (target / "control.json").write_text(json.dumps({"control": cfg.control}, indent=2) + "\n")
+    atomic_write_text(target / "control.json", json.dumps({"control": cfg.control}, indent=2) + "\n")
     _finish(run, target, {"steps": cfg.max_steps, "weights": "ema", "control": cfg.control})
     return target

@@ -14,7 +14,8 @@ caption the grammar accepts. Grammar::
     relation := "to the left of" | "to the right of" | "above" | "below"
 
 Text outside the grammar raises :class:`CaptionError` with a one-line message naming the
-problem and the word where it was found (words are counted from 1).
+problem and the word where it was found (words are counted from 1); the caption it quotes is cut
+to its first 80 characters.
 
 Semantic oddities that the renderer never produces but that an image could still
 satisfy are accepted, because they are statements about the world, not grammar errors:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.checks import quote
 from tandem.world.scene import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, compose_caption
 
 MAX_OBJECTS = 3
@@ -143,7 +145,7 @@ class _Parser:
         self.i = 0
 
     def fail(self, message: str) -> CaptionError:
-        return CaptionError(f"{message} in {self.text!r}")
+        return CaptionError(f"{message} in {quote(self.text)}")
 
     def where(self, index: int) -> str:
         return f"{self.words[index]!r} at word {index + 1}"
@@ -257,18 +259,18 @@ def _tokenize(text: str) -> tuple[list[str], list[bool]]:
     if not text:
         raise CaptionError("empty caption")
     if text != text.lower():
-        raise CaptionError(f"caption must be lower case in {text!r}")
+        raise CaptionError(f"caption must be lower case in {quote(text)}")
     if text.endswith("."):
-        raise CaptionError(f"caption must not end with a period in {text!r}")
+        raise CaptionError(f"caption must not end with a period in {quote(text)}")
     if text != text.strip() or "  " in text or any(c.isspace() and c != " " for c in text):
-        raise CaptionError(f"words must be separated by single spaces in {text!r}")
+        raise CaptionError(f"words must be separated by single spaces in {quote(text)}")
     words, comma_after = [], []
     for index, token in enumerate(text.split(" ")):
         word = token.removesuffix(",")
         if not word or "," in word:
-            raise CaptionError(f"misplaced comma at word {index + 1} in {text!r}")
+            raise CaptionError(f"misplaced comma at word {index + 1} in {quote(text)}")
         if word not in _VOCABULARY:
-            raise CaptionError(f"unknown word {word!r} at word {index + 1} in {text!r}")
+            raise CaptionError(f"unknown word {quote(word)} at word {index + 1} in {quote(text)}")
         words.append(word)
         comma_after.append(token.endswith(","))
     return words, comma_after

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runs import Run, atomic_write_text, config_dict
+from ..outputs import atomic_path
+from .runs import (
+    Run,
+    atomic_write_text,
+    config_dict,
+    require_number,
+    require_training_fields,
+)
 from .stream import sample_batch
 
 # Stream seeds no other world run uses (vae 1, clip 2, teacher 3, decoder 4; prompt lists 1 and 2
@@ -47,6 +54,10 @@ class OracleArch:
     heads: int = 4
     ff: int = 512
     head_hidden: int = 128
+
+    def __post_init__(self):
+        for name in ("fusion_layers", "heads", "ff", "head_hidden"):
+            require_number(getattr(self, name), f"oracle arch {name}", integer=True, at_least=1)
 
 
 class WorldOracle(nn.Module):
@@ -127,9 +138,8 @@ class WorldOracle(nn.Module):
         atomic_write_text(path / "config.json", json.dumps(
             {"model": "tandem.world.oracle.WorldOracle", "arch": config_dict(self.arch), "clip": self.clip_config},
             indent=1) + "\n")
-        tmp = path / (WEIGHTS + ".tmp")
-        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(path / WEIGHTS)
+        with atomic_path(path / WEIGHTS) as tmp:
+            save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, str(tmp))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> WorldOracle:
@@ -234,6 +244,14 @@ class SampleRecipe:
     refine_strengths: tuple[float, ...] = (0.3, 0.5, 0.7)  # prompt i uses strengths[i % len]
     refine_schedule_steps: int = 10                 # img2img runs int(10 * strength) of these
     corrupt: bool = True                            # the exact rendering and a corrupted copy
+
+    def __post_init__(self):
+        for n in (*self.student_steps, *self.teacher_steps, self.refine_from_steps, self.refine_schedule_steps):
+            require_number(n, "sample recipe steps", integer=True, at_least=1)
+        for scale in (self.student_guidance_scale, self.teacher_guidance_scale):
+            require_number(scale, "sample recipe guidance scale", at_least=1.0)
+        for strength in self.refine_strengths:
+            require_number(strength, "sample recipe refine strength", above=0.0, at_most=1.0)
 
     def kinds(self) -> tuple[str, ...]:
         kinds = [f"student{n}" for n in self.student_steps] + [f"teacher{n}" for n in self.teacher_steps]
@@ -389,9 +407,8 @@ def build_split(data_dir: Path, stream_seed: int, n: int, recipe: SampleRecipe, 
             results = check_batch(list(images), prompts)
             part = {"images": images, "score": np.array([r.score for r in results], np.float32),
                     "satisfied": np.array([r.satisfied for r in results])}
-            tmp = data_dir / f"{kind}.tmp.npz"
-            np.savez_compressed(tmp, **part)
-            tmp.replace(cache)
+            with atomic_path(cache) as tmp, tmp.open("wb") as f:  # a file object: savez adds no suffix
+                np.savez_compressed(f, **part)
             log(f"oracle data {data_dir.name}/{kind}: {len(prompts)} images in {time.time() - t0:.0f}s, "
                 f"judge score {part['score'].mean():.3f}, satisfied {part['satisfied'].mean():.3f}")
         if len(part["images"]) != len(prompts):
@@ -510,6 +527,16 @@ class OracleTrainConfig:
     world: str | None = None       # whose student/teacher draw the data and whose tokenizer it uses [shipped]
     clip: str | None = None        # the CLIPModel directory the towers start from [<world>/clip]
 
+    def __post_init__(self):
+        require_training_fields(self)
+        for name in ("n_train", "n_eval", "prompts_per_batch"):
+            require_number(getattr(self, name), name, integer=True, at_least=1)
+        require_number(self.tower_lr_scale, "tower_lr_scale", at_least=0.0)
+        require_number(self.frozen_tower_layers, "frozen_tower_layers", integer=True, at_least=0)
+        require_number(self.weight_decay, "weight_decay", at_least=0.0)
+        require_number(self.rank_weight, "rank_weight", at_least=0.0)
+        require_number(self.rank_sharpness, "rank_sharpness", above=0.0)
+
 
 def oracle_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor, rank_weight: float,
                 rank_sharpness: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -609,7 +636,7 @@ def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: 
         if not need.is_dir():
             raise FileNotFoundError(f"no {need.name}/ in {need.parent}: the oracle needs the world's tokenizer, "
                                     "teacher and student, and a CLIP to start from")
-    run = Run(out, "oracle", cfg, resume)
+    run = Run(out, "oracle", cfg, resume, keep=("data",))  # a new run may start from an earlier run's data cache
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     log = _run_logger(run)

@@ -1,7 +1,19 @@
 """A small run harness for the world's component trainings: resolved config beside the
 weights, atomic periodic checkpoints, exact resume, JSONL logs and a progress bar.
 
-(The general distillation ``Trainer`` of ``tandem.distill`` grows out of this.)
+(The general distillation ``Trainer`` of ``tandem.distill`` grows out of this, and shares its
+run-directory and checkpoint helpers, defined here.)
+
+Run directories follow one contract:
+
+- a new run needs a new or empty ``--out`` (a directory holding anything else, the user's own
+  files above all, is refused before anything is written or loaded), and the directory must
+  be writable (created and probed before any model is loaded);
+- ``--resume`` continues the run whose ``train_config.json`` matches the requested config
+  (except ``max_steps``), from its last checkpoint, or from step 0 when it was stopped before
+  its first one; a checkpoint past ``max_steps`` is refused;
+- checkpoints hold tensors and plain data only and are read with ``torch.load(weights_only=True)``:
+  reading a checkpoint never runs code, and a file that would is refused.
 """
 
 from __future__ import annotations
@@ -9,7 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
+import tempfile
 import time
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,16 +34,166 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..outputs import atomic_write_text
+from ..checks import count, finite_number
+from ..outputs import atomic_path, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
+RUN_CONFIG = "train_config.json"
+PROBE_PREFIX = ".tandem-write-probe."
+# what a run killed before it wrote anything else may leave behind: a write probe, or the
+# hidden temporary file of its train_config.json (tandem.outputs.atomic_path names it so)
+_LEFTOVER = re.compile(r"^(\.tandem-write-probe\.|\.train_config\.json\.).*\.tmp$")
+
+
+# -- configuration checks ------------------------------------------------------------------------------
+
+
+def require_number(value: Any, name: str, *, integer: bool = False, at_least: float | None = None,
+                   above: float | None = None, below: float | None = None, at_most: float | None = None) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number (a whole number if
+    ``integer``) within the given bounds: ``at_least <= value``, ``above < value``, ``value < below``,
+    ``value <= at_most`` (the checks of :mod:`tandem.checks`)."""
+    if integer:
+        n = count(value, name, minimum=int(at_least) if at_least is not None else -(2**63))
+        finite_number(n, name, high=at_most)
+        return
+    low, low_open = (above, True) if above is not None else (at_least, False)
+    high, high_open = (below, True) if below is not None else (at_most, False)
+    finite_number(value, name, low=low, high=high, low_open=low_open, high_open=high_open)
+
+
+def require_decay(value: Any, name: str) -> None:
+    """An EMA decay: a finite number in [0, 1)."""
+    require_number(value, name, at_least=0.0, below=1.0)
+
+
+def require_probability(value: Any, name: str) -> None:
+    require_number(value, name, at_least=0.0, at_most=1.0)
+
+
+def require_training_fields(cfg: Any) -> None:
+    """The fields every world training config has: ``seed``, ``max_steps``, ``lr`` (0 is allowed: a run
+    that must leave its warm start unchanged), ``warmup_steps``, ``checkpoint_every`` and ``threads``."""
+    require_number(cfg.seed, "seed", integer=True, at_least=0)
+    require_number(cfg.max_steps, "max_steps", integer=True, at_least=1)
+    require_number(cfg.lr, "lr", at_least=0.0)
+    require_number(cfg.warmup_steps, "warmup_steps", integer=True, at_least=0)
+    require_number(cfg.checkpoint_every, "checkpoint_every", integer=True, at_least=1)
+    require_number(cfg.threads, "threads", integer=True, at_least=1)
+
+
+# -- run directories -----------------------------------------------------------------------------------
+
+
+def check_new_run_dir(path: Path, run_markers: tuple[str, ...], keep: tuple[str, ...] = (),
+                      what: str = "a training run") -> None:
+    """Refuse ``path`` for a new run unless it is absent or an empty directory (``keep``: names it may
+    already hold, e.g. a data cache). Nothing is written."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir():
+        raise NotADirectoryError(f"--out {path} exists and is not a directory")
+    try:
+        names = sorted(p.name for p in path.iterdir() if not _LEFTOVER.match(p.name))
+    except OSError as e:
+        raise ValueError(f"--out {path} cannot be read ({e.strerror or e})") from None
+    if any(n in run_markers for n in names):
+        raise FileExistsError(f"{path} already holds {what}; pass --resume to continue it or choose another --out")
+    foreign = [n for n in names if n not in keep]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise FileExistsError(f"--out {path} is not empty (it holds {foreign[0]!r}{more}); a new run needs a new "
+                              "or empty directory (--resume continues a run stopped in it)")
+
+
+def make_writable_dir(path: Path) -> None:
+    """Create ``path`` (with its parents) and prove it writable with a probe file, before anything is
+    loaded or computed; a ``ValueError`` names the problem."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {path} is not writable ({e.strerror or e})") from None
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a ``ValueError`` names the file when it is not one."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} is missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is unreadable ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                         "it is damaged, or it is not tandem's") from None
+    if not isinstance(data, dict):  # bad file content, not a bad argument: a ValueError, which the CLI reports
+        raise ValueError(f"{what} {path} does not hold a JSON object; it is not tandem's")  # noqa: TRY004
+    return data
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop a resumed run's log records past its checkpoint ``step`` (the resumed run logs them again)
+    and a last line a crash cut short, so the log reads as an uninterrupted run's."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break  # only the last line can lack its newline: a write cut short by a crash
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            continue
+        keep.append(line)
+    atomic_write_text(path, "".join(keep))
+
+
+# -- checkpoint files ------------------------------------------------------------------------------------
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a fresh temporary file beside ``path``, then rename: a crash never leaves half
+    a file, and nothing lying beside ``path`` (a symlink included) is followed."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint_file(path: Path, mmap: bool = False) -> Any:
+    """A file written by ``torch.save`` of tensors and plain data, read with ``weights_only=True``: a
+    file that holds anything else (an object whose unpickling would run code) is refused, never run.
+    A missing, truncated or corrupt file is a one-line error naming it. ``mmap``: map the tensors
+    instead of reading them (a cheap check of a large file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is missing")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one lacks its directory
+        raise ValueError(f"checkpoint {path} is unreadable (truncated?): it is not the archive torch.save writes")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("Weights only load failed"):
+            raise ValueError(f"checkpoint {path} holds objects other than tensors and plain data; tandem "
+                             "never unpickles code, so it refuses to load it (not a tandem checkpoint?)") from None
+        raise ValueError(f"checkpoint {path} is unreadable (truncated?): {type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file (EOFError, OSError, RuntimeError)
+        raise ValueError(f"checkpoint {path} is unreadable (truncated?): {type(e).__name__}") from None
+
+
+def restore(obj: Any, state: Any, what: str) -> None:
+    """``obj.load_state_dict(state)``, with a one-line error naming ``what`` when the state does not fit."""
+    try:
+        obj.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} does not fit this run: {first}") from None
 
 
 def config_dict(cfg: Any) -> dict:
@@ -37,6 +204,7 @@ class EMA:
     """Exponential moving average of a module's parameters (``decay`` per step)."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
+        require_decay(decay, "EMA decay")
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -52,50 +220,75 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != set(self.shadow):
+            raise ValueError("the EMA's keys differ from the module's")
         self.shadow = {k: v.clone() for k, v in state.items()}
 
 
 class Run:
-    """One training run in ``out_dir``.
+    """One training run in ``out_dir`` (see the module docstring for the directory contract).
 
-    A new run refuses a directory that already holds a checkpoint (pass ``resume=True``
-    to continue it); a resumed run must have the same config as the one on disk.
+    Args:
+        cfg: the run's config dataclass (with ``max_steps``), saved as ``train_config.json``.
+        keep: names a new run may find already in ``out_dir`` (e.g. a data cache it reuses).
     """
 
-    def __init__(self, out_dir: str | Path, name: str, cfg: Any, resume: bool):
+    def __init__(self, out_dir: str | Path, name: str, cfg: Any, resume: bool, keep: tuple[str, ...] = ()):
         self.dir = Path(out_dir)
         self.name = name
         self.cfg = cfg
         self.ckpt_path = self.dir / CHECKPOINT
+        self.log_path = self.dir / "log.jsonl"
+        self._checkpoint: dict | None = None
         cfg_json = {"component": name, "config": config_dict(cfg)}
-        cfg_path = self.dir / "train_config.json"
+        cfg_path = self.dir / RUN_CONFIG
         if resume:
-            if not self.ckpt_path.exists():
-                raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.dir}")
-            saved = json.loads(cfg_path.read_text())
+            if not cfg_path.is_file():
+                raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.dir} (no run there)")
+            saved = read_json_file(cfg_path, "run config")
+            if not isinstance(saved.get("config"), dict):
+                raise ValueError(f"--resume: {cfg_path} is not the config of a {name} run")
             if _without_max_steps(saved) != _without_max_steps(cfg_json):
                 raise ValueError(
                     f"--resume: config differs from the one in {cfg_path}; "
                     f"saved {saved['config']}, requested {cfg_json['config']}"
                 )
+            step = 0
+            if not self.ckpt_path.exists() and (self.dir / "done.json").exists():
+                raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.dir} (the run finished; its "
+                                        "checkpoint is gone)")
+            if self.ckpt_path.exists():
+                self._checkpoint = load_checkpoint_file(self.ckpt_path)
+                step = self._checkpoint.get("step") if isinstance(self._checkpoint, dict) else None
+                if not isinstance(step, int) or step < 0:
+                    raise ValueError(f"checkpoint {self.ckpt_path} holds no step; it is not a {name} checkpoint")
+                if step > cfg.max_steps:
+                    raise ValueError(f"the checkpoint in {self.dir} is at step {step}, past --max-steps "
+                                     f"{cfg.max_steps}; resume with --max-steps {step} or more")
+            make_writable_dir(self.dir)
+            trim_log(self.log_path, step)
             # training longer (or stopping earlier) is the one change a resume may make
             atomic_write_text(cfg_path, json.dumps(cfg_json, indent=2) + "\n")
+            (self.dir / "done.json").unlink(missing_ok=True)  # written again when the resumed run finishes
         else:
-            if self.ckpt_path.exists() or (self.dir / "done.json").exists():
-                raise FileExistsError(
-                    f"{self.dir} already holds a {name} run; pass --resume to continue it "
-                    "or choose another --out"
-                )
-            self.dir.mkdir(parents=True, exist_ok=True)
+            check_new_run_dir(self.dir, (CHECKPOINT, "done.json"), keep, what=f"a {name} run")
+            make_writable_dir(self.dir)
             atomic_write_text(cfg_path, json.dumps(cfg_json, indent=2) + "\n")
-        self.log_path = self.dir / "log.jsonl"
 
     def load(self, state: dict[str, Any]) -> int:
-        """Restore every object in ``state`` (modules, optimizers, EMA) and torch's RNG; return the step."""
-        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        """Restore every object in ``state`` (modules, optimizers, EMA) and torch's RNG from the checkpoint
+        read when the run was opened; return its step (0 for a run stopped before its first checkpoint)."""
+        ckpt, self._checkpoint = self._checkpoint, None
+        if ckpt is None:
+            return 0
         for key, obj in state.items():
-            obj.load_state_dict(ckpt[key])
-        torch.set_rng_state(ckpt["torch_rng"])
+            if key not in ckpt:
+                raise ValueError(f"checkpoint {self.ckpt_path} holds no {key!r}; it is not a {self.name} checkpoint")
+            restore(obj, ckpt[key], f"checkpoint {self.ckpt_path} ({key})")
+        try:
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, TypeError, RuntimeError):
+            raise ValueError(f"checkpoint {self.ckpt_path} holds no valid torch RNG state") from None
         return int(ckpt["step"])
 
     def save(self, step: int, state: dict[str, Any]) -> None:
@@ -118,6 +311,8 @@ class Run:
         log_every: int = 50,
     ) -> None:
         """Call ``step_fn(step)`` for steps ``start .. max_steps - 1`` with logs and checkpoints."""
+        if start > max_steps:
+            raise ValueError(f"the checkpoint in {self.dir} is at step {start}, past --max-steps {max_steps}")
         t0 = time.time()
         columns = (TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn())

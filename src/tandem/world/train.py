@@ -30,9 +30,20 @@ from .models import (
     build_unet,
     build_vae,
 )
-from .runs import EMA, Run, atomic_write_text, config_dict
+from .runs import (
+    EMA,
+    Run,
+    atomic_write_text,
+    config_dict,
+    require_decay,
+    require_number,
+    require_probability,
+    require_training_fields,
+)
 from .stream import images_to_tensor, sample_batch
 from .tokenizer import build_tokenizer
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -46,6 +57,11 @@ class VAETrainConfig:
     kl_weight: float = 1e-4  # per latent element, relative to the per-pixel reconstruction loss
     checkpoint_every: int = 250
     threads: int = 1
+
+    def __post_init__(self):
+        require_training_fields(self)
+        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
+        require_number(self.kl_weight, "kl_weight", at_least=0.0)
 
 
 @dataclass
@@ -62,6 +78,11 @@ class DecoderTrainConfig:
     checkpoint_every: int = 250
     threads: int = 2
 
+    def __post_init__(self):
+        require_training_fields(self)
+        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
+        require_number(self.edge_weight, "edge_weight", at_least=0.0)
+
 
 @dataclass
 class CLIPTrainConfig:
@@ -74,6 +95,11 @@ class CLIPTrainConfig:
     weight_decay: float = 0.1
     checkpoint_every: int = 250
     threads: int = 1
+
+    def __post_init__(self):
+        require_training_fields(self)
+        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
+        require_number(self.weight_decay, "weight_decay", at_least=0.0)
 
 
 @dataclass
@@ -93,6 +119,17 @@ class TeacherTrainConfig:
     checkpoint_every: int = 250
     threads: int = 2
     init_from: str | None = None  # warm start: a UNet save_pretrained directory (e.g. a world's unet/)
+
+    def __post_init__(self):
+        require_training_fields(self)
+        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        require_number(self.weight_decay, "weight_decay", at_least=0.0)
+        require_probability(self.cond_dropout, "cond_dropout")
+        require_number(self.min_snr_gamma, "min_snr_gamma", above=0.0)
+        require_decay(self.ema_decay, "ema_decay")
+        require_number(self.grad_clip, "grad_clip", above=0.0)
 
 
 def noised_batch(captions: list[str], images: np.ndarray, g: torch.Generator, cond_dropout: float, vae,
@@ -120,7 +157,7 @@ def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
-    if schedule not in ("cosine", "constant"):
+    if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}; expected 'cosine' or 'constant'")
 
     def f(step: int) -> float:
@@ -138,7 +175,8 @@ def _finish(run: Run, component_dir: Path, summary: dict) -> None:
     atomic_write_text(run.dir / "done.json", json.dumps(summary, indent=2) + "\n")
 
 
-def train_vae(out: str | Path, cfg: VAETrainConfig = VAETrainConfig(), resume: bool = False) -> Path:
+def train_vae(out: str | Path, cfg: VAETrainConfig | None = None, resume: bool = False) -> Path:
+    cfg = cfg if cfg is not None else VAETrainConfig()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = Run(out, "vae", cfg, resume)
@@ -191,11 +229,12 @@ def _require_vae(vae_dir: str | Path) -> Path:
     return vae_dir
 
 
-def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainConfig = DecoderTrainConfig(),
+def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainConfig | None = None,
                       resume: bool = False) -> Path:
     """Fine-tune the decoder of the VAE in ``vae_dir`` with an edge-weighted reconstruction loss."""
     from diffusers import AutoencoderKL
 
+    cfg = cfg if cfg is not None else DecoderTrainConfig()
     quiet_hub_libraries()
     vae_dir = _require_vae(vae_dir)
     torch.set_num_threads(cfg.threads)
@@ -234,7 +273,8 @@ def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainCon
     return target
 
 
-def train_clip(out: str | Path, cfg: CLIPTrainConfig = CLIPTrainConfig(), resume: bool = False) -> Path:
+def train_clip(out: str | Path, cfg: CLIPTrainConfig | None = None, resume: bool = False) -> Path:
+    cfg = cfg if cfg is not None else CLIPTrainConfig()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = Run(out, "clip", cfg, resume)
@@ -274,7 +314,7 @@ def _arch(config) -> str:
 
 
 def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
-                  cfg: TeacherTrainConfig = TeacherTrainConfig(), resume: bool = False) -> Path:
+                  cfg: TeacherTrainConfig | None = None, resume: bool = False) -> Path:
     """Train the teacher UNet with epsilon prediction and condition dropout for CFG.
 
     Args:
@@ -283,6 +323,7 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     """
     from diffusers import AutoencoderKL
 
+    cfg = cfg if cfg is not None else TeacherTrainConfig()
     quiet_hub_libraries()
     vae_dir, text_dir = _require_vae(vae_dir), Path(text_dir)
     missing = [d for d in ("text_encoder", "tokenizer") if not (text_dir / d).is_dir()]

@@ -1,0 +1,44 @@
+"""Running the ``tandem`` command line in tests: as a subprocess (what a shell sees) or in-process
+through ``tandem.cli.main`` (same exit status and stderr, without seconds of imports per call)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# One thread per process: the suite must not fight the machine's other jobs for cores.
+ENV = {**os.environ, "TANDEM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def tandem(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tandem.cli", *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit status 2 and one line on stderr that names the problem."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def tandem_in_process(capsys, monkeypatch, *args) -> subprocess.CompletedProcess:
+    from tandem.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tandem", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
