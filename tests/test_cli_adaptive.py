@@ -84,14 +84,15 @@ def test_a_calibration_for_other_settings_is_refused(calibration, workdir, capsy
 
 
 @pytest.mark.parametrize("case", ["percentile with teacher", "two thresholds", "missing calibration",
-                                  "not a preset", "bad sigma"])
+                                  "teacher alone", "bad sigma"])
 def test_adaptive_bad_input_is_one_line_and_exit_2(case, workdir, capsys, monkeypatch):
     prompts = ["--prompts", workdir / "prompts.txt", "--out", workdir / f"bad-{case}"]
     args, needles = {
         "percentile with teacher": (["--mode", "teacher", "--percentile", 50], ["--percentile", "adaptive"]),
-        "two thresholds": (["--mode", "adaptive", "--percentile", 50, "--threshold", 0.1], ["exactly one"]),
+        "two thresholds": (["--mode", "adaptive", "--percentile", 50, "--threshold", 0.1],
+                           ["one of --percentile, --threshold or --budget"]),
         "missing calibration": (["--mode", "adaptive", "--calibration", workdir / "nope.json"], ["nope.json"]),
-        "not a preset": (["--mode", "adaptive", "--model", "org/model", "--threshold", 0.1], ["preset"]),
+        "teacher alone": (["--mode", "adaptive", "--model", "org/model", "--threshold", 0.1], ["--student"]),
         "bad sigma": (["--mode", "refine-all", "--rollback-sigma", 1.5], ["rollback sigma"]),
     }[case]
     assert_user_error(run(capsys, monkeypatch, "generate", *args, *prompts), *needles)

@@ -72,6 +72,17 @@ def percentile_k_for_budget(budget: float, student_cost: float, improve_cost: fl
     return float(min(100.0, 100.0 * (budget - student_cost) / improve_cost))
 
 
+# How to make a calibration, in the Python API's words and the command line's.
+RECALIBRATE = "pipe.calibrate(prompts) (command line: `tandem calibrate`)"
+RECALIBRATE_EDITS = ("pipe.calibrate_edits(images, prompts, strength) (command line: "
+                     "`tandem calibrate --edits`)")
+TIE_TOLERANCE = 0.02  # a routed share this far (beyond one image) from k is worth a note
+
+
+class CalibrationTieWarning(UserWarning):
+    """Tied calibration scores make the share of images sent to the teacher differ from the k asked for."""
+
+
 INFORMATIONAL = frozenset({"path"})  # the local directory a model was loaded from: its digests identify it
 
 
@@ -103,17 +114,42 @@ class Calibration:
             raise ValueError("a calibration needs at least one score")
         if not np.isfinite(self.scores).all():
             raise ValueError("calibration scores must be finite")
+        if len(self.scores) > 1 and self.scores[0] == self.scores[-1]:
+            raise ValueError(f"all {len(self.scores)} oracle scores are equal ({self.scores[0]:g}): the scorer does "
+                             "not tell these student images apart, so no percentile can route them; check the "
+                             "scorer (--scorer)")
 
     def threshold(self, k: float) -> float:
         """tau = the k-th percentile (linear interpolation) of the calibration scores."""
         return float(np.percentile(self.scores, finite_number(k, "percentile k", low=0, high=100)))
 
-    def check(self, fingerprint: dict) -> None:
-        """Raise ``CalibrationMismatch`` naming every difference from a call's fingerprint."""
+    def share_below(self, tau: float) -> float:
+        """The share (0..1) of the calibration's scores strictly below ``tau``: of its prompts' student
+        images, those that tau sends to the teacher."""
+        return float(np.searchsorted(self.scores, tau, side="left") / len(self.scores))
+
+    def tie_note(self, k: float) -> str | None:
+        """None when tau = ``threshold(k)`` sends about k% of the calibration's images to the teacher (within
+        one image and ``TIE_TOLERANCE``); else a sentence saying that tied scores send fewer. Without ties the
+        share is k% to within one image; a scorer that gives many images one score (one that clamps or
+        rounds) makes tau that score, and only images scoring *below* tau go to the teacher."""
+        k = finite_number(k, "percentile k", low=0, high=100)
+        tau = self.threshold(k)
+        share = self.share_below(tau)
+        if abs(share - k / 100) <= 1 / len(self.scores) + TIE_TOLERANCE:
+            return None
+        tied = int(np.count_nonzero(self.scores == tau))
+        return (f"only {100 * share:.1f}% of the calibration's images score below tau ({tau:g}), not {k:g}%: "
+                f"{tied} of its {len(self.scores)} scores equal tau, and only images scoring below it go to the "
+                "teacher; a scorer with fewer ties (--scorer) routes the share asked for")
+
+    def check(self, fingerprint: dict, remake: str = RECALIBRATE) -> None:
+        """Raise ``CalibrationMismatch`` naming every difference from a call's fingerprint; ``remake`` says
+        how to make a calibration that fits."""
         diffs = diff_fingerprints(self.fingerprint, fingerprint)
         if diffs:
-            raise CalibrationMismatch("the calibration was made for other settings; recalibrate with "
-                                      "`tandem calibrate` (" + "; ".join(diffs) + ")")
+            raise CalibrationMismatch(f"the calibration was made for other settings; recalibrate with {remake} ("
+                                      + "; ".join(diffs) + ")")
 
     def convergence(self, sizes=(50, 100, 250, 500, 1000), ks=(30, 50, 70), resamples: int = 200,
                     seed: int = 0, replace: bool = True) -> list[dict]:
@@ -205,7 +241,10 @@ class Calibration:
         n = data.get("n", len(scores))
         if isinstance(n, bool) or not isinstance(n, int) or n != len(scores):
             raise bad(f"'n' is {n!r} but 'scores' holds {len(scores)}")
-        calibration = cls(np.asarray(scores, dtype=np.float64), data["fingerprint"], config)
+        try:
+            calibration = cls(np.asarray(scores, dtype=np.float64), data["fingerprint"], config)
+        except ValueError as e:  # all scores equal: the file is well formed, its scorer is not
+            raise ValueError(f"calibration {path}: {e}") from None
         table = data.get("percentiles", {})
         if not isinstance(table, dict):
             raise bad(f"'percentiles' must be an object, got {_json_type(table)}")

@@ -27,11 +27,21 @@ app.add_typer(distill_app, name="distill")
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="Evaluation experiments: results JSON, plots and a report in --out.")
 app.add_typer(eval_app, name="eval")
+preset_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Presets: a teacher, a student, an oracle and their settings, kept as a file.")
+app.add_typer(preset_app, name="preset")
 console = Console(stderr=True)
 
 
 class UserError(Exception):
     """Bad input: reported as one line on stderr with exit status 2."""
+
+
+STUDENT_HELP = ("The student: a `tandem distill` student directory, a diffusers pipeline or UNet directory (e.g. "
+                "LCM-Dreamshaper, LCM-SDXL), or a hub id (pipeline:ID or unet:ID) [the preset's].")
+SCORER_HELP = "The oracle: clip:ID, pickscore:ID, imagereward[:PATH], world-oracle[:DIR] [the preset's]."
+CONTROLNET_HELP = "Your own ControlNet (directory or hub id) in student and teacher; give --control-image."
+PRESET_HELP = "A preset file (`tandem preset save`) instead of --model."
 
 
 class Mode(str, Enum):
@@ -181,12 +191,13 @@ def _check_world_prompts(prompts: list[str]) -> None:
 def generate(
     prompt: Annotated[list[str] | None, typer.Argument(help="Prompts (one image each).")] = None,
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")] = None,
-    model: Annotated[str, typer.Option(help="'world', a diffusers model directory, or a hub id.")] = "world",
+    model: Annotated[str, typer.Option(help="A preset ('world', sd15-lcm, ...), or a teacher: a diffusers "
+                                             "directory or hub id.")] = "world",
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
     mode: Annotated[Mode, typer.Option(help="Which generator makes the images.")] = Mode.teacher,
     teacher_steps: Annotated[int | None, typer.Option(help="Teacher sampling steps [model default].")] = None,
     scheduler: Annotated[Scheduler | None, typer.Option(help="Teacher sampler [model default].")] = None,
-    student: Annotated[Path | None, typer.Option(help="Student directory (student/ of a `tandem distill` run) "
-                                                      "[the model's preset student].")] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
     student_steps: Annotated[int | None, typer.Option(help="Student sampling steps [model default].")] = None,
     student_noise: Annotated[str, typer.Option(help="Student sampler: 'stochastic' (LCM) or "
                                                     "'deterministic'.")] = "stochastic",
@@ -215,8 +226,8 @@ def generate(
                                                                       "guidance [preset default].")] = None,
     calibration: Annotated[Path | None, typer.Option(help="adaptive: calibration file from `tandem calibrate` "
                                                           "[the preset's].")] = None,
-    scorer: Annotated[str | None, typer.Option(help="adaptive: the oracle, e.g. world-oracle:DIR, clip:ID, "
-                                                    "imagereward [the preset's].")] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    controlnet: Annotated[str | None, typer.Option(help=CONTROLNET_HELP)] = None,
     control: Annotated[str | None, typer.Option(help="ControlNet conditioning: the preset's control kind "
                                                      "(world: mask or edges; sd15-lcm: canny or seg).")] = None,
     control_image: Annotated[list[Path] | None, typer.Option(help="--control: control image file(s), one per "
@@ -227,15 +238,16 @@ def generate(
     With --control, one ControlNet conditions student and teacher alike (all modes)."""
     import time
 
-    if (control is None) != (control_image is None):
-        raise UserError("--control and --control-image go together")
-    if mode in (Mode.adaptive, Mode.refine_all) or control is not None:
+    if (control is None and controlnet is None) != (control_image is None):
+        raise UserError("--control (or --controlnet) and --control-image go together")
+    if mode in (Mode.adaptive, Mode.refine_all) or not _direct(model, preset_file, student, controlnet, control):
+        preset = _compose(model, preset_file, student, scorer, controlnet, control)
         return _generate_tandem(
-            prompt, prompts_file, _control_preset(model, control), mode, teacher_steps, scheduler, student,
-            student_steps, guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
-            rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale, calibration, scorer,
-            control_image)
-    tandem_only = {"--scorer": scorer, "--strategy": strategy, "--rollback-sigma": rollback_sigma, "--percentile": percentile,
+            prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps, guidance_scale, seed,
+            batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
+            threshold, budget, teacher_guidance_scale, calibration, control_image)
+    tandem_only = {"--scorer": scorer, "--strategy": strategy, "--rollback-sigma": rollback_sigma,
+                   "--percentile": percentile,
                    "--threshold": threshold, "--budget": budget, "--teacher-guidance-scale": teacher_guidance_scale,
                    "--calibration": calibration, "--rollback-convention": rollback_convention}
     for flag, value in tandem_only.items():
@@ -307,37 +319,108 @@ def generate(
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
 
 
-def _tandem_pipeline(model: str, student: Path | None, device: str, calibration: Path | None,
-                     scorer: str | None = None):
-    """The TandemPipeline of a preset (``--model``), optionally with another world student."""
-    import dataclasses
+def _direct(model: str, preset_file: Path | None, student: str | None, controlnet: str | None,
+            control: str | None) -> bool:
+    """Whether ``generate --mode teacher|student`` runs the model's diffusers pipeline directly (a world or
+    diffusers teacher, with a `tandem distill` student), rather than through a composed TandemPipeline."""
+    from .presets import PRESETS, parse_student
 
-    from .presets import PRESETS, load_preset
+    if preset_file is not None or controlnet is not None or control is not None:
+        return False
+    if model in PRESETS and model != "world":
+        return False
+    return student is None or parse_student(student)[0] in ("tandem", "world")
 
-    if model not in PRESETS:
-        raise UserError(f"--mode adaptive/refine-all and calibrate take a preset as --model "
-                        f"({', '.join(PRESETS)}), got {model!r}")
-    preset = PRESETS[model]
-    if student is not None:
-        if preset.student_kind != "world":
-            raise UserError("--student applies to the world preset (a `tandem distill` student/ directory)")
-        preset = dataclasses.replace(preset, student=str(student))
-    if scorer is not None:
-        from .scorers import load_scorer
 
-        preset = dataclasses.replace(preset, scorer=scorer)
-        if calibration is None and preset.calibration == "world":
-            preset = dataclasses.replace(preset, calibration=None)  # the shipped one is for the shipped oracle
+def _compose(model: str, preset_file: Path | None = None, student: str | None = None, scorer: str | None = None,
+             controlnet: str | None = None, control: str | None = None):
+    """The preset a command runs: ``--preset FILE`` or ``--model`` (a preset name, or a teacher directory
+    or hub id), with the ControlNet preset of ``--control`` and the parts given on the command line."""
+    from .presets import compose, read_preset_file
+
+    if preset_file is not None:
+        if model != "world":
+            raise UserError("--preset and --model do not go together (the preset file names its teacher)")
+        if control is not None:
+            raise UserError("--control names a built-in ControlNet preset; with --preset, give --controlnet")
+        if not preset_file.is_file():
+            raise UserError(f"--preset {preset_file}: no such file (write one with `tandem preset save`)")
+        base = read_preset_file(preset_file)
+    else:
+        if control is not None and controlnet is not None:
+            raise UserError("--control (a preset's ControlNet) and --controlnet (your own) do not go together")
+        base = _control_preset(model, control)
+    return compose(base, student=student, scorer=scorer, controlnet=controlnet)
+
+
+def _check_composition(preset, mode: str, calibration: Path | None, threshold: float | None = None,
+                       percentile: float | None = None, budget: float | None = None, edit: bool = False) -> None:
+    """What a tandem run needs of its parts, checked before any model loads, in the command line's words."""
+    if preset.student is None and mode != "teacher":
+        raise UserError(f"--model {preset.teacher} has no student: give --student (a `tandem distill` student "
+                        "directory, a diffusers pipeline or UNet directory, or a hub id)")
     if calibration is not None and not calibration.exists():
         raise UserError(f"--calibration {calibration} does not exist; make one with `tandem calibrate`")
-    return preset, load_preset(preset, device=device, calibration=calibration,
-                               scorer=load_scorer(scorer, device=device) if scorer is not None else None)
+    if mode not in ("adaptive", "calibrate"):
+        return
+    if preset.scorer is None:
+        raise UserError(f"{'calibrate' if mode == 'calibrate' else '--mode adaptive'} needs an oracle: give "
+                        "--scorer (e.g. clip:DIR, pickscore:ID, imagereward, world-oracle:DIR)")
+    given = [flag for flag, v in (("--percentile", percentile), ("--threshold", threshold), ("--budget", budget))
+             if v is not None]
+    if len(given) > 1:
+        raise UserError(f"give one of --percentile, --threshold or --budget, not {' and '.join(given)}")
+    has_table = calibration is not None or (preset.edit_calibrations if edit else preset.calibration)
+    if mode == "adaptive" and threshold is None and not has_table:
+        make = ("`tandem calibrate --edits val` (world) or TandemPipeline.calibrate_edits (Python)" if edit
+                else f"`tandem calibrate {_parts_args(preset)} --prompts HELD_OUT.txt --out calibration.json`")
+        raise UserError(f"{', '.join(given) or 'the percentile k'} needs a calibration of this student and oracle: "
+                        f"make one with {make} and pass --calibration, or give --threshold")
 
 
-def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler, student, student_steps,
+def _parts_args(preset) -> str:
+    """The command-line options that rebuild ``preset``'s parts, for messages."""
+    from .presets import PRESETS
+
+    base = preset.name.removesuffix("+custom")
+    if base in PRESETS and not preset.name.endswith("+custom"):
+        return f"--model {base}"
+    args = [f"--model {base if base in PRESETS else preset.teacher}"]
+    if base not in PRESETS or PRESETS[base].student != preset.student:
+        args.append(f"--student {preset.student}")
+    if preset.scorer and (base not in PRESETS or PRESETS[base].scorer != preset.scorer):
+        args.append(f"--scorer {preset.scorer}")
+    return " ".join(args)
+
+
+def _tandem_pipeline(preset, device: str, calibration: Path | None = None):
+    """Load the TandemPipeline of ``preset`` (with ``--calibration``); says which VAE and text encoder
+    a student that brings its own uses."""
+    from .presets import load_preset
+
+    pipe = load_preset(preset, device=device, calibration=calibration)
+    own = [name.replace("_", " ") for name in pipe.student_own_components]
+    if own:
+        console.print(f"note: student {preset.student} brings its own {' and '.join(own)}: the student draws with "
+                      f"them, the teacher with its own, and the student's latents go to the teacher directly "
+                      f"(--handoff pixel decodes and re-encodes instead)")
+    return pipe
+
+
+def _preset_record(preset, pipe) -> dict:
+    """What a run's config.json says about its models: the preset's fields and the scorer's fingerprint."""
+    from .presets import preset_to_json
+
+    return {"preset": preset.name, "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
+            "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+            "controlnet": preset.controlnet, "student_own_components": list(pipe.student_own_components) or None,
+            "preset_fields": preset_to_json(preset)}
+
+
+def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps,
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
-                     calibration, scorer, control_image=None) -> None:
+                     calibration, control_image=None) -> None:
     import time
 
     from .outputs import OutputDir, image_grid, save_png
@@ -349,6 +432,14 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
             raise UserError(f"{flag} must be >= 1, got {value}")
     if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
         raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
+    if mode not in (Mode.adaptive, Mode.refine_all):
+        tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma,
+                       "--teacher-guidance-scale": teacher_guidance_scale, "--calibration": calibration,
+                       "--rollback-convention": rollback_convention}
+        for flag, value in tandem_only.items():
+            if value is not None:
+                raise UserError(f"{flag} applies to --mode adaptive or refine-all")
+    _check_composition(preset, mode.value, calibration, threshold, percentile, budget)
     prompts = _collect_prompts(prompt, prompts_file)
     controls = _read_images(control_image, "--control-image") if control_image else None
     if controls is not None and len(controls) not in (1, len(prompts)):
@@ -356,7 +447,7 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
                         "(one per prompt, or one for all)")
     output = OutputDir(out, overwrite, info={"command": f"generate --mode {mode.value}"})
     with output:  # a failure anywhere below leaves --out as it was
-        preset, pipe = _tandem_pipeline(model, student, device, calibration, scorer)
+        pipe = _tandem_pipeline(preset, device, calibration)
         if preset.teacher == "world":
             _check_world_prompts(prompts)
         kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
@@ -384,11 +475,9 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
         grid_rows = [im for pair in zip(firsts, result.images) for im in pair]
         save_png(output.path / "grid.png", image_grid(grid_rows[:128], columns=8))
         output.write_config({
-            "command": "generate", "tandem_version": __version__, "preset": preset.name,
-            "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
-            "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+            "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
             "calibration": str(calibration) if calibration else preset.calibration,
-            "controlnet": preset.controlnet, "control_images": [str(c) for c in control_image or []] or None,
+            "control_images": [str(c) for c in control_image or []] or None,
             **summary["settings"], "seed": seed, "batch_size": batch_size,
             "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
             "summary": {k: v for k, v in summary.items() if k != "settings"},
@@ -398,18 +487,25 @@ def _generate_tandem(prompt, prompts_file, model, mode, teacher_steps, scheduler
                   f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average "
                   f"(student {summary['student_cost']}, teacher improvement {summary['improve_cost']}); "
                   f"tau {summary['settings']['accept_threshold']} -> {out}")
+    if summary.get("calibration_note"):
+        console.print(f"note: {summary['calibration_note']}")
     console.print(f"side by side (student | final): {output.path / 'grid.png'}")
 
 
 @app.command()
 def calibrate(
     out: Annotated[Path, typer.Option(help="Calibration file to write (JSON).")],
-    model: Annotated[str, typer.Option(help="A preset (its student and oracle are calibrated).")] = "world",
+    model: Annotated[str, typer.Option(help="A preset (its student and oracle are calibrated), or a teacher "
+                                             "directory or hub id with --student and --scorer.")] = "world",
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Held-out prompts, one per line "
                                                                         "[world: the fixed validation list].")] = None,
-    student: Annotated[Path | None, typer.Option(help="world: another student directory.")] = None,
-    scorer: Annotated[str | None, typer.Option(help="The oracle, e.g. world-oracle:DIR, clip:ID "
-                                                    "[the preset's].")] = None,
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    controlnet: Annotated[str | None, typer.Option(help=CONTROLNET_HELP + " (calibrate with "
+                                                   "--control-image).")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option(help="--controlnet: control image file(s), one per "
+                                                                  "prompt or one for all.")] = None,
     student_steps: Annotated[int | None, typer.Option(help="Student steps [preset default].")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="Student guidance [preset default].")] = None,
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
@@ -434,17 +530,24 @@ def calibrate(
         raise UserError("--strength applies to --edits")
     if edits is not None and control is not None:
         raise UserError("--edits and --control do not go together")
+    if (controlnet is None) != (control_image is None):
+        raise UserError("--controlnet and --control-image go together")
+    preset = _compose(model, preset_file, student, scorer, controlnet, control)
+    _check_composition(preset, "calibrate", None)
     if edits is not None:
-        return _calibrate_edits(out, model, edits, strength, student, scorer, student_steps, guidance_scale, seed,
-                                batch_size, overwrite, device)
-    if prompts_file is None and model != "world":
-        raise UserError("--prompts is required for a real-tier preset")
-    if control is not None and model != "world":
-        raise UserError("--control calibrates on the world's scenes; for a real-tier preset use the Python API "
-                        "(TandemPipeline.calibrate(prompts, control_image=...))")
+        return _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
+                                overwrite, device)
+    if prompts_file is None and preset.teacher != "world":
+        raise UserError("--prompts is required off the world: held-out prompts like the ones you will generate")
+    if control is not None and preset.teacher != "world":
+        raise UserError("--control calibrates on the world's scenes; give your own ControlNet with --controlnet "
+                        "and --control-image")
     prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("val")
-    preset, pipe = _tandem_pipeline(_control_preset(model, control), student, device, None, scorer)
-    controls = None
+    controls = _read_images(control_image, "--control-image") if control_image else None
+    if controls is not None and len(controls) not in (1, len(prompts)):
+        raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
+                        "(one per prompt, or one for all)")
+    pipe = _tandem_pipeline(preset, device)
     if preset.teacher == "world":
         _check_world_prompts(prompts)
         if control is not None:
@@ -456,9 +559,10 @@ def calibrate(
         task = bar.add_task("student", total=len(prompts))
         calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,
                                callback=lambda _p, done, _t: bar.update(task, completed=done),
-                               config={"command": "calibrate", "tandem_version": __version__, "preset": preset.name,
-                                       "student": preset.student, "control": control,
-                                       "control_images": "scenes_for_captions(prompts, seed)" if control else None,
+                               config={"command": "calibrate", "tandem_version": __version__,
+                                       **_preset_record(preset, pipe), "control": control,
+                                       "control_images": "scenes_for_captions(prompts, seed)" if control else
+                                       [str(c) for c in control_image or []] or None,
                                        "prompts_file": str(prompts_file) if prompts_file else "val"},
                                control_image=controls)
     calib.save(out, overwrite=overwrite)
@@ -475,23 +579,23 @@ def _load_edit_cases(edits: str):
         raise UserError(str(e)) from None
 
 
-def _calibrate_edits(out, model, edits, strength, student, scorer, student_steps, guidance_scale, seed, batch_size,
+def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
                      overwrite, device) -> None:
-    if model != "world":
-        raise UserError("--edits calibrates on ShapesWorld edit lists; for a real-tier preset use the Python API "
-                        "(TandemPipeline.calibrate_edits)")
+    if preset.teacher != "world":
+        raise UserError("--edits calibrates on ShapesWorld edit lists; off the world use the Python API "
+                        "(TandemPipeline.calibrate_edits(images, prompts, strength))")
     if edits == "test":
         raise UserError("--edits test: calibrate on held-out edits ('val'), never on the test list")
     cases = _load_edit_cases(edits)
-    preset, pipe = _tandem_pipeline(model, student, device, None, scorer)
+    pipe = _tandem_pipeline(preset, device)
     with _progress("calibrating edits", len(cases)) as bar:
         task = bar.add_task("student", total=len(cases))
         try:
             calib = pipe.calibrate_edits(
                 [c.image() for c in cases], [c.prompt for c in cases], strength, student_steps, guidance_scale,
                 seed, batch_size, callback=lambda _p, done, _t: bar.update(task, completed=done),
-                config={"command": "calibrate --edits", "tandem_version": __version__, "preset": preset.name,
-                        "student": preset.student, "edits": edits})
+                config={"command": "calibrate --edits", "tandem_version": __version__,
+                        **_preset_record(preset, pipe), "edits": edits})
         except ValueError as e:
             raise UserError(str(e)) from None
     calib.save(out, overwrite=overwrite)
@@ -509,7 +613,11 @@ def edit(
                                                    "'test', 'val' or a JSON-lines file (its source renderings "
                                                    "and edited captions).")] = None,
     n: Annotated[int | None, typer.Option(help="--edits: only the first N edits.")] = None,
-    model: Annotated[str, typer.Option(help="A preset (its student, teacher and oracle).")] = "world",
+    model: Annotated[str, typer.Option(help="A preset (its student, teacher and oracle), or a teacher directory "
+                                             "or hub id with --student and --scorer.")] = "world",
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
     mode: Annotated[EditMode, typer.Option(help="adaptive (student, teacher where the oracle rejects), or one "
                                                 "model alone.")] = EditMode.adaptive,
     strength: Annotated[float | None, typer.Option(help="SDEdit strength in (0, 1] [preset default].")] = None,
@@ -550,11 +658,13 @@ def edit(
             raise UserError(f"{flag} must be >= 1, got {value}")
     if mode is not EditMode.adaptive and any(v is not None for v in (percentile, threshold, budget, calibration)):
         raise UserError("--percentile/--threshold/--budget/--calibration apply to --mode adaptive")
+    preset = _compose(model, preset_file, student, scorer)
+    _check_composition(preset, mode.value, calibration, threshold, percentile, budget, edit=True)
     cases = None
     if edits is not None:
         if image or prompt:
             raise UserError("--edits replaces --image and --prompt")
-        if model != "world":
+        if preset.teacher != "world":
             raise UserError("--edits lists are ShapesWorld edits (--model world)")
         cases = _load_edit_cases(edits)[:n]
         inputs, prompts = [Image.fromarray(c.image()) for c in cases], [c.prompt for c in cases]
@@ -570,10 +680,8 @@ def edit(
             inputs = inputs * len(prompts)
         if len(inputs) != len(prompts):
             raise UserError(f"got {len(inputs)} images and {len(prompts)} prompts (one each, or one for all)")
-    if calibration is not None and not calibration.exists():
-        raise UserError(f"--calibration {calibration} does not exist; make one with `tandem calibrate --edits`")
     with OutputDir(out, overwrite, info={"command": "edit"}) as output:  # a failure leaves --out as it was
-        preset, pipe = _tandem_pipeline(model, None, device, None)
+        pipe = _tandem_pipeline(preset, device)
         if preset.teacher == "world":
             _check_world_prompts(prompts)
         t0 = time.time()
@@ -581,9 +689,10 @@ def edit(
             progress = _phase_bars(bar)
 
             try:
-                result = pipe.edit(inputs, prompts, strength=strength, mode=mode.value, num_inference_steps=student_steps,
-                                   guidance_scale=guidance_scale, teacher_steps=teacher_steps,
-                                   teacher_guidance_scale=teacher_guidance_scale, accept_threshold=threshold,
+                result = pipe.edit(inputs, prompts, strength=strength, mode=mode.value,
+                                   num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                                   teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
+                                   accept_threshold=threshold,
                                    percentile=percentile, budget=budget,
                                    calibration=Calibration.load(calibration) if calibration else None, seed=seed,
                                    batch_size=batch_size, callback=progress)
@@ -609,9 +718,7 @@ def edit(
             (size[1], size[0])), result.images[i])]
         save_png(output.path / "grid.png", image_grid(rows[:128], columns=8))
         output.write_config({
-            "command": "edit", "tandem_version": __version__, "preset": preset.name, "teacher": preset.teacher,
-            "student": preset.student, "scorer": preset.scorer,
-            "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
+            "command": "edit", "tandem_version": __version__, **_preset_record(preset, pipe),
             "calibration": str(calibration) if calibration else (
                 preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
                 else None),
@@ -622,6 +729,8 @@ def edit(
     console.print(f"{len(prompts)} edits in {time.time() - t0:.1f}s ({paths}); "
                   f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average; "
                   f"tau {summary['settings']['accept_threshold']} -> {out}")
+    if summary.get("calibration_note"):
+        console.print(f"note: {summary['calibration_note']}")
     console.print(f"side by side (input | edit): {output.path / 'grid.png'}")
 
 
@@ -1108,13 +1217,13 @@ def _check_eval_out(out: Path, resume: bool) -> None:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
-def _eval_measures(model: str, judge: str | None, features: str | None, clip_score: str | None,
+def _eval_measures(world: bool, model: str, judge: str | None, features: str | None, clip_score: str | None,
                    reference: Path | None, device: str, fid: str | None = None):
     """ShapesWorld: the exact checker (or --judge), world CLIP features and renderings. Real tier: --judge
     (required), --features, --clip-score, --reference and --fid as given."""
     from .eval.judges import Measures, load_judge
 
-    if model == "world":
+    if world:
         if features is not None or clip_score is not None or reference is not None or fid is not None:
             raise UserError("--features, --clip-score, --reference and --fid are for real-tier models; the world "
                             "measures with its CLIP against exact renderings")
@@ -1138,7 +1247,8 @@ def _load(make, what: str):
 def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
           batch_size: int, device: str, judge: str | None = None, features: str | None = None,
           clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
-          fid: str | None = None) -> None:
+          fid: str | None = None, preset_file: Path | None = None, student: str | None = None,
+          scorer: str | None = None) -> None:
     import time
 
     from .eval import experiments
@@ -1149,22 +1259,30 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         raise UserError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    preset = _compose(model, preset_file, student, scorer)
+    _check_composition(preset, "eval", calibration)
+    world = preset.teacher == "world"
     _check_eval_out(out, resume)
     if prompts_name in ("val", "test"):
-        if model != "world":
+        if not world:
             raise UserError(f"--prompts {prompts_name} is a ShapesWorld list; give --model {model} a prompts file")
         prompts = load_prompts(prompts_name)
     else:
         prompts = _collect_prompts(None, Path(prompts_name))
-        if model == "world":
+        if world:
             _check_world_prompts(prompts)
     prompts = prompts[:n] if n is not None else prompts
-    measures = _eval_measures(model, judge, features, clip_score, reference, device, fid)
-    _, pipe = _tandem_pipeline(model, None, device, calibration)
-    if pipe.calibration is None and experiment in (Experiment.budget, Experiment.oracle, Experiment.diversity):
-        raise UserError(f"--model {model} has no calibration: make one on held-out prompts (tandem calibrate "
-                        f"--model {model} --prompts FILE --out calibration.json) and pass --calibration")
+    measures = _eval_measures(world, preset.name, judge, features, clip_score, reference, device, fid)
+    needs_table = experiment in (Experiment.budget, Experiment.oracle, Experiment.diversity)
+    if needs_table and calibration is None and not preset.calibration:
+        raise UserError(f"eval {experiment.value} needs a calibration of this student and oracle: make one on "
+                        f"held-out prompts (`tandem calibrate {_parts_args(preset)} --prompts FILE --out "
+                        "calibration.json`) and pass --calibration")
+    if preset.scorer is None:
+        raise UserError("tandem eval needs the pipeline's oracle: give --scorer (e.g. clip:DIR, imagereward)")
+    pipe = _tandem_pipeline(preset, device, calibration)
     made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
+               **_preset_record(preset, pipe),
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
                "calibration": str(calibration) if calibration else None, **measures.spec}
     t0 = time.time()
@@ -1178,9 +1296,15 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         from .eval.judges import format_quality
 
         for ref, a in results["acceleration"].items():
+            best = a.get("best_adaptive_quality")
             reached = (f"reached at {a['adaptive']['unet_evals_mean']:.1f} UNet evals/image ({a['factor']:.2f}x "
                        f"cheaper)" if a["adaptive"]
-                       else f"not reached (best {format_quality(a['best_adaptive_quality'], results)})")
+                       else f"not reached (best {format_quality(best, results)})" if best is not None
+                       else "no adaptive point")
+            alone = a.get("student_alone")
+            if alone:
+                reached += (f"; the student alone (no image sent to the teacher) reaches it at "
+                            f"{alone['unet_evals_mean']:.1f} UNet evals/image")
             console.print(f"{ref}: {format_quality(quality(a['teacher']), results)} at "
                           f"{a['teacher']['unet_evals_mean']:.0f} UNet evals/image; adaptive {reached}")
     elif experiment is Experiment.oracle:
@@ -1199,7 +1323,11 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
 
     def command(
         out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
-        model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world'; real tier: e.g. sd15-lcm).")] = "world",
+        model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world'; real tier: e.g. sd15-lcm), or a "
+                                                 "teacher directory or hub id with --student and --scorer.")] = "world",
+        preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+        student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+        scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
         prompts: Annotated[str, typer.Option(help="'val', 'test' (the world's fixed lists) or a prompts file.")] = "test",
         n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = default_n,
         seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
@@ -1223,7 +1351,7 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
                  "--reference (needs tandem[fid]).")] = None,
     ) -> None:
         _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
-              reference, calibration, fid)
+              reference, calibration, fid, preset_file, student, scorer)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)
@@ -1292,7 +1420,7 @@ def eval_edit(
     cases = _load_edit_cases(edits)[:n]
     main_strength = 0.6 if 0.6 in values else values[0]
     cfg = tasks.EditConfig(strengths=values, main_strength=main_strength)
-    _, pipe = _tandem_pipeline(model, None, device, None)
+    pipe = _tandem_pipeline(_compose(model), device)
     made_by = {"command": "eval edit", "tandem_version": __version__, "model": model, "edits": edits,
                "n": len(cases), "seed": seed, "batch_size": batch_size, "device": device}
     _eval_task_run("edit", out, resume, batch_size, lambda progress: tasks.edit(
@@ -1328,7 +1456,7 @@ def eval_control(
         captions = _collect_prompts(None, Path(prompts))
         _check_world_prompts(captions)
     captions = captions[:n]
-    _, pipe = _tandem_pipeline(_control_preset(model, control), None, device, None)
+    pipe = _tandem_pipeline(_compose(model, control=control), device)
     made_by = {"command": "eval control", "tandem_version": __version__, "model": model, "control": control,
                "prompts": prompts, "n": len(captions), "seed": seed, "batch_size": batch_size, "device": device}
     _eval_task_run("control", out, resume, batch_size, lambda progress: tasks.control(
@@ -1351,6 +1479,69 @@ def eval_report(
     _check_out_file(out, overwrite)
     atomic_write_text(out, combined_report(experiments, title))
     console.print(f"{len(experiments)} experiments -> {out}")
+
+
+@preset_app.command("save")
+def preset_save(
+    out: Annotated[Path, typer.Option(help="The preset file to write (JSON).")],
+    model: Annotated[str, typer.Option(help="A preset to start from, or a teacher directory or hub id.")] = "world",
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    controlnet: Annotated[str | None, typer.Option(help="A ControlNet (directory or hub id) in student and "
+                                                        "teacher.")] = None,
+    teacher_kind: Annotated[str | None, typer.Option(help="'text2img' (refines and regenerates) or 'img2img' "
+                                                          "(refines only, e.g. the SDXL refiner).")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="The calibration (`tandem calibrate`) of this student "
+                                                          "and oracle, used for --percentile and --budget.")] = None,
+    name: Annotated[str | None, typer.Option(help="The preset's name [the file's name].")] = None,
+    setting: Annotated[list[str] | None, typer.Option("--set", help="A default setting KEY=VALUE (repeat), e.g. "
+                                                                   "teacher_steps=12, rollback_sigma=0.85.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Save a tandem composed from parts as a preset file, for `--preset FILE` on every command."""
+    import dataclasses
+
+    from .presets import PRESET_SETTINGS, compose, write_preset_file
+
+    _check_out_file(out, overwrite)
+    if calibration is not None and not calibration.is_file():
+        raise UserError(f"--calibration {calibration}: no such file (make one with `tandem calibrate`)")
+    defaults = {}
+    for item in setting or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in PRESET_SETTINGS:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(PRESET_SETTINGS)}")
+        try:
+            defaults[key] = PRESET_SETTINGS[key](value)
+        except ValueError as e:
+            raise UserError(f"--set {item!r}: {e}") from None
+    preset = compose(model, student=student, scorer=scorer, controlnet=controlnet, teacher_kind=teacher_kind)
+    if calibration is not None:
+        from .calibration import Calibration
+
+        Calibration.load(calibration)  # a damaged file is refused now, not at the first run
+    preset = dataclasses.replace(preset, name=name or out.stem, defaults={**preset.defaults, **defaults},
+                                 calibration=str(calibration) if calibration else preset.calibration)
+    write_preset_file(preset, out, overwrite=overwrite)
+    console.print(f"preset {preset.name} -> {out}; use it with --preset {out}")
+
+
+@preset_app.command("show")
+def preset_show(
+    preset: Annotated[str, typer.Argument(help="A preset name or a preset file.")],
+) -> None:
+    """Print a preset's fields as JSON (built-in presets: tandem.presets.PRESETS)."""
+    import json
+
+    from .presets import PRESETS, preset_to_json, read_preset_file
+
+    if preset in PRESETS:
+        found = PRESETS[preset]
+    elif Path(preset).is_file():
+        found = read_preset_file(preset)
+    else:
+        raise UserError(f"unknown preset {preset!r}: neither a built-in preset ({', '.join(PRESETS)}) nor a file")
+    print(json.dumps(preset_to_json(found), indent=2))
 
 
 def _check_device(device: str) -> None:
@@ -1397,16 +1588,20 @@ def _checked(command):
     return run
 
 
-for _app in (app, world_app, distill_app, eval_app):
+for _app in (app, world_app, distill_app, eval_app, preset_app):
     for _info in _app.registered_commands:
         _info.callback = _checked(_info.callback)
 
 
 def main() -> None:
+    import warnings
+
     from typer import Abort
 
+    from .calibration import CalibrationTieWarning
     from .world.grammar import CaptionError
 
+    warnings.simplefilter("ignore", CalibrationTieWarning)  # the commands print it as a note
     try:  # newer typer vendors its own click
         from typer._click.exceptions import NoArgsIsHelpError, UsageError
     except ImportError:  # pragma: no cover - typer on upstream click

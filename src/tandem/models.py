@@ -4,6 +4,8 @@ diffusers Stable Diffusion repository given by local path or hub id."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -66,14 +68,18 @@ class ModelSpec:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """``world`` -> the shipped world; an existing directory -> that repository; ``org/name`` -> a hub id."""
+    """``world`` -> the shipped world; an existing directory -> that repository; ``org/name`` -> a hub id.
+
+    A name written as a path (``/``, ``./``, ``../`` or ``~`` in front, more than one ``/``, or ``org/name``
+    where ``org/`` is a directory here) that is not a directory is an error naming it, not a hub id
+    that the hub would be asked for."""
     if name == WORLD:
         root = world_dir()
         if not (root / "model_index.json").exists():
             raise FileNotFoundError(f"the shipped world is missing from {root}; reinstall tandem")
         meta = _read_meta(root / "tandem.json")
         return ModelSpec(WORLD, str(root), True, _teacher_defaults(root / "tandem.json", meta), _student(root, meta))
-    path = Path(name)
+    path = Path(name).expanduser() if name.startswith("~") else Path(name)
     if _is_dir(path):
         if not (path / "model_index.json").exists():
             raise ValueError(f"model directory {quote(name)} has no model_index.json (not a diffusers pipeline)")
@@ -83,10 +89,29 @@ def resolve_model(name: str) -> ModelSpec:
             return ModelSpec(name, str(path), bool(meta.get("world", False)), _teacher_defaults(meta_path, meta),
                              _student(path, meta))
         return ModelSpec(name, str(path), False)
-    if name.count("/") == 1 and all(name.split("/")) and not _exists(path):
+    why_a_path = _written_as_path(name)
+    if _exists(path):
+        raise ValueError(f"model {quote(name)} is a file, not a directory (expected 'world', a diffusers model "
+                         "directory or a hub id 'org/name')")
+    if why_a_path:
+        raise ValueError(f"model {quote(name)}: no such directory ({why_a_path}, so it is not read as a hub id "
+                         "'org/name')")
+    if name.count("/") == 1 and all(name.split("/")):
         return ModelSpec(name, name, False)
     raise ValueError(f"unknown model {quote(name)}; expected 'world', a diffusers model directory or a hub id "
                      "'org/name'")
+
+
+def _written_as_path(name: str) -> str | None:
+    """Why ``name`` (not an existing directory) is a path rather than a hub id ``org/name``, or None."""
+    if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
+        return "it is written as a path"
+    if "\\" in name or name.count("/") > 1:
+        return "a hub id has one '/'"
+    org = name.split("/")[0] if name.count("/") == 1 else None
+    if org and _is_dir(Path(org)):
+        return f"{org}/ exists here"
+    return None
 
 
 def _is_dir(path: Path) -> bool:
@@ -162,14 +187,102 @@ def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
     if unet.config.time_cond_proj_dim is None:
         raise ValueError(f"{path / 'unet'} has no w-embedding (time_cond_proj_dim): not a consistency student")
     scheduler = LCMScheduler.from_pretrained(path / "scheduler")
-    try:
-        pipe = LatentConsistencyModelPipeline.from_pretrained(
-            spec.path, unet=unet, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
-            dtype=dtype)
-    except OSError as e:
-        raise ValueError(f"cannot load model {spec.name!r}: {str(e).splitlines()[0]}") from e
+    pipe = from_hub(LatentConsistencyModelPipeline.from_pretrained, spec.path, "model", unet=unet,
+                    scheduler=scheduler, safety_checker=None, requires_safety_checker=False, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+# -- the hub ---------------------------------------------------------------------------------------
+
+HUB_PROBE_SECONDS = 60.0  # how long one answer to "is the hub reachable?" is reused
+_hub_probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (when asked, why unreachable or None)
+# Exceptions (by class name, anywhere in their hierarchy) that mean the hub did not answer, for the
+# HTTP clients of old and new huggingface_hub (requests, httpx) and the OS underneath.
+_NETWORK_ERRORS = frozenset({
+    "ConnectionError", "ConnectTimeout", "ConnectError", "ProxyError", "ReadTimeout", "Timeout", "TimeoutError",
+    "TimeoutException", "TransportError", "NetworkError", "gaierror", "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError"})
+_NETWORK_WORDS = ("couldn't connect", "offline", "max retries", "name or service not known",
+                  "connection refused", "network is unreachable")
+
+
+def hub_unreachable(timeout: float | None = None) -> str | None:
+    """None when the Hugging Face hub answers one request (no retries) within ``timeout`` seconds
+    [``HF_HUB_ETAG_TIMEOUT``, 10]; else why not, in one line: offline mode (``HF_HUB_OFFLINE=1``) or the
+    connection's error. An answer is reused for ``HUB_PROBE_SECONDS``."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is enabled (HF_HUB_OFFLINE=1)"
+    endpoint = constants.ENDPOINT
+    asked = _hub_probes.get(endpoint)
+    if asked is not None and time.monotonic() - asked[0] < HUB_PROBE_SECONDS:
+        return asked[1]
+    from huggingface_hub.utils import get_session
+
+    why = None
+    try:
+        get_session().head(endpoint, timeout=timeout if timeout is not None else constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 -- whatever stops one request stops the loading after it
+        why = f"{endpoint}: {_first_line(e)}"
+    _hub_probes[endpoint] = (time.monotonic(), why)
+    return why
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _network_cause(exc: BaseException) -> BaseException | None:
+    """The innermost exception in ``exc``'s chain (``__cause__``/``__context__``) that says the hub did not
+    answer (a connection or timeout error, offline mode, a file neither on the hub nor cached), or None."""
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = {c.__name__ for c in type(exc).__mro__}
+        text = str(exc).lower()
+        if names & _NETWORK_ERRORS or any(word in text for word in _NETWORK_WORDS):
+            found = exc
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def hub_error(source: str, what: str, exc: BaseException, unreachable: str | None = None) -> ValueError:
+    """A one-line ``ValueError`` for a failure to load ``what`` ("model", "student", "scorer") from ``source``:
+    for a hub id that failed because the hub did not answer (``unreachable``, from :func:`hub_unreachable`,
+    or a network error in ``exc``'s chain), "{what} {source!r} is not a local directory, and the hub is
+    unreachable: <why>"; otherwise "cannot load {what} {source!r}: <first line of exc>"."""
+    if not _is_dir(Path(source)):
+        cause = _network_cause(exc)
+        why = unreachable or (_first_line(cause) if cause is not None else None)
+        if why:
+            return ValueError(f"{what} {quote(source)} is not a local directory, and the hub is unreachable: {why}")
+    return ValueError(f"cannot load {what} {quote(source)}: {_first_line(exc)}")
+
+
+def from_hub(load: Callable, source: str, what: str, **kwargs):
+    """``load(source, **kwargs)`` (a diffusers or transformers ``from_pretrained``) for a local directory or
+    a hub id, failing with :func:`hub_error`'s one line. For a hub id the hub is asked first
+    (:func:`hub_unreachable`): if it does not answer, only the local cache is read (``local_files_only``),
+    so an unreachable hub costs one request, not huggingface_hub's ~25 s of retries per file."""
+    unreachable = None
+    if not _is_dir(Path(source)):
+        why_a_path = _written_as_path(source)
+        if why_a_path:
+            raise ValueError(f"{what} {quote(source)}: no such directory ({why_a_path}, so it is not read as a hub "
+                             "id 'org/name')")
+        unreachable = hub_unreachable()
+        if unreachable:
+            kwargs["local_files_only"] = True
+    try:
+        return load(source, **kwargs)
+    except Exception as e:
+        if isinstance(e, OSError) or unreachable or _network_cause(e) is not None \
+                or type(e).__module__.startswith("huggingface_hub"):
+            raise hub_error(source, what, e, unreachable) from e
+        raise
 
 
 def encode_captions(tokenizer, text_encoder, captions: list[str], device=None) -> torch.Tensor:
@@ -201,10 +314,7 @@ def load_teacher_pipeline(spec: ModelSpec, device: str | torch.device = "cpu", d
     kwargs = {"dtype": dtype}
     if not spec.is_world:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(spec.path, **kwargs)
-    except OSError as e:
-        raise ValueError(f"cannot load model {spec.name!r}: {str(e).splitlines()[0]}") from e
+    pipe = from_hub(StableDiffusionPipeline.from_pretrained, spec.path, "model", **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

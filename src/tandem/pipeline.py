@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .calibration import Calibration, module_digest, percentile_k_for_budget
+from .calibration import (
+    RECALIBRATE,
+    RECALIBRATE_EDITS,
+    Calibration,
+    CalibrationTieWarning,
+    module_digest,
+    percentile_k_for_budget,
+)
 from .checks import check_finite, count, finite_number, sampler_step_limit, sampler_steps, threshold_value
 from .generate import _to_uint8, initial_latents, prompt_generator, prompt_seed
 from .models import SCHEDULERS, make_scheduler
@@ -47,6 +55,12 @@ STRATEGIES = ("refine", "regenerate")
 CONVENTIONS = ("paper", "strength")
 HANDOFFS = ("latent", "pixel")
 OUTPUT_TYPES = ("np", "pil", "latent")
+# Messages for API calls that the command line makes too: each names the argument and its option.
+NOT_ADAPTIVE = ("accept_threshold/percentile/budget (--threshold/--percentile/--budget) apply to mode='adaptive' "
+                "(--mode adaptive), not {mode!r}")
+NO_SCORER = "scoring needs a scorer (oracle): build the pipeline with scorer=... (command line: --scorer)"
+OPTIONS = {"accept_threshold": "--threshold", "percentile": "--percentile", "budget": "--budget"}
+TEACHER_GUIDANCE = 7.5  # the teacher's guidance when no default gives one (diffusers' Stable Diffusion default)
 
 
 @dataclass
@@ -110,6 +124,11 @@ def refine_schedule(scheduler, teacher_steps: int, rollback_sigma: float, conven
 
 def _rollback_sigma(value) -> float:
     return finite_number(value, "rollback sigma (rollback_sigma)", low=0, low_open=True, high=1)
+
+
+def _spelled(names: list[str]) -> str:
+    """Call arguments with their command-line spellings: "percentile (--percentile), budget (--budget)"."""
+    return ", ".join(f"{name} ({OPTIONS[name]})" for name in names)
 
 
 def _guidance(value, name: str) -> float:
@@ -207,7 +226,7 @@ def images_to_unit_tensor(images, size: tuple[int, int], what: str = "image") ->
                 raise ValueError(f"{what} arrays must be uint8 [H, W, 3], got {im.dtype} {list(im.shape)}")
             im = Image.fromarray(im)
         elif not isinstance(im, Image.Image):
-            raise ValueError(f"{what}: expected PIL images, uint8 arrays or a tensor, got {type(im).__name__}")
+            raise ValueError(f"{what}: expected PIL images, uint8 arrays or a tensor, got {type(im).__name__}")  # noqa: TRY004
         im = im.convert("RGB")
         if im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BICUBIC)
@@ -228,6 +247,60 @@ def _final(images: list, latents: list, output_type: str) -> list:
 
 def _accepts(pipe, name: str) -> bool:
     return name in inspect.signature(pipe.__call__).parameters
+
+
+def _unet_config(pipe):
+    unet = getattr(pipe, "unet", None)
+    return None if unet is None else unet.config
+
+
+def _check_pair(student, teacher) -> None:
+    """Refuse a student that cannot work beside ``teacher`` with the components it shares: a UNet for other
+    latents or another resolution on the teacher's VAE, or for other text embeddings on the teacher's text
+    encoder (what would otherwise surface as a convolution or matmul shape error mid-run)."""
+    s, t = _unet_config(student), _unet_config(teacher)
+    if s is None or t is None:
+        return
+    vae = getattr(student, "vae", None)
+    if vae is not None and vae is getattr(teacher, "vae", None):
+        if s.in_channels != t.in_channels:
+            raise ValueError(f"student UNet takes {s.in_channels}-channel latents, the teacher's takes "
+                             f"{t.in_channels} (in_channels): they do not share a latent space (the student uses "
+                             "the teacher's VAE)")
+        if s.sample_size != t.sample_size:
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            raise ValueError(f"student UNet is made for {_size(s.sample_size, factor)} images, the teacher's for "
+                             f"{_size(t.sample_size, factor)} (sample_size {s.sample_size} vs {t.sample_size}): "
+                             "they do not share a resolution (the student uses the teacher's VAE)")
+    encoder = getattr(student, "text_encoder", None)
+    if encoder is not None and encoder is getattr(teacher, "text_encoder", None) \
+            and s.cross_attention_dim != t.cross_attention_dim:
+        raise ValueError(f"student UNet attends to {s.cross_attention_dim}-wide text embeddings, the teacher's to "
+                         f"{t.cross_attention_dim} (cross_attention_dim): they do not share a text encoder (the "
+                         "student uses the teacher's)")
+
+
+def _size(sample_size, factor: int) -> str:
+    """A UNet's ``sample_size`` (an int or [height, width] in latents) as image pixels: "512x512 px"."""
+    h, w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    return f"{h * factor}x{w * factor} px"
+
+
+def _check_shared_latents(student, teacher, what: str, fix: str) -> None:
+    """Refuse giving the teacher latents of the student's space (``what`` does: the student's latents, its
+    initial noise, an edit's noised input) when the teacher's are another: other channels, or another
+    VAE scaling; ``fix`` says what to do instead."""
+    s, t = _unet_config(student), _unet_config(teacher)
+    if s is not None and t is not None and s.in_channels != t.in_channels:
+        raise ValueError(f"{what}, but the student UNet takes {s.in_channels}-channel latents and the teacher's "
+                         f"{t.in_channels} (in_channels): they do not share a latent space; {fix}")
+    s_vae, t_vae = getattr(student, "vae", None), getattr(teacher, "vae", None)
+    if s_vae is None or t_vae is None or s_vae is t_vae:
+        return
+    s_scale, t_scale = s_vae.config.get("scaling_factor"), t_vae.config.get("scaling_factor")
+    if s_scale != t_scale:
+        raise ValueError(f"{what}, but the student's VAE scales latents by {s_scale:g} and the teacher's by "
+                         f"{t_scale:g}: they do not share a latent space; {fix}")
 
 
 class TandemPipeline:
@@ -254,6 +327,12 @@ class TandemPipeline:
             self.teacher, self.teacher_img2img = None, teacher
         else:
             self.teacher, self.teacher_img2img = teacher, AutoPipelineForImage2Image.from_pipe(teacher)
+        _check_pair(student, self._teacher_any)
+        # what the student brings of its own rather than sharing the teacher's (its draws use them)
+        self.student_own_components = tuple(
+            name for name in ("vae", "text_encoder")
+            if getattr(student, name, None) is not None and getattr(student, name) is not getattr(
+                self._teacher_any, name, None))
         for pipe in (student, teacher, self.teacher_img2img):
             pipe.set_progress_bar_config(disable=True)
         self._teacher_scheduler_config = dict(self.teacher_img2img.scheduler.config)
@@ -271,6 +350,18 @@ class TandemPipeline:
             return value
         return self.defaults.get(name, fallback)
 
+    def teacher_guidance(self, teacher_guidance_scale: float | None = None) -> float:
+        """The teacher's guidance: given, else the defaults' ``teacher_guidance_scale``, else 7.5."""
+        return _guidance(self._setting("teacher_guidance_scale", teacher_guidance_scale, TEACHER_GUIDANCE),
+                         "teacher_guidance_scale")
+
+    def student_guidance(self, guidance_scale: float | None = None) -> float:
+        """The student's guidance: given, else the defaults' ``guidance_scale``, else the teacher's default
+        guidance (as on the command line, so one student draws the same images by default in both)."""
+        if guidance_scale is None and self.defaults.get("guidance_scale") is None:
+            return self.teacher_guidance()
+        return _guidance(self._setting("guidance_scale", guidance_scale), "guidance_scale")
+
     def resolution(self) -> tuple[int, int]:
         size = self.student.unet.config.sample_size
         factor = self.student.vae_scale_factor
@@ -281,7 +372,8 @@ class TandemPipeline:
         """Everything that changes the student's oracle scores: the student, its sampler, the
         scorer, a ControlNet if any, and ``task`` (how an edit was made; absent for generation)."""
         if self.scorer is None:
-            raise ValueError("no scorer: the pipeline was built without an oracle")
+            raise ValueError("no scorer: the pipeline was built without an oracle; build it with scorer=... "
+                             "(command line: --scorer)")
         sched = self.student.scheduler
         extra = {}
         controlnet = getattr(self.student, "controlnet", None)
@@ -392,10 +484,9 @@ class TandemPipeline:
         batch_size = count(batch_size, "batch_size")
         seed = count(seed, "seed", minimum=0)
         steps = count(self._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
-        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
+        guidance = self.student_guidance(guidance_scale)
         t_steps = count(self._setting("teacher_steps", teacher_steps, 25), "teacher_steps")
-        t_guidance = _guidance(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5),
-                               "teacher_guidance_scale")
+        t_guidance = self.teacher_guidance(teacher_guidance_scale)
         t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
         strategy = self._setting("strategy", strategy, "refine")
         sigma = _rollback_sigma(self._setting("rollback_sigma", rollback_sigma, 0.5))
@@ -411,6 +502,14 @@ class TandemPipeline:
 
         improves = mode == "refine-all" or (mode == "adaptive")
         regenerates = mode == "teacher" or (mode == "adaptive" and strategy == "regenerate")
+        if mode == "adaptive" and regenerates:
+            _check_shared_latents(self.student, self._teacher_any,
+                                  "regeneration starts the teacher from the student's initial noise",
+                                  "refine with handoff='pixel' instead (--strategy refine --handoff pixel)")
+        elif improves and handoff == "latent":
+            _check_shared_latents(self.student, self._teacher_any,
+                                  "a latent hand-off gives the teacher the student's latents",
+                                  "hand off in pixels: handoff='pixel' (--handoff pixel)")
         refine = None
         if improves and (mode == "refine-all" or strategy == "refine"):
             refine = refine_schedule(self._teacher_scheduler(t_sched), t_steps, sigma, convention)
@@ -420,14 +519,15 @@ class TandemPipeline:
         teacher_step_cost = unet_evals_per_step(self._teacher_any, t_guidance)
         improve_cost = (refine.steps if refine is not None else t_steps) * teacher_step_cost
 
-        tau, k = None, None
+        tau, k, note = None, None, None
         if mode == "adaptive":
-            tau, k = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost)
+            tau, k, note = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
+                                           improve_cost)
         elif any(v is not None for v in (accept_threshold, percentile, budget)):
-            raise ValueError(f"accept_threshold/percentile/budget apply to mode='adaptive', not {mode!r}")
+            raise ValueError(NOT_ADAPTIVE.format(mode=mode))
         do_score = mode == "adaptive" or bool(score)
         if do_score and self.scorer is None:
-            raise ValueError("scoring needs a scorer (oracle); build the pipeline with scorer=...")
+            raise ValueError(NO_SCORER)
 
         n = len(prompts)
         controls = self._controls(control_image, n)
@@ -560,7 +660,7 @@ class TandemPipeline:
         }
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale
-        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, refine)
+        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, refine, note)
         return TandemOutput(_final(images, latents, output_type), records, summary,
                             None if mode == "teacher" else student_images)
 
@@ -571,7 +671,7 @@ class TandemPipeline:
         """Score student samples of held-out ``prompts`` and keep them as a calibration (appendix C).
         With a ControlNet, ``control_image`` gives the held-out prompts' control images."""
         steps = count(self._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
-        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
+        guidance = self.student_guidance(guidance_scale)
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                    batch_size=batch_size, score=True, callback=callback, control_image=control_image)
         return self._calibration(out, steps, guidance, seed, config)
@@ -639,11 +739,10 @@ class TandemPipeline:
             raise ValueError("editing with a ControlNet is not supported; edit with the pipeline without it")
         strength = _strength(self._setting("edit_strength", strength, 0.6))
         steps = self._edit_student_steps(num_inference_steps)
-        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
+        guidance = self.student_guidance(guidance_scale)
         t_steps = count(self._setting("edit_teacher_steps", teacher_steps, self.defaults.get("teacher_steps", 25)),
                         "teacher_steps")
-        t_guidance = _guidance(self._setting("teacher_guidance_scale", teacher_guidance_scale, 7.5),
-                               "teacher_guidance_scale")
+        t_guidance = self.teacher_guidance(teacher_guidance_scale)
         t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
         n = len(prompts)
         pixels = self._per_prompt(image, n, "input image")
@@ -656,19 +755,22 @@ class TandemPipeline:
         teacher_ts = teacher_edit_timesteps(base, student_ts[0], t_steps)
         student_cost = len(student_ts) * unet_evals_per_step(self.student, guidance)
         improve_cost = len(teacher_ts) * unet_evals_per_step(self.teacher, t_guidance)
-        tau, k = None, None
+        tau, k, note = None, None, None
         task = {"edit_strength": strength}
         if mode == "adaptive":
-            tau, k = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
-                                     improve_cost, calibration=calibration, task=task)
+            tau, k, note = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
+                                           improve_cost, calibration=calibration, task=task)
         elif any(v is not None for v in (accept_threshold, percentile, budget)):
-            raise ValueError(f"accept_threshold/percentile/budget apply to mode='adaptive', not {mode!r}")
+            raise ValueError(NOT_ADAPTIVE.format(mode=mode))
         do_score = mode == "adaptive" or bool(score)
         if do_score and self.scorer is None:
-            raise ValueError("scoring needs a scorer (oracle); build the pipeline with scorer=...")
+            raise ValueError(NO_SCORER)
 
         gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
         chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        if mode != "student":
+            _check_shared_latents(self.student, self.teacher, "an edit gives the teacher the input noised in the "
+                                  "student's latent space", "edit with mode='student' (--mode student)")
         alphas = self.student.scheduler.alphas_cumprod
         if not torch.allclose(alphas, base.alphas_cumprod):
             raise ValueError("the student's and the teacher's noise schedules differ (alphas_cumprod): "
@@ -766,7 +868,7 @@ class TandemPipeline:
             "teacher_guidance_scale": t_guidance, "teacher_scheduler": t_sched, "strategy": "regenerate",
             "accept_threshold": tau, "percentile": k, "budget": budget,
         }
-        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, None)
+        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, None, note)
         return TandemOutput(_final(images, latents, output_type), records, summary,
                             None if mode == "teacher" else student_images)
 
@@ -776,7 +878,7 @@ class TandemPipeline:
                         config: dict | None = None) -> Calibration:
         """Score student edits of held-out (image, prompt) pairs: the calibration of ``edit`` at ``strength``."""
         steps = self._edit_student_steps(num_inference_steps)
-        guidance = _guidance(self._setting("guidance_scale", guidance_scale, 1.0), "guidance_scale")
+        guidance = self.student_guidance(guidance_scale)
         out = self.edit(images, prompts, strength=strength, mode="student", num_inference_steps=steps,
                         guidance_scale=guidance, seed=seed, batch_size=batch_size, score=True, callback=callback)
         return self._calibration(out, steps, guidance, seed, config,
@@ -799,15 +901,17 @@ class TandemPipeline:
 
     def _threshold(self, accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost,
                    calibration: Calibration | None = None, task: dict | None = None):
+        """(tau, k, note): the cut-off of an adaptive call, the percentile it came from (None for a given
+        tau), and a sentence when tied calibration scores send another share than k to the teacher."""
         given = [name for name, v in (("accept_threshold", accept_threshold), ("percentile", percentile),
                                       ("budget", budget)) if v is not None]
         if not given and self.defaults.get("percentile") is not None:
             percentile, given = self.defaults["percentile"], ["percentile"]
         if len(given) != 1:
-            raise ValueError("adaptive mode needs exactly one of accept_threshold (tau), percentile (k) or budget; "
-                             f"got {', '.join(given) if given else 'none'}")
+            raise ValueError("adaptive mode needs exactly one of accept_threshold (tau; --threshold), percentile "
+                             f"(k; --percentile) or budget (--budget); got {_spelled(given) if given else 'none'}")
         if accept_threshold is not None:
-            return threshold_value(accept_threshold, "accept_threshold"), None
+            return threshold_value(accept_threshold, "accept_threshold"), None, None
         if percentile is not None:
             percentile = finite_number(percentile, "percentile", low=0, high=100)
         if budget is not None:
@@ -815,11 +919,24 @@ class TandemPipeline:
         if calibration is None:
             calibration = self.calibration if task is None else self.edit_calibrations.get(task["edit_strength"])
         if calibration is None:
-            what = "an edit calibration (tandem calibrate --edits)" if task else "a calibration (tandem calibrate)"
-            raise ValueError(f"{given[0]}= needs {what}; or pass accept_threshold")
-        calibration.check(self.calibration_fingerprint(steps, guidance, task))
+            if task:
+                strength = task["edit_strength"]
+                make = (f"an edit calibration for strength {strength:g}: make one with pipe.edit_calibrations"
+                        f"[{strength:g}] = pipe.calibrate_edits(images, prompts, strength={strength:g}) "
+                        "(command line: tandem calibrate --edits)")
+            else:
+                make = ("a calibration: make one with pipe.calibration = pipe.calibrate(prompts) (command line: "
+                        "tandem calibrate, then --calibration FILE)")
+            raise ValueError(f"{_spelled(given)} needs {make}, or pass accept_threshold (--threshold)")
+        calibration.check(self.calibration_fingerprint(steps, guidance, task),
+                          RECALIBRATE_EDITS if task else RECALIBRATE)
         k = percentile if percentile is not None else percentile_k_for_budget(budget, student_cost, improve_cost)
-        return calibration.threshold(k), float(k)
+        note = calibration.tie_note(k)
+        if note is not None:
+            note = (f"percentile {k:g}: {note}" if budget is None else
+                    f"budget {budget:g} asks for percentile {k:.1f}: {note}; the run spends less than the budget")
+            warnings.warn(note, CalibrationTieWarning, stacklevel=3)
+        return calibration.threshold(k), float(k), note
 
     def _counted_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"student": self.student.unet, "teacher": self._teacher_any.unet}
@@ -833,11 +950,12 @@ class TandemPipeline:
         has_controlnet = getattr(self.student, "controlnet", None) is not None
         if control_image is None:
             if has_controlnet:
-                raise ValueError("this pipeline has a ControlNet: pass control_image (one per prompt, or one)")
+                raise ValueError("this pipeline has a ControlNet: pass control_image (--control-image), one per "
+                                 "prompt or one for all")
             return None
         if not has_controlnet:
             raise ValueError("control_image needs a ControlNet: build the pipeline with "
-                             "TandemPipeline.with_controlnet(...)")
+                             "TandemPipeline.with_controlnet(...) (command line: --controlnet)")
         return self._per_prompt(control_image, n, "control image")
 
     def _per_prompt(self, images, n: int, what: str) -> torch.Tensor:
@@ -879,7 +997,8 @@ class TandemPipeline:
         check_finite(x, "the VAE's decoded images", idx)
         return (x / 2 + 0.5).clamp(0, 1)
 
-    def _summary(self, records, settings, timings, total, student_cost, improve_cost, refine) -> dict:
+    def _summary(self, records, settings, timings, total, student_cost, improve_cost, refine,
+                 calibration_note: str | None = None) -> dict:
         n = len(records)
         paths = [r["path"] for r in records]
         evals = np.array([r["unet_evals"]["total"] for r in records])
@@ -895,6 +1014,9 @@ class TandemPipeline:
             "improve_cost": improve_cost,
             "refine": None if refine is None else refine.__dict__,
             "settings": settings,
+            # tied calibration scores: the share sent to the teacher is not the k asked for (or None)
+            "calibration_note": calibration_note,
+            "student_own_components": list(self.student_own_components),
             "seconds": {**timings, "total": total, "other": total - model_time - timings["decode"] - timings["oracle"]},
         }
 

@@ -5,11 +5,17 @@ written as data. Real-tier settings come from the adaptive teacher-student paper
 Student kinds:
 
 * ``world``: the shipped world's student (``<world>/student``), sharing the teacher's VAE and text encoder.
+* ``tandem``: a student directory written by ``tandem distill`` (``unet/``, ``scheduler/``, ``student.json``),
+  sharing the teacher's VAE and text encoder.
 * ``unet``: a consistency-distilled UNet (a repository or directory holding ``config.json``) swapped into
   the teacher's components, with an ``LCMScheduler``: nothing but the UNet is loaded twice.
 * ``pipeline``: a complete diffusers pipeline of its own (e.g. SDXL-Turbo, LCM-Dreamshaper).
 
 Teacher kinds: ``text2img`` (can refine and regenerate) or ``img2img`` (refine only, e.g. the SDXL refiner).
+
+Presets are also files: :func:`compose` builds one from parts (a teacher directory or hub id, a
+student, an oracle, a ControlNet) and :func:`write_preset_file` / :func:`read_preset_file` keep it as
+JSON with the fields of :class:`Preset` (``tandem preset save``; ``--preset FILE`` on every command).
 
 A preset with a ``controlnet`` plugs that ControlNet into both student and teacher (section 4.3 and
 appendix D.6); its calls then need a control image per prompt. ``world-mask`` and ``world-edges`` are
@@ -21,6 +27,8 @@ SDEdit strength, that ``TandemPipeline.edit`` takes tau from.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +42,9 @@ class Preset:
     name: str
     description: str
     teacher: str
-    student: str
-    student_kind: str  # world | unet | pipeline
-    scorer: str        # a tandem.scorers.load_scorer spec
+    student: str | None  # None: a teacher alone (generate --mode teacher)
+    student_kind: str  # world | tandem | unet | pipeline
+    scorer: str | None  # a tandem.scorers.load_scorer spec (None: no oracle; student/teacher/refine-all only)
     defaults: dict = field(default_factory=dict)  # TandemPipeline call defaults
     teacher_kind: str = "text2img"
     calibration: str | None = None  # a calibration file shipped with the preset
@@ -109,6 +117,208 @@ for _name, _controlnet, _k in (("sd15-lcm-canny", "lllyasviel/control_v11p_sd15_
                f"k {_k})")
 
 
+# What a tandem composed from a teacher that is not a preset starts from: the paper's SD1.5 setting
+# (Table 4: student 5 steps, refinement 10 steps at sigma 0.7, k 50) with the 4-step student of LCM.
+# Guidance is left to the models: the teacher's default scale, which the student shares by default.
+COMPOSED_DEFAULTS = dict(num_inference_steps=4, teacher_steps=10, teacher_scheduler="dpm", strategy="refine",
+                         rollback_sigma=0.7, percentile=50)
+def _choice(*options: str):
+    def parse(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+    return parse
+
+
+def _finite(value: str) -> float:
+    import math
+
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return x
+
+
+def _steps(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
+# The settings a preset's ``defaults`` may hold (TandemPipeline call arguments), each with its parser
+# (the pipeline checks their ranges when it runs).
+PRESET_SETTINGS = {
+    "num_inference_steps": _steps, "guidance_scale": _finite, "teacher_steps": _steps,
+    "teacher_guidance_scale": _finite, "teacher_scheduler": _choice("dpm", "ddim", "unipc"),
+    "strategy": _choice("refine", "regenerate"), "rollback_sigma": _finite,
+    "rollback_convention": _choice("paper", "strength"), "percentile": _finite, "edit_strength": _finite,
+    "edit_num_inference_steps": _steps, "edit_teacher_steps": _steps, "controlnet_conditioning_scale": _finite,
+}
+STUDENT_KINDS = ("world", "tandem", "unet", "pipeline")
+TEACHER_KINDS = ("text2img", "img2img")
+
+
+def student_kind(source: str) -> str:
+    """The kind of the student in ``source``: a directory by its layout (``pipeline``: ``model_index.json``;
+    ``unet``: the ``config.json`` of a UNet, e.g. the LCM-SDXL layout; otherwise ``tandem``, a
+    ``tandem distill`` student with ``unet/`` and ``scheduler/``, whose loader names what is missing).
+    A hub id cannot be looked at offline: it is a ``pipeline`` unless it says ``unet:ID``
+    (:func:`parse_student`)."""
+    from .models import resolve_model
+
+    path = Path(source)
+    if not path.is_dir():
+        try:
+            resolve_model(source)  # a mistyped path is an error, not a hub id
+        except ValueError as e:
+            raise ValueError(f"--student: {e}") from None
+        return "pipeline"
+    if (path / "model_index.json").is_file():
+        return "pipeline"
+    config = path / "config.json"
+    if config.is_file() and not (path / "unet").is_dir():
+        try:
+            cls = json.loads(config.read_text()).get("_class_name")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            cls = None
+        if cls == "UNet2DConditionModel":
+            return "unet"
+    return "tandem"
+
+
+def parse_student(spec: str) -> tuple[str, str]:
+    """``(kind, source)`` of a ``--student`` value: ``KIND:SOURCE`` with a kind of :data:`STUDENT_KINDS`,
+    or a directory or hub id whose kind :func:`student_kind` finds (a hub id defaults to ``pipeline``)."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in STUDENT_KINDS:
+        return kind, rest
+    return student_kind(spec), spec
+
+
+def compose(model: str | Preset = "world", *, student: str | None = None, scorer: str | None = None,
+            controlnet: str | None = None, teacher_kind: str | None = None) -> Preset:
+    """A preset from parts: ``model`` is a preset name, a preset file (``*.json``) or a teacher (a
+    diffusers directory or hub id), and each given part replaces the preset's.
+
+    A calibration belongs to one student and oracle (and ControlNet): replacing any of them drops
+    the preset's calibrations, so a percentile then needs a new one (``tandem calibrate``).
+
+    Args:
+        model: preset name, preset file, teacher directory / hub id, or a ``Preset``.
+        student: ``--student``: a directory, a hub id or ``KIND:SOURCE`` (:func:`parse_student`).
+        scorer: ``--scorer``: a :func:`tandem.scorers.load_scorer` spec.
+        controlnet: ``--controlnet``: a ``ControlNetModel`` directory or hub id.
+        teacher_kind: ``text2img`` (default) or ``img2img`` (a teacher that can only refine).
+    """
+    from .models import resolve_model
+
+    if isinstance(model, Preset):
+        base = model
+    elif model in PRESETS:
+        base = PRESETS[model]
+    elif model.endswith(".json") and Path(model).is_file():
+        base = read_preset_file(model)
+    else:
+        spec = resolve_model(model)
+        base = Preset(name=model, description=f"composed: teacher {model}", teacher=model, student=None,
+                      student_kind="tandem", scorer=None,
+                      defaults={**COMPOSED_DEFAULTS, "teacher_guidance_scale": spec.teacher.guidance_scale},
+                      source="tandem.presets.COMPOSED_DEFAULTS")
+        if spec.student is not None:  # a world directory ships its student
+            base = dataclasses.replace(base, student=spec.student.path, student_kind="tandem", defaults={
+                **base.defaults, "num_inference_steps": spec.student.steps,
+                "guidance_scale": spec.student.guidance_scale})
+    changes: dict = {}
+    if student is not None:
+        kind, source = parse_student(student)
+        changes.update(student=source, student_kind=kind)
+    if scorer is not None:
+        changes["scorer"] = scorer
+    if controlnet is not None:
+        changes["controlnet"] = controlnet
+    if teacher_kind is not None:
+        if teacher_kind not in TEACHER_KINDS:
+            raise ValueError(f"--teacher-kind must be one of {', '.join(TEACHER_KINDS)}, got {teacher_kind!r}")
+        changes["teacher_kind"] = teacher_kind
+    if not changes:
+        return base
+    parts = ", ".join(f"{k} {v}" for k, v in changes.items() if k != "student_kind")
+    return dataclasses.replace(base, **changes, name=base.name if base.name.endswith("+custom") else
+                               f"{base.name}+custom", description=f"{base.name} with {parts}",
+                               calibration=None, edit_calibrations={})
+
+
+def preset_to_json(preset: Preset) -> dict:
+    """The fields of ``preset`` as JSON data (local paths made absolute, so the file works from anywhere)."""
+    data = dataclasses.asdict(preset)
+    for key in ("teacher", "student", "controlnet", "calibration"):
+        value = data.get(key)
+        if isinstance(value, str) and value not in PRESETS and Path(value).exists():
+            data[key] = str(Path(value).resolve())
+    if isinstance(data.get("scorer"), str):
+        kind, sep, rest = data["scorer"].partition(":")
+        if sep and Path(rest).exists():
+            data["scorer"] = f"{kind}:{Path(rest).resolve()}"
+    data["edit_calibrations"] = {str(k): str(Path(v).resolve()) if Path(v).exists() else v
+                                 for k, v in preset.edit_calibrations.items()}
+    return data
+
+
+def write_preset_file(preset: Preset, path: str | Path, overwrite: bool = False) -> Path:
+    """Save ``preset`` as a JSON preset file (``tandem preset save``)."""
+    from .outputs import atomic_write_text
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    atomic_write_text(path, json.dumps(preset_to_json(preset), indent=2) + "\n")
+    return path
+
+
+def read_preset_file(path: str | Path) -> Preset:
+    """A :class:`Preset` from a JSON preset file; relative paths in it are relative to the file. A
+    ``ValueError`` names the file and the field that is wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"preset file {path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"preset file {path} does not hold a JSON object")  # noqa: TRY004
+    names = {f.name for f in dataclasses.fields(Preset)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"preset file {path}: unknown field(s) {', '.join(unknown)}; "
+                         f"expected {', '.join(sorted(names))}")
+    data.setdefault("name", path.stem)
+    data.setdefault("description", f"preset file {path}")
+    data.setdefault("scorer", None)
+    for key in ("teacher", "student", "student_kind"):
+        if not isinstance(data.get(key), str):
+            raise ValueError(f"preset file {path}: '{key}' must be a string")
+    if data["student_kind"] not in STUDENT_KINDS:
+        raise ValueError(f"preset file {path}: student_kind must be one of {', '.join(STUDENT_KINDS)}, "
+                         f"got {data['student_kind']!r}")
+    if data.get("teacher_kind", "text2img") not in TEACHER_KINDS:
+        raise ValueError(f"preset file {path}: teacher_kind must be one of {', '.join(TEACHER_KINDS)}")
+    if not isinstance(data.get("defaults", {}), dict) or not isinstance(data.get("edit_calibrations", {}), dict):
+        raise ValueError(f"preset file {path}: 'defaults' and 'edit_calibrations' must be objects")
+    unknown = sorted(set(data.get("defaults", {})) - set(PRESET_SETTINGS))
+    if unknown:
+        raise ValueError(f"preset file {path}: unknown default setting(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(PRESET_SETTINGS)}")
+    for key in ("teacher", "student", "controlnet", "calibration"):
+        value = data.get(key)
+        if isinstance(value, str) and value not in ("world",) and not value.startswith("world:") and \
+                not Path(value).is_absolute() and (path.parent / value).exists():
+            data[key] = str(path.parent / value)
+    data["edit_calibrations"] = {float(k): (str(path.parent / v) if not Path(v).is_absolute()
+                                            and (path.parent / v).exists() else v)
+                                 for k, v in data.get("edit_calibrations", {}).items()}
+    return Preset(**data)
+
+
 def world_calibration_path() -> Path:
     from .models import world_dir
 
@@ -126,14 +336,12 @@ def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.f
     """A ``diffusers.ControlNetModel`` from a hub id, a directory, or ``world:KIND`` (shipped)."""
     from diffusers import ControlNetModel
 
-    from .models import quiet_hub_libraries
+    from .models import from_hub, quiet_hub_libraries
 
     quiet_hub_libraries()
     source = str(_world_file(f"world:controlnet-{spec.split(':', 1)[1]}")) if spec.startswith("world:") else spec
-    try:
-        return ControlNetModel.from_pretrained(source, torch_dtype=dtype).to(device=device, dtype=dtype)
-    except OSError as e:
-        raise ValueError(f"cannot load ControlNet {spec!r}: {str(e).splitlines()[0]}") from e
+    return from_hub(ControlNetModel.from_pretrained, source, "ControlNet", torch_dtype=dtype).to(device=device,
+                                                                                                dtype=dtype)
 
 
 def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = torch.float32, scorer=None,
@@ -148,7 +356,7 @@ def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = to
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     teacher = load_teacher(preset, device, dtype)
     student = load_student(preset, teacher, device, dtype)
-    if scorer is None:
+    if scorer is None and preset.scorer is not None:
         scorer = load_scorer(preset.scorer, device=device)
     if calibration is None and preset.calibration == "world":
         path = world_calibration_path()
@@ -174,17 +382,14 @@ def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = to
 def load_teacher(preset: Preset, device: str, dtype: torch.dtype):
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-    from .models import load_teacher_pipeline, quiet_hub_libraries, resolve_model
+    from .models import from_hub, load_teacher_pipeline, quiet_hub_libraries, resolve_model
 
     if preset.teacher == "world" or Path(preset.teacher).is_dir() and preset.teacher_kind == "text2img":
         return load_teacher_pipeline(resolve_model(preset.teacher), device=device, dtype=dtype)
+    resolve_model(preset.teacher)  # a mistyped path is an error, not a hub id
     quiet_hub_libraries()
     cls = AutoPipelineForText2Image if preset.teacher_kind == "text2img" else AutoPipelineForImage2Image
-    try:
-        pipe = cls.from_pretrained(preset.teacher, dtype=dtype)
-    except OSError as e:
-        raise ValueError(f"cannot load teacher {preset.teacher!r}: {str(e).splitlines()[0]}") from e
-    return pipe.to(device)
+    return from_hub(cls.from_pretrained, preset.teacher, "teacher", dtype=dtype).to(device)
 
 
 def _check_student_dir(preset: Preset) -> None:
@@ -208,12 +413,15 @@ def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
         UNet2DConditionModel,
     )
 
-    from .models import quiet_hub_libraries, resolve_model, student_dir
+    from .models import from_hub, quiet_hub_libraries, resolve_model, student_dir
 
     quiet_hub_libraries()
+    if preset.student is None:
+        raise ValueError(f"{preset.name} has no student: give --student (a `tandem distill` student directory, "
+                         "a diffusers pipeline or UNet directory, or a hub id)")
     _check_student_dir(preset)
     try:
-        if preset.student_kind == "world":
+        if preset.student_kind in ("world", "tandem"):
             path = student_dir(resolve_model(preset.teacher), None if preset.student == "world" else preset.student)
             unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device=device, dtype=dtype)
             return LatentConsistencyModelPipeline(
@@ -221,14 +429,15 @@ def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
                 scheduler=LCMScheduler.from_pretrained(path / "scheduler"), safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
         if preset.student_kind == "unet":
-            unet = UNet2DConditionModel.from_pretrained(preset.student, dtype=dtype).to(device)
+            unet = from_hub(UNet2DConditionModel.from_pretrained, preset.student, "student", dtype=dtype).to(device)
             if unet.config.time_cond_proj_dim is None:
                 raise ValueError(f"student UNet {preset.student!r} has no guidance embedding "
                                  "(time_cond_proj_dim): not a consistency-distilled UNet")
             return AutoPipelineForText2Image.from_pipe(
                 teacher, unet=unet, scheduler=LCMScheduler.from_config(teacher.scheduler.config))
         if preset.student_kind == "pipeline":
-            return AutoPipelineForText2Image.from_pretrained(preset.student, dtype=dtype).to(device)
+            return from_hub(AutoPipelineForText2Image.from_pretrained, preset.student, "student",
+                            dtype=dtype).to(device)
     except OSError as e:
         raise ValueError(f"cannot load student {preset.student!r}: {str(e).splitlines()[0]}") from e
-    raise ValueError(f"unknown student kind {preset.student_kind!r}; expected world, unet or pipeline")
+    raise ValueError(f"unknown student kind {preset.student_kind!r}; expected one of {', '.join(STUDENT_KINDS)}")

@@ -2,7 +2,8 @@
 
 * ``budget``: quality against cost (UNet evaluations per image) for the teacher's samplers, the
   student, refine-all and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
-  acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality.
+  acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality (a
+  point that sent no image to the teacher is the student alone, reported as such, not as an acceleration).
 * ``winners``: where the student's image beats the teacher's (section 3.1): win rate against the
   student-teacher image distance, scene complexity, prompt length, trajectory curvature and the
   student's text influence (its cross-attention on the prompt's tokens).
@@ -64,10 +65,10 @@ def _student_run(pipe, prompts, out: Path, seed: int, batch_size: int, log, prog
 def _thresholds(pipe, ks) -> dict[float, float]:
     """tau for each k from the pipeline's calibration, after checking it matches the student and oracle."""
     if pipe.calibration is None:
-        raise ValueError("the adaptive curves need a calibration (tandem calibrate) for the student and oracle")
+        raise ValueError("the adaptive curves need a calibration of the student and oracle: pipe.calibration = "
+                         "pipe.calibrate(prompts) (command line: tandem calibrate, then --calibration FILE)")
     steps = int(pipe._setting("num_inference_steps", None, 4))
-    guidance = float(pipe._setting("guidance_scale", None, 1.0))
-    pipe.calibration.check(pipe.calibration_fingerprint(steps, guidance))
+    pipe.calibration.check(pipe.calibration_fingerprint(steps, pipe.student_guidance()))
     return {k: pipe.calibration.threshold(k) if k > 0 else -np.inf for k in ks}
 
 
@@ -134,27 +135,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
             add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=c.name,
                 share_improved=float(composed["rejected"].mean()))
 
-    # k = 0 is the student alone and k = 100 the teacher (or refine-all) alone: not adaptive
-    adaptive = [p for p in points if p["family"].startswith("adaptive") and 0 < p["k"] < 100]
-    teachers = [p for p in points if p["family"].startswith("teacher")]
-    acceleration = {}
-    for ref in cfg.references:
-        if ref not in runs:
-            continue
-        target = summary(runs[ref])
-        reaching = [p for p in adaptive if quality(p) >= quality(target)]
-        best = min(reaching, key=lambda p: p["unet_evals_mean"]) if reaching else None
-        cheaper_teacher = min((p for p in teachers if quality(p) >= quality(target)),
-                              key=lambda p: p["unet_evals_mean"])
-        acceleration[ref] = {
-            "teacher": target,
-            "adaptive": best,
-            "factor": target["unet_evals_mean"] / best["unet_evals_mean"] if best else None,
-            "best_adaptive_quality": max(quality(p) for p in adaptive),
-            # for context: the cheapest teacher sampler reaching the same quality
-            "cheapest_teacher": cheaper_teacher,
-            "teacher_factor": target["unet_evals_mean"] / cheaper_teacher["unet_evals_mean"],
-        }
+    acceleration = accelerations(points, {ref: summary(runs[ref]) for ref in cfg.references if ref in runs})
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
                "judge": measures.judge.describe(), "measures": measures.describe(),
@@ -164,6 +145,51 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         results["renderings"] = {"clip_score": float(_clip_score(clip_scorer, rendered, prompts).mean())}
     _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
+
+
+def is_adaptive(point: dict) -> bool:
+    """Whether a point of the budget curves is the adaptive pipeline at work: an adaptive family's point
+    with 0 < k < 100 that sent some image to the teacher (``share_improved`` > 0). A point that sent none
+    (ties at tau, or a tau below every score) is the student alone at the student's cost."""
+    return _adaptive_family(point) and 0 < point["k"] < 100 and point.get("share_improved", 1.0) > 0
+
+
+def _adaptive_family(point: dict) -> bool:
+    return point["family"].startswith("adaptive")
+
+
+def student_alone(point: dict) -> bool:
+    """An adaptive family's point (0 < k < 100) that sent no image to the teacher: the student alone."""
+    return _adaptive_family(point) and 0 < point["k"] < 100 and point.get("share_improved", 1.0) == 0
+
+
+def accelerations(points: list[dict], references: dict[str, dict]) -> dict[str, dict]:
+    """For each teacher reference run (name -> its ``summary``): the cheapest adaptive point (:func:`is_adaptive`)
+    at least as good, and the acceleration ``factor`` = the teacher's cost / that point's cost (None where no
+    adaptive point reaches it); for context the cheapest teacher sampler reaching it, and ``student_alone``:
+    the cheapest point that sent no image to the teacher yet reaches it (the student alone, not an
+    acceleration of the adaptive pipeline), or None."""
+    adaptive = [p for p in points if is_adaptive(p)]
+    alone = [p for p in points if student_alone(p)]
+    teachers = [p for p in points if p["family"].startswith("teacher")]
+    out = {}
+    for ref, target in references.items():
+        reaching = [p for p in adaptive if quality(p) >= quality(target)]
+        best = min(reaching, key=lambda p: p["unet_evals_mean"]) if reaching else None
+        alone_reaching = [p for p in alone if quality(p) >= quality(target)]
+        cheaper_teacher = min((p for p in teachers if quality(p) >= quality(target)),
+                              key=lambda p: p["unet_evals_mean"])
+        out[ref] = {
+            "teacher": target,
+            "adaptive": best,
+            "factor": target["unet_evals_mean"] / best["unet_evals_mean"] if best else None,
+            "best_adaptive_quality": max((quality(p) for p in adaptive), default=None),
+            "student_alone": min(alone_reaching, key=lambda p: p["unet_evals_mean"]) if alone_reaching else None,
+            # for context: the cheapest teacher sampler reaching the same quality
+            "cheapest_teacher": cheaper_teacher,
+            "teacher_factor": target["unet_evals_mean"] / cheaper_teacher["unet_evals_mean"],
+        }
+    return out
 
 
 def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: OracleConfig = OracleConfig(),
@@ -209,7 +235,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
                          "(e.g. a CLIP or DINOv2: --features)")
     out = Path(out)
     _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
-    guidance = float(pipe._setting("teacher_guidance_scale", None, 7.5))
+    guidance = pipe.teacher_guidance()
     cache = out / "cache" / f"teacher_dpm{cfg.teacher_steps}_curvature.npz"
     if cache.exists():
         with np.load(cache) as data:
@@ -391,7 +417,7 @@ def plot_budget(results: dict, path: Path) -> Path:
     import matplotlib
 
     points, acceleration = results["points"], results["acceleration"]
-    y = lambda p: plotted_quality(quality(p), results)  # noqa: E731
+    y = lambda p: plotted_quality(quality(p), results)
     fig, ax = _figure(size=(9, 4.2))
     ax.set_title("quality vs cost", fontsize=10)
     ax.grid(alpha=0.3)
@@ -406,7 +432,8 @@ def plot_budget(results: dict, path: Path) -> Path:
                 color=colours(i % colours.N))
     for i, (ref, a) in enumerate(acceleration.items()):
         ax.axhline(y(a["teacher"]), color="black", linewidth=0.6, linestyle=":")
-        label = f"{ref}" + (f": {a['factor']:.1f}x cheaper adaptive" if a["factor"] else ": not reached")
+        label = f"{ref}" + (f": {a['factor']:.1f}x cheaper adaptive" if a["factor"]
+                            else ": reached by the student alone" if a.get("student_alone") else ": not reached")
         ax.annotate(label, (0.01, y(a["teacher"])), xycoords=("axes fraction", "data"),
                     textcoords="offset points", xytext=(0, -10 - 9 * i), fontsize=7)
     ax.set_xscale("log")
@@ -417,21 +444,31 @@ def plot_budget(results: dict, path: Path) -> Path:
 
 
 def budget_report(results: dict) -> str:
-    q = lambda p: format_quality(quality(p), results)  # noqa: E731
+    q = lambda p: format_quality(quality(p), results)
     label = quality_label(results).removesuffix(" (%)")
     lines = [f"# Budget curves ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
-             f"Quality: {label}.", "",
-             "| acceleration vs | teacher quality | its cost | cheapest adaptive (0 < k < 100) reaching it | cost | "
-             "factor | cheapest teacher sampler reaching it (factor) |",
+             (f"Quality: {label}. An adaptive point is one with 0 < k < 100 that sent some image to the teacher; "
+             "one that sent none is the student alone (its cost, its images) and is no acceleration."), "",
+             ("| acceleration vs | teacher quality | its cost | cheapest adaptive point reaching it | cost | "
+              "factor | cheapest teacher sampler reaching it (factor) |"),
              "|---|---|---|---|---|---|---|"]
     for ref, a in results["acceleration"].items():
         best, t = a["adaptive"], a["cheapest_teacher"]
         # results made before real-tier judges name the best adaptive point's accuracy
         top = a.get("best_adaptive_quality", a.get("best_adaptive_accuracy"))
-        lines.append(f"| {ref} | {q(a['teacher'])} | {a['teacher']['unet_evals_mean']:.1f} | "
-                     + (f"{best['label']} ({q(best)}) | {best['unet_evals_mean']:.1f} | {a['factor']:.2f}x |" if best
-                        else f"not reached (best {format_quality(top, results)}) | - | - |")
-                     + f" {t['label']} ({a['teacher_factor']:.2f}x) |")
+        if best:
+            reached = f"{best['label']} ({q(best)}) | {best['unet_evals_mean']:.1f} | {a['factor']:.2f}x |"
+        else:
+            best_text = f"best {format_quality(top, results)}" if top is not None else "no adaptive point"
+            reached = f"not reached ({best_text}) | - | - |"
+        lines.append(f"| {ref} | {q(a['teacher'])} | {a['teacher']['unet_evals_mean']:.1f} | {reached}"
+                     f" {t['label']} ({a['teacher_factor']:.2f}x) |")
+    for ref, a in results["acceleration"].items():
+        alone = a.get("student_alone")
+        if alone is not None:
+            lines += ["", (f"- vs {ref}: {alone['label']} reaches it at {alone['unet_evals_mean']:.1f} UNet evaluations "
+                      "per image, but sent no image to the teacher: that is the student alone, not the adaptive "
+                      "pipeline.")]
     score = "soft score | " if "accuracy" in results["points"][0] else ""
     fid = any("fid" in p for p in results["points"])
     lines += ["", f"| run | UNet evals / image | {label} | {score}CLIP score | Fréchet distance to the reference |"
@@ -439,7 +476,8 @@ def budget_report(results: dict) -> str:
               "|---|---|---|---|---|" + ("---|" if score else "") + ("---|" if fid else "")]
     for p in results["points"]:
         if not p["family"].startswith("adaptive") or p.get("k") in (30, 50, 70, 100):
-            lines.append(f"| {p['label']} | {p['unet_evals_mean']:.1f} | {q(p)} | "
+            label = p["label"] + (" (student alone: no image sent to the teacher)" if student_alone(p) else "")
+            lines.append(f"| {label} | {p['unet_evals_mean']:.1f} | {q(p)} | "
                          + (f"{p['mean_score']:.4f} | " if score else "")
                          + f"{_number(p.get('clip_score'), 2)} | {_number(p.get('frechet_distance'), 4)} |"
                          + (f" {_number(p.get('fid'), 2)} |" if fid else ""))
@@ -463,7 +501,7 @@ def plot_oracle(results: dict, path: Path) -> Path:
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
     syn = results["synthetic_oracle"]
-    y = lambda s: plotted_quality(quality(s), results)  # noqa: E731
+    y = lambda s: plotted_quality(quality(s), results)
     right.plot([100 * s["oracle_accuracy"] for s in syn], [y(s) for s in syn], "-o", markersize=3,
                label="adaptive (regenerate) with a synthetic oracle")
     right.axhline(y(results["teacher"]), color="tab:blue", linestyle="--", linewidth=1, label="teacher alone")
@@ -480,13 +518,13 @@ def oracle_report(results: dict) -> str:
     d, w = results["decisions"], results["student_vs_teacher"]
     best = max(d["no_reference"], key=lambda r: r["accuracy"])
     lines = [f"# Oracle accuracy ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
-             f"- Student vs teacher under the judge: the student's image is better on {100 * w['win']:.1f}% of "
+             (f"- Student vs teacher under the judge: the student's image is better on {100 * w['win']:.1f}% of "
              f"prompts, worse on {100 * w['loss']:.1f}%, tied on {100 * w['tie']:.1f}% (win rate, ties split, "
-             f"{w['win_rate']:.3f}, 95% CI {w['ci'][0]:.3f}-{w['ci'][1]:.3f}).",
-             f"- Full-reference decision (oracle compares both images): {100 * d['full_reference']:.1f}% agreement "
-             f"with the judge on {d['pairs']} prompts where it prefers one.",
-             f"- No-reference decision (student score vs tau): best {100 * best['accuracy']:.1f}% at k = "
-             f"{best['k']:g}.", "",
+             f"{w['win_rate']:.3f}, 95% CI {w['ci'][0]:.3f}-{w['ci'][1]:.3f})."),
+             (f"- Full-reference decision (oracle compares both images): {100 * d['full_reference']:.1f}% agreement "
+             f"with the judge on {d['pairs']} prompts where it prefers one."),
+             (f"- No-reference decision (student score vs tau): best {100 * best['accuracy']:.1f}% at k = "
+             f"{best['k']:g}."), "",
              "| synthetic oracle accuracy | captions satisfied | judge score | sent to the teacher |",
              "|---|---|---|---|"]
     for s in results["synthetic_oracle"]:
@@ -535,9 +573,9 @@ def plot_winners(results: dict, path: Path) -> Path:
 def winners_report(results: dict) -> str:
     w = results["student_vs_teacher"]
     lines = [f"# Where students win ({results['preset']}, {results['n_prompts']} prompts, seed {results['seed']})", "",
-             f"Student {results['student_steps']} steps vs teacher {results['teacher']}: the student's image is "
+             (f"Student {results['student_steps']} steps vs teacher {results['teacher']}: the student's image is "
              f"better on {100 * w['win']:.1f}% of prompts, tied on {100 * w['tie']:.1f}% (win rate {w['win_rate']:.3f},"
-             f" 95% CI {w['ci'][0]:.3f}-{w['ci'][1]:.3f}).", "",
+             f" 95% CI {w['ci'][0]:.3f}-{w['ci'][1]:.3f})."), "",
              "Spearman correlations: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}"
                                                   for k, v in results["spearman"].items()) + "."]
     for key, label in (("by_distance", "distance"), ("by_objects", "objects"), ("by_edge_density", "edge density"),
@@ -596,11 +634,11 @@ def plot_diversity(results: dict, path: Path) -> Path:
 
 def diversity_report(results: dict) -> str:
     space = results.get("measures", {}).get("features", "world clip")
-    lines = [f"# Diversity ({results['preset']}, {results['n_prompts']} prompts x "
-             f"{len(results['config']['seeds'])} seeds)", "",
-             f"Diversity is the mean pairwise cosine distance, in {space} image features, between the images "
+    lines = [(f"# Diversity ({results['preset']}, {results['n_prompts']} prompts x "
+             f"{len(results['config']['seeds'])} seeds)"), "",
+             (f"Diversity is the mean pairwise cosine distance, in {space} image features, between the images "
              "of one prompt drawn with different seeds (the DDIL paper's LPIPS-diversity); (UNet evaluations "
-             "per image in brackets in the plot).", "",
+             "per image in brackets in the plot)."), "",
              f"| run | diversity | {quality_label(results).removesuffix(' (%)')} | UNet evals |", "|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['run']} | {r['diversity']:.4f} | {format_quality(quality(r), results)} | "

@@ -76,9 +76,11 @@ def _summary(per_image: dict) -> dict:
 
 
 def _acceptance(points: list[dict], student: dict, teachers: dict[str, dict]) -> dict:
-    """For each teacher: the cheapest adaptive point (0 < k < 100) at least as accurate, if any; and
-    whether the adaptive pipeline beats the student there."""
-    adaptive = [p for p in points if p["family"].startswith("adaptive") and 0 < p["k"] < 100]
+    """For each teacher: the cheapest adaptive point (0 < k < 100, some image sent to the teacher) at least
+    as accurate, if any; and whether the adaptive pipeline beats the student there."""
+    from .experiments import is_adaptive
+
+    adaptive = [p for p in points if is_adaptive(p)]  # a point that sent no image to the teacher is the student
     out = {}
     for name, t in teachers.items():
         reaching = [p for p in adaptive if p["accuracy"] >= t["accuracy"] and p["unet_evals_mean"] < t["unet_evals_mean"]]
