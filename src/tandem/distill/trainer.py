@@ -117,8 +117,14 @@ class Method(Protocol):
         ...
 
     def step(self, batch: Any, update: str, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Losses for updating the trainable ``update``; the Trainer backpropagates ``losses["loss"]``."""
+        """Losses for updating the trainable ``update``; the Trainer backpropagates ``losses["loss"]``.
+        Only ``update``'s optimizer steps on it: gradients the loss leaves on other trainables (a generator
+        loss backpropagated through a critic) are discarded, never added to their next update."""
         ...
+
+    # Optional: a method with state of its own (a replay buffer, a stage, counters) defines
+    # ``state_dict() -> dict`` (tensors and plain data) and ``load_state_dict(state)``; the Trainer keeps
+    # it in every checkpoint and restores it on resume.
 
 
 @dataclass(frozen=True)
@@ -342,6 +348,7 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self._optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self._schedulers.items()},
             "emas": {n: {e: c.module.state_dict() for e, c in emas.items()} for n, emas in self._emas.items()},
+            **({"method": self.method.state_dict()} if hasattr(self.method, "state_dict") else {}),
         }
 
     def save_checkpoint(self, step: int) -> None:
@@ -387,6 +394,11 @@ class Trainer:
                 if not isinstance(state["emas"].get(n), dict) or e not in state["emas"][n]:
                     raise ValueError(f"checkpoint {state_path} holds no EMA {n}/{e}; it is not this run's")
                 restore(c.module, state["emas"][n][e], f"checkpoint {state_path} (EMA {n}/{e})")
+        if hasattr(self.method, "load_state_dict"):
+            if "method" not in state:
+                raise ValueError(f"checkpoint {state_path} holds no state of method {self.method.name}; "
+                                 "it is not this run's")
+            restore(self.method, state["method"], f"checkpoint {state_path} (method {self.method.name})")
         rng_path = ckpt / f"rng-{acc.process_index}.pt"
         _set_rng_state(load_checkpoint_file(rng_path), rng_path)
         return meta["step"]
@@ -409,6 +421,7 @@ class Trainer:
             if step % t.every:
                 continue
             model, opt = self._prepared[name], self._optimizers[name]
+            self._zero_grads()  # networks that train against each other never see each other's gradients
             sums: dict[str, float] = {}
             for micro, index, batch in self._batches(step):
                 # randomness follows the batch index: n processes x 1 micro-batch draw exactly what
@@ -428,7 +441,7 @@ class Trainer:
                 sums["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
             opt.step()
             self._schedulers[name].step()
-            opt.zero_grad(set_to_none=True)
+            self._zero_grads()
             for e in self._emas[name].values():
                 e.update(acc.unwrap_model(model))
             for k, v in sums.items():
@@ -438,6 +451,11 @@ class Trainer:
             values = acc.reduce(torch.tensor([logged[k] for k in keys], device=acc.device), reduction="mean")
             logged = dict(zip(keys, values.tolist()))
         return logged
+
+    def _zero_grads(self) -> None:
+        """Drop the gradients of every trainable network (each optimizer holds one network's parameters)."""
+        for opt in self._optimizers.values():
+            opt.zero_grad(set_to_none=True)
 
     def train(self) -> int:
         """Run from the start (or the resumed) step to ``max_steps``; returns the final step."""
