@@ -132,3 +132,24 @@ def test_a_checkpoint_without_the_methods_state_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no state of method"):
         Trainer(SameNameBuffered(), None, TrainerConfig(max_steps=4, checkpoint_every=2), tmp_path / "run",
                 resume=True)
+
+
+def test_the_student_sampler_lets_gradients_through(tiny_world):
+    """A training step may backpropagate through the student's own sampling (ADD, DMD2): the library
+    sampler builds a graph, and a loss on its output reaches the student's weights."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from tandem.distill.consistency import make_student_unet
+    from tandem.sampling import consistency_sample
+
+    torch.manual_seed(0)
+    unet = make_student_unet(UNet2DConditionModel.from_pretrained(tiny_world / "unet"), 32)
+    alphas = DDPMScheduler.from_pretrained(tiny_world / "scheduler").alphas_cumprod
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 4, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x0 = consistency_sample(unet, alphas, latents, text, gens, steps=2)
+    assert x0.requires_grad
+    x0.square().mean().backward()
+    assert all(p.grad is not None for p in unet.conv_out.parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in unet.conv_out.parameters())

@@ -58,7 +58,6 @@ def consistency_timesteps(steps: int, original_steps: int = 50, num_train_timest
     return [int(t) for t in grid[idx]]
 
 
-@torch.no_grad()
 def consistency_sample(
     unet,
     alphas_cumprod: torch.Tensor,
@@ -83,6 +82,9 @@ def consistency_sample(
             default: ``consistency_timesteps(steps, original_steps)``.
     Returns:
         the final estimate of x0 [B, C, h, w].
+
+    Gradients flow through it (a distillation step may backpropagate through the student's own
+    sampling); callers that only sample turn them off, as a pipeline's ``__call__`` does.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"unknown noise mode {noise!r}; expected one of {', '.join(NOISE_MODES)}")
