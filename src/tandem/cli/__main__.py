@@ -1,0 +1,5 @@
+"""``python -m tandem.cli``."""
+
+from . import main
+
+main()

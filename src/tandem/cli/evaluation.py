@@ -1,0 +1,328 @@
+"""`tandem eval ...`: the evaluation experiments and their report."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from .common import (
+    PRESET_HELP,
+    SCORER_HELP,
+    STUDENT_HELP,
+    UserError,
+    _check_composition,
+    _check_out_file,
+    _check_world_prompts,
+    _collect_prompts,
+    _compose,
+    _load_edit_cases,
+    _parts_args,
+    _phase_bars,
+    _preset_record,
+    _progress,
+    _tandem_pipeline,
+    console,
+    eval_app,
+)
+
+
+class Experiment(str, Enum):
+    budget = "budget"
+    winners = "winners"
+    threshold = "threshold"
+    oracle = "oracle"
+    diversity = "diversity"
+
+
+def _check_eval_out(out: Path, resume: bool) -> None:
+    """Refuse a non-empty --out without --resume; under ``accelerate launch`` every process checks
+    before any writes."""
+    from ..eval.sweep import _processes
+
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    refuse = out.exists() and any(out.iterdir()) and not resume
+    _processes()[2]()
+    if refuse:
+        raise UserError(f"--out {out} is not empty; pass --resume to continue that experiment (finished "
+                        "configurations are reused) or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _eval_measures(world: bool, model: str, judge: str | None, features: str | None, clip_score: str | None,
+                   reference: Path | None, device: str, fid: str | None = None):
+    """ShapesWorld: the exact checker (or --judge), world CLIP features and renderings. Real tier: --judge
+    (required), --features, --clip-score, --reference and --fid as given."""
+    from ..eval.judges import Measures, load_judge
+
+    if world:
+        if features is not None or clip_score is not None or reference is not None or fid is not None:
+            raise UserError("--features, --clip-score, --reference and --fid are for real-tier models; the world "
+                            "measures with its CLIP against exact renderings")
+        if judge is None or judge == "world":
+            return Measures.for_world()
+        return Measures.for_world(_load(lambda: load_judge(judge, device), "--judge"), judge_spec=judge)
+    if judge is None or judge == "world":
+        raise UserError(f"--model {model} has no exact checker: choose a judge, e.g. --judge imagereward or "
+                        "--judge pickscore (best not the pipeline's own oracle)")
+    return _load(lambda: Measures.from_specs(judge, features, clip_score, reference, device, fid),
+                 "--judge/--features/--clip-score/--reference/--fid")
+
+
+def _load(make, what: str):
+    try:
+        return make()
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"{what}: {e}") from e
+
+
+def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
+          batch_size: int, device: str, judge: str | None = None, features: str | None = None,
+          clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
+          fid: str | None = None, preset_file: Path | None = None, student: str | None = None,
+          scorer: str | None = None) -> None:
+    import time
+
+    from ..eval import experiments
+    from ..eval.judges import quality
+    from ..world.prompts import load_prompts
+
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    preset = _compose(model, preset_file, student, scorer)
+    _check_composition(preset, "eval", calibration)
+    world = preset.teacher == "world"
+    _check_eval_out(out, resume)
+    if prompts_name in ("val", "test"):
+        if not world:
+            raise UserError(f"--prompts {prompts_name} is a ShapesWorld list; give --model {model} a prompts file")
+        prompts = load_prompts(prompts_name)
+    else:
+        prompts = _collect_prompts(None, Path(prompts_name))
+        if world:
+            _check_world_prompts(prompts)
+    prompts = prompts[:n] if n is not None else prompts
+    measures = _eval_measures(world, preset.name, judge, features, clip_score, reference, device, fid)
+    needs_table = experiment in (Experiment.budget, Experiment.oracle, Experiment.diversity)
+    if needs_table and calibration is None and not preset.calibration:
+        raise UserError(f"eval {experiment.value} needs a calibration of this student and oracle: make one on "
+                        f"held-out prompts (`tandem calibrate {_parts_args(preset)} --prompts FILE --out "
+                        "calibration.json`) and pass --calibration")
+    if preset.scorer is None:
+        raise UserError("tandem eval needs the pipeline's oracle: give --scorer (e.g. clip:DIR, imagereward)")
+    pipe = _tandem_pipeline(preset, device, calibration)
+    made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
+               **_preset_record(preset, pipe),
+               "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
+               "calibration": str(calibration) if calibration else None, **measures.spec}
+    t0 = time.time()
+    with _progress(f"eval {experiment.value}", len(prompts)) as bar:
+        progress = _phase_bars(bar)
+
+        run = getattr(experiments, experiment.value)
+        results = run(pipe, prompts, out, seed=seed, batch_size=batch_size, log=lambda m: console.print(m),
+                      made_by=made_by, progress=progress, measures=measures)
+    if experiment is Experiment.budget:
+        from ..eval.judges import format_quality
+
+        for ref, a in results["acceleration"].items():
+            best = a.get("best_adaptive_quality")
+            reached = (f"reached at {a['adaptive']['unet_evals_mean']:.1f} UNet evals/image ({a['factor']:.2f}x "
+                       f"cheaper)" if a["adaptive"]
+                       else f"not reached (best {format_quality(best, results)})" if best is not None
+                       else "no adaptive point")
+            alone = a.get("student_alone")
+            if alone:
+                reached += (f"; the student alone (no image sent to the teacher) reaches it at "
+                            f"{alone['unet_evals_mean']:.1f} UNet evals/image")
+            console.print(f"{ref}: {format_quality(quality(a['teacher']), results)} at "
+                          f"{a['teacher']['unet_evals_mean']:.0f} UNet evals/image; adaptive {reached}")
+    elif experiment is Experiment.oracle:
+        d = results["decisions"]
+        best = max(d["no_reference"], key=lambda r: r["accuracy"])
+        console.print(f"full-reference agreement {100 * d['full_reference']:.1f}%, best no-reference "
+                      f"{100 * best['accuracy']:.1f}% at k = {best['k']:g}")
+    elif experiment is Experiment.winners:
+        w = results["student_vs_teacher"]
+        console.print(f"student better on {100 * w['win']:.1f}% of prompts (win rate {w['win_rate']:.3f})")
+    console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
+
+
+def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -> None:
+    """Register ``tandem eval <experiment>`` (every experiment takes the same options)."""
+
+    def command(
+        out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
+        model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world'; real tier: e.g. sd15-lcm), or a "
+                                                 "teacher directory or hub id with --student and --scorer.")] = "world",
+        preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+        student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+        scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+        prompts: Annotated[str, typer.Option(help="'val', 'test' (the world's fixed lists) or a prompts file.")] = "test",
+        n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = default_n,
+        seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
+        resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+        batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+        device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+        judge: Annotated[str | None, typer.Option(
+            help="Who decides which image is better: 'world' (the exact checker; the world's default) or a "
+                 "scorer (imagereward[:PATH], pickscore[:ID], clip:ID, world-oracle[:DIR]); required off the "
+                 "world.")] = None,
+        features: Annotated[str | None, typer.Option(
+            help="Real tier: a CLIP or DINOv2 (hub id or directory) for the Fréchet distance, diversity and "
+                 "student-teacher distance.")] = None,
+        clip_score: Annotated[str | None, typer.Option(help="Real tier: a CLIP for the CLIP-score column.")] = None,
+        reference: Annotated[Path | None, typer.Option(
+            help="Real tier: a directory of reference images (e.g. COCO) for the Fréchet distance.")] = None,
+        calibration: Annotated[Path | None, typer.Option(
+            help="A calibration (tandem calibrate) for the preset's student and oracle [the preset's].")] = None,
+        fid: Annotated[str | None, typer.Option(
+            help="Real tier, budget: 'inception' or 'inception:WEIGHTS_FILE' for an Inception FID against "
+                 "--reference (needs tandem[fid]).")] = None,
+    ) -> None:
+        _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
+              reference, calibration, fid, preset_file, student, scorer)
+
+    command.__doc__ = summary
+    eval_app.command(experiment.value)(command)
+
+
+_eval_command(Experiment.budget, "Quality vs cost: teacher samplers, students, refine-all and the adaptive pipeline "
+                                 "over k; acceleration factors (paper Fig. 9-10).", 500)
+_eval_command(Experiment.winners, "Where students win: win rate vs student-teacher distance, scene complexity, "
+                                  "prompt length and trajectory curvature (section 3.1).", None)
+_eval_command(Experiment.threshold, "How tau settles with the number of calibration prompts, with timings "
+                                    "(Table 2).", None)
+_eval_command(Experiment.oracle, "Oracle accuracy: no-reference vs full-reference decisions over k (Fig. 7), "
+                                 "synthetic oracles (D.4).", None)
+_eval_command(Experiment.diversity, "Diversity over seeds (mean pairwise world-CLIP distance) of the student, the "
+                                    "teacher and the adaptive pipeline, beside their accuracy.", 100)
+
+
+def _eval_task_run(name: str, out: Path, resume: bool, batch_size: int, run) -> dict:
+    """Common checks, progress and timing of `tandem eval edit|control`."""
+    import time
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_eval_out(out, resume)
+    t0 = time.time()
+    with _progress(f"eval {name}", 1) as bar:
+        progress = _phase_bars(bar)
+
+        results = run(progress)
+    for name_, a in results["acceptance"].items():
+        reached = (f"{a['adaptive']['label']} reaches {100 * a['adaptive']['accuracy']:.1f}% at "
+                   f"{a['adaptive']['unet_evals_mean']:.1f} UNet evals/image" if a["adaptive"]
+                   else "not reached below its cost")
+        console.print(f"{name_}: {100 * a['teacher']['accuracy']:.1f}% at {a['teacher']['unet_evals_mean']:.0f} "
+                      f"UNet evals/image; student {100 * a['student']['accuracy']:.1f}%; {reached}")
+    console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
+    return results
+
+
+@eval_app.command("edit")
+def eval_edit(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
+    model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world').")] = "world",
+    edits: Annotated[str, typer.Option(help="'test', 'val' or an edit list file (JSON lines).")] = "test",
+    n: Annotated[int | None, typer.Option(help="Use the first N edits [all].")] = None,
+    strengths: Annotated[str, typer.Option(help="Comma-separated SDEdit strengths.")] = "0.4,0.5,0.6,0.7,0.8",
+    seed: Annotated[int, typer.Option(help="Run seed (edit i draws from (seed, i)).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Editing (SDEdit) in tandem: quality, reference preservation and cost of the student, the teacher
+    and the adaptive pipeline over strengths; tau from the validation edits (paper Table 1, Fig. 13)."""
+    from ..eval import tasks
+
+    if model != "world":
+        raise UserError(f"`tandem eval edit` judges with ShapesWorld's exact checker: --model world (got {model!r})")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    try:
+        values = tuple(float(v) for v in strengths.split(","))
+    except ValueError:
+        raise UserError(f"--strengths must be comma-separated numbers, got {strengths!r}") from None
+    if any(not 0 < v <= 1 for v in values):
+        raise UserError(f"--strengths must lie in (0, 1], got {strengths!r}")
+    cases = _load_edit_cases(edits)[:n]
+    main_strength = 0.6 if 0.6 in values else values[0]
+    cfg = tasks.EditConfig(strengths=values, main_strength=main_strength)
+    pipe = _tandem_pipeline(_compose(model), device)
+    made_by = {"command": "eval edit", "tandem_version": __version__, "model": model, "edits": edits,
+               "n": len(cases), "seed": seed, "batch_size": batch_size, "device": device}
+    _eval_task_run("edit", out, resume, batch_size, lambda progress: tasks.edit(
+        pipe, cases, out, seed, cfg, batch_size, lambda m: console.print(m), made_by, progress))
+
+
+@eval_app.command("control")
+def eval_control(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, PNG plots, report.md, cache/).")],
+    control: Annotated[str, typer.Option(help="The world ControlNet: mask or edges.")] = "mask",
+    model: Annotated[str, typer.Option(help="A preset (ShapesWorld: 'world').")] = "world",
+    prompts: Annotated[str, typer.Option(help="'val', 'test' (the fixed lists) or a prompts file.")] = "test",
+    n: Annotated[int | None, typer.Option(help="Use the first N prompts [all].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i); its control image is "
+                                           "that of the scene drawn for it with the same seed).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """ControlNet generation in tandem: the student, the teacher, refine-all and the adaptive pipeline with
+    one ControlNet in both, on captions with exact control images (paper section 4.3, D.6)."""
+    from ..eval import tasks
+    from ..world.prompts import load_prompts
+
+    if model != "world":
+        raise UserError(f"`tandem eval control` judges with ShapesWorld's exact checker: --model world "
+                        f"(got {model!r})")
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if prompts in ("val", "test"):
+        captions = load_prompts(prompts)
+    else:
+        captions = _collect_prompts(None, Path(prompts))
+        _check_world_prompts(captions)
+    captions = captions[:n]
+    pipe = _tandem_pipeline(_compose(model, control=control), device)
+    made_by = {"command": "eval control", "tandem_version": __version__, "model": model, "control": control,
+               "prompts": prompts, "n": len(captions), "seed": seed, "batch_size": batch_size, "device": device}
+    _eval_task_run("control", out, resume, batch_size, lambda progress: tasks.control(
+        pipe, captions, control, out, seed, tasks.ControlConfig(), batch_size, lambda m: console.print(m), made_by,
+        progress))
+
+
+@eval_app.command("report")
+def eval_report(
+    experiments: Annotated[list[Path], typer.Argument(help="Experiment directories written by `tandem eval`.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")],
+    title: Annotated[str, typer.Option(help="The page title.")] = "tandem evaluation",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """One self-contained HTML report (plots embedded) of several experiments, each with the command
+    and configuration behind its numbers."""
+    from ..eval.report import combined_report
+    from ..outputs import atomic_write_text
+
+    _check_out_file(out, overwrite)
+    atomic_write_text(out, combined_report(experiments, title))
+    console.print(f"{len(experiments)} experiments -> {out}")
+
+

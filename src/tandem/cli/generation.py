@@ -1,0 +1,477 @@
+"""`tandem generate`, `tandem calibrate` and `tandem edit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from .common import (
+    CONTROLNET_HELP,
+    PRESET_HELP,
+    SCORER_HELP,
+    STUDENT_HELP,
+    EditMode,
+    Mode,
+    Scheduler,
+    Strategy,
+    UserError,
+    _check_composition,
+    _check_out_file,
+    _check_world_prompts,
+    _collect_prompts,
+    _compose,
+    _direct,
+    _load_edit_cases,
+    _phase_bars,
+    _preset_record,
+    _progress,
+    _read_images,
+    _tandem_pipeline,
+    app,
+    console,
+)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str] | None, typer.Argument(help="Prompts (one image each).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")] = None,
+    model: Annotated[str, typer.Option(help="A preset ('world', sd15-lcm, ...), or a teacher: a diffusers "
+                                             "directory or hub id.")] = "world",
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    mode: Annotated[Mode, typer.Option(help="Which generator makes the images.")] = Mode.teacher,
+    teacher_steps: Annotated[int | None, typer.Option(help="Teacher sampling steps [model default].")] = None,
+    scheduler: Annotated[Scheduler | None, typer.Option(help="Teacher sampler [model default].")] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    student_steps: Annotated[int | None, typer.Option(help="Student sampling steps [model default].")] = None,
+    student_noise: Annotated[str, typer.Option(help="Student sampler: 'stochastic' (LCM) or "
+                                                    "'deterministic'.")] = "stochastic",
+    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance [model default].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; prompt i uses a generator seeded from (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call (speed and memory). Every image keeps "
+                                                 "its seed and noise; another batch size can change pixels by "
+                                                 "float rounding (at most 1/255 measured on CPU).")] = 16,
+    out: Annotated[Path, typer.Option(help="Output directory (PNGs, records.jsonl, config.json).")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    strategy: Annotated[Strategy | None, typer.Option(help="adaptive: what the teacher does with a rejected "
+                                                           "student image [preset default].")] = None,
+    rollback_sigma: Annotated[float | None, typer.Option(help="adaptive/refine-all: rollback sigma in (0, 1] "
+                                                              "[preset default].")] = None,
+    rollback_convention: Annotated[str | None, typer.Option(help="'paper' (x = sqrt(1-s) x0 + sqrt(s) z, "
+                                                                 "--teacher-steps run) or 'strength' (img2img)."
+                                                            )] = None,
+    handoff: Annotated[str, typer.Option(help="'latent' or 'pixel' (decode and re-encode) hand-off.")] = "latent",
+    percentile: Annotated[float | None, typer.Option(help="adaptive: tau = this percentile k of the "
+                                                          "calibration [preset default].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="adaptive: the cut-off tau itself.")] = None,
+    budget: Annotated[float | None, typer.Option(help="adaptive: target average UNet evaluations per image "
+                                                      "(k chosen from the calibration).")] = None,
+    teacher_guidance_scale: Annotated[float | None, typer.Option(help="adaptive/refine-all: the teacher's "
+                                                                      "guidance [preset default].")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="adaptive: calibration file from `tandem calibrate` "
+                                                          "[the preset's].")] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    controlnet: Annotated[str | None, typer.Option(help=CONTROLNET_HELP)] = None,
+    control: Annotated[str | None, typer.Option(help="ControlNet conditioning: the preset's control kind "
+                                                     "(world: mask or edges; sd15-lcm: canny or seg).")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option(help="--control: control image file(s), one per "
+                                                                  "prompt or one for all (repeat the option).")] = None,
+) -> None:
+    """Generate one image per prompt: with the teacher, the student, or both in tandem
+    (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected).
+    With --control, one ControlNet conditions student and teacher alike (all modes)."""
+    import time
+
+    if (control is None and controlnet is None) != (control_image is None):
+        raise UserError("--control (or --controlnet) and --control-image go together")
+    if mode in (Mode.adaptive, Mode.refine_all) or not _direct(model, preset_file, student, controlnet, control):
+        preset = _compose(model, preset_file, student, scorer, controlnet, control)
+        return _generate_tandem(
+            prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps, guidance_scale, seed,
+            batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
+            threshold, budget, teacher_guidance_scale, calibration, control_image)
+    tandem_only = {"--scorer": scorer, "--strategy": strategy, "--rollback-sigma": rollback_sigma,
+                   "--percentile": percentile,
+                   "--threshold": threshold, "--budget": budget, "--teacher-guidance-scale": teacher_guidance_scale,
+                   "--calibration": calibration, "--rollback-convention": rollback_convention}
+    for flag, value in tandem_only.items():
+        if value is not None:
+            raise UserError(f"{flag} applies to --mode adaptive or refine-all")
+
+    from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, prompt_seed
+    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
+    from ..outputs import OutputDir
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    prompts = _collect_prompts(prompt, prompts_file)
+    spec = resolve_model(model)
+    if spec.is_world:
+        _check_world_prompts(prompts)
+    if mode is Mode.teacher:
+        settings = TeacherSettings(
+            steps=teacher_steps if teacher_steps is not None else spec.teacher.steps,
+            scheduler=scheduler.value if scheduler is not None else spec.teacher.scheduler,
+            guidance_scale=guidance_scale if guidance_scale is not None else spec.teacher.guidance_scale,
+        )
+        student_path = None
+    else:
+        student_path = student_dir(spec, student)
+        preset = spec.student if student is None else None
+        settings = StudentSettings(
+            steps=student_steps if student_steps is not None else (preset.steps if preset else 4),
+            guidance_scale=(guidance_scale if guidance_scale is not None
+                            else preset.guidance_scale if preset else spec.teacher.guidance_scale),
+            noise=student_noise,
+        )
+    t0 = time.time()
+    with OutputDir(out, overwrite, info={"command": "generate"}) as output:
+        with _progress("generating", len(prompts)) as bar:
+            task = bar.add_task("generate", total=len(prompts))
+            def done(n: int) -> None:
+                bar.update(task, completed=n)
+
+            if mode is Mode.teacher:
+                pipe = load_teacher_pipeline(spec, device=device)
+                images = generate_teacher(pipe, prompts, settings, seed, batch_size, on_batch=done)
+            else:
+                pipe = load_student_pipeline(spec, student_path, device=device)
+                images = generate_student(pipe, prompts, settings, seed, batch_size, on_batch=done)
+        mode_fields = ({"teacher_steps": settings.steps, "scheduler": settings.scheduler} if mode is Mode.teacher
+                       else {"student": str(student_path), "student_steps": settings.steps,
+                             "student_noise": settings.noise})
+        records = []
+        for i, (p, image) in enumerate(zip(prompts, images)):
+            output.save_image(i, image)
+            records.append({
+                "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
+                "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name, **mode_fields,
+                "guidance_scale": settings.guidance_scale, "unet_evals": settings.unet_evals_per_image,
+                "vae_decodes": 1,
+            })
+        output.write_records(records)
+        output.write_config({
+            "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,
+            "mode": mode.value,
+            mode.value: {**settings.__dict__, **({"path": str(student_path)} if student_path else {})},
+            "seed": seed, "batch_size": batch_size,
+            "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
+        })
+    console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
+
+
+def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps,
+                     guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
+                     rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
+                     calibration, control_image=None) -> None:
+    import time
+
+    from ..outputs import OutputDir, image_grid, save_png
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
+        raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
+    if mode not in (Mode.adaptive, Mode.refine_all):
+        tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma,
+                       "--teacher-guidance-scale": teacher_guidance_scale, "--calibration": calibration,
+                       "--rollback-convention": rollback_convention}
+        for flag, value in tandem_only.items():
+            if value is not None:
+                raise UserError(f"{flag} applies to --mode adaptive or refine-all")
+    _check_composition(preset, mode.value, calibration, threshold, percentile, budget)
+    prompts = _collect_prompts(prompt, prompts_file)
+    controls = _read_images(control_image, "--control-image") if control_image else None
+    if controls is not None and len(controls) not in (1, len(prompts)):
+        raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
+                        "(one per prompt, or one for all)")
+    output = OutputDir(out, overwrite, info={"command": f"generate --mode {mode.value}"})
+    with output:  # a failure anywhere below leaves --out as it was
+        pipe = _tandem_pipeline(preset, device, calibration)
+        if preset.teacher == "world":
+            _check_world_prompts(prompts)
+        kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                      teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
+                      teacher_scheduler=scheduler.value if scheduler is not None else None,
+                      strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
+                      rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
+                      percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
+        t0 = time.time()
+        with _progress("tandem", len(prompts)) as bar:
+            progress = _phase_bars(bar)
+
+            try:
+                result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        for i, (record, image) in enumerate(zip(result.records, result.images)):
+            output.save_image(i, image)
+            record.update(file=output.image_path(i).name, seed=seed, model=preset.name)
+            if control_image:
+                record["control_image"] = str(control_image[i if len(control_image) > 1 else 0])
+        output.write_records(result.records)
+        summary = result.summary
+        firsts = result.student_images if result.student_images is not None else result.images
+        grid_rows = [im for pair in zip(firsts, result.images) for im in pair]
+        save_png(output.path / "grid.png", image_grid(grid_rows[:128], columns=8))
+        output.write_config({
+            "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
+            "calibration": str(calibration) if calibration else preset.calibration,
+            "control_images": [str(c) for c in control_image or []] or None,
+            **summary["settings"], "seed": seed, "batch_size": batch_size,
+            "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
+            "summary": {k: v for k, v in summary.items() if k != "settings"},
+        })
+    paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
+    console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s ({paths}); "
+                  f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average "
+                  f"(student {summary['student_cost']}, teacher improvement {summary['improve_cost']}); "
+                  f"tau {summary['settings']['accept_threshold']} -> {out}")
+    if summary.get("calibration_note"):
+        console.print(f"note: {summary['calibration_note']}")
+    console.print(f"side by side (student | final): {output.path / 'grid.png'}")
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option(help="Calibration file to write (JSON).")],
+    model: Annotated[str, typer.Option(help="A preset (its student and oracle are calibrated), or a teacher "
+                                             "directory or hub id with --student and --scorer.")] = "world",
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Held-out prompts, one per line "
+                                                                        "[world: the fixed validation list].")] = None,
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    controlnet: Annotated[str | None, typer.Option(help=CONTROLNET_HELP + " (calibrate with "
+                                                   "--control-image).")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option(help="--controlnet: control image file(s), one per "
+                                                                  "prompt or one for all.")] = None,
+    student_steps: Annotated[int | None, typer.Option(help="Student steps [preset default].")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Student guidance [preset default].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    edits: Annotated[str | None, typer.Option(help="Calibrate *edits* instead: 'val' (the world's validation "
+                                                   "edit list) or an edit list file (JSON lines).")] = None,
+    strength: Annotated[float | None, typer.Option(help="--edits: the SDEdit strength [preset default].")] = None,
+    control: Annotated[str | None, typer.Option(help="Calibrate the student with this ControlNet (world: mask or "
+                                                     "edges, on the validation prompts' scenes).")] = None,
+) -> None:
+    """Score the student on held-out prompts and store the percentile table the cut-off tau comes from.
+    With --edits, score the student's edits (the table `tandem edit` takes tau from); with --control,
+    the student under that ControlNet."""
+    from ..world.prompts import load_prompts
+
+    _check_out_file(out, overwrite)
+    if student_steps is not None and student_steps < 1:
+        raise UserError(f"--student-steps must be >= 1, got {student_steps}")
+    if strength is not None and edits is None:
+        raise UserError("--strength applies to --edits")
+    if edits is not None and control is not None:
+        raise UserError("--edits and --control do not go together")
+    if (controlnet is None) != (control_image is None):
+        raise UserError("--controlnet and --control-image go together")
+    preset = _compose(model, preset_file, student, scorer, controlnet, control)
+    _check_composition(preset, "calibrate", None)
+    if edits is not None:
+        return _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
+                                overwrite, device)
+    if prompts_file is None and preset.teacher != "world":
+        raise UserError("--prompts is required off the world: held-out prompts like the ones you will generate")
+    if control is not None and preset.teacher != "world":
+        raise UserError("--control calibrates on the world's scenes; give your own ControlNet with --controlnet "
+                        "and --control-image")
+    prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("val")
+    controls = _read_images(control_image, "--control-image") if control_image else None
+    if controls is not None and len(controls) not in (1, len(prompts)):
+        raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
+                        "(one per prompt, or one for all)")
+    pipe = _tandem_pipeline(preset, device)
+    if preset.teacher == "world":
+        _check_world_prompts(prompts)
+        if control is not None:
+            from ..world.conditional import scenes_for_captions
+            from ..world.control import control_image
+
+            controls = [control_image(sc, control) for sc in scenes_for_captions(prompts, seed)]
+    with _progress("calibrating", len(prompts)) as bar:
+        task = bar.add_task("student", total=len(prompts))
+        calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,
+                               callback=lambda _p, done, _t: bar.update(task, completed=done),
+                               config={"command": "calibrate", "tandem_version": __version__,
+                                       **_preset_record(preset, pipe), "control": control,
+                                       "control_images": "scenes_for_captions(prompts, seed)" if control else
+                                       [str(c) for c in control_image or []] or None,
+                                       "prompts_file": str(prompts_file) if prompts_file else "val"},
+                               control_image=controls)
+    calib.save(out, overwrite=overwrite)
+    taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
+    console.print(f"{len(prompts)} student samples scored; tau {taus} -> {out}")
+
+
+def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
+                     overwrite, device) -> None:
+    if preset.teacher != "world":
+        raise UserError("--edits calibrates on ShapesWorld edit lists; off the world use the Python API "
+                        "(TandemPipeline.calibrate_edits(images, prompts, strength))")
+    if edits == "test":
+        raise UserError("--edits test: calibrate on held-out edits ('val'), never on the test list")
+    cases = _load_edit_cases(edits)
+    pipe = _tandem_pipeline(preset, device)
+    with _progress("calibrating edits", len(cases)) as bar:
+        task = bar.add_task("student", total=len(cases))
+        try:
+            calib = pipe.calibrate_edits(
+                [c.image() for c in cases], [c.prompt for c in cases], strength, student_steps, guidance_scale,
+                seed, batch_size, callback=lambda _p, done, _t: bar.update(task, completed=done),
+                config={"command": "calibrate --edits", "tandem_version": __version__,
+                        **_preset_record(preset, pipe), "edits": edits})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    calib.save(out, overwrite=overwrite)
+    taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
+    console.print(f"{len(cases)} student edits scored at strength {calib.fingerprint['task']['edit_strength']}; "
+                  f"tau {taus} -> {out}")
+
+
+@app.command()
+def edit(
+    image: Annotated[list[Path] | None, typer.Option(help="Input image file(s) (repeat the option).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="The edited prompt(s): one per image, or one for all "
+                                                          "(repeat the option).")] = None,
+    edits: Annotated[str | None, typer.Option(help="world: edit an edit list instead of --image/--prompt: "
+                                                   "'test', 'val' or a JSON-lines file (its source renderings "
+                                                   "and edited captions).")] = None,
+    n: Annotated[int | None, typer.Option(help="--edits: only the first N edits.")] = None,
+    model: Annotated[str, typer.Option(help="A preset (its student, teacher and oracle), or a teacher directory "
+                                             "or hub id with --student and --scorer.")] = "world",
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    mode: Annotated[EditMode, typer.Option(help="adaptive (student, teacher where the oracle rejects), or one "
+                                                "model alone.")] = EditMode.adaptive,
+    strength: Annotated[float | None, typer.Option(help="SDEdit strength in (0, 1] [preset default].")] = None,
+    student_steps: Annotated[int | None, typer.Option(help="Student steps of its img2img schedule "
+                                                           "[preset default].")] = None,
+    teacher_steps: Annotated[int | None, typer.Option(help="Teacher steps run from the noised input "
+                                                           "[preset default].")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Student guidance [preset default].")] = None,
+    teacher_guidance_scale: Annotated[float | None, typer.Option(help="Teacher guidance [preset default].")] = None,
+    percentile: Annotated[float | None, typer.Option(help="adaptive: tau = this percentile k of the edit "
+                                                          "calibration [preset default].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="adaptive: the cut-off tau itself.")] = None,
+    budget: Annotated[float | None, typer.Option(help="adaptive: target average UNet evaluations per image.")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="adaptive: an edit calibration (`tandem calibrate "
+                                                          "--edits`) [the preset's, for its strength].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; image i uses a generator seeded from (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per model call (speed and memory). Every image keeps "
+                                                 "its seed and noise; another batch size can change pixels by "
+                                                 "float rounding (at most 1/255 measured on CPU).")] = 16,
+    out: Annotated[Path, typer.Option(help="Output directory (PNGs, inputs, records.jsonl, config.json).")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Text-guided editing (SDEdit) in tandem: the student edits each noised input; where the oracle
+    scores the edit below tau, the teacher edits the same noised input instead (regeneration)."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from ..calibration import Calibration
+    from ..outputs import OutputDir, image_grid, save_png
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps), ("--n", n)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if mode is not EditMode.adaptive and any(v is not None for v in (percentile, threshold, budget, calibration)):
+        raise UserError("--percentile/--threshold/--budget/--calibration apply to --mode adaptive")
+    preset = _compose(model, preset_file, student, scorer)
+    _check_composition(preset, mode.value, calibration, threshold, percentile, budget, edit=True)
+    cases = None
+    if edits is not None:
+        if image or prompt:
+            raise UserError("--edits replaces --image and --prompt")
+        if preset.teacher != "world":
+            raise UserError("--edits lists are ShapesWorld edits (--model world)")
+        cases = _load_edit_cases(edits)[:n]
+        inputs, prompts = [Image.fromarray(c.image()) for c in cases], [c.prompt for c in cases]
+    else:
+        if not image or not prompt:
+            raise UserError("give --image and --prompt (or --edits)")
+        if n is not None:
+            raise UserError("--n applies to --edits")
+        inputs, prompts = _read_images(image, "--image"), list(prompt)
+        if len(prompts) == 1 and len(inputs) > 1:
+            prompts = prompts * len(inputs)
+        if len(inputs) == 1 and len(prompts) > 1:
+            inputs = inputs * len(prompts)
+        if len(inputs) != len(prompts):
+            raise UserError(f"got {len(inputs)} images and {len(prompts)} prompts (one each, or one for all)")
+    with OutputDir(out, overwrite, info={"command": "edit"}) as output:  # a failure leaves --out as it was
+        pipe = _tandem_pipeline(preset, device)
+        if preset.teacher == "world":
+            _check_world_prompts(prompts)
+        t0 = time.time()
+        with _progress("editing", len(prompts)) as bar:
+            progress = _phase_bars(bar)
+
+            try:
+                result = pipe.edit(inputs, prompts, strength=strength, mode=mode.value,
+                                   num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                                   teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
+                                   accept_threshold=threshold,
+                                   percentile=percentile, budget=budget,
+                                   calibration=Calibration.load(calibration) if calibration else None, seed=seed,
+                                   batch_size=batch_size, callback=progress)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        size = pipe.resolution()
+        for i, (record, result_image) in enumerate(zip(result.records, result.images)):
+            output.save_image(i, result_image)
+            source = inputs[i].convert("RGB")
+            if source.size != (size[1], size[0]):
+                source = source.resize((size[1], size[0]), Image.BICUBIC)
+            input_path = output.path / f"{i:05d}_input.png"
+            save_png(input_path, source)
+            record.update(file=output.image_path(i).name, input_file=input_path.name, seed=seed, model=preset.name)
+            if cases is not None:
+                record["edit"] = {k: getattr(cases[i], k) for k in ("split", "index", "source", "object", "attribute",
+                                                                     "before", "after")}
+            elif image:
+                record["input_path"] = str(image[i if len(image) > 1 else 0])
+        output.write_records(result.records)
+        summary = result.summary
+        rows = [np.asarray(im) for i in range(len(prompts)) for im in (inputs[i].convert("RGB").resize(
+            (size[1], size[0])), result.images[i])]
+        save_png(output.path / "grid.png", image_grid(rows[:128], columns=8))
+        output.write_config({
+            "command": "edit", "tandem_version": __version__, **_preset_record(preset, pipe),
+            "calibration": str(calibration) if calibration else (
+                preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
+                else None),
+            **summary["settings"], "seed": seed, "batch_size": batch_size, "edits": edits, "n_prompts": len(prompts),
+            "device": device, "summary": {k: v for k, v in summary.items() if k != "settings"},
+        })
+    paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
+    console.print(f"{len(prompts)} edits in {time.time() - t0:.1f}s ({paths}); "
+                  f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average; "
+                  f"tau {summary['settings']['accept_threshold']} -> {out}")
+    if summary.get("calibration_note"):
+        console.print(f"note: {summary['calibration_note']}")
+    console.print(f"side by side (input | edit): {output.path / 'grid.png'}")
+
+

@@ -1,0 +1,428 @@
+"""`tandem world ...`: ShapesWorld's renderings, lists, trainings, evaluation and judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from .common import (
+    Component,
+    Mode,
+    Scheduler,
+    Split,
+    UserError,
+    _check_out_file,
+    _check_world_prompts,
+    _collect_prompts,
+    _progress,
+    console,
+    world_app,
+)
+
+
+@world_app.command("render")
+def world_render(
+    prompts_file: Annotated[Path, typer.Option("--prompts", help="File with one caption per line.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    seed: Annotated[int, typer.Option(help="Run seed; caption i is drawn from (seed, i).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+) -> None:
+    """Ground-truth renderings: for each caption, a scene that satisfies it exactly."""
+    from ..generate import prompt_seed
+    from ..outputs import OutputDir
+    from ..world.conditional import scenes_for_captions
+    from ..world.scene import render
+
+    prompts = _collect_prompts(None, prompts_file)
+    _check_world_prompts(prompts)
+    with OutputDir(out, overwrite, info={"command": "world render"}) as output:
+        records = []
+        for i, (p, scene) in enumerate(zip(prompts, scenes_for_captions(prompts, seed))):
+            output.save_image(i, render(scene))
+            records.append({"index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
+                            "prompt_seed": prompt_seed(seed, i), "mode": "render", "scene": scene.to_dict()})
+        output.write_records(records)
+        output.write_config({"command": "world render", "tandem_version": __version__, "seed": seed,
+                             "prompts_file": str(prompts_file), "n_prompts": len(prompts)})
+    console.print(f"{len(prompts)} renderings -> {out}")
+
+
+@world_app.command("prompts")
+def world_prompts(
+    split: Annotated[Split, typer.Option(help="Which fixed list.")],
+    n: Annotated[int, typer.Option(help="Number of prompts.")],
+    out: Annotated[Path, typer.Option(help="Output text file.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Regenerate a fixed prompt list (the shipped lists: val n=500, test n=1000)."""
+    from ..outputs import atomic_write_text
+    from ..world.prompts import generate_prompts
+
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    _check_out_file(out, overwrite)
+    atomic_write_text(out, "\n".join(generate_prompts(split.value, n)) + "\n")
+    console.print(f"{n} {split.value} prompts -> {out}")
+
+
+@world_app.command("edits")
+def world_edits(
+    split: Annotated[Split, typer.Option(help="Which edit list.")],
+    out: Annotated[Path, typer.Option(help="Edit list to write (JSON lines).")],
+    n: Annotated[int | None, typer.Option(help="Number of edits [the shipped size: val 200, test 500].")] = None,
+    images: Annotated[Path | None, typer.Option(help="Also write each edit's source rendering here "
+                                                     "(00000.png, ...), for `tandem edit --image`.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Regenerate an editing benchmark list: renderings whose caption changes in one attribute."""
+    from ..outputs import OutputDir, atomic_write_text
+    from ..world.edits import EDIT_SIZES, generate_edits
+
+    n = EDIT_SIZES[split.value] if n is None else n
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    _check_out_file(out, overwrite)
+    folder = OutputDir(images, overwrite, info={"command": "world edits"}, flag="--images") if images else None
+    cases = generate_edits(split.value, n)
+    if folder is not None:
+        with folder:
+            for i, c in enumerate(cases):
+                folder.save_image(i, c.image())
+    atomic_write_text(out, "".join(c.to_json() + "\n" for c in cases))
+    console.print(f"{n} {split.value} edits -> {out}" + (f" (source renderings in {images})" if images else ""))
+
+
+@world_app.command("train")
+def world_train(
+    component: Annotated[Component, typer.Argument(help="Which component to train.")],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, logs, exported weights).")],
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Training steps [component default].")] = None,
+    vae: Annotated[Path | None, typer.Option(help="teacher, vae-decoder: the VAE directory "
+                                                   "[the shipped world's vae/].")] = None,
+    text_encoder: Annotated[Path | None, typer.Option(help="teacher: a directory with text_encoder/ and "
+                                                            "tokenizer/ (a clip run) [the shipped world].")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="teacher: warm-start from this UNet directory "
+                                                         "(e.g. a world's unet/) instead of random weights.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights' init and the data stream "
+                                               "[component default].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [component default].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [component default].")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="teacher: 'constant' or 'cosine' (to 0 at --max-steps) "
+                                                         "after warm-up [constant].")] = None,
+    world: Annotated[Path | None, typer.Option(help="oracle: the world whose student and teacher draw its "
+                                                    "training images and whose clip/ it starts from; "
+                                                    "controlnet: the world whose teacher it trains for "
+                                                    "[the shipped world].")] = None,
+    control: Annotated[str | None, typer.Option(help="controlnet: the control image kind, mask or edges.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads [component default].")] = None,
+) -> None:
+    """Train a ShapesWorld component from scratch (or --resume).
+
+    Order: vae and clip (independent); then teacher (--vae RUN/vae --text-encoder CLIP_RUN)
+    and vae-decoder (--vae RUN/vae: fine-tunes the decoder only, so the latent space the
+    teacher learned is unchanged); then `tandem world assemble`. The oracle trains last, on
+    samples of the world's teacher and student (the shipped ones). A controlnet (--control mask or
+    edges) trains for the teacher of --world, which stays frozen.
+    """
+    import dataclasses
+
+    from ..models import world_dir
+    from ..world import control as world_control
+    from ..world import oracle, train
+
+    configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
+               "teacher": train.TeacherTrainConfig, "oracle": oracle.OracleTrainConfig,
+               "controlnet": world_control.ControlNetTrainConfig}
+    cfg = configs[component.value]()
+    teacher_only = {"init_from", "lr_schedule"}
+    overrides = {  # field: (value, its check, what the check demands)
+        "max_steps": (max_steps, lambda v: v >= 1, ">= 1"),
+        "init_from": (str(init_from) if init_from is not None else None, lambda v: True, ""),
+        "seed": (seed, lambda v: True, ""),
+        "lr": (lr, lambda v: v > 0, "> 0"),
+        "warmup_steps": (warmup_steps, lambda v: v >= 0, ">= 0"),
+        "lr_schedule": (lr_schedule, lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+        "control": (control, lambda v: v in world_control.CONTROLS, " or ".join(world_control.CONTROLS)),
+        "threads": (threads, lambda v: v >= 1, ">= 1"),
+    }
+    for name, (value, valid, demand) in overrides.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in teacher_only and component is not Component.teacher:
+            raise UserError(f"{flag} applies to the teacher only")
+        if name == "control" and component is not Component.controlnet:
+            raise UserError(f"{flag} applies to the controlnet only")
+        if not valid(value):
+            raise UserError(f"{flag} must be {demand}, got {value!r}")
+        cfg = dataclasses.replace(cfg, **{name: value})
+    if component is Component.controlnet and control is None:
+        raise UserError("controlnet: give --control mask or --control edges")
+    if world is not None:
+        if component not in (Component.oracle, Component.controlnet):
+            raise UserError("--world applies to the oracle and the controlnet only")
+        if not (world / "model_index.json").exists():
+            raise UserError(f"--world {world} is not a world directory (no model_index.json)")
+        cfg = dataclasses.replace(cfg, world=str(world))
+    if component in (Component.oracle, Component.controlnet) and (vae is not None or text_encoder is not None):
+        raise UserError(f"--vae/--text-encoder do not apply to the {component.value} (it uses --world's)")
+    if component is Component.vae:
+        result = train.train_vae(out, cfg, resume)
+    elif component is Component.vae_decoder:
+        result = train.train_vae_decoder(out, vae or world_dir() / "vae", cfg, resume)
+    elif component is Component.clip:
+        result = train.train_clip(out, cfg, resume)
+    elif component is Component.oracle:
+        result = oracle.train_oracle(out, cfg, resume)
+    elif component is Component.controlnet:
+        result = world_control.train_controlnet(out, cfg, resume)
+    else:
+        result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
+    console.print(f"{component.value} trained -> {result}")
+
+
+@world_app.command("assemble")
+def world_assemble(
+    vae: Annotated[Path, typer.Option(help="VAE export (e.g. RUN/vae of the vae-decoder run).")],
+    clip: Annotated[Path, typer.Option(help="CLIP run directory (holds clip/, text_encoder/, tokenizer/).")],
+    unet: Annotated[Path, typer.Option(help="Teacher UNet export (RUN/unet of the teacher run).")],
+    guidance_scale: Annotated[float, typer.Option(help="The teacher's default guidance scale "
+                                                       "(the best one from `tandem world evaluate`).")],
+    out: Annotated[Path, typer.Option(help="World directory to write.")],
+    fp16: Annotated[bool, typer.Option(help="Store the UNet in float16 (half the size).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing world directory.")] = False,
+) -> None:
+    """Put trained components together into a world directory (a Stable Diffusion repository)."""
+    import torch
+
+    from ..world.assemble import assemble_world
+
+    for name, path in (("--vae", vae), ("--clip", clip), ("--unet", unet)):
+        if not path.is_dir():
+            raise UserError(f"{name} {path} is not a directory")
+    assemble_world(out, vae, clip, unet, guidance_scale, torch.float16 if fp16 else torch.float32, overwrite)
+    console.print(f"world -> {out}")
+
+
+@world_app.command("add-student")
+def world_add_student(
+    student: Annotated[Path, typer.Option(help="The student/ directory of a `tandem distill` run.")],
+    steps: Annotated[int, typer.Option(help="The student's default sampling steps.")],
+    guidance_scale: Annotated[float, typer.Option(help="The student's default guidance scale "
+                                                       "(the best one from `tandem world evaluate --mode student`).")],
+    world: Annotated[Path | None, typer.Option(help="World directory [the shipped world].")] = None,
+    fp16: Annotated[bool, typer.Option(help="Store the UNet in float16 (half the size).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace the world's current student.")] = False,
+) -> None:
+    """Make a distilled student the world's preset student (`tandem generate --mode student`)."""
+    from ..models import world_dir
+    from ..world.assemble import add_student
+
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if guidance_scale < 1:
+        raise UserError(f"--guidance-scale must be >= 1, got {guidance_scale}")
+    target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite)
+    console.print(f"student -> {target}")
+
+
+@world_app.command("evaluate")
+def world_evaluate(
+    out: Annotated[Path, typer.Option(help="Results directory (results.json, sample grid).")],
+    model: Annotated[str, typer.Option(help="A world model: 'world' or a world directory.")] = "world",
+    mode: Annotated[Mode, typer.Option(help="Judge the teacher or the student.")] = Mode.teacher,
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Prompts [the fixed test list].")] = None,
+    guidance_scale: Annotated[list[float] | None, typer.Option(help="Guidance scales to compare "
+                                                                   "(repeat the option) [model default].")] = None,
+    teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 25,
+    scheduler: Annotated[Scheduler, typer.Option(help="Teacher sampler.")] = Scheduler.dpm,
+    student: Annotated[Path | None, typer.Option(help="Student directory [the model's preset student].")] = None,
+    student_steps: Annotated[list[int] | None, typer.Option(help="Student step counts to compare "
+                                                                 "(repeat the option) [1 2 4 8].")] = None,
+    student_noise: Annotated[str, typer.Option(help="'stochastic' or 'deterministic'.")] = "stochastic",
+    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 125,
+    vae: Annotated[bool, typer.Option(help="Also judge VAE reconstructions of 1000 held-out renderings.")] = True,
+    reference: Annotated[Path | None, typer.Option(help="student mode: a teacher results.json (same prompts) "
+                                                        "drawn as the reference line of the plot.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier results directory.")] = False,
+) -> None:
+    """Judge the world teacher (or student) on a prompt list with the exact checker (and its VAE's reconstructions)."""
+    import json
+
+    import numpy as np
+
+    from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher
+    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
+    from ..outputs import OutputDir, atomic_write_text
+    from ..world.evaluate import judge, vae_reconstructions
+    from ..world.prompts import load_prompts
+
+    spec = resolve_model(model)
+    if not spec.is_world:
+        raise UserError(f"model {model!r} is not a ShapesWorld model; the exact checker judges world images only")
+    ref = None
+    if reference is not None:
+        if mode is not Mode.student:
+            raise UserError("--reference applies to --mode student")
+        try:
+            ref_results = json.loads(reference.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--reference {reference}: cannot read a results.json ({e})") from None
+        if "teacher" not in ref_results:
+            raise UserError(f"--reference {reference}: no teacher results in it")
+        best_key = max(ref_results["teacher"], key=lambda k: ref_results["teacher"][k]["accuracy"])
+        best_ref = ref_results["teacher"][best_key]
+        steps = ref_results["config"].get("teacher_steps")
+        ref = {f"teacher, {steps} steps, guidance {best_key}":
+               (best_ref["accuracy"], best_ref.get("unet_evals_per_image", 2 * steps if steps else "?"))}
+    prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("test")
+    _check_world_prompts(prompts)
+    config = {"command": "world evaluate", "tandem_version": __version__, "model": spec.name,
+              "model_path": spec.path, "mode": mode.value, "prompts_file": str(prompts_file) if prompts_file else "test",
+              "n_prompts": len(prompts), "seed": seed}
+    if mode is Mode.teacher:
+        config.update(teacher_steps=teacher_steps, scheduler=scheduler.value)
+        scales = guidance_scale or [spec.teacher.guidance_scale]
+        runs = [(str(g), f"teacher_g{g}", TeacherSettings(teacher_steps, scheduler.value, g)) for g in scales]
+    else:
+        path = student_dir(spec, student)
+        default_g = spec.student.guidance_scale if spec.student and student is None else spec.teacher.guidance_scale
+        config.update(student=str(path), student_noise=student_noise)
+        runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
+                for g in (guidance_scale or [default_g]) for n in (student_steps or [1, 2, 4, 8])]
+    with OutputDir(out, overwrite, info={"command": "world evaluate"}) as output:
+        if mode is Mode.teacher:
+            pipe, generate = load_teacher_pipeline(spec), generate_teacher
+        else:
+            pipe, generate = load_student_pipeline(spec, path), generate_student
+        results = {"config": config, mode.value: {}}
+        for key, name, settings in runs:
+            with _progress(name, len(prompts)) as bar:
+                task = bar.add_task("generate", total=len(prompts))
+
+                def done(n: int, bar=bar, task=task) -> None:
+                    bar.update(task, completed=n)
+
+                images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
+            summary = {**judge(images, prompts), "settings": settings.__dict__,
+                       "unet_evals_per_image": settings.unet_evals_per_image}
+            results[mode.value][key] = summary
+            np.savez_compressed(output.path / f"{name}.npz", images=np.stack(images))
+            console.print(f"{name}: accuracy {summary['accuracy']:.3f}, "
+                          f"1 object {summary['by_objects'].get('1', {}).get('accuracy', float('nan')):.3f}, "
+                          f"score {summary['mean_score']:.3f}")
+        best = max(results[mode.value], key=lambda k: results[mode.value][k]["accuracy"])
+        if mode is Mode.teacher:
+            results["best_guidance_scale"] = float(best)
+        else:
+            from ..plots import plot_quality_vs_steps
+
+            results["best"] = best
+            if ref is not None:
+                results["reference"] = {"file": str(reference), **{k: v[0] for k, v in ref.items()}}
+            plot = plot_quality_vs_steps(results["student"], output.path / "quality_vs_steps.png", ref,
+                                         title=f"{spec.name} student on {config['prompts_file']} prompts")
+            console.print(f"plot -> {output.final / plot.name}")
+        if vae:
+            results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
+            console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
+        atomic_write_text(output.path / "results.json", json.dumps(results, indent=2) + "\n")
+    console.print(f"best {best} -> {output.path / 'results.json'}")
+
+
+def _mean_unet_evals(records: list[dict]) -> float | None:
+    """Mean UNet evaluations per image of a `tandem generate` output's records (None if not recorded)."""
+    costs = [r["unet_evals"]["total"] if isinstance(r.get("unet_evals"), dict) else r.get("unet_evals")
+             for r in records]
+    return float(sum(costs) / len(costs)) if costs and all(isinstance(c, int | float) for c in costs) else None
+
+
+def _read_output_dir(path: Path) -> tuple[list[str], list, list[dict]]:
+    """Prompts, images and records of a `tandem generate` output directory."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ..outputs import INCOMPLETE
+
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory (give the --out of a `tandem generate` run)")
+    records_file = path / "records.jsonl"
+    if not records_file.exists():
+        raise UserError(f"{path} has no records.jsonl (not a `tandem generate` output directory)")
+    if (path / INCOMPLETE).exists():
+        raise UserError(f"{path} is an unfinished run (it holds {INCOMPLETE}); nothing in it is a result")
+    records = []
+    try:
+        lines = records_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{records_file} is unreadable ({e.__class__.__name__}: {e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{records_file} line {n} is not JSON ({e})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not (
+                isinstance(r.get("file"), str) or isinstance(r.get("index"), int)):
+            raise UserError(f"{records_file} line {n} is not a tandem record (needs 'prompt' and 'file' or 'index')")
+        records.append(r)
+    images = []
+    for r in records:
+        file = path / r.get("file", f"{r.get('index', 0):05d}.png")
+        if not file.exists():
+            raise UserError(f"{file} is missing (listed in {records_file})")
+        try:
+            with Image.open(file) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{file} is not a readable image (truncated or corrupt: {e})") from None
+    return [r["prompt"] for r in records], images, records
+
+
+@world_app.command("judge")
+def world_judge(
+    run: Annotated[Path, typer.Argument(help="Output directory of `tandem generate` (PNGs + records.jsonl).")],
+    against: Annotated[Path | None, typer.Option(help="Another output directory of the same prompts: "
+                                                      "side-by-side win rate on the soft score.")] = None,
+) -> None:
+    """Judge generated world images against their prompts with the exact checker (writes RUN/judge.json)."""
+    import json
+
+    import numpy as np
+
+    from ..eval.metrics import win_rate
+    from ..outputs import atomic_write_text
+    from ..world.checker import check_batch
+    from ..world.evaluate import summarize
+
+    prompts, images, records = _read_output_dir(run)
+    _check_world_prompts(prompts)
+    results = check_batch(images, prompts)
+    report = {"run": str(run), "unet_evals_mean": _mean_unet_evals(records), **summarize(results)}
+    if against is not None:
+        other_prompts, other_images, other_records = _read_output_dir(against)
+        if other_prompts != prompts:
+            raise UserError(f"{against} holds other prompts than {run}; side by side needs the same ones")
+        other = check_batch(other_images, other_prompts)
+        side = win_rate(np.array([r.score for r in results]), np.array([r.score for r in other]))
+        report["against"] = {"run": str(against), **side, "win_rate_ties_split": side["win_rate"],
+                             "mean_score": float(np.mean([r.score for r in other])),
+                             "unet_evals_mean": _mean_unet_evals(other_records),
+                             "accuracy": float(np.mean([r.satisfied for r in other]))}
+    atomic_write_text(run / "judge.json", json.dumps(report, indent=2) + "\n")
+    line = f"accuracy {report['accuracy']:.3f}, mean soft score {report['mean_score']:.4f}"
+    if against is not None:
+        a = report["against"]
+        line += (f"; vs {against}: win {a['win']:.3f} tie {a['tie']:.3f} loss {a['loss']:.3f} "
+                 f"(win rate, ties split: {a['win_rate']:.3f}, 95% CI {a['ci'][0]:.3f}-{a['ci'][1]:.3f})")
+    console.print(f"{line} -> {run / 'judge.json'}")
+
+
