@@ -129,7 +129,7 @@ def test_a_checkpoint_without_the_methods_state_is_refused(tmp_path):
         name = Adversarial.name  # the same run configuration, but a method that now keeps state
 
     Trainer(Adversarial(), None, TrainerConfig(max_steps=2, checkpoint_every=2), tmp_path / "run").train()
-    with pytest.raises(ValueError, match="no state of method"):
+    with pytest.raises(ValueError, match="holds no 'method'"):
         Trainer(SameNameBuffered(), None, TrainerConfig(max_steps=4, checkpoint_every=2), tmp_path / "run",
                 resume=True)
 

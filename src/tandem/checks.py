@@ -1,6 +1,6 @@
 """Checks at the library's boundaries, each failing loudly with a ``ValueError`` that names the problem:
 numbers that must be finite and in range, step counts a sampler can take, tensors a model produced,
-and user text quoted in an error message (cut to a readable length).
+JSON files that must hold an object, and user text quoted in an error message (cut to a readable length).
 
 Imports no torch at module level: the caption grammar quotes with it, and the command line loads
 the grammar before it knows whether it needs a model."""
@@ -8,9 +8,11 @@ the grammar before it knows whether it needs a model."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import numbers
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -138,6 +140,25 @@ def sampler_steps(value, scheduler, name: str, who: str = "the sampler") -> int:
     why = (f"its distillation grid has {original} timesteps" if original is not None and limit == min(original, total)
            else f"more would repeat or overrun its {total} training timesteps")
     raise ValueError(f"{name} must be at most {limit} for {who}'s {type(scheduler).__name__} ({why}), got {steps}")
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from ``path`` (``what`` it is: "run config", "preset file"); a missing file is a
+    ``FileNotFoundError``, anything else that is not a JSON object a ``ValueError``, each naming the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} is missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is unreadable ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                         "it is damaged, or it is not tandem's") from None
+    if not isinstance(data, dict):  # bad file content, not a bad argument: a ValueError, which the CLI reports
+        raise ValueError(f"{what} {path} does not hold a JSON object; it is not tandem's")  # noqa: TRY004
+    return data
 
 
 def check_finite(x, what: str, indices: Sequence[int] | None = None) -> None:

@@ -3,7 +3,6 @@ diffusers Stable Diffusion repository given by local path or hub id."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import quote
+from .checks import quote, read_json_file
 
 WORLD = "world"
 SCHEDULERS = ("dpm", "ddim", "unipc")
@@ -130,11 +129,8 @@ def _exists(path: Path) -> bool:
 
 def _read_meta(path: Path) -> dict:
     """A world's ``tandem.json`` (preset defaults), or a ``ValueError`` naming the file."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("teacher"), dict):
+    meta = read_json_file(path, "model metadata")
+    if not isinstance(meta.get("teacher"), dict):
         raise ValueError(f"{path} has no 'teacher' settings object (expected tandem's model metadata)")  # noqa: TRY004
     return meta
 

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 INCOMPLETE = "INCOMPLETE"  # marker file of a staging directory
+PROBE_PREFIX = ".tandem-write-probe."  # the hidden file make_writable_dir creates and removes
 
 
 class OutputError(ValueError):
@@ -75,7 +76,7 @@ class OutputDir:
                 f"{final} removes it.\n" + json.dumps(marker, indent=1) + "\n")
         except OSError as e:
             shutil.rmtree(self.staging, ignore_errors=True)
-            raise OutputError(f"{flag} {final}: cannot write there ({e.strerror or e})") from None
+            raise OutputError(f"{flag} {final} is not writable ({e.strerror or e})") from None
         self.path = self.staging
         self.committed = False
 
@@ -120,6 +121,19 @@ class OutputDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.json", json.dumps(config, indent=2, allow_nan=False) + "\n")
+
+
+def make_writable_dir(path: str | Path, flag: str = "--out") -> None:
+    """Create ``path`` (with its parents) and prove it writable with a probe file, before anything is
+    loaded or computed; an :class:`OutputError` names ``flag`` and the problem."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{flag} {path} is not writable ({e.strerror or e})") from None
 
 
 def _clear_staging(staging: Path) -> None:

@@ -279,13 +279,10 @@ def write_preset_file(preset: Preset, path: str | Path, overwrite: bool = False)
 def read_preset_file(path: str | Path) -> Preset:
     """A :class:`Preset` from a JSON preset file; relative paths in it are relative to the file. A
     ``ValueError`` names the file and the field that is wrong."""
+    from .checks import read_json_file
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"preset file {path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"preset file {path} does not hold a JSON object")  # noqa: TRY004
+    data = read_json_file(path, "preset file")
     names = {f.name for f in dataclasses.fields(Preset)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -157,7 +157,7 @@ def _control_preset(model: str, control: str | None) -> str:
 def _check_out_file(out: Path, overwrite: bool, flag: str = "--out") -> None:
     """Before any compute: ``out`` is a file name that may be written (not an existing file without
     --overwrite, not a directory or a dangling symlink, in a writable directory)."""
-    import tempfile
+    from ..outputs import make_writable_dir
 
     if out.is_symlink() and not out.exists():
         raise UserError(f"{flag} {out} is a symlink to {os.readlink(out)}, which does not exist")
@@ -165,13 +165,7 @@ def _check_out_file(out: Path, overwrite: bool, flag: str = "--out") -> None:
         raise UserError(f"{flag} {out} is a directory; give a file name")
     if out.exists() and not overwrite:
         raise UserError(f"{flag} {out} exists; pass --overwrite to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    make_writable_dir(out.parent, flag)
 
 
 def _check_world_prompts(prompts: list[str]) -> None:

@@ -43,6 +43,7 @@ def _check_eval_out(out: Path, resume: bool) -> None:
     """Refuse a non-empty --out without --resume; under ``accelerate launch`` every process checks
     before any writes."""
     from ..eval.sweep import _processes
+    from ..outputs import make_writable_dir
 
     if out.is_symlink() and not out.exists():
         raise UserError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist")
@@ -53,13 +54,7 @@ def _check_eval_out(out: Path, resume: bool) -> None:
     if refuse:
         raise UserError(f"--out {out} is not empty; pass --resume to continue that experiment (finished "
                         "configurations are reused) or choose another directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    make_writable_dir(out)
 
 
 def _eval_measures(world: bool, model: str, judge: str | None, features: str | None, clip_score: str | None,

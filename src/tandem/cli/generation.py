@@ -88,29 +88,33 @@ def generate(
 
     if (control is None and controlnet is None) != (control_image is None):
         raise UserError("--control (or --controlnet) and --control-image go together")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
+        raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
+    if mode not in (Mode.adaptive, Mode.refine_all):
+        tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma,
+                       "--teacher-guidance-scale": teacher_guidance_scale, "--calibration": calibration,
+                       "--rollback-convention": rollback_convention}
+        for flag, value in tandem_only.items():
+            if value is not None:
+                raise UserError(f"{flag} applies to --mode adaptive or refine-all")
     if mode in (Mode.adaptive, Mode.refine_all) or not _direct(model, preset_file, student, controlnet, control):
         preset = _compose(model, preset_file, student, scorer, controlnet, control)
         return _generate_tandem(
             prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps, guidance_scale, seed,
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
             threshold, budget, teacher_guidance_scale, calibration, control_image)
-    tandem_only = {"--scorer": scorer, "--strategy": strategy, "--rollback-sigma": rollback_sigma,
-                   "--percentile": percentile,
-                   "--threshold": threshold, "--budget": budget, "--teacher-guidance-scale": teacher_guidance_scale,
-                   "--calibration": calibration, "--rollback-convention": rollback_convention}
-    for flag, value in tandem_only.items():
-        if value is not None:
-            raise UserError(f"{flag} applies to --mode adaptive or refine-all")
+    if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
+        raise UserError("--scorer applies to --mode adaptive or refine-all")
 
     from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, prompt_seed
     from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
     from ..outputs import OutputDir
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
     prompts = _collect_prompts(prompt, prompts_file)
     spec = resolve_model(model)
     if spec.is_world:
@@ -171,24 +175,11 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
                      calibration, control_image=None) -> None:
+    """`generate` through a composed TandemPipeline (its options are checked by `generate`)."""
     import time
 
     from ..outputs import OutputDir, image_grid, save_png
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    for flag, value in (("--teacher-steps", teacher_steps), ("--student-steps", student_steps)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
-        raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
-    if mode not in (Mode.adaptive, Mode.refine_all):
-        tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma,
-                       "--teacher-guidance-scale": teacher_guidance_scale, "--calibration": calibration,
-                       "--rollback-convention": rollback_convention}
-        for flag, value in tandem_only.items():
-            if value is not None:
-                raise UserError(f"{flag} applies to --mode adaptive or refine-all")
     _check_composition(preset, mode.value, calibration, threshold, percentile, budget)
     prompts = _collect_prompts(prompt, prompts_file)
     controls = _read_images(control_image, "--control-image") if control_image else None

@@ -44,17 +44,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import read_json_file
 from ..generate import derive_seed
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, make_writable_dir
 from ..world.runs import (
     RUN_CONFIG,
     check_new_run_dir,
     load_checkpoint_file,
-    make_writable_dir,
-    read_json_file,
     require_decay,
     require_number,
-    restore,
+    restore_entry,
     trim_log,
 )
 
@@ -200,12 +199,13 @@ class StepContext:
         return self._trainer._frozen[name]
 
 
-def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int) -> Path | None:
+def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int, num_processes: int | None = None) -> Path | None:
     """Check that ``out_dir`` can hold this run before any model is loaded, and create it.
 
     A new run needs a new or empty directory; a resumed one a ``train_config.json`` (read as JSON
-    here) and, if it checkpointed, a checkpoint at most at ``max_steps``. Either way the directory
-    is created and proved writable; nothing is written in it.
+    here) and, if it checkpointed, a checkpoint at most at ``max_steps`` (written by ``num_processes``
+    processes, when given). Either way the directory is created and proved writable; nothing is
+    written in it.
 
     Returns:
         the checkpoint directory a resumed run continues from (``None`` for a new run, or for a run
@@ -227,6 +227,9 @@ def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int) -> Path | N
         if meta["step"] > max_steps:
             raise ValueError(f"the checkpoint in {path} is at step {meta['step']}, past --max-steps {max_steps}; "
                              f"resume with --max-steps {meta['step']} or more")
+        if num_processes is not None and meta["num_processes"] != num_processes:
+            raise ValueError(f"--resume: the checkpoint was written by {meta['num_processes']} processes; "
+                             f"resume it with the same number (this run has {num_processes})")
         # read (tensors memory-mapped, so cheaply) now rather than after the models load: a damaged or
         # foreign checkpoint file is refused first
         for name in ("state.pt", *(f"rng-{i}.pt" for i in range(meta["num_processes"]))):
@@ -312,7 +315,7 @@ class Trainer:
 
     def _check_run_dir(self) -> Path | None:
         """Every check of the run directory, in every process, before anything is loaded or written."""
-        ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps)
+        ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps, self.accelerator.num_processes)
         if self.resume:
             cfg_path = self.dir / RUN_CONFIG
             saved = _without_max_steps(read_json_file(cfg_path, "run config"))
@@ -320,11 +323,6 @@ class Trainer:
             if saved != requested:
                 raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path}: "
                                  f"saved {saved}, requested {requested}")
-            if ckpt is not None:
-                meta = _checkpoint_meta(ckpt)
-                if meta["num_processes"] != self.accelerator.num_processes:
-                    raise ValueError(f"--resume: the checkpoint was written by {meta['num_processes']} processes; "
-                                     f"resume it with the same number (this run has {self.accelerator.num_processes})")
         self.accelerator.wait_for_everyone()
         return ckpt
 
@@ -382,23 +380,17 @@ class Trainer:
         state = load_checkpoint_file(state_path)
         if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in _STATE_PARTS):
             raise ValueError(f"checkpoint {state_path} is not a tandem Trainer checkpoint")
-        parts = [("models", n, acc.unwrap_model(m)) for n, m in self._prepared.items()]
-        parts += [("optimizers", n, o) for n, o in self._optimizers.items()]
-        parts += [("schedulers", n, s) for n, s in self._schedulers.items()]
-        for part, name, obj in parts:
-            if name not in state[part]:
-                raise ValueError(f"checkpoint {state_path} holds no {part} entry {name!r}; it is not this run's")
-            restore(obj, state[part][name], f"checkpoint {state_path} ({part} {name})")
+        for n, m in self._prepared.items():
+            restore_entry(acc.unwrap_model(m), state, ("models", n), state_path)
+        for n, o in self._optimizers.items():
+            restore_entry(o, state, ("optimizers", n), state_path)
+        for n, s in self._schedulers.items():
+            restore_entry(s, state, ("schedulers", n), state_path)
         for n, emas in self._emas.items():
             for e, c in emas.items():
-                if not isinstance(state["emas"].get(n), dict) or e not in state["emas"][n]:
-                    raise ValueError(f"checkpoint {state_path} holds no EMA {n}/{e}; it is not this run's")
-                restore(c.module, state["emas"][n][e], f"checkpoint {state_path} (EMA {n}/{e})")
+                restore_entry(c.module, state, ("emas", n, e), state_path)
         if hasattr(self.method, "load_state_dict"):
-            if "method" not in state:
-                raise ValueError(f"checkpoint {state_path} holds no state of method {self.method.name}; "
-                                 "it is not this run's")
-            restore(self.method, state["method"], f"checkpoint {state_path} (method {self.method.name})")
+            restore_entry(self.method, state, ("method",), state_path)
         rng_path = ckpt / f"rng-{acc.process_index}.pt"
         _set_rng_state(load_checkpoint_file(rng_path), rng_path)
         return meta["step"]

@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -34,15 +33,14 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..checks import count, finite_number
-from ..outputs import atomic_path, atomic_write_text
+from ..checks import count, finite_number, read_json_file
+from ..outputs import PROBE_PREFIX, atomic_path, atomic_write_text, make_writable_dir
 
 CHECKPOINT = "checkpoint.pt"
 RUN_CONFIG = "train_config.json"
-PROBE_PREFIX = ".tandem-write-probe."
 # what a run killed before it wrote anything else may leave behind: a write probe, or the
 # hidden temporary file of its train_config.json (tandem.outputs.atomic_path names it so)
-_LEFTOVER = re.compile(r"^(\.tandem-write-probe\.|\.train_config\.json\.).*\.tmp$")
+_LEFTOVER = re.compile(rf"^({re.escape(PROBE_PREFIX)}|\.train_config\.json\.).*\.tmp$")
 
 
 # -- configuration checks ------------------------------------------------------------------------------
@@ -106,36 +104,6 @@ def check_new_run_dir(path: Path, run_markers: tuple[str, ...], keep: tuple[str,
                               "or empty directory (--resume continues a run stopped in it)")
 
 
-def make_writable_dir(path: Path) -> None:
-    """Create ``path`` (with its parents) and prove it writable with a probe file, before anything is
-    loaded or computed; a ``ValueError`` names the problem."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, suffix=".tmp", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"--out {path} is not writable ({e.strerror or e})") from None
-
-
-def read_json_file(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; a ``ValueError`` names the file when it is not one."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} is missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is unreadable ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}); "
-                         "it is damaged, or it is not tandem's") from None
-    if not isinstance(data, dict):  # bad file content, not a bad argument: a ValueError, which the CLI reports
-        raise ValueError(f"{what} {path} does not hold a JSON object; it is not tandem's")  # noqa: TRY004
-    return data
-
-
 def trim_log(path: Path, step: int) -> None:
     """Drop a resumed run's log records past its checkpoint ``step`` (the resumed run logs them again)
     and a last line a crash cut short, so the log reads as an uninterrupted run's."""
@@ -187,13 +155,20 @@ def load_checkpoint_file(path: Path, mmap: bool = False) -> Any:
         raise ValueError(f"checkpoint {path} is unreadable (truncated?): {type(e).__name__}") from None
 
 
-def restore(obj: Any, state: Any, what: str) -> None:
-    """``obj.load_state_dict(state)``, with a one-line error naming ``what`` when the state does not fit."""
+def restore_entry(obj: Any, checkpoint: Any, keys: tuple[str, ...], path: Path) -> None:
+    """``obj.load_state_dict(checkpoint[keys[0]][keys[1]]...)``, with a one-line error naming the file
+    ``path`` and the entry when the checkpoint lacks it or its state does not fit ``obj``."""
+    entry = "/".join(keys)
+    state = checkpoint
+    for key in keys:
+        if not isinstance(state, dict) or key not in state:
+            raise ValueError(f"checkpoint {path} holds no {entry!r}; it is not this run's")
+        state = state[key]
     try:
         obj.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{what} does not fit this run: {first}") from None
+        raise ValueError(f"checkpoint {path} ({entry}) does not fit this run: {first}") from None
 
 
 def config_dict(cfg: Any) -> dict:
@@ -282,9 +257,7 @@ class Run:
         if ckpt is None:
             return 0
         for key, obj in state.items():
-            if key not in ckpt:
-                raise ValueError(f"checkpoint {self.ckpt_path} holds no {key!r}; it is not a {self.name} checkpoint")
-            restore(obj, ckpt[key], f"checkpoint {self.ckpt_path} ({key})")
+            restore_entry(obj, ckpt, (key,), self.ckpt_path)
         try:
             torch.set_rng_state(ckpt["torch_rng"])
         except (KeyError, TypeError, RuntimeError):
