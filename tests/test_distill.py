@@ -14,12 +14,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
-from tandem.distill.consistency import ConsistencyConfig, ConsistencyDistillation, make_student_unet, save_student
+from tandem.distill.consistency import ConsistencyConfig, ConsistencyDistillation, make_student_unet
 from tandem.distill.data import WorldSource
 from tandem.distill.trainer import Trainer, TrainerConfig
 from tandem.generate import StudentSettings, generate_student
 from tandem.models import load_student_pipeline, resolve_model
 from tandem.sampling import boundary_scalings, consistency_timesteps, guidance_embedding
+from tandem.students import StudentInfo, save_student
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,12 @@ def random_student(tiny_world, tmp_path_factory, teacher):
     torch.manual_seed(1)
     unet = make_student_unet(teacher.unet, 16)
     torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.5)
-    return save_student(unet, tmp_path_factory.mktemp("student") / "student", dict(teacher.scheduler.config),
-                        {"method": "consistency", "num_ddim_timesteps": 50})
+    from diffusers import LCMScheduler
+
+    return save_student(unet, tmp_path_factory.mktemp("student") / "student",
+                        LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=50),
+                        StudentInfo(method="consistency", scheduler="LCMScheduler", guidance_scale=3.0,
+                                    details={"num_ddim_timesteps": 50}))
 
 
 def test_student_starts_as_the_teacher(teacher):

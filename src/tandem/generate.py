@@ -132,8 +132,15 @@ class StudentSettings:
 
     @property
     def unet_evals_per_image(self) -> int:
-        """One student call per step: guidance is in the w-embedding, not a second (unconditional) call."""
+        """One student call per step for a w-embedded student (any student: :func:`unet_evals_per_step`)."""
         return self.steps
+
+
+def unet_evals_per_step(pipe, guidance_scale: float) -> int:
+    """UNet rows per image and step: 2 with classifier-free guidance (a doubled batch), 1 for a
+    guidance-embedded (LCM) UNet or guidance <= 1."""
+    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    return 1 if embedded or guidance_scale <= 1 else 2
 
 
 def decode_latents(pipe, latents: torch.Tensor, indices: Sequence[int] | None = None) -> list[np.ndarray]:
@@ -172,10 +179,12 @@ def generate_student(
     on_batch: Callable[[int], None] | None = None,
     original_steps: int | None = None,
 ) -> list[np.ndarray]:
-    """Generate one image per prompt with a consistency student.
+    """Generate one image per prompt with a student.
 
     Args:
-        pipe: a ``diffusers.LatentConsistencyModelPipeline`` (``tandem.models.load_student_pipeline``).
+        pipe: a student pipeline (``tandem.models.load_student_pipeline``): a consistency student
+            (``LCMScheduler``) samples with :func:`tandem.sampling.consistency_sample` and ``settings.noise``;
+            any other with its own scheduler through the pipeline (``noise`` does not apply).
         original_steps: the student's distillation grid size [its scheduler's ``original_inference_steps``].
     Returns:
         B uint8 images [H, W, 3]. Image i uses only the generator of ``(seed, i)``: first its initial
@@ -185,13 +194,28 @@ def generate_student(
             seed or a batch size below 1.
         NonFiniteError: where the student or the VAE produced NaN/inf (no image is returned).
     """
+    from diffusers import LCMScheduler
+
     from .sampling import consistency_sample
+
+    _check_run(seed, batch_size)
+    if not isinstance(pipe.scheduler, LCMScheduler):  # any other student samples with its own scheduler
+        sampler_steps(settings.steps, pipe.scheduler, "student steps", "the student")
+
+        def draw_pipeline(chunk: list[int]) -> list[np.ndarray]:
+            gens = [prompt_generator(seed, i) for i in chunk]
+            latents = pipe([prompts[i] for i in chunk], num_inference_steps=settings.steps,
+                           guidance_scale=settings.guidance_scale, latents=initial_latents(pipe, seed, chunk, gens),
+                           generator=gens, output_type="latent").images
+            check_finite(latents, "the student's latents", chunk)
+            return decode_latents(pipe, latents, chunk)
+
+        return _in_batches(len(prompts), batch_size, draw_pipeline, on_batch)
 
     original = count(original_steps or pipe.scheduler.config.original_inference_steps, "original_steps")
     if settings.steps > original:
         raise ValueError(f"student steps must be at most {original} for this student (its distillation grid "
                          f"has {original} timesteps), got {settings.steps}")
-    _check_run(seed, batch_size)
 
     def draw(chunk: list[int]) -> list[np.ndarray]:
         gens = [prompt_generator(seed, i) for i in chunk]
@@ -204,4 +228,3 @@ def generate_student(
         return decode_latents(pipe, x0, chunk)
 
     return _in_batches(len(prompts), batch_size, draw, on_batch)
-

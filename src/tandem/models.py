@@ -64,6 +64,8 @@ class ModelSpec:
     is_world: bool
     teacher: TeacherDefaults = field(default_factory=TeacherDefaults)
     student: StudentDefaults | None = None  # the model's preset student, if it ships one
+    students: dict[str, StudentDefaults] = field(default_factory=dict)  # shipped students by name
+    unet: str | None = None  # a student directory whose UNet and scheduler replace the teacher's
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -77,16 +79,19 @@ def resolve_model(name: str) -> ModelSpec:
         if not (root / "model_index.json").exists():
             raise FileNotFoundError(f"the shipped world is missing from {root}; reinstall tandem")
         meta = _read_meta(root / "tandem.json")
-        return ModelSpec(WORLD, str(root), True, _teacher_defaults(root / "tandem.json", meta), _student(root, meta))
+        return ModelSpec(WORLD, str(root), True, _teacher_defaults(root / "tandem.json", meta), _student(root, meta),
+                         _students(root, meta))
     path = Path(name).expanduser() if name.startswith("~") else Path(name)
     if _is_dir(path):
+        if not (path / "model_index.json").exists() and (path / "student.json").is_file():
+            return _student_as_teacher(name, path)
         if not (path / "model_index.json").exists():
             raise ValueError(f"model directory {quote(name)} has no model_index.json (not a diffusers pipeline)")
         meta_path = path / "tandem.json"
         if meta_path.exists():
             meta = _read_meta(meta_path)
             return ModelSpec(name, str(path), bool(meta.get("world", False)), _teacher_defaults(meta_path, meta),
-                             _student(path, meta))
+                             _student(path, meta), _students(path, meta))
         return ModelSpec(name, str(path), False)
     why_a_path = _written_as_path(name)
     if _exists(path):
@@ -99,6 +104,30 @@ def resolve_model(name: str) -> ModelSpec:
         return ModelSpec(name, name, False)
     raise ValueError(f"unknown model {quote(name)}; expected 'world', a diffusers model directory or a hub id "
                      "'org/name'")
+
+
+def _student_as_teacher(name: str, path: Path) -> ModelSpec:
+    """A ``tandem distill`` student used as a teacher: its UNet and sampler on its own teacher's VAE and
+    text encoder. Only a student sampled with classifier-free guidance (a knowledge-distilled one) is a
+    teacher as the pipelines and distillations expect one (an ε-model called with and without the caption)."""
+    import dataclasses
+
+    from .students import read_student_info
+
+    info = read_student_info(path)
+    if info.guidance != "classifier-free":
+        raise ValueError(f"student {quote(str(path))} takes guidance through a {info.guidance}, so it cannot be a "
+                         "teacher (a teacher is guided classifier-free, e.g. a knowledge-distilled student)")
+    source = info.teacher.get("name") if info.teacher.get("name") == WORLD else info.teacher.get("path")
+    if not source:
+        raise ValueError(f"student {quote(str(path))} does not say which teacher it came from (student.json 'teacher')")
+    base = resolve_model(source)
+    if base.unet is not None:
+        raise ValueError(f"student {quote(str(path))} was distilled from another student; give that chain's first "
+                         "teacher's student directly")
+    defaults = TeacherDefaults(steps=info.steps, scheduler=base.teacher.scheduler, guidance_scale=info.guidance_scale,
+                               height=base.teacher.height, width=base.teacher.width)
+    return dataclasses.replace(base, name=name, teacher=defaults, unet=str(path))
 
 
 def _written_as_path(name: str) -> str | None:
@@ -145,48 +174,68 @@ def _teacher_defaults(path: Path, meta: dict) -> TeacherDefaults:
 def _student(root: Path, meta: dict) -> StudentDefaults | None:
     if "student" not in meta:
         return None
-    student = dict(meta["student"])
-    student["path"] = str(root / student["path"])
-    return StudentDefaults(**student)
+    return _student_entry(root, meta["student"], root / "tandem.json", "student")
+
+
+def _student_entry(root: Path, entry, where: Path, name: str) -> StudentDefaults:
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise ValueError(f"{where}: student {name!r} needs a 'path'")
+    try:
+        return StudentDefaults(**{**entry, "path": str(root / entry["path"])})
+    except TypeError as e:
+        raise ValueError(f"{where}: bad settings of student {name!r} ({e})") from None
+
+
+def _students(root: Path, meta: dict) -> dict[str, StudentDefaults]:
+    """The students a model ships, by name (``tandem.json``'s ``students``)."""
+    entries = meta.get("students", {})
+    if not isinstance(entries, dict):
+        raise ValueError(f"{root / 'tandem.json'}: 'students' must be an object of name -> settings")
+    return {name: _student_entry(root, entry, root / "tandem.json", name) for name, entry in entries.items()}
 
 
 def student_dir(spec: ModelSpec, student: str | Path | None) -> Path:
-    """The student directory to use: ``student`` if given, else the model's preset student."""
+    """The student directory to use: ``student`` (a directory, or the name of a student the model ships:
+    ``tandem world students``) if given, else the model's preset student."""
+    from .students import check_student_dir
+
     if student is None:
         if spec.student is None:
             raise ValueError(f"model {spec.name!r} ships no student; pass --student DIR "
                              "(the student/ directory written by `tandem distill`)")
         return Path(spec.student.path)
+    if str(student) in spec.students:
+        return Path(spec.students[str(student)].path)
     path = Path(student)
-    if not path.is_dir():
-        raise ValueError(f"student directory {quote(path)} does not exist or is not a directory "
-                         "(expected the student/ directory written by `tandem distill`)")
-    missing = [p for p in ("unet", "scheduler") if not (path / p).is_dir()]
-    if missing:
-        raise ValueError(f"student directory {quote(path)} lacks {', '.join(m + '/' for m in missing)} "
-                         "(expected the student/ directory written by `tandem distill`)")
-    check_model_dir(path, layout={"unet": "config.json", "scheduler": "scheduler_config.json"},
-                    expected="the student/ directory written by `tandem distill`")
-    return path
+    if not path.is_dir() and spec.students and "/" not in str(student):
+        raise ValueError(f"no student {quote(str(student))}: not a directory, nor a student {spec.name} ships "
+                         f"({', '.join(spec.students)})")
+    return check_student_dir(path)
+
+
+def student_defaults(spec: ModelSpec, student: str | Path | None) -> StudentDefaults:
+    """Path, default steps and guidance of a student: the model's entry for a shipped (or the preset)
+    student, else what the student's own ``student.json`` says."""
+    from .students import read_student_info
+
+    if student is None and spec.student is not None:
+        return spec.student
+    if student is not None and str(student) in spec.students:
+        return spec.students[str(student)]
+    path = student_dir(spec, student)
+    info = read_student_info(path)
+    return StudentDefaults(path=str(path), steps=info.steps, guidance_scale=info.guidance_scale)
 
 
 def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A ``diffusers.LatentConsistencyModelPipeline``: the model's VAE and text encoder with a student UNet."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    """The student (``student``, a directory or a shipped name; default: the model's preset student) as a
+    diffusers pipeline with the model's VAE and text encoder (:func:`tandem.students.load_student`)."""
+    from .students import load_student
 
     quiet_hub_libraries()
-    if _is_dir(Path(spec.path)):  # the student brings its UNet and scheduler; the rest comes from the model
-        check_model_dir(spec.path, ("vae", "text_encoder", "tokenizer"))
     path = student_dir(spec, student)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet").to(dtype)
-    if unet.config.time_cond_proj_dim is None:
-        raise ValueError(f"{path / 'unet'} has no w-embedding (time_cond_proj_dim): not a consistency student")
-    scheduler = LCMScheduler.from_pretrained(path / "scheduler")
-    pipe = from_hub(LatentConsistencyModelPipeline.from_pretrained, spec.path, "model", unet=unet,
-                    scheduler=scheduler, safety_checker=None, requires_safety_checker=False, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return load_student(path, spec, device=device, dtype=dtype)
 
 
 # -- the hub ---------------------------------------------------------------------------------------
@@ -310,6 +359,10 @@ def load_teacher_pipeline(spec: ModelSpec, device: str | torch.device = "cpu", d
     kwargs = {"dtype": dtype}
     if not spec.is_world:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if spec.unet is not None:  # a student as the teacher: its UNet and scheduler
+        from .students import load_student
+
+        return load_student(spec.unet, spec, device=device, dtype=dtype)
     pipe = from_hub(StableDiffusionPipeline.from_pretrained, spec.path, "model", **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -47,7 +47,8 @@ from .calibration import (
     percentile_k_for_budget,
 )
 from .checks import check_finite, count, finite_number, sampler_step_limit, sampler_steps, threshold_value
-from .generate import _to_uint8, initial_latents, prompt_generator, prompt_seed
+from .denoiser import NoiseSchedule
+from .generate import _to_uint8, initial_latents, prompt_generator, prompt_seed, unet_evals_per_step
 from .models import SCHEDULERS, make_scheduler
 
 MODES = ("adaptive", "student", "teacher", "refine-all")
@@ -174,13 +175,6 @@ def teacher_edit_timesteps(scheduler, start: int, steps: int) -> list[int]:
                          "or raise the strength")
     ts = np.round(np.linspace(start, 0, steps + 1)[:-1]).astype(int)
     return [int(t) for t in ts]
-
-
-def unet_evals_per_step(pipe, guidance_scale: float) -> int:
-    """UNet rows per image and step: 2 with classifier-free guidance (a doubled batch), 1 for a
-    guidance-embedded (LCM) UNet or guidance <= 1."""
-    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
-    return 1 if embedded or guidance_scale <= 1 else 2
 
 
 @contextmanager
@@ -776,6 +770,7 @@ class TandemPipeline:
             raise ValueError("the student's and the teacher's noise schedules differ (alphas_cumprod): "
                              "they cannot edit the same noised input")
         vae = self.student.vae
+        schedule = NoiseSchedule(alphas)
         noised = []
         for idx in chunks:  # x_t: the input's VAE mean noised with each image's own eps
             z = vae.encode((pixels[idx] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
@@ -783,8 +778,7 @@ class TandemPipeline:
             z = z * vae.config.scaling_factor
             eps = torch.cat([torch.randn(z[:1].shape, generator=gens[i], device=gens[i].device, dtype=z.dtype)
                              for i in idx])
-            a_t = alphas[student_ts[0]].to(device=z.device, dtype=z.dtype)
-            noised.append(a_t.sqrt() * z + (1 - a_t).sqrt() * eps.to(z.device))
+            noised.append(schedule.add_noise(z, eps.to(z.device), student_ts[0]))
         noised = torch.cat(noised)
 
         counts: dict[str, int] = {}

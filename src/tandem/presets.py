@@ -187,9 +187,18 @@ def student_kind(source: str) -> str:
     return "tandem"
 
 
-def parse_student(spec: str) -> tuple[str, str]:
-    """``(kind, source)`` of a ``--student`` value: ``KIND:SOURCE`` with a kind of :data:`STUDENT_KINDS`,
+def parse_student(spec: str, teacher: str | None = None) -> tuple[str, str]:
+    """``(kind, source)`` of a ``--student`` value: the name of a student ``teacher`` ships (``tandem world
+    students``: a ``tandem`` student, its directory), ``KIND:SOURCE`` with a kind of :data:`STUDENT_KINDS`,
     or a directory or hub id whose kind :func:`student_kind` finds (a hub id defaults to ``pipeline``)."""
+    if teacher is not None:
+        shipped = _shipped_student(teacher, spec)
+        if shipped is not None:
+            return "tandem", shipped.path
+        names = _shipped_names(teacher)
+        if names and "/" not in spec and ":" not in spec and not Path(spec).is_dir():
+            raise ValueError(f"--student: no student {spec!r}: not a directory, nor a student {teacher} ships "
+                             f"({', '.join(names)})")
     kind, sep, rest = spec.partition(":")
     if sep and kind in STUDENT_KINDS:
         return kind, rest
@@ -231,8 +240,15 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
                 "guidance_scale": spec.student.guidance_scale})
     changes: dict = {}
     if student is not None:
-        kind, source = parse_student(student)
+        shipped = _shipped_student(base.teacher, student)
+        kind, source = parse_student(student, base.teacher)
         changes.update(student=source, student_kind=kind)
+        if kind == "tandem":  # the student's own defaults (a shipped one's, or its student.json's)
+            from .students import read_student_info
+
+            own = shipped or read_student_info(_tandem_student_path(base.teacher, source))
+            changes["defaults"] = {**base.defaults, "num_inference_steps": own.steps,
+                                   "guidance_scale": own.guidance_scale}
     if scorer is not None:
         changes["scorer"] = scorer
     if controlnet is not None:
@@ -247,6 +263,34 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
     return dataclasses.replace(base, **changes, name=base.name if base.name.endswith("+custom") else
                                f"{base.name}+custom", description=f"{base.name} with {parts}",
                                calibration=None, edit_calibrations={})
+
+
+def _shipped_student(teacher: str, name: str):
+    """The ``StudentDefaults`` of a student the teacher ships under ``name`` (``tandem world students``), or None."""
+    from .models import resolve_model
+
+    if "/" in name or ":" in name:
+        return None
+    try:
+        spec = resolve_model(teacher)
+    except (ValueError, FileNotFoundError):
+        return None
+    return spec.students.get(name)
+
+
+def _shipped_names(teacher: str) -> list[str]:
+    from .models import resolve_model
+
+    try:
+        return list(resolve_model(teacher).students)
+    except (ValueError, FileNotFoundError):
+        return []
+
+
+def _tandem_student_path(teacher: str, source: str) -> Path:
+    from .models import resolve_model, student_dir
+
+    return student_dir(resolve_model(teacher), None if source == "world" else source)
 
 
 def preset_to_json(preset: Preset) -> dict:
@@ -405,7 +449,6 @@ def _check_student_dir(preset: Preset) -> None:
 def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
     from diffusers import (
         AutoPipelineForText2Image,
-        LatentConsistencyModelPipeline,
         LCMScheduler,
         UNet2DConditionModel,
     )
@@ -419,12 +462,10 @@ def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
     _check_student_dir(preset)
     try:
         if preset.student_kind in ("world", "tandem"):
+            from .students import load_student as load_tandem_student
+
             path = student_dir(resolve_model(preset.teacher), None if preset.student == "world" else preset.student)
-            unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device=device, dtype=dtype)
-            return LatentConsistencyModelPipeline(
-                vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,
-                scheduler=LCMScheduler.from_pretrained(path / "scheduler"), safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+            return load_tandem_student(path, teacher, device=device, dtype=dtype)
         if preset.student_kind == "unet":
             unet = from_hub(UNet2DConditionModel.from_pretrained, preset.student, "student", dtype=dtype).to(device)
             if unet.config.time_cond_proj_dim is None:

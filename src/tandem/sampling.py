@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .denoiser import NoiseSchedule
+
 NOISE_MODES = ("stochastic", "deterministic")
 
 
@@ -96,21 +98,20 @@ def consistency_sample(
         raise ValueError("this UNet has no w-embedding (time_cond_proj_dim is None): not a consistency student")
     b = latents.shape[0]
     w_emb = guidance_embedding(torch.full((b,), guidance_scale - 1.0), dim).to(latents.device, latents.dtype)
+    schedule = NoiseSchedule(alphas_cumprod)
     x = latents
     denoised = x
     for i, t in enumerate(ts):
         eps = unet(x, t, encoder_hidden_states=text_embeddings, timestep_cond=w_emb).sample
-        a_t = alphas_cumprod[t].to(x.dtype)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = schedule.to_x0(eps, x, t)
         c_skip, c_out = boundary_scalings(t)
         denoised = c_out.to(x.dtype) * x0 + c_skip.to(x.dtype) * x
         if i == len(ts) - 1:
             break
-        a_prev = alphas_cumprod[ts[i + 1]].to(x.dtype)
         if noise == "stochastic":
             z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)
                            for g in generators])
         else:  # the noise that would put ``denoised`` at x_t
-            z = (x - a_t.sqrt() * denoised) / (1 - a_t).sqrt()
-        x = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * z
+            z = schedule.to_eps(denoised, x, t, "sample")
+        x = schedule.add_noise(denoised, z, ts[i + 1])
     return denoised

@@ -188,7 +188,8 @@ def _direct(model: str, preset_file: Path | None, student: str | None, controlne
         return False
     if model in PRESETS and model != "world":
         return False
-    return student is None or parse_student(student)[0] in ("tandem", "world")
+    teacher = PRESETS[model].teacher if model in PRESETS else model
+    return student is None or parse_student(student, teacher)[0] in ("tandem", "world")
 
 
 def _compose(model: str, preset_file: Path | None = None, student: str | None = None, scorer: str | None = None,

@@ -1,31 +1,117 @@
-"""`tandem distill ...`: distil a teacher into a few-step student."""
+"""`tandem distill ...`: distil a teacher into a student.
+
+Every method's command takes the same run options (teacher, data, out, resume, steps, batch,
+learning rate, warm-up, seed, precision, checkpoints, threads), declared once in :data:`RUN_OPTIONS`
+and added to each command by :func:`distill_command`; a command lists only its method's own.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
+import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import (
-    UserError,
-    console,
-    distill_app,
-)
+from .common import UserError, console, distill_app
 
 
-@distill_app.command("consistency")
+@dataclass(frozen=True)
+class RunOptions:
+    out: Path
+    teacher: str
+    data: str
+    resume: bool
+    max_steps: int | None
+    batch_size: int
+    grad_accum: int
+    lr: float | None
+    warmup_steps: int | None
+    seed: int
+    mixed_precision: str
+    checkpoint_every: int
+    threads: int | None
+
+    def trainer_config(self, max_steps: int):
+        from ..distill.trainer import TrainerConfig
+
+        return TrainerConfig(max_steps=max_steps, seed=self.seed, batch_size=self.batch_size,
+                             grad_accum=self.grad_accum, mixed_precision=self.mixed_precision,
+                             checkpoint_every=self.checkpoint_every, threads=self.threads)
+
+    def method_overrides(self) -> dict:
+        """``lr`` and ``warmup_steps`` when given (each method has its own defaults)."""
+        return {k: v for k, v in (("lr", self.lr), ("warmup_steps", self.warmup_steps)) if v is not None}
+
+
+RUN_OPTIONS: dict[str, tuple[object, object]] = {
+    "out": (Annotated[Path, typer.Option(help="Run directory (config, log.jsonl, checkpoint/, student/).")], ...),
+    "teacher": (Annotated[str, typer.Option(help="'world', a diffusers model directory, a hub id, or a `tandem "
+                                                 "distill` student directory.")], "world"),
+    "data": (Annotated[str, typer.Option(help="'world' (ShapesWorld's stream), an image folder (metadata.jsonl or "
+                                              "caption .txt files), webdataset shards, or a saved HF dataset.")],
+             "world"),
+    "resume": (Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")], False),
+    "max_steps": (Annotated[int | None, typer.Option(help="Optimisation steps [the method's].")], None),
+    "batch_size": (Annotated[int, typer.Option(help="Images per process and micro-batch.")], 32),
+    "grad_accum": (Annotated[int, typer.Option(help="Micro-batches per optimisation step.")], 1),
+    "lr": (Annotated[float | None, typer.Option(help="Peak learning rate [the method's].")], None),
+    "warmup_steps": (Annotated[int | None, typer.Option(help="Linear warm-up steps [the method's].")], None),
+    "seed": (Annotated[int, typer.Option(help="Seed of the data stream, the initialisation and every random "
+                                              "draw.")], 0),
+    "mixed_precision": (Annotated[str, typer.Option(help="'no', 'bf16' or 'fp16' (where the device supports "
+                                                         "it).")], "no"),
+    "checkpoint_every": (Annotated[int, typer.Option(help="Steps between checkpoints.")], 250),
+    "threads": (Annotated[int | None, typer.Option(help="torch CPU threads per process [torch default].")], None),
+}
+
+
+def distill_command(name: str):
+    """Register ``fn(run: RunOptions, **own options)`` as ``tandem distill NAME`` with :data:`RUN_OPTIONS`
+    added to its own options (``--out`` first)."""
+
+    def register(fn):
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
+               if p.name != "run"]
+        shared = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+                  for k, (a, d) in RUN_OPTIONS.items()]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared[:1] + own + shared[1:]]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            run = RunOptions(**{k: kwargs.pop(k) for k in RUN_OPTIONS})
+            if run.max_steps is not None and run.max_steps < 1:
+                raise UserError(f"--max-steps must be >= 1, got {run.max_steps}")
+            return fn(run=run, **kwargs)
+
+        del command.__wrapped__  # typer reads the signature below, not fn's
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        distill_app.command(name)(command)
+        return fn
+
+    return register
+
+
+def _report(method: str, run: RunOptions, steps: int, student: Path, t0: float, try_steps: int) -> None:
+    log_path = run.out / "log.jsonl"  # absent when a resumed run had nothing left to train and its log was removed
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    last = log[-1] if log else {}
+    console.print(f"{method} student: {steps} steps ({time.time() - t0:.0f}s in this call), "
+                  f"last loss {last.get('loss', float('nan')):.5f} -> {student}")
+    console.print(f"try it: tandem generate --model {run.teacher} --mode student --student {student} "
+                  f"--student-steps {try_steps} 'PROMPT' --out OUT")
+
+
+@distill_command("consistency")
 def distill_consistency_cmd(
-    out: Annotated[Path, typer.Option(help="Run directory (config, log.jsonl, checkpoint/, student/).")],
-    teacher: Annotated[str, typer.Option(help="'world', a diffusers model directory, or a hub id.")] = "world",
-    data: Annotated[str, typer.Option(help="'world' (ShapesWorld's stream), an image folder (metadata.jsonl or "
-                                           "caption .txt files), webdataset shards, or a saved HF dataset.")] = "world",
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    max_steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Images per process and micro-batch.")] = 32,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimisation step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Learning rate (constant after warm-up).")] = 1e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    run: RunOptions,
     w_range: Annotated[tuple[float, float], typer.Option(help="Guidance scales sampled in training (the student "
                                                               "serves any scale in the range).")] = (1.0, 8.0),
     ddim_steps: Annotated[int, typer.Option(help="Teacher DDIM solver grid (N of the skipping schedule).")] = 50,
@@ -33,33 +119,77 @@ def distill_consistency_cmd(
     target_ema: Annotated[float, typer.Option(help="EMA decay of the target network.")] = 0.95,
     sampling_ema: Annotated[float | None, typer.Option(help="Also keep an EMA with this decay and export it "
                                                             "[export the student itself].")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the data stream and of every random draw.")] = 0,
-    mixed_precision: Annotated[str, typer.Option(help="'no', 'bf16' or 'fp16' (where the device supports it).")] = "no",
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 250,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process [torch default].")] = None,
 ) -> None:
     """Consistency distillation (LCM-style): a student that samples in 1-8 steps, with guidance
-    given through a w-embedding. Writes the student to OUT/student."""
-    import json
-    import time
-
+    given through a w-embedding (lr 1e-5, 2000 steps by default). Writes the student to OUT/student."""
     from ..distill.consistency import ConsistencyConfig, distill_consistency
-    from ..distill.trainer import TrainerConfig
 
-    if max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {max_steps}")
     cfg = ConsistencyConfig(num_ddim_timesteps=ddim_steps, w_min=w_range[0], w_max=w_range[1], loss=loss,
-                            target_ema=target_ema, sampling_ema=sampling_ema, lr=lr, warmup_steps=warmup_steps)
-    tcfg = TrainerConfig(max_steps=max_steps, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
-                         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, threads=threads)
+                            target_ema=target_ema, sampling_ema=sampling_ema, **run.method_overrides())
+    steps = run.max_steps or 2000
     t0 = time.time()
-    student = distill_consistency(teacher, out, cfg, tcfg, data=data, resume=resume)
-    log_path = out / "log.jsonl"  # absent when a resumed run had nothing left to train and its log was removed
-    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
-    last = log[-1] if log else {}
-    console.print(f"consistency student: {max_steps} steps ({time.time() - t0:.0f}s in this call), "
-                  f"last loss {last.get('loss', float('nan')):.5f} -> {student}")
-    console.print(f"try it: tandem generate --model {teacher} --mode student --student {student} "
-                  f"--student-steps 4 'PROMPT' --out OUT")
+    student = distill_consistency(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
+                                  resume=run.resume)
+    _report("consistency", run, steps, student, t0, 4)
 
 
+@distill_command("progressive")
+def distill_progressive_cmd(
+    run: RunOptions,
+    start_steps: Annotated[int, typer.Option(help="The teacher's DDIM steps in the first halving round "
+                                                  "(a power of two).")] = 32,
+    end_steps: Annotated[int, typer.Option(help="The last round's student steps (a power of two).")] = 1,
+    guidance_steps: Annotated[int, typer.Option(help="Optimisation steps of the guidance stage (the student "
+                                                     "learns classifier-free guidance in one call).")] = 400,
+    round_steps: Annotated[int, typer.Option(help="Optimisation steps per halving round.")] = 300,
+    w_range: Annotated[tuple[float, float], typer.Option(help="Guidance scales sampled in training.")] = (1.0, 8.0),
+    target: Annotated[str, typer.Option(help="'x0' (truncated-SNR weighting) or 'v'.")] = "x0",
+) -> None:
+    """Progressive distillation (Salimans & Ho; guidance first, Meng et al.): a guided student, then rounds
+    that halve its DDIM steps (32 -> 16 -> ... -> 1 by default; lr 5e-5). Every finished round is a student
+    in OUT/rounds/<N>-steps; the last one trained also in OUT/student. --max-steps stops before the
+    plan's end (resume with more)."""
+    from ..distill.progressive import ProgressiveConfig, distill_progressive
+
+    cfg = ProgressiveConfig(start_steps=start_steps, end_steps=end_steps, guidance_steps=guidance_steps,
+                            round_steps=round_steps, w_min=w_range[0], w_max=w_range[1], target=target,
+                            **run.method_overrides())
+    steps = run.max_steps or cfg.total_steps
+    t0 = time.time()
+    student = distill_progressive(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
+                                  resume=run.resume)
+    _report("progressive", run, steps, student, t0, cfg.stages[cfg.stage_at(steps - 1)][2])
+
+
+@distill_command("knowledge")
+def distill_knowledge_cmd(
+    run: RunOptions,
+    arch: Annotated[str, typer.Option(help="Student width: 'half', 'quarter' or 'three-quarter' of the teacher's "
+                                           "channels, or 'custom' with --channels.")] = "half",
+    channels: Annotated[str | None, typer.Option(help="arch custom: block_out_channels, e.g. 32,64,64.")] = None,
+    guidance: Annotated[str, typer.Option(help="'classifier-free' (Eq. 5 with the empty caption in a share of the "
+                                               "batch) or 'w-embedding' (Eq. 6).")] = "classifier-free",
+    cond_dropout: Annotated[float, typer.Option(help="classifier-free: share of empty captions.")] = 0.1,
+    w_range: Annotated[tuple[float, float], typer.Option(help="w-embedding: guidance scales sampled.")] = (1.0, 8.0),
+    alpha: Annotated[float, typer.Option(help="Eq. 8's weight of the data term; 1 = plain denoising score "
+                                              "matching (Eq. 3), the from-scratch baseline.")] = 0.0,
+    ema: Annotated[float, typer.Option(help="EMA decay of the exported weights.")] = 0.995,
+) -> None:
+    """Knowledge distillation into a smaller UNet (Dockhorn et al.), randomly initialised, trained at all
+    noise levels against the teacher's denoiser (lr 5e-4, 200 warm-up steps, 3000 steps by default). The
+    student samples like the teacher (DPM-Solver++); it can be a --teacher itself."""
+    from ..distill.knowledge import KnowledgeConfig, distill_knowledge
+
+    block = None
+    if channels is not None:
+        try:
+            block = tuple(int(c) for c in channels.split(","))
+        except ValueError:
+            raise UserError(f"--channels must be integers separated by commas, got {channels!r}") from None
+    cfg = KnowledgeConfig(arch=arch, block_out_channels=block, guidance=guidance, cond_dropout=cond_dropout,
+                          w_min=w_range[0], w_max=w_range[1], alpha=alpha, ema=ema, **run.method_overrides())
+    steps = run.max_steps or 3000
+    t0 = time.time()
+    student = distill_knowledge(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
+                                resume=run.resume)
+    _report("knowledge", run, steps, student, t0, 25)

@@ -111,8 +111,15 @@ def generate(
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
-    from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, prompt_seed
-    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
+    from ..generate import (
+        StudentSettings,
+        TeacherSettings,
+        generate_student,
+        generate_teacher,
+        prompt_seed,
+        unet_evals_per_step,
+    )
+    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_defaults
     from ..outputs import OutputDir
 
     prompts = _collect_prompts(prompt, prompts_file)
@@ -127,12 +134,11 @@ def generate(
         )
         student_path = None
     else:
-        student_path = student_dir(spec, student)
-        preset = spec.student if student is None else None
+        defaults = student_defaults(spec, student)  # a shipped student's, or its own student.json's
+        student_path = Path(defaults.path)
         settings = StudentSettings(
-            steps=student_steps if student_steps is not None else (preset.steps if preset else 4),
-            guidance_scale=(guidance_scale if guidance_scale is not None
-                            else preset.guidance_scale if preset else spec.teacher.guidance_scale),
+            steps=student_steps if student_steps is not None else defaults.steps,
+            guidance_scale=guidance_scale if guidance_scale is not None else defaults.guidance_scale,
             noise=student_noise,
         )
     t0 = time.time()
@@ -157,7 +163,8 @@ def generate(
             records.append({
                 "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
                 "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name, **mode_fields,
-                "guidance_scale": settings.guidance_scale, "unet_evals": settings.unet_evals_per_image,
+                "guidance_scale": settings.guidance_scale,
+                "unet_evals": settings.steps * unet_evals_per_step(pipe, settings.guidance_scale),
                 "vae_decodes": 1,
             })
         output.write_records(records)

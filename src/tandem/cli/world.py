@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -215,10 +216,17 @@ def world_add_student(
     guidance_scale: Annotated[float, typer.Option(help="The student's default guidance scale "
                                                        "(the best one from `tandem world evaluate --mode student`).")],
     world: Annotated[Path | None, typer.Option(help="World directory [the shipped world].")] = None,
+    name: Annotated[str | None, typer.Option(help="Ship it under this name (--student NAME) in students/NAME "
+                                                  "[as the preset student, in student/].")] = None,
+    preset: Annotated[bool | None, typer.Option(help="Also make it the preset's default student [yes without "
+                                                     "--name, no with it].")] = None,
+    evaluation: Annotated[list[Path] | None, typer.Option(help="A `tandem world evaluate` results.json to ship "
+                                                              "with it (the test prompts' is listed by `tandem "
+                                                              "world students`).")] = None,
     fp16: Annotated[bool, typer.Option(help="Store the UNet in float16 (half the size).")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace the world's current student.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the student of that name.")] = False,
 ) -> None:
-    """Make a distilled student the world's preset student (`tandem generate --mode student`)."""
+    """Ship a distilled student with the world, as its preset student or by name."""
     from ..models import world_dir
     from ..world.assemble import add_student
 
@@ -226,8 +234,50 @@ def world_add_student(
         raise UserError(f"--steps must be >= 1, got {steps}")
     if guidance_scale < 1:
         raise UserError(f"--guidance-scale must be >= 1, got {guidance_scale}")
-    target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite)
+    evaluations = {}
+    for path in evaluation or []:
+        try:
+            split = json.loads(path.read_text())["config"]["prompts_file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--evaluation {path}: not a `tandem world evaluate` results.json") from None
+        evaluations[f"eval_{split if split in ('val', 'test') else path.stem}.json"] = path
+    target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite, name=name,
+                         preset=preset, evaluations=evaluations)
     console.print(f"student -> {target}")
+
+
+@world_app.command("students")
+def world_students(
+    model: Annotated[str, typer.Option(help="A world model: 'world' or a world directory.")] = "world",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """The students the world ships: name, method, directory, default steps and guidance, parameters and
+    FLOPs per UNet call, and accuracy on the test prompts with the command that measured it."""
+    from ..models import resolve_model
+    from ..students import shipped_students
+
+    spec = resolve_model(model)
+    rows = shipped_students(spec)
+    root = Path(spec.path)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "method", "steps", "guidance", "params", "MFLOPs/call", "test accuracy", "dir")
+    for r in rows:
+        acc = r.get("accuracy")
+        where = Path(r["dir"])
+        shown = where.relative_to(root) if where.is_relative_to(root) else where
+        table.add_row(("* " if r["preset"] else "") + r["name"], r["method"], str(r["steps"]),
+                      f"{r['guidance_scale']:g}", f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_call'] / 1e6:.1f}",
+                      "-" if acc is None else f"{100 * acc:.1f}%", str(shown))
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    console.print("* the preset's default student; accuracy: exact checker on the 1000 test prompts, measured by "
+                  "the command in --json's 'measured_by'")
 
 
 @world_app.command("evaluate")
@@ -240,7 +290,8 @@ def world_evaluate(
                                                                    "(repeat the option) [model default].")] = None,
     teacher_steps: Annotated[int, typer.Option(help="Teacher sampling steps.")] = 25,
     scheduler: Annotated[Scheduler, typer.Option(help="Teacher sampler.")] = Scheduler.dpm,
-    student: Annotated[Path | None, typer.Option(help="Student directory [the model's preset student].")] = None,
+    student: Annotated[str | None, typer.Option(help="Student: a shipped name (`tandem world students`) or a "
+                                                     "directory [the model's preset student].")] = None,
     student_steps: Annotated[list[int] | None, typer.Option(help="Student step counts to compare "
                                                                  "(repeat the option) [1 2 4 8].")] = None,
     student_noise: Annotated[str, typer.Option(help="'stochastic' or 'deterministic'.")] = "stochastic",
@@ -256,9 +307,10 @@ def world_evaluate(
 
     import numpy as np
 
-    from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher
-    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_dir
+    from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, unet_evals_per_step
+    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_defaults
     from ..outputs import OutputDir, atomic_write_text
+    from ..students import read_student_info, unet_cost
     from ..world.evaluate import judge, vae_reconstructions
     from ..world.prompts import load_prompts
 
@@ -290,17 +342,21 @@ def world_evaluate(
         scales = guidance_scale or [spec.teacher.guidance_scale]
         runs = [(str(g), f"teacher_g{g}", TeacherSettings(teacher_steps, scheduler.value, g)) for g in scales]
     else:
-        path = student_dir(spec, student)
-        default_g = spec.student.guidance_scale if spec.student and student is None else spec.teacher.guidance_scale
-        config.update(student=str(path), student_noise=student_noise)
+        defaults = student_defaults(spec, student)
+        path = Path(defaults.path)
+        info = read_student_info(path)
+        config.update(student=str(path), student_name=student, student_method=info.method,
+                      student_noise=student_noise)
+        default_steps = [1, 2, 4, 8] if info.base_method == "consistency" else [defaults.steps]
         runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
-                for g in (guidance_scale or [default_g]) for n in (student_steps or [1, 2, 4, 8])]
+                for g in (guidance_scale or [defaults.guidance_scale]) for n in (student_steps or default_steps)]
     with OutputDir(out, overwrite, info={"command": "world evaluate"}) as output:
         if mode is Mode.teacher:
             pipe, generate = load_teacher_pipeline(spec), generate_teacher
         else:
             pipe, generate = load_student_pipeline(spec, path), generate_student
-        results = {"config": config, mode.value: {}}
+        results = {"config": config, mode.value: {},
+                   "unet": unet_cost(pipe.unet, context_length=pipe.tokenizer.model_max_length)}
         for key, name, settings in runs:
             with _progress(name, len(prompts)) as bar:
                 task = bar.add_task("generate", total=len(prompts))
@@ -309,8 +365,9 @@ def world_evaluate(
                     bar.update(task, completed=n)
 
                 images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
-            summary = {**judge(images, prompts), "settings": settings.__dict__,
-                       "unet_evals_per_image": settings.unet_evals_per_image}
+            evals = settings.steps * unet_evals_per_step(pipe, settings.guidance_scale)
+            summary = {**judge(images, prompts), "settings": settings.__dict__, "unet_evals_per_image": evals,
+                       "unet_flops_per_image": evals * results["unet"]["flops_per_call"]}
             results[mode.value][key] = summary
             np.savez_compressed(output.path / f"{name}.npz", images=np.stack(images))
             console.print(f"{name}: accuracy {summary['accuracy']:.3f}, "

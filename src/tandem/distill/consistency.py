@@ -22,17 +22,15 @@ guidance to the student at sampling time instead of the w-embedding.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..models import encode_captions
-from ..outputs import atomic_write_text
 from ..sampling import boundary_scalings, distillation_grid, guidance_embedding
 from ..world.runs import require_decay, require_number
+from .common import TeacherParts
 from .trainer import StepContext, Trainable
 
 LOSSES = ("l2", "huber")
@@ -100,23 +98,18 @@ class ConsistencyDistillation:
 
     def __init__(self, teacher, cfg: ConsistencyConfig):
         self.cfg = cfg
-        self.teacher_unet = teacher.unet.float()
-        self.vae = teacher.vae.float()
-        self.text_encoder = teacher.text_encoder.float()
-        self.tokenizer = teacher.tokenizer
-        self.scheduler_config = dict(teacher.scheduler.config)
-        if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        self.parts = TeacherParts(teacher)
+        if self.parts.prediction_type != "epsilon":
             raise ValueError("consistency distillation here needs an epsilon-prediction teacher, got "
-                             f"{self.scheduler_config.get('prediction_type')!r}")
-        from diffusers import DDPMScheduler
-
-        schedule = DDPMScheduler.from_config(self.scheduler_config)
-        self.alphas_cumprod = schedule.alphas_cumprod.to(torch.float32)
-        grid = distillation_grid(len(self.alphas_cumprod), cfg.num_ddim_timesteps)
-        self.grid = torch.from_numpy(grid).long()
-        self.grid_prev = torch.clamp(self.grid - (len(self.alphas_cumprod) // cfg.num_ddim_timesteps), min=0)
+                             f"{self.parts.prediction_type!r}")
+        self.teacher_unet, self.vae = self.parts.teacher_unet, self.parts.vae
+        self.text_encoder, self.tokenizer = self.parts.text_encoder, self.parts.tokenizer
+        self.scheduler_config = self.parts.scheduler_config
+        self.schedule = self.parts.schedule
+        steps = self.schedule.num_train_timesteps
+        self.grid = torch.from_numpy(distillation_grid(steps, cfg.num_ddim_timesteps)).long()
+        self.grid_prev = torch.clamp(self.grid - (steps // cfg.num_ddim_timesteps), min=0)
         self.student = make_student_unet(self.teacher_unet, cfg.w_embedding_dim)
-        self._uncond: torch.Tensor | None = None
 
     def trainables(self) -> list[Trainable]:
         emas = {"target": self.cfg.target_ema}
@@ -126,25 +119,20 @@ class ConsistencyDistillation:
                           warmup_steps=self.cfg.warmup_steps, grad_clip=self.cfg.grad_clip, emas=emas)]
 
     def frozen(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher_unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        return self.parts.frozen()
 
     # -- pieces, public so that tests can check them against independent computations ----------------
 
-    @torch.no_grad()
     def encode_text(self, captions: list[str], device) -> torch.Tensor:
-        return encode_captions(self.tokenizer, self.text_encoder, captions, device)
+        return self.parts.encode_text(captions, device)
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(dist.mean.device)
-        return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+        return self.parts.encode_images(pixels, generator)
 
     def consistency_fn(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w_emb: torch.Tensor):
         """``c_skip(t) x + c_out(t) x̂0`` with ``x̂0`` from ``unet``'s ε-prediction."""
         eps = unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
-        a = _per_sample(self.alphas_cumprod.to(x.device)[t], x)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = self.schedule.to_x0(eps, x, t.cpu())
         c_skip, c_out = boundary_scalings(t)
         return _per_sample(c_skip.to(x.device, x.dtype), x) * x + _per_sample(c_out.to(x.device, x.dtype), x) * x0
 
@@ -152,13 +140,8 @@ class ConsistencyDistillation:
     def teacher_ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, cond: torch.Tensor,
                           uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """One guided DDIM step of the teacher from ``t`` to ``t_prev``."""
-        eps_c = self.teacher_unet(x, t, encoder_hidden_states=cond).sample
-        eps_u = self.teacher_unet(x, t, encoder_hidden_states=uncond).sample
-        eps = eps_u + _per_sample(w, x) * (eps_c - eps_u)
-        ac = self.alphas_cumprod.to(x.device)
-        a, a_prev = _per_sample(ac[t], x), _per_sample(ac[t_prev], x)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        x0 = self.parts.teacher_x0(x, t, cond, uncond, w)
+        return self.schedule.ddim_step(x, x0, t.cpu(), t_prev.cpu())
 
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "l2":
@@ -173,17 +156,14 @@ class ConsistencyDistillation:
         latents = self.encode_images(batch["pixels"], g).to(device)
         b = latents.shape[0]
         cond = self.encode_text(batch["captions"], device)
-        if self._uncond is None:
-            self._uncond = self.encode_text([""], device)
-        uncond = self._uncond.expand(b, -1, -1)
+        uncond = self.parts.uncond(b, device)
         n = torch.randint(0, len(self.grid), (b,), generator=g).to(device)
         t, t_prev = self.grid.to(device)[n], self.grid_prev.to(device)[n]
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((b,), generator=g)
         w_emb = guidance_embedding(w - 1.0, self.cfg.w_embedding_dim).to(device)
         w = w.to(device)
         noise = torch.randn(latents.shape, generator=g).to(device)
-        a = _per_sample(self.alphas_cumprod.to(device)[t], latents)
-        x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+        x_t = self.schedule.add_noise(latents, noise, t.cpu())
 
         pred = self.consistency_fn(ctx.model("student"), x_t, t, cond, w_emb)
         with torch.no_grad():
@@ -199,56 +179,40 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # -- export -----------------------------------------------------------------------------------------------
 
-STUDENT_META = "student.json"
-
-
-def save_student(unet, out_dir: str | Path, scheduler_config: dict, meta: dict, fp16: bool = False) -> Path:
-    """Write ``out_dir/unet`` and ``out_dir/scheduler`` (an ``LCMScheduler``) and ``out_dir/student.json``.
-
-    Load it in diffusers with ``LatentConsistencyModelPipeline.from_pretrained(teacher,
-    unet=UNet2DConditionModel.from_pretrained(out_dir / "unet"), scheduler=LCMScheduler.from_pretrained(
-    out_dir / "scheduler"))``.
-    """
+def export_student(unet, out_dir: str | Path, method: ConsistencyDistillation, teacher_spec, weights: str,
+                   optimisation_steps: int) -> Path:
+    """Save a consistency student by the one student contract: ``LCMScheduler`` on the distillation grid,
+    guidance through the w-embedding. It also loads in diffusers' ``LatentConsistencyModelPipeline``."""
     from diffusers import LCMScheduler
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    unet = unet.to(torch.float16) if fp16 else unet
-    unet.save_pretrained(out / "unet")
-    lcm = LCMScheduler.from_config(scheduler_config, original_inference_steps=meta.get("num_ddim_timesteps", 50))
-    lcm.save_pretrained(out / "scheduler")
-    atomic_write_text(out / STUDENT_META, json.dumps(meta, indent=2, default=str) + "\n")
-    return out
+    from ..sampling import consistency_timesteps
+    from ..students import StudentInfo, save_student
+
+    cfg = method.cfg
+    scheduler = LCMScheduler.from_config(method.scheduler_config, original_inference_steps=cfg.num_ddim_timesteps)
+    steps = min(4, cfg.num_ddim_timesteps)
+    info = StudentInfo(
+        method="consistency", scheduler="LCMScheduler", prediction_type="epsilon", guidance="w-embedding",
+        steps=steps, guidance_scale=float(teacher_spec.teacher.guidance_scale),
+        teacher={"name": teacher_spec.name, "path": teacher_spec.path},
+        timesteps=consistency_timesteps(steps, cfg.num_ddim_timesteps, method.schedule.num_train_timesteps),
+        details={"num_ddim_timesteps": cfg.num_ddim_timesteps, "w_range": [cfg.w_min, cfg.w_max],
+                 "weights": weights, "optimisation_steps": optimisation_steps, "config": asdict(cfg)})
+    return save_student(unet, out_dir, scheduler, info)
 
 
 def distill_consistency(teacher: str, out_dir: str | Path, cfg: ConsistencyConfig, trainer_cfg,
                         data: str = "world", resume: bool = False) -> Path:
     """Train a consistency student of ``teacher`` (``world``, a model directory or a hub id) into
     ``out_dir``; the student is exported to ``out_dir/student``. Returns that directory."""
-    from ..models import load_teacher_pipeline, resolve_model
-    from .data import WorldSource, open_source
-    from .trainer import Trainer, check_run_dir
+    from .common import run_method
 
-    spec = resolve_model(teacher)
-    if data == "world" and not spec.is_world:
-        raise ValueError(f"--data world (ShapesWorld renderings) only fits the world teacher, not {teacher!r}; "
-                         "give --data a folder, webdataset shards or a saved HF dataset")
-    check_run_dir(out_dir, resume, trainer_cfg.max_steps)  # a bad --out fails before the teacher loads
-    pipe = load_teacher_pipeline(spec)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    source = WorldSource(trainer_cfg.seed) if data == "world" else open_source(data, resolution, trainer_cfg.seed)
-    method = ConsistencyDistillation(pipe, cfg)
-    run_config = {"teacher": {"name": spec.name, "path": spec.path}, "consistency": asdict(cfg),
-                  "data": source.describe()}
-    trainer = Trainer(method, source, trainer_cfg, out_dir, resume=resume, run_config=run_config)
-    trainer.train()
-    student_dir = Path(out_dir) / "student"
     exported = "sampling_ema" if cfg.sampling_ema is not None else "student"
-    if trainer.is_main:
+
+    def export(trainer, method, spec, student_dir: Path) -> None:
         unet = trainer.export("student", "sampling" if cfg.sampling_ema is not None else None)
-        meta = {"method": "consistency", "teacher": {"name": spec.name, "path": spec.path},
-                "num_ddim_timesteps": cfg.num_ddim_timesteps, "w_range": [cfg.w_min, cfg.w_max],
-                "weights": exported, "steps": trainer_cfg.max_steps}
-        save_student(unet, student_dir, method.scheduler_config, meta)
-    trainer.finish({"steps": trainer_cfg.max_steps, "student": str(student_dir), "weights": exported})
-    return student_dir
+        export_student(unet, student_dir, method, spec, exported, trainer_cfg.max_steps)
+
+    return run_method(method_name="consistency", teacher=teacher, out_dir=out_dir, trainer_cfg=trainer_cfg,
+                      data=data, resume=resume, make_method=lambda pipe, spec, out: ConsistencyDistillation(pipe, cfg),
+                      run_config=lambda spec, source: {"consistency": asdict(cfg)}, export=export)

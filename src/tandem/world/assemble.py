@@ -108,11 +108,23 @@ def assemble_world(
 
 
 def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance_scale: float,
-                fp16: bool = True, overwrite: bool = False) -> Path:
-    """Make the student in ``student_dir`` (``student/`` of a ``tandem distill`` run) the world's preset
-    student: copied to ``world/student/`` (UNet in float16 if ``fp16``) with its run's training config,
-    and recorded in ``world/tandem.json`` with its default steps and guidance scale."""
+                fp16: bool = True, overwrite: bool = False, name: str | None = None, preset: bool | None = None,
+                evaluations: dict[str, str | Path] | None = None) -> Path:
+    """Ship the student in ``student_dir`` (``student/`` of a ``tandem distill`` run, or a round of one) with
+    the world: copied (UNet in float16 if ``fp16``) with its run's training config and ``evaluations``
+    (``{"eval_test.json": results.json of `tandem world evaluate`, ...}``), and recorded in
+    ``world/tandem.json`` with its default steps and guidance scale.
+
+    Args:
+        name: ship it as ``students/NAME`` under that name (``--student NAME``); None: as the preset
+            student in ``student/``.
+        preset: also make it the preset's default student [True without a name, False with one].
+    """
+    import re
+
     from diffusers import UNet2DConditionModel
+
+    from ..students import read_student_info
 
     world, student_dir = Path(world), Path(student_dir)
     meta_path = world / "tandem.json"
@@ -121,20 +133,31 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     for sub in ("unet", "scheduler"):
         if not (student_dir / sub).is_dir():
             raise FileNotFoundError(f"{student_dir} lacks {sub}/ (expected the student/ of a `tandem distill` run)")
-    target = world / "student"
+    read_student_info(student_dir)  # a student tandem can load, or a clear error now
+    if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", name):
+        raise ValueError(f"student name {name!r}: use lower-case letters, digits, '.', '+' and '-'")
+    preset = name is None if preset is None else preset
+    relative = "student" if name is None else f"students/{name}"
+    target = world / relative
     if target.exists():
         if not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace the world's student")
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace that student")
         shutil.rmtree(target)
     unet = UNet2DConditionModel.from_pretrained(student_dir / "unet")
     unet.to(torch.float16 if fp16 else torch.float32).save_pretrained(target / "unet")
     shutil.copytree(student_dir / "scheduler", target / "scheduler")
     if (student_dir / "student.json").exists():
         shutil.copy(student_dir / "student.json", target / "student.json")
-    run_config = student_dir.parent / "train_config.json"
-    if run_config.exists():
-        shutil.copy(run_config, target / "train_config.json")
+    run_dir = student_dir.parent.parent if student_dir.parent.name == "rounds" else student_dir.parent
+    if (run_dir / "train_config.json").exists():
+        shutil.copy(run_dir / "train_config.json", target / "train_config.json")
+    for file_name, source in (evaluations or {}).items():
+        shutil.copy(source, target / file_name)
     meta = json.loads(meta_path.read_text())
-    meta["student"] = {"path": "student", "steps": steps, "guidance_scale": guidance_scale}
+    entry = {"path": relative, "steps": steps, "guidance_scale": guidance_scale}
+    if name is not None:
+        meta.setdefault("students", {})[name] = entry
+    if preset:
+        meta["student"] = entry
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return target

@@ -1,0 +1,113 @@
+"""What every distillation method takes from its teacher, and the run around a method.
+
+:class:`TeacherParts` holds the frozen teacher UNet, VAE and text encoder with the noise schedule
+(one :class:`~tandem.denoiser.NoiseSchedule`), and the pieces every method's step needs: caption
+embeddings, VAE latents of a batch of images, the empty caption, the teacher's guided prediction.
+:func:`run_method` is the run of any method: check ``--out`` before a model loads, open the data,
+train on the shared Trainer, export the student by the one student contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..denoiser import NoiseSchedule
+from ..models import encode_captions
+
+
+class TeacherParts:
+    """The frozen parts of a teacher pipeline (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+    ``scheduler``), in float32, with its noise schedule."""
+
+    def __init__(self, teacher):
+        self.teacher_unet = teacher.unet.float()
+        self.vae = teacher.vae.float()
+        self.text_encoder = teacher.text_encoder.float()
+        self.tokenizer = teacher.tokenizer
+        self.scheduler_config = dict(teacher.scheduler.config)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.schedule = NoiseSchedule.from_scheduler(self.scheduler_config)
+        self._uncond: torch.Tensor | None = None
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher_unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device) -> torch.Tensor:
+        return encode_captions(self.tokenizer, self.text_encoder, captions, device)
+
+    def uncond(self, batch: int, device) -> torch.Tensor:
+        """The empty caption's embeddings, [batch, L, D] (computed once)."""
+        if self._uncond is None:
+            self._uncond = self.encode_text([""], device)
+        return self._uncond.to(device).expand(batch, -1, -1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled VAE latents of ``pixels`` in [-1, 1], a sample of each posterior (noise from ``generator``)."""
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(dist.mean.device)
+        return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                   w: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's x₀ at ``x_t``: classifier-free guided ``ε_u + w (ε_c - ε_u)`` (per-sample ``w``), or
+        its conditional prediction alone when ``w`` is None."""
+        return self.schedule.to_x0(self.teacher_eps(x, t, cond, uncond, w), x, t)
+
+    @torch.no_grad()
+    def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                    w: torch.Tensor | None) -> torch.Tensor:
+        unet = self.teacher_unet
+        pred_c = unet(x, t, encoder_hidden_states=cond).sample
+        eps_c = self.schedule.to_eps(pred_c, x, t, self.prediction_type)
+        if w is None:
+            return eps_c
+        pred_u = unet(x, t, encoder_hidden_states=uncond).sample
+        eps_u = self.schedule.to_eps(pred_u, x, t, self.prediction_type)
+        w = w.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return eps_u + w * (eps_c - eps_u)
+
+
+def uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    """``n`` draws from U[low, high] (CPU, float32)."""
+    return low + (high - low) * torch.rand((n,), generator=generator)
+
+
+def run_method(*, method_name: str, teacher: str, out_dir: str | Path, trainer_cfg, data: str, resume: bool,
+               make_method: Callable, run_config: Callable[[object, object], dict],
+               export: Callable[[object, object, object, Path], None]) -> Path:
+    """Train one distillation method end to end; returns ``out_dir/student``.
+
+    Args:
+        make_method: ``(teacher_pipe, spec, out_dir) -> method``.
+        run_config: ``(spec, source) -> dict`` saved as the run's configuration (beside the trainer's).
+        export: ``(trainer, method, spec, student_dir) -> None`` writes the student (main process only).
+    """
+    from ..models import load_teacher_pipeline, resolve_model
+    from .data import WorldSource, open_source
+    from .trainer import Trainer, check_run_dir
+
+    spec = resolve_model(teacher)
+    if data == "world" and not spec.is_world:
+        raise ValueError(f"--data world (ShapesWorld renderings) only fits a world teacher, not {teacher!r}; "
+                         "give --data a folder, webdataset shards or a saved HF dataset")
+    check_run_dir(out_dir, resume, trainer_cfg.max_steps)  # a bad --out fails before the teacher loads
+    pipe = load_teacher_pipeline(spec)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    source = WorldSource(trainer_cfg.seed) if data == "world" else open_source(data, resolution, trainer_cfg.seed)
+    method = make_method(pipe, spec, Path(out_dir))
+    config = {"teacher": {"name": spec.name, "path": spec.path}, **run_config(spec, source),
+              "data": source.describe()}
+    trainer = Trainer(method, source, trainer_cfg, out_dir, resume=resume, run_config=config)
+    trainer.train()
+    student_dir = Path(out_dir) / "student"
+    if trainer.is_main:
+        export(trainer, method, spec, student_dir)
+    trainer.finish({"method": method_name, "steps": trainer_cfg.max_steps, "student": str(student_dir)})
+    return student_dir
