@@ -45,3 +45,35 @@ def plot_quality_vs_steps(student: dict, path: str | Path, reference: dict | Non
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_quality_vs_flops(series: dict[str, list[tuple[float, float, str]]], path: str | Path,
+                          title: str | None = None) -> Path:
+    """Quality against the UNet FLOPs spent per image (Dockhorn et al.'s Fig. 2 view): one line per
+    model, its points at several step counts.
+
+    Args:
+        series: ``{label: [(flops per image, accuracy in [0, 1], point label), ...]}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    for label, points in series.items():
+        points = sorted(points)
+        ax.plot([p[0] / 1e9 for p in points], [100 * p[1] for p in points], marker="o", label=label)
+        for flops, acc, text in points:
+            ax.annotate(text, (flops / 1e9, 100 * acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet GFLOPs per image (all steps, guidance included)")
+    ax.set_ylabel("captions satisfied (%)")
+    ax.set_title(title or "quality vs. compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

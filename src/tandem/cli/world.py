@@ -246,6 +246,40 @@ def world_add_student(
     console.print(f"student -> {target}")
 
 
+@world_app.command("plot-cost")
+def world_plot_cost(
+    results: Annotated[list[Path], typer.Argument(help="results.json files of `tandem world evaluate` (teacher or "
+                                                       "student; each becomes one line).")],
+    out: Annotated[Path, typer.Option(help="The figure to write (PNG).")],
+    label: Annotated[list[str] | None, typer.Option(help="A label per results file, in order [the model or "
+                                                         "student it judged].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing figure.")] = False,
+) -> None:
+    """Accuracy against UNet FLOPs per image, one line per evaluation (the knowledge-distillation paper's
+    Fig. 2 view): which model reaches a quality for the least compute."""
+    from ..plots import plot_quality_vs_flops
+
+    if label and len(label) != len(results):
+        raise UserError(f"--label: got {len(label)} labels for {len(results)} results files")
+    _check_out_file(out, overwrite)
+    series = {}
+    for i, path in enumerate(results):
+        try:
+            data = json.loads(path.read_text())
+            mode = data["config"]["mode"]
+            runs = data[mode]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{path}: not a results.json of `tandem world evaluate`") from None
+        if not all("unet_flops_per_image" in r for r in runs.values()):
+            raise UserError(f"{path}: no FLOPs per image in it (written by an older tandem: evaluate again)")
+        name = label[i] if label else (data["config"].get("student_name") or data["config"].get("student")
+                                       if mode == "student" else f"teacher ({data['config']['model']})")
+        series[str(name)] = [(r["unet_flops_per_image"], r["accuracy"],
+                              f"{r['settings']['steps']}/{r['settings']['guidance_scale']:g}") for r in runs.values()]
+    plot_quality_vs_flops(series, out)
+    console.print(f"figure -> {out}")
+
+
 @world_app.command("students")
 def world_students(
     model: Annotated[str, typer.Option(help="A world model: 'world' or a world directory.")] = "world",
