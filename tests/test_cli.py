@@ -137,14 +137,17 @@ def test_generate_writes_numbered_pngs_records_and_config(runs, tiny_world):
         assert Image.open(path).format == "PNG"
         assert image(path).shape == (32, 32, 3)
 
+    from tandem.generate import prompt_seed
+
     recs = records(out)
     assert [r["prompt"] for r in recs] == PROMPTS
     assert [r["file"] for r in recs] == ["00000.png", "00001.png", "00002.png"]
+    assert [r["prompt_seed"] for r in recs] == [prompt_seed(0, i) for i in range(3)]
     for r in recs:
-        assert r["seed"] == 0
-        settings = (r["mode"], r["teacher_steps"], r["scheduler"], r["guidance_scale"])
-        assert settings == ("teacher", STEPS, "dpm", 3.0)
-        assert r["unet_evals"] == STEPS * 2  # guidance 3.0 > 1: conditional + unconditional per step
+        assert (r["seed"], r["path"], r["student_score"], r["tau"], r["oracle_calls"]) == (0, "teacher", None, None, 0)
+        # guidance 3.0 > 1: conditional + unconditional per step
+        assert r["unet_evals"] == {"student": 0.0, "teacher": STEPS * 2.0, "total": STEPS * 2.0}
+        assert r["vae"] == {"decode": 1, "encode": 0}
 
     cfg = config(out)
     assert cfg["teacher"] == {"steps": STEPS, "scheduler": "dpm", "guidance_scale": 3.0}
@@ -181,8 +184,7 @@ def test_generate_records_the_scheduler_and_unguided_evals(runs, run):
     out = runs(run)
     assert [(r["prompt"], r["seed"]) for r in records(out)] == [(p, seed) for p in prompts]
     for r in records(out):
-        assert (r["scheduler"], r["guidance_scale"], r["teacher_steps"]) == (scheduler, guidance_scale, STEPS)
-        assert r["unet_evals"] == STEPS  # guidance <= 1: no unconditional branch
+        assert r["unet_evals"] == {"student": 0.0, "teacher": float(STEPS), "total": float(STEPS)}  # no CFG branch
     cfg = config(out)
     assert cfg["teacher"] == {"steps": STEPS, "scheduler": scheduler, "guidance_scale": guidance_scale}
     assert cfg["seed"] == seed
@@ -192,6 +194,7 @@ def test_generate_same_seed_same_bytes_whatever_the_batch_and_its_other_prompts(
     # base: [A, B, C] in one batch of 3; others: [A, D, C, E] in batches [A, D], [C, E].
     base, others = pngs(runs("base")), pngs(runs("others"))
     assert [r["prompt"] for r in records(runs("others"))] == [A, D, C, E]
+    assert [r["unet_evals"]["total"] for r in records(runs("others"))] == [STEPS * 2.0] * 4  # each batch its own
     assert base[0].read_bytes() == others[0].read_bytes()
     assert base[2].read_bytes() == others[2].read_bytes()
     # ... while the prompt that did change (B -> D at index 1) changed its image.

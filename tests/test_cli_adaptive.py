@@ -48,11 +48,22 @@ def test_calibrate_writes_the_percentile_table_and_refuses_to_overwrite(calibrat
     assert calibration.read_text() == before
 
 
-def test_adaptive_generation_keeps_the_output_contract(calibration, workdir, capsys, monkeypatch):
+@pytest.fixture
+def adaptive_run(calibration, workdir, capsys, monkeypatch):
     out = workdir / "adaptive"
-    ok(run(capsys, monkeypatch, "generate", "--mode", "adaptive", "--prompts", workdir / "prompts.txt",
-           "--calibration", calibration, "--percentile", 50, "--teacher-steps", 4, "--out", out))
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    if not out.exists():
+        ok(run(capsys, monkeypatch, "generate", "--mode", "adaptive", "--prompts", workdir / "prompts.txt",
+               "--calibration", calibration, "--percentile", 50, "--teacher-steps", 4, "--out", out))
+    return out
+
+
+def read_records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_adaptive_generation_keeps_the_output_contract(adaptive_run, capsys, monkeypatch):
+    out = adaptive_run
+    records = read_records(out)
     assert [r["prompt"] for r in records] == PROMPTS
     assert sorted(p.name for p in out.glob("[0-9]*.png")) == [f"{i:05d}.png" for i in range(len(PROMPTS))]
     paths = [r["path"] for r in records]
@@ -75,6 +86,49 @@ def test_adaptive_generation_keeps_the_output_contract(calibration, workdir, cap
     ok(run(capsys, monkeypatch, "world", "judge", out, "--against", out))
     side = json.loads((out / "judge.json").read_text())["against"]
     assert (side["tie"], side["win_rate"], side["ci"]) == (1.0, 0.5, [0.5, 0.5])
+
+
+def shape(value):
+    """A JSON value's type, with a dict's keys and their types: what two records must share."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def test_every_generate_mode_writes_one_record_schema(adaptive_run, workdir, capsys, monkeypatch):
+    """The teacher and the student run directly (no oracle) and the adaptive pipeline (oracle, calibration,
+    refinement) write records with the same keys, in the same order, of the same types; only the oracle's
+    score and tau are null where no oracle ran, and a refined image adds its rollback."""
+    from tandem.pipeline import RECORD_FIELDS, RUN_RECORD_FIELDS
+
+    runs = {"adaptive": read_records(adaptive_run)}
+    for mode in ("teacher", "student"):
+        out = workdir / f"alone-{mode}"
+        steps = ["--teacher-steps", 4] if mode == "teacher" else []
+        ok(run(capsys, monkeypatch, "generate", *PROMPTS[:2], "--mode", mode, *steps, "--out", out))
+        assert "preset_fields" not in json.loads((out / "config.json").read_text())  # the direct path, not a preset's
+        runs[mode] = read_records(out)
+    assert {r["path"] for r in runs["adaptive"]} == {"accepted", "refined"}
+    assert {r["path"] for r in runs["teacher"]} == {"teacher"} and {r["path"] for r in runs["student"]} == {"student"}
+    for mode, records in runs.items():
+        for r in records:
+            refined = ["rollback_sigma", "teacher_steps_run"] if r["path"] == "refined" else []
+            assert list(r) == [*RECORD_FIELDS, *refined, *RUN_RECORD_FIELDS], mode
+    oracle = {"student_score", "tau"}  # floats where the oracle scored, null where none ran
+    want = {k: v for k, v in shape(runs["adaptive"][0]).items() if k not in oracle}
+    for mode, records in runs.items():
+        for r in records:
+            assert {k: v for k, v in shape(r).items() if k in want} == want, mode
+            expected = "float" if mode == "adaptive" else "NoneType"
+            assert {shape(r[k]) for k in oracle} == {expected}, mode
+    assert want["unet_evals"] == {"student": "float", "teacher": "float", "total": "float"}
+    assert want["vae"] == {"decode": "int", "encode": "int"} and want["oracle_calls"] == "int"
+    # The costs are the runs' own: the shipped student takes 4 steps of one row, the teacher 4 guided steps of two.
+    assert [r["unet_evals"] for r in runs["student"]] == [{"student": 4.0, "teacher": 0.0, "total": 4.0}] * 2
+    assert [r["unet_evals"] for r in runs["teacher"]] == [{"student": 0.0, "teacher": 8.0, "total": 8.0}] * 2
+    assert [r["oracle_calls"] for r in runs["adaptive"]] == [1] * len(PROMPTS)
+    assert all(r["oracle_calls"] == 0 and r["vae"] == {"decode": 1, "encode": 0}
+               for mode in ("teacher", "student") for r in runs[mode])
 
 
 def test_a_calibration_for_other_settings_is_refused(calibration, workdir, capsys, monkeypatch):

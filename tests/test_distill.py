@@ -302,7 +302,8 @@ def test_generate_student_mode_writes_the_output_contract(tiny_world, random_stu
     assert code == 0, err
     records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     assert [r["file"] for r in records] == ["00000.png", "00001.png"]
-    assert all(r["mode"] == "student" and r["student_steps"] == 2 and r["unet_evals"] == 2 for r in records)
+    assert all(r["path"] == "student" and r["unet_evals"] == {"student": 2.0, "teacher": 0.0, "total": 2.0}
+               for r in records)
     config = json.loads((out / "config.json").read_text())
     assert config["student"]["steps"] == 2 and config["student"]["path"] == str(random_student)
     pipe = load_student_pipeline(resolve_model(str(tiny_world)), random_student)
@@ -388,9 +389,9 @@ def test_world_add_student_makes_it_the_preset(tiny_world, random_student, tmp_p
     code, err = _cli(capsys, monkeypatch, "generate", "a red circle", "--model", world, "--mode", "student",
                      "--out", tmp_path / "gen")
     assert code == 0, err
-    record = json.loads((tmp_path / "gen" / "records.jsonl").read_text())
-    assert record["student_steps"] == 3 and record["guidance_scale"] == 2.5
-    assert record["student"] == str(world / "student")
+    config = json.loads((tmp_path / "gen" / "config.json").read_text())["student"]
+    assert config["steps"] == 3 and config["guidance_scale"] == 2.5
+    assert config["path"] == str(world / "student")
     code, err = _cli(capsys, monkeypatch, "world", "add-student", "--world", world, "--student", random_student,
                      "--steps", 3, "--guidance-scale", 2.5)
     assert code == 2 and "--overwrite" in err

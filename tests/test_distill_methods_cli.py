@@ -84,7 +84,7 @@ def test_student_generates_directly_and_in_tandem(which, students, real_tier, tm
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "direct" / "records.jsonl").read_text().splitlines()]
     per_step = 2 if which == "kd" else 1  # classifier-free guidance calls the UNet twice per step
-    assert [r["unet_evals"] for r in records] == [2 * per_step] * 2
+    assert [r["unet_evals"]["student"] for r in records] == [2.0 * per_step] * 2
     calibration = tmp_path / "cal.json"
     prompts = tmp_path / "val.txt"
     prompts.write_text("a red photo\na green photo\na blue photo\na red circle\na blue square\n")
@@ -170,9 +170,37 @@ def test_shipped_students_by_name(tiny_world, students, tmp_path, capsys, monkey
     code, err, _ = _cli(capsys, monkeypatch, "generate", "a red circle", "--model", world, "--mode", "student",
                      "--student", "kd-half", "--out", tmp_path / "gen")
     assert code == 0, err
-    record = json.loads((tmp_path / "gen" / "records.jsonl").read_text().splitlines()[0])
-    assert record["student_steps"] == 3 and record["guidance_scale"] == 2
+    config = json.loads((tmp_path / "gen" / "config.json").read_text())["student"]
+    assert config["steps"] == 3 and config["guidance_scale"] == 2
     code, err, _ = _cli(capsys, monkeypatch, "generate", "a red circle", "--model", world, "--mode", "student",
                      "--student", "nope", "--out", tmp_path / "gen2")
     assert code == 2 and "no student 'nope'" in err and "kd-half" in err, err
 
+
+
+def test_world_evaluate_reports_flops_and_plot_cost_draws_them(tiny_world, students, tmp_path, capsys, monkeypatch):
+    """`world evaluate` records UNet FLOPs per image (steps x calls per step x FLOPs per call, CFG counted
+    twice); `world plot-cost` draws accuracy against them, one line per results file."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na small blue square\n")
+    common = ["--model", tiny_world, "--prompts", prompts, "--no-vae", "--batch-size", 2]
+    code, err, _ = _cli(capsys, monkeypatch, "world", "evaluate", "--mode", "teacher", "--teacher-steps", 3,
+                        "--guidance-scale", 2, *common, "--out", tmp_path / "teacher")
+    assert code == 0, err
+    code, err, _ = _cli(capsys, monkeypatch, "world", "evaluate", "--mode", "student", "--student", students["kd"],
+                        "--student-steps", 2, "--guidance-scale", 2, *common, "--out", tmp_path / "kd")
+    assert code == 0, err
+    teacher = json.loads((tmp_path / "teacher" / "results.json").read_text())
+    kd = json.loads((tmp_path / "kd" / "results.json").read_text())
+    assert kd["config"]["student_method"] == "knowledge"
+    t_run, s_run = teacher["teacher"]["2.0"], kd["student"]["steps2_g2.0"]
+    assert t_run["unet_flops_per_image"] == 3 * 2 * teacher["unet"]["flops_per_call"]
+    assert s_run["unet_evals_per_image"] == 4 and s_run["unet_flops_per_image"] == 4 * kd["unet"]["flops_per_call"]
+    assert kd["unet"]["flops_per_call"] < teacher["unet"]["flops_per_call"] / 2
+    figure = tmp_path / "cost.png"
+    code, err, _ = _cli(capsys, monkeypatch, "world", "plot-cost", tmp_path / "teacher" / "results.json",
+                        tmp_path / "kd" / "results.json", "--out", figure)
+    assert code == 0, err
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, err, _ = _cli(capsys, monkeypatch, "world", "plot-cost", prompts, "--out", tmp_path / "bad.png")
+    assert code == 2 and "not a results.json" in err, err

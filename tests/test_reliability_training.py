@@ -138,25 +138,33 @@ def test_distill_resume_refuses_a_checkpoint_that_would_run_code(name, form, tin
     assert snapshot(run_copy) == before
 
 
-def _world_run(out: Path, max_steps: int = 6, step: int | None = None) -> Path:
-    """A `tandem world train vae` run directory with the command's default config (and a checkpoint at
-    ``step``), opened by the library without training anything."""
-    from tandem.world.runs import Run
+def _world_trainer(out: Path, max_steps: int = 6):
+    """The Trainer of a `tandem world train vae` run with the command's default config, opened by the library
+    (its run directory written) without training anything."""
+    from tandem.world.train import VAETraining, world_trainer
 
-    run = Run(out, "vae", VAETrainConfig(max_steps=max_steps), resume=False)
+    cfg = VAETrainConfig(max_steps=max_steps)
+    return world_trainer(VAETraining(cfg), cfg, out, resume=False)
+
+
+def _world_run(out: Path, max_steps: int = 6, step: int | None = None) -> Path:
+    """A `tandem world train vae` run directory (with a checkpoint at ``step``)."""
+    trainer = _world_trainer(out, max_steps)
     if step is not None:
-        run.save(step, {})
+        trainer.save_checkpoint(step)
     return out
 
 
-@pytest.mark.parametrize("form", ["torch.save", "pickle"])
-def test_world_resume_refuses_a_checkpoint_that_would_run_code(form, tmp_path, capsys, monkeypatch):
-    run = _world_run(tmp_path / "run")
+@pytest.mark.parametrize("name, form", [("state.pt", "torch.save"), ("state.pt", "pickle"),
+                                        ("rng-0.pt", "torch.save")])
+def test_world_resume_refuses_a_checkpoint_that_would_run_code(name, form, tmp_path, capsys, monkeypatch):
+    run = _world_run(tmp_path / "run", step=2)
     marker = tmp_path / "marker"
-    _plant_payload(run / "checkpoint.pt", marker, form)
+    _plant_payload(run / "checkpoint" / name, marker, form)
     before = snapshot(run)
     result = tandem_in_process(capsys, monkeypatch, "world", "train", "vae", "--out", run, "--resume")
-    assert_user_error(result, "checkpoint.pt")
+    assert_user_error(result, f"checkpoint/{name}")
+    assert "refuses" in result.stderr or "unreadable" in result.stderr
     assert not marker.exists(), "the checkpoint's code ran"
     assert snapshot(run) == before
 
@@ -190,12 +198,13 @@ def victim(tmp_path):
 
 
 def _write_world_checkpoint(tmp_path: Path, victim: Path) -> None:
-    from tandem.world.runs import Run, load_checkpoint_file
+    from tandem.world.runs import load_checkpoint_file
 
-    run = Run(tmp_path / "run", "vae", VAETrainConfig(max_steps=3), resume=False)
-    (run.dir / "checkpoint.pt.tmp").symlink_to(victim)
-    run.save(2, {})
-    assert load_checkpoint_file(run.dir / "checkpoint.pt")["step"] == 2
+    trainer = _world_trainer(tmp_path / "run", max_steps=3)
+    (trainer.dir / "checkpoint.tmp").symlink_to(victim)
+    trainer.save_checkpoint(2)
+    assert json.loads((trainer.dir / "checkpoint" / "meta.json").read_text())["step"] == 2
+    assert set(load_checkpoint_file(trainer.dir / "checkpoint" / "state.pt")["models"]) == {"vae"}
 
 
 def _write_oracle_weights(tmp_path: Path, victim: Path) -> None:
@@ -275,10 +284,22 @@ def _user_files(out: Path) -> dict[str, bytes]:
     return snapshot(out)
 
 
-@pytest.mark.parametrize("command", [("distill", "consistency"), ("world", "train", "vae")])
+@pytest.mark.parametrize("command", [
+    ("distill", "consistency"), ("world", "train", "vae"), ("world", "train", "vae-decoder"), ("world", "train", "clip"),
+    ("world", "train", "teacher"), ("world", "train", "controlnet", "--control", "mask"), ("world", "train", "oracle"),
+], ids=" ".join)
 def test_a_new_run_refuses_a_directory_of_user_files(command, tiny_world, tmp_path, capsys, monkeypatch):
+    import tandem.models
+    from tandem.world import control, oracle, train
+
     out = tmp_path / "mine"
     before = _user_files(out)
+    # refused before any model loads
+    monkeypatch.setattr(tandem.models, "load_teacher_pipeline", _never)
+    for method in (train.VAETraining, train.DecoderTraining, train.CLIPTraining, train.TeacherTraining,
+                   control.ControlNetTraining, oracle.OracleTraining):
+        monkeypatch.setattr(method, "__init__", _never)
+    monkeypatch.setattr(oracle.WorldOracle, "from_clip", _never)
     extra = ["--teacher", tiny_world, "--max-steps", 1, "--batch-size", 2] if command[0] == "distill" else []
     result = tandem_in_process(capsys, monkeypatch, *command, "--out", out, *extra)
     assert_user_error(result, str(out), "not empty")
@@ -460,9 +481,10 @@ def test_a_damaged_distill_run_is_a_one_line_error(damage, needle, tiny_world, r
 
 
 @pytest.mark.parametrize("damage, needle", [
-    (lambda run: _truncate(run / "checkpoint.pt"), "checkpoint.pt is unreadable (truncated?)"),
+    (lambda run: _truncate(run / "checkpoint" / "state.pt"), "checkpoint/state.pt is unreadable (truncated?)"),
+    (lambda run: (run / "checkpoint" / "rng-0.pt").unlink(), "checkpoint/rng-0.pt is missing"),
     (lambda run: (run / "train_config.json").write_text("{'component': "), "train_config.json is not valid JSON"),
-], ids=["truncated checkpoint", "corrupt config"])
+], ids=["truncated checkpoint", "missing rng", "corrupt config"])
 def test_a_damaged_world_run_is_a_one_line_error(damage, needle, tmp_path, capsys, monkeypatch):
     run = _world_run(tmp_path / "run", step=2)
     damage(run)

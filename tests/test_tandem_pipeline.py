@@ -25,7 +25,7 @@ from tandem.generate import (
     initial_latents,
     prompt_generator,
 )
-from tandem.pipeline import TandemPipeline, refine_schedule
+from tandem.pipeline import RECORD_FIELDS, TandemPipeline, generate_alone, refine_schedule
 from tandem.presets import PRESETS, load_student, load_teacher
 
 PROMPTS = ["a red circle", "a small blue square at the top left", "a green triangle",
@@ -78,6 +78,28 @@ def test_student_and_teacher_modes_match_the_plain_generators(pipe):
     ref = generate_teacher(pipe.teacher, PROMPTS[:3], TeacherSettings(3, "dpm", 4.5), seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(out.images, ref))
     assert [r["unet_evals"]["teacher"] for r in out.records] == [6.0] * 3  # 3 steps, CFG doubles the batch
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+def test_a_model_alone_writes_the_pipelines_records(pipe, mode):
+    """generate_alone (``tandem generate --mode teacher|student`` run directly) draws the plain generators'
+    images and gives them the records the pipeline's own mode does, costs included, at another batch size."""
+    if mode == "student":
+        model, settings, kwargs = pipe.student, StudentSettings(2, 6.0), {}
+    else:
+        model, settings, kwargs = pipe.teacher, TeacherSettings(3, "dpm", 4.5), {"teacher_steps": 3}
+    prompts, done = PROMPTS[:5], []
+    alone = generate_alone(model, prompts, settings, seed=4, batch_size=2, on_batch=done.append)
+    ours = pipe(prompts, mode=mode, seed=4, batch_size=5, **kwargs)
+    plain = (generate_student if mode == "student" else generate_teacher)(model, prompts, settings, seed=4,
+                                                                         batch_size=2)
+    assert all(np.array_equal(a, b) for a, b in zip(alone.images, plain, strict=True))
+    assert done == [2, 4, 5]
+    assert alone.records == ours.records
+    assert [list(r) for r in alone.records] == [list(RECORD_FIELDS)] * 5
+    per_image = 2.0 if mode == "student" else 6.0  # the student's w-embedding; the teacher's CFG doubles
+    assert [r["unet_evals"][mode] for r in alone.records] == [per_image] * 5
+    assert alone.summary["paths"] == {mode: 5} and alone.summary["unet_evals_mean"] == per_image
 
 
 def test_regeneration_is_the_teacher_from_the_students_noise(pipe):

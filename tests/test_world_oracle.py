@@ -17,15 +17,14 @@ from tandem.world.oracle import (
     OracleArch,
     OracleBatches,
     OracleTrainConfig,
+    OracleTraining,
     SampleRecipe,
     WorldOracle,
     WorldOracleScorer,
     best_threshold_accuracy,
     corrupt,
-    make_optimizer,
     pairwise_agreement,
     train_oracle,
-    training_step,
 )
 from tandem.world.stream import sample_batch
 
@@ -148,27 +147,54 @@ def test_bad_input_is_refused(tiny, tmp_path):
         WorldOracleScorer.from_pretrained(tmp_path / "missing")
 
 
-def train_on_renderings(clip_dir, tokenizer, steps: int):
-    """A tiny oracle trained briefly on renderings vs corrupted renderings of 300 stream captions."""
+def train_on_renderings(clip_dir, tokenizer, steps: int, out):
+    """A tiny oracle trained briefly (on the Trainer, in ``out``) on renderings vs corrupted renderings of 300
+    stream captions."""
+    from tandem.world.train import world_trainer
+
     prompts, images, score, group = pairs(910, 300)
     data = {"images": images, "score": score, "prompt": group}
     cfg = OracleTrainConfig(arch=ARCH, max_steps=max(steps, 1), prompts_per_batch=32, lr=3e-3, tower_lr_scale=1.0,
-                            frozen_tower_layers=0, warmup_steps=5)
+                            frozen_tower_layers=0, warmup_steps=5, checkpoint_every=max(steps, 1))
     torch.manual_seed(2)
     model = WorldOracle.from_clip(clip_dir, ARCH)
-    opt, sched = make_optimizer(model, cfg)
-    batches = OracleBatches(model, tokenizer, prompts[:300], data, cfg.prompts_per_batch, cfg.frozen_tower_layers,
-                            cfg.seed)
-    for i in range(steps):
-        training_step(model, batches(i), opt, sched, cfg)
+    if steps:
+        method = OracleTraining(model, cfg, OracleBatches(model, tokenizer, prompts[:300], data, cfg.prompts_per_batch,
+                                                          cfg.frozen_tower_layers, cfg.seed))
+        world_trainer(method, cfg, out, resume=False, batch_size=cfg.prompts_per_batch).train()
     return WorldOracleScorer(model.eval(), tokenizer)
 
 
-def test_short_training_ranks_held_out_renderings_above_corrupted_ones(tiny_clip):
+def test_short_training_ranks_held_out_renderings_above_corrupted_ones(tiny_clip, tmp_path):
     clip_dir, tokenizer = tiny_clip
-    untrained = agreement(train_on_renderings(clip_dir, tokenizer, 0), n=200)
-    trained = agreement(train_on_renderings(clip_dir, tokenizer, 60), n=200)
+    untrained = agreement(train_on_renderings(clip_dir, tokenizer, 0, tmp_path / "untrained"), n=200)
+    trained = agreement(train_on_renderings(clip_dir, tokenizer, 60, tmp_path / "trained"), n=200)
     assert trained > 0.62 and untrained < 0.58, (trained, untrained)
+    log = [json.loads(line) for line in (tmp_path / "trained" / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "mse", "rank", "grad_norm"} <= set(log[-1]) and log[-1]["step"] == 60
+
+
+def test_training_moves_only_what_the_config_leaves_trainable(tiny_clip, tmp_path):
+    """Embeddings and the first ``frozen_tower_layers`` of both towers (whose vision outputs the batches cache)
+    stay as the CLIP trained them; the other tower layers, the fusion layers and the head train."""
+    from tandem.world.train import world_trainer
+
+    cfg = OracleTrainConfig(arch=ARCH, max_steps=2, lr=1e-3, tower_lr_scale=0.25, frozen_tower_layers=1,
+                            warmup_steps=0)
+    torch.manual_seed(3)
+    model = WorldOracle.from_clip(tiny_clip[0], ARCH)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts, images, score, group = pairs(911, 8)
+    batches = OracleBatches(model, tiny_clip[1], prompts[:8], {"images": images, "score": score, "prompt": group},
+                            4, cfg.frozen_tower_layers, cfg.seed)
+    world_trainer(OracleTraining(model, cfg, batches), cfg, tmp_path / "run", resume=False, batch_size=4).train()
+    after = model.state_dict()
+    fixed = ("vision.embeddings.", "text.embeddings.", "vision.pre_layrnorm.", "vision.encoder.layers.0.",
+             "text.encoder.layers.0.")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in moved if k.startswith(fixed)}
+    for trained in ("vision.encoder.layers.1.", "text.encoder.layers.1.", "fusion.", "head.", "image_proj."):
+        assert any(k.startswith(trained) for k in moved), trained
 
 
 def test_refinements_start_from_the_students_own_latents():
@@ -210,9 +236,10 @@ def test_training_command_caches_data_resumes_exactly_and_evaluates(tiny_clip, t
     train_oracle(split, dataclasses.replace(cfg, max_steps=1))
     with pytest.raises(FileExistsError):
         train_oracle(split, cfg)
-    with pytest.raises(ValueError, match="config differs"):
+    with pytest.raises(ValueError, match="configuration differs"):
         train_oracle(split, dataclasses.replace(cfg, lr=1.0), resume=True)
     resumed = train_oracle(split, cfg, resume=True)
+    assert json.loads((split / "checkpoint" / "meta.json").read_text())["step"] == 2
     assert {p: p.stat().st_mtime_ns for p in (split / "data").rglob("*.npz")} == stamps
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and a["head.2.weight"].dtype == torch.float16
@@ -236,7 +263,7 @@ def test_cli_refuses_bad_input_with_exit_status_2(tmp_path, capsys, monkeypatch)
                           *needles)
     assert_user_error(tandem_in_process(capsys, monkeypatch, "world", "train", "clip", "--out", out,
                                         "--world", tmp_path), "--world", "oracle and the controlnet only")
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "checkpoint").exists() and not (out / "train_config.json").exists()
 
 
 def test_the_shipped_oracle_ranks_like_the_judge():

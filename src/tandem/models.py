@@ -216,13 +216,15 @@ def student_dir(spec: ModelSpec, student: str | Path | None) -> Path:
 def student_defaults(spec: ModelSpec, student: str | Path | None) -> StudentDefaults:
     """Path, default steps and guidance of a student: the model's entry for a shipped (or the preset)
     student, else what the student's own ``student.json`` says."""
-    from .students import read_student_info
+    from .students import has_description, read_student_info
 
     if student is None and spec.student is not None:
         return spec.student
     if student is not None and str(student) in spec.students:
         return spec.students[str(student)]
     path = student_dir(spec, student)
+    if not has_description(path):  # an LCM student without student.json: the teacher's guidance
+        return StudentDefaults(path=str(path), steps=4, guidance_scale=spec.teacher.guidance_scale)
     info = read_student_info(path)
     return StudentDefaults(path=str(path), steps=info.steps, guidance_scale=info.guidance_scale)
 
@@ -234,6 +236,8 @@ def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
     from .students import load_student
 
     quiet_hub_libraries()
+    if _is_dir(Path(spec.path)):  # the model's parts first: a student is no use without them
+        check_model_dir(spec.path, ("vae", "text_encoder", "tokenizer"))
     path = student_dir(spec, student)
     return load_student(path, spec, device=device, dtype=dtype)
 

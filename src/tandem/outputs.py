@@ -1,7 +1,8 @@
 """The output-directory contract shared by ``tandem generate``, ``tandem edit`` and ``tandem world render``:
 
     DIR/00000.png, 00001.png, ...   one image per prompt, in input order
-    DIR/records.jsonl               one JSON line per image
+    DIR/records.jsonl               one JSON line per image (``tandem generate``, every mode:
+                                    ``tandem.pipeline.RECORD_FIELDS``, then ``RUN_RECORD_FIELDS``)
     DIR/config.json                 the exact settings of the run
 
 A run directory is written whole or not at all. Everything goes into ``DIR.incomplete/`` beside

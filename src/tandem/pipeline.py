@@ -48,7 +48,17 @@ from .calibration import (
 )
 from .checks import check_finite, count, finite_number, sampler_step_limit, sampler_steps, threshold_value
 from .denoiser import NoiseSchedule
-from .generate import _to_uint8, initial_latents, prompt_generator, prompt_seed, unet_evals_per_step
+from .generate import (
+    StudentSettings,
+    TeacherSettings,
+    _to_uint8,
+    generate_student,
+    generate_teacher,
+    initial_latents,
+    prompt_generator,
+    prompt_seed,
+    unet_evals_per_step,
+)
 from .models import SCHEDULERS, make_scheduler
 
 MODES = ("adaptive", "student", "teacher", "refine-all")
@@ -63,11 +73,46 @@ NO_SCORER = "scoring needs a scorer (oracle): build the pipeline with scorer=...
 OPTIONS = {"accept_threshold": "--threshold", "percentile": "--percentile", "budget": "--budget"}
 TEACHER_GUIDANCE = 7.5  # the teacher's guidance when no default gives one (diffusers' Stable Diffusion default)
 
+# The record of one generated image: every mode of TandemPipeline and generate_alone, and so every
+# `tandem generate` run (records.jsonl), writes these keys in this order, all built by image_record.
+RECORD_FIELDS = {
+    "index": "int: the prompt's position in the input",
+    "prompt": "str: the prompt",
+    "path": "str: what made the final image (PATHS)",
+    "prompt_seed": "int | None: the seed of the image's generator, from (seed, index); None for generators passed in",
+    "student_score": "float | None: the oracle's score of the student's image; None where no oracle scored it",
+    "tau": "float | None: the cut-off of an adaptive run; None in the other modes",
+    "unet_evals": "{'student': float, 'teacher': float, 'total': float}: UNet evaluations for this image, counted "
+                  "as the batch rows each UNet processed (a classifier-free guided step counts two)",
+    "vae": "{'decode': int, 'encode': int}: VAE decodes and encodes of this image",
+    "oracle_calls": "int: how many times the oracle scored this image",
+}
+# Keys a record has only where they apply, after the above.
+RECORD_EXTRA_FIELDS = {
+    "controlnet_evals": "float: ControlNet evaluations for this image (a pipeline with a ControlNet)",
+    "rollback_sigma": "float: the realised rollback sigma (path 'refined')",
+    "teacher_steps_run": "int: the teacher steps that refined the image (path 'refined')",
+}
+# `tandem generate` adds these to every record (and control_image with --control-image).
+RUN_RECORD_FIELDS = {
+    "file": "str: the image's file name in the output directory",
+    "seed": "int: the run seed (--seed)",
+    "model": "str: the preset or teacher (--model)",
+}
+PATHS = {
+    "student": "the student's image (mode 'student')",
+    "teacher": "the teacher's image (mode 'teacher')",
+    "accepted": "the oracle kept the student's image (mode 'adaptive')",
+    "refined": "the teacher refined the student's image (mode 'adaptive', strategy 'refine'; mode 'refine-all')",
+    "regenerated": "the teacher drew the image from the student's initial noise (mode 'adaptive', strategy "
+                   "'regenerate')",
+}
+
 
 @dataclass
 class TandemOutput:
     """``images`` in input order; ``records[i]`` says which path image i took, its oracle score, the
-    threshold, and what it cost; ``summary`` aggregates the run."""
+    threshold, and what it cost (:data:`RECORD_FIELDS`); ``summary`` aggregates the run."""
 
     images: list
     records: list[dict]
@@ -191,6 +236,126 @@ def _count_rows(modules: dict[str, torch.nn.Module], counts: dict[str, int]):
     finally:
         for h in handles:
             h.remove()
+
+
+UNET_ROLES = ("student", "teacher", "controlnet")
+
+
+class CostLedger:
+    """What each of ``n`` images cost: the rows each counted module processed for it (``modules`` by role:
+    "student", "teacher", "controlnet"; one row is one evaluation for one image, so a classifier-free guided
+    step counts two), its VAE decodes and encodes, and its oracle calls. Inside ``with ledger.counting():``
+    the modules count their rows; a batch charges the rows its call ran to its images (:meth:`charge`)."""
+
+    def __init__(self, n: int, modules: dict[str, torch.nn.Module]):
+        unknown = sorted(set(modules) - set(UNET_ROLES))
+        if unknown:
+            raise ValueError(f"unknown counted roles {unknown}; expected some of {', '.join(UNET_ROLES)}")
+        self.modules = dict(modules)
+        self.counts: dict[str, int] = {}
+        self.per_image = {key: np.zeros(n) for key in (*UNET_ROLES, "vae_decode", "vae_encode", "oracle")}
+
+    @contextmanager
+    def counting(self):
+        with _count_rows(self.modules, self.counts):
+            yield self
+
+    def rows(self, role: str) -> int:
+        """The rows ``role`` has processed so far: a reading to pass to :meth:`charge` after a call."""
+        return self.counts.get(role, 0)
+
+    def charge(self, role: str, idx: list[int], before: int) -> None:
+        """Spread the rows ``role`` processed since the reading ``before`` evenly over the images ``idx``."""
+        self.per_image[role][idx] += (self.rows(role) - before) / len(idx)
+
+    def add(self, what: str, idx: list[int]) -> None:
+        """One VAE decode ("vae_decode"), VAE encode ("vae_encode") or oracle call ("oracle") for each image ``idx``."""
+        self.per_image[what][idx] += 1
+
+    def unet_evals(self, i: int) -> dict[str, float]:
+        student, teacher = float(self.per_image["student"][i]), float(self.per_image["teacher"][i])
+        return {"student": student, "teacher": teacher, "total": student + teacher}
+
+
+def image_record(index: int, prompt: str, path: str, prompt_seed: int | None, ledger: CostLedger,
+                 student_score: float | None = None, tau: float | None = None) -> dict:
+    """The record of image ``index`` (:data:`RECORD_FIELDS`, in that order), its costs from ``ledger``;
+    ``controlnet_evals`` where the ledger counted a ControlNet. A NaN ``student_score`` (not scored) is None."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
+    scored = student_score is not None and not np.isnan(student_score)
+    record = {
+        "index": index, "prompt": prompt, "path": path, "prompt_seed": prompt_seed,
+        "student_score": float(student_score) if scored else None,
+        "tau": tau,
+        "unet_evals": ledger.unet_evals(index),
+        "vae": {"decode": int(ledger.per_image["vae_decode"][index]),
+                "encode": int(ledger.per_image["vae_encode"][index])},
+        "oracle_calls": int(ledger.per_image["oracle"][index]),
+    }
+    if "controlnet" in ledger.modules:
+        record["controlnet_evals"] = float(ledger.per_image["controlnet"][index])
+    return record
+
+
+def summarize_records(records: list[dict]) -> dict:
+    """What a run's records add up to: how many images took each path, the share the teacher improved, and
+    the mean UNet evaluations per image (in all, the student's and the teacher's)."""
+    paths = [r["path"] for r in records]
+    return {
+        "n": len(records),
+        "paths": {p: paths.count(p) for p in sorted(set(paths))},
+        "share_improved": float(np.mean([p in ("refined", "regenerated", "teacher") for p in paths])),
+        "unet_evals_mean": float(np.mean([r["unet_evals"]["total"] for r in records])),
+        "unet_evals_student_mean": float(np.mean([r["unet_evals"]["student"] for r in records])),
+        "unet_evals_teacher_mean": float(np.mean([r["unet_evals"]["teacher"] for r in records])),
+    }
+
+
+def generate_alone(pipe, prompts: Sequence[str], settings: TeacherSettings | StudentSettings, seed: int,
+                   batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> TandemOutput:
+    """The teacher or a student alone, without an oracle: :func:`tandem.generate.generate_teacher` or
+    :func:`tandem.generate.generate_student` draws the images (the same pixels), and each image gets the
+    record ``TandemPipeline(mode="teacher" | "student")`` gives it (:func:`image_record`), its costs counted
+    by the same :class:`CostLedger`.
+
+    Args:
+        pipe: the teacher's pipeline (``settings`` a ``TeacherSettings``) or a student's
+            (``tandem.models.load_student_pipeline``; ``settings`` a ``StudentSettings``).
+        prompts: B prompts; prompt i is seeded from ``(seed, i)``.
+        on_batch: called with the number of images finished after each batch.
+    Returns:
+        B uint8 images [H, W, 3], their records (path "teacher" or "student") and their summary.
+    """
+    if isinstance(settings, TeacherSettings):
+        role, draw = "teacher", generate_teacher
+    elif isinstance(settings, StudentSettings):
+        role, draw = "student", generate_student
+    else:
+        raise ValueError(f"settings must be TeacherSettings or StudentSettings, got {type(settings).__name__}")  # noqa: TRY004
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts")
+    ledger = CostLedger(len(prompts), {role: pipe.unet})
+    finished, rows = 0, 0
+
+    def batch_done(done: int) -> None:  # each batch: its UNet rows and one VAE decode per image
+        nonlocal finished, rows
+        idx = list(range(finished, done))
+        ledger.charge(role, idx, rows)
+        ledger.add("vae_decode", idx)
+        finished, rows = done, ledger.rows(role)
+        if on_batch is not None:
+            on_batch(done)
+
+    t_start = time.perf_counter()
+    with ledger.counting():
+        images = draw(pipe, prompts, settings, seed, batch_size, on_batch=batch_done)
+    total = time.perf_counter() - t_start
+    records = [image_record(i, p, role, prompt_seed(seed, i), ledger) for i, p in enumerate(prompts)]
+    summary = {**summarize_records(records), "settings": {"mode": role, **settings.__dict__},
+               "seconds": {"total": total}}
+    return TandemOutput(images, records, summary, None if role == "teacher" else list(images))
 
 
 def images_to_unit_tensor(images, size: tuple[int, int], what: str = "image") -> torch.Tensor:
@@ -530,42 +695,35 @@ class TandemPipeline:
         gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
         pipe0 = self.student if mode != "teacher" else self._teacher_any
         noise = initial_latents(pipe0, seed, list(range(n)), gens)
-        counts: dict[str, int] = {}
-        per_image = {key: np.zeros(n) for key in ("student", "teacher", "controlnet", "vae_decode", "vae_encode",
-                                                  "oracle")}
+        ledger = CostLedger(n, self._counted_modules())
         timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
         chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-
-        def charge(role: str, idx: list[int], before: int) -> None:
-            per_image[role][idx] += (counts.get(role, 0) - before) / len(idx)
-
         latents: list[torch.Tensor | None] = [None] * n
         images: list[np.ndarray | None] = [None] * n
         student_images: list[np.ndarray | None] = [None] * n
         scores = np.full(n, np.nan)
         t_start = time.perf_counter()
-        modules = self._counted_modules()
-        with _count_rows(modules, counts):
+        with ledger.counting():
             if mode != "teacher":
                 for done, idx in enumerate(chunks):
                     t0 = time.perf_counter()
-                    before, before_c = counts.get("student", 0), counts.get("controlnet", 0)
+                    before, before_c = ledger.rows("student"), ledger.rows("controlnet")
                     out = self.student([prompts[i] for i in idx], num_inference_steps=steps,
                                        guidance_scale=guidance, latents=noise[idx], generator=[gens[i] for i in idx],
                                        output_type="latent",
                                        **self._control_kwargs(self.student, controls, idx, c_scale)).images
-                    charge("student", idx, before)
-                    charge("controlnet", idx, before_c)
+                    ledger.charge("student", idx, before)
+                    ledger.charge("controlnet", idx, before_c)
                     check_finite(out, "the student's latents", idx)
                     t1 = time.perf_counter()
                     decoded = self._decode(self.student, out, idx)
-                    per_image["vae_decode"][idx] += 1
+                    ledger.add("vae_decode", idx)
                     t2 = time.perf_counter()
                     for j, i in enumerate(idx):
                         latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
                     if do_score:
                         scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx], idx)
-                        per_image["oracle"][idx] += 1
+                        ledger.add("oracle", idx)
                     timings["student"] += t1 - t0
                     timings["decode"] += t2 - t1
                     timings["oracle"] += time.perf_counter() - t2
@@ -586,8 +744,8 @@ class TandemPipeline:
                 for done, start in enumerate(range(0, len(todo), batch_size)):
                     idx = todo[start:start + batch_size]
                     t0 = time.perf_counter()
-                    before_t, before_s = counts.get("teacher", 0), counts.get("student", 0)
-                    before_c = counts.get("controlnet", 0)
+                    before_t, before_s = ledger.rows("teacher"), ledger.rows("student")
+                    before_c = ledger.rows("controlnet")
                     ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
                     if regenerates:
                         self.teacher.scheduler = copy.deepcopy(base)
@@ -599,20 +757,20 @@ class TandemPipeline:
                         start_image = torch.cat([latents[i] for i in idx])
                         if handoff == "pixel":
                             start_image = self._pixels(self.student, start_image, idx)
-                            per_image["vae_encode"][idx] += 1
+                            ledger.add("vae_encode", idx)
                         out = self.teacher_img2img(
                             ps, image=start_image, strength=refine.strength,
                             num_inference_steps=refine.num_inference_steps, guidance_scale=t_guidance,
                             generator=gs, output_type="latent",
                             **self._control_kwargs(self.teacher_img2img, controls, idx, c_scale)).images
-                    charge("teacher", idx, before_t)
-                    charge("controlnet", idx, before_c)
-                    if counts.get("student", 0) != before_s and self.student.unet is not self._teacher_any.unet:
+                    ledger.charge("teacher", idx, before_t)
+                    ledger.charge("controlnet", idx, before_c)
+                    if ledger.rows("student") != before_s and self.student.unet is not self._teacher_any.unet:
                         raise RuntimeError("the teacher call ran the student UNet")
                     check_finite(out, "the teacher's latents", idx)
                     t1 = time.perf_counter()
                     decoded = self._decode(self._teacher_any, out, idx)
-                    per_image["vae_decode"][idx] += 1
+                    ledger.add("vae_decode", idx)
                     for j, i in enumerate(idx):
                         latents[i], images[i] = out[j:j + 1], decoded[j]
                     timings["teacher"] += t1 - t0
@@ -630,18 +788,8 @@ class TandemPipeline:
                 taken = path
             else:
                 taken = "accepted"
-            rec = {
-                "index": i, "prompt": prompts[i], "path": taken,
-                "prompt_seed": prompt_seed(seed, i) if generator is None else None,
-                "student_score": None if np.isnan(scores[i]) else float(scores[i]),
-                "tau": tau,
-                "unet_evals": {"student": float(per_image["student"][i]), "teacher": float(per_image["teacher"][i]),
-                               "total": float(per_image["student"][i] + per_image["teacher"][i])},
-                "vae": {"decode": int(per_image["vae_decode"][i]), "encode": int(per_image["vae_encode"][i])},
-                "oracle_calls": int(per_image["oracle"][i]),
-            }
-            if controls is not None:
-                rec["controlnet_evals"] = float(per_image["controlnet"][i])
+            rec = image_record(i, prompts[i], taken, prompt_seed(seed, i) if generator is None else None, ledger,
+                               scores[i], tau)
             if taken == "refined":
                 rec["rollback_sigma"] = refine.sigma
                 rec["teacher_steps_run"] = refine.steps
@@ -781,26 +929,25 @@ class TandemPipeline:
             noised.append(schedule.add_noise(z, eps.to(z.device), student_ts[0]))
         noised = torch.cat(noised)
 
-        counts: dict[str, int] = {}
-        per_image = {key: np.zeros(n) for key in ("student", "teacher")}
+        ledger = CostLedger(n, self._counted_modules())
         latents: list[torch.Tensor | None] = [None] * n
         images: list[np.ndarray | None] = [None] * n
         student_images: list[np.ndarray | None] = [None] * n
         scores = np.full(n, np.nan)
         t_start = time.perf_counter()
         timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
-        with _count_rows(self._counted_modules(), counts):
+        with ledger.counting():
             if mode != "teacher":
                 original = self.student.scheduler
                 self.student.scheduler = copy.deepcopy(original)
                 try:
                     for done, idx in enumerate(chunks):
                         t0 = time.perf_counter()
-                        before = counts.get("student", 0)
+                        before = ledger.rows("student")
                         out = self.student([prompts[i] for i in idx], timesteps=student_ts, guidance_scale=guidance,
                                            latents=noised[idx], generator=[gens[i] for i in idx],
                                            output_type="latent").images
-                        per_image["student"][idx] += (counts.get("student", 0) - before) / len(idx)
+                        ledger.charge("student", idx, before)
                         check_finite(out, "the student's latents", idx)
                         t1 = time.perf_counter()
                         decoded = self._decode(self.student, out, idx)
@@ -825,11 +972,11 @@ class TandemPipeline:
             for done, start in enumerate(range(0, len(todo), batch_size)):
                 idx = todo[start:start + batch_size]
                 t0 = time.perf_counter()
-                before = counts.get("teacher", 0)
+                before = ledger.rows("teacher")
                 self.teacher.scheduler = copy.deepcopy(base)
                 out = self.teacher([prompts[i] for i in idx], timesteps=teacher_ts, guidance_scale=t_guidance,
                                    latents=noised[idx], generator=[gens[i] for i in idx], output_type="latent").images
-                per_image["teacher"][idx] += (counts.get("teacher", 0) - before) / len(idx)
+                ledger.charge("teacher", idx, before)
                 check_finite(out, "the teacher's latents", idx)
                 t1 = time.perf_counter()
                 decoded = self._decode(self.teacher, out, idx)
@@ -852,8 +999,7 @@ class TandemPipeline:
                 "student_score": None if np.isnan(scores[i]) else float(scores[i]),
                 "tau": tau,
                 "edit_strength": strength, "start_timestep": int(student_ts[0]),
-                "unet_evals": {"student": float(per_image["student"][i]), "teacher": float(per_image["teacher"][i]),
-                               "total": float(per_image["student"][i] + per_image["teacher"][i])},
+                "unet_evals": ledger.unet_evals(i),
             })
         settings = {
             "task": "edit", "mode": mode, "edit_strength": strength, "num_inference_steps": steps,
@@ -993,17 +1139,9 @@ class TandemPipeline:
 
     def _summary(self, records, settings, timings, total, student_cost, improve_cost, refine,
                  calibration_note: str | None = None) -> dict:
-        n = len(records)
-        paths = [r["path"] for r in records]
-        evals = np.array([r["unet_evals"]["total"] for r in records])
         model_time = timings["student"] + timings["teacher"]
         return {
-            "n": n,
-            "paths": {p: paths.count(p) for p in sorted(set(paths))},
-            "share_improved": float(np.mean([p in ("refined", "regenerated", "teacher") for p in paths])),
-            "unet_evals_mean": float(evals.mean()),
-            "unet_evals_student_mean": float(np.mean([r["unet_evals"]["student"] for r in records])),
-            "unet_evals_teacher_mean": float(np.mean([r["unet_evals"]["teacher"] for r in records])),
+            **summarize_records(records),
             "student_cost": student_cost,
             "improve_cost": improve_cost,
             "refine": None if refine is None else refine.__dict__,

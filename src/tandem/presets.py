@@ -243,10 +243,13 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         shipped = _shipped_student(base.teacher, student)
         kind, source = parse_student(student, base.teacher)
         changes.update(student=source, student_kind=kind)
+        own = None
         if kind == "tandem":  # the student's own defaults (a shipped one's, or its student.json's)
-            from .students import read_student_info
+            from .students import has_description, read_student_info
 
-            own = shipped or read_student_info(_tandem_student_path(base.teacher, source))
+            path = _tandem_student_path(base.teacher, source)
+            own = shipped or (read_student_info(path) if has_description(path) else None)
+        if own is not None:
             changes["defaults"] = {**base.defaults, "num_inference_steps": own.steps,
                                    "guidance_scale": own.guidance_scale}
     if scorer is not None:

@@ -134,6 +134,12 @@ def read_student_info(path: str | Path) -> StudentInfo:
         raise ValueError(f"{meta_path}: {e}") from None
 
 
+def has_description(path: str | Path) -> bool:
+    """Whether a student directory says what it is (``student.json``); one without it is read as a
+    consistency student with the teacher's default steps and guidance."""
+    return (Path(path) / STUDENT_FILE).is_file()
+
+
 def check_student_dir(path: str | Path) -> Path:
     """``path`` if it is a student directory (``unet/config.json``, ``scheduler/scheduler_config.json``)."""
     from .models import check_model_dir
@@ -189,6 +195,9 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
     from .models import ModelSpec, _is_dir, check_model_dir, from_hub, quiet_hub_libraries
 
     quiet_hub_libraries()
+    if isinstance(base, ModelSpec) and _is_dir(Path(base.path)):
+        # the student brings its UNet and scheduler; the rest comes from the model
+        check_model_dir(base.path, ("vae", "text_encoder", "tokenizer"))
     path = Path(path)
     info = read_student_info(path)
     unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device=device, dtype=dtype)
@@ -200,8 +209,6 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
     cls = LatentConsistencyModelPipeline if info.scheduler == "LCMScheduler" else StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False}
     if isinstance(base, ModelSpec):
-        if _is_dir(Path(base.path)):  # the student brings its UNet and scheduler; the rest comes from the model
-            check_model_dir(base.path, ("vae", "text_encoder", "tokenizer"))
         pipe = from_hub(cls.from_pretrained, base.path, "model", unet=unet, scheduler=scheduler, dtype=dtype, **extra)
     else:
         pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,

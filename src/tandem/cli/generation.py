@@ -111,16 +111,10 @@ def generate(
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
-    from ..generate import (
-        StudentSettings,
-        TeacherSettings,
-        generate_student,
-        generate_teacher,
-        prompt_seed,
-        unet_evals_per_step,
-    )
+    from ..generate import StudentSettings, TeacherSettings
     from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_defaults
     from ..outputs import OutputDir
+    from ..pipeline import generate_alone
 
     prompts = _collect_prompts(prompt, prompts_file)
     spec = resolve_model(model)
@@ -148,34 +142,30 @@ def generate(
             def done(n: int) -> None:
                 bar.update(task, completed=n)
 
-            if mode is Mode.teacher:
-                pipe = load_teacher_pipeline(spec, device=device)
-                images = generate_teacher(pipe, prompts, settings, seed, batch_size, on_batch=done)
-            else:
-                pipe = load_student_pipeline(spec, student_path, device=device)
-                images = generate_student(pipe, prompts, settings, seed, batch_size, on_batch=done)
-        mode_fields = ({"teacher_steps": settings.steps, "scheduler": settings.scheduler} if mode is Mode.teacher
-                       else {"student": str(student_path), "student_steps": settings.steps,
-                             "student_noise": settings.noise})
-        records = []
-        for i, (p, image) in enumerate(zip(prompts, images)):
-            output.save_image(i, image)
-            records.append({
-                "index": i, "file": output.image_path(i).name, "prompt": p, "seed": seed,
-                "prompt_seed": prompt_seed(seed, i), "mode": mode.value, "model": spec.name, **mode_fields,
-                "guidance_scale": settings.guidance_scale,
-                "unet_evals": settings.steps * unet_evals_per_step(pipe, settings.guidance_scale),
-                "vae_decodes": 1,
-            })
-        output.write_records(records)
+            pipe = (load_teacher_pipeline(spec, device=device) if mode is Mode.teacher
+                    else load_student_pipeline(spec, student_path, device=device))
+            result = generate_alone(pipe, prompts, settings, seed, batch_size, on_batch=done)
+        _save_run(output, result, seed, spec.name)
         output.write_config({
             "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,
             "mode": mode.value,
             mode.value: {**settings.__dict__, **({"path": str(student_path)} if student_path else {})},
             "seed": seed, "batch_size": batch_size,
             "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
+            "summary": {k: v for k, v in result.summary.items() if k != "settings"},
         })
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
+
+
+def _save_run(output, result, seed: int, model: str, control_image: list[Path] | None = None) -> None:
+    """Save a `generate` run's images and records (``tandem.pipeline.RECORD_FIELDS``, both paths), each record
+    with the fields the command adds (``RUN_RECORD_FIELDS``; ``control_image`` with --control-image)."""
+    for i, (record, image) in enumerate(zip(result.records, result.images)):
+        output.save_image(i, image)
+        record.update(file=output.image_path(i).name, seed=seed, model=model)
+        if control_image:
+            record["control_image"] = str(control_image[i if len(control_image) > 1 else 0])
+    output.write_records(result.records)
 
 
 def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps,
@@ -212,12 +202,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                 result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
             except ValueError as e:
                 raise UserError(str(e)) from None
-        for i, (record, image) in enumerate(zip(result.records, result.images)):
-            output.save_image(i, image)
-            record.update(file=output.image_path(i).name, seed=seed, model=preset.name)
-            if control_image:
-                record["control_image"] = str(control_image[i if len(control_image) > 1 else 0])
-        output.write_records(result.records)
+        _save_run(output, result, seed, preset.name, control_image)
         summary = result.summary
         firsts = result.student_images if result.student_images is not None else result.images
         grid_rows = [im for pair in zip(firsts, result.images) for im in pair]

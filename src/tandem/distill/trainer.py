@@ -1,28 +1,36 @@
-"""The one Trainer every distillation method shares, built on Hugging Face ``accelerate``.
+"""The one Trainer every training shares, built on Hugging Face ``accelerate``.
 
-A *method* (consistency distillation, later ADD, DMD2, ...) says what it trains and how a
-loss is computed; the Trainer owns everything else:
+A *method* (a distillation method: consistency, progressive, knowledge distillation; or one of
+the world's component trainings: VAE, CLIP, teacher, ControlNet, oracle) says what it trains
+and how a loss is computed; the Trainer owns everything else:
 
 - devices and processes (the same code on a CPU, one GPU, or ``torchrun`` / ``accelerate
   launch`` over many; DDP via ``accelerate``; FSDP through an accelerate config),
 - mixed precision (``bf16``/``fp16`` where the device supports it),
-- one optimizer per trainable network, each with its own update ratio (``every``),
+- one optimizer per trainable network, each with its own update ratio (``every``) and LR
+  schedule (linear warm-up, then constant or a cosine decay to 0 at ``max_steps``),
 - gradient accumulation and clipping, EMA copies (kept per network, by name),
-- JSONL logs and a progress bar on the main process,
+- JSONL logs (every loss the method returns, the gradient norm and the LR) and a progress bar
+  on the main process,
 - periodic atomic checkpoints and exact resume: weights, optimizers, LR schedules, EMAs,
   every process's RNG states and the data position (the step). Checkpoints hold tensors and
   plain data only and are read with ``torch.load(weights_only=True)``: resuming never runs code
   from a file, and a file that would is refused.
 
-The run directory follows the contract of :mod:`tandem.world.runs`: a new run needs a new or
-empty ``--out`` (checked, created and probed for writability before any model is loaded), and
-``--resume`` continues the run whose ``train_config.json`` matches, from its last checkpoint (or
-step 0 when it stopped before its first one), never from a checkpoint past ``max_steps``.
+A run directory holds ``train_config.json`` (the run's configuration), ``log.jsonl``,
+``checkpoint/`` (``state.pt``, ``rng-<process>.pt``, ``meta.json``), what the method exports and,
+once the run has finished, ``done.json``. A new run needs a new or empty ``--out`` (checked,
+created and probed for writability before any model is loaded; ``keep`` names entries it may
+already hold, such as a data cache), and ``--resume`` continues the run whose
+``train_config.json`` matches (except ``max_steps``), from its last checkpoint (or step 0 when it
+stopped before its first one), never from a checkpoint past ``max_steps``.
 
 Data comes from a :class:`~tandem.distill.data.BatchSource`: batch ``i`` is a pure function
 of ``i``, so the data position is the step and a resumed run sees the batches an
 uninterrupted run would have seen. Each optimisation step of each process reads batch
-``(step * grad_accum + micro) * world_size + rank``.
+``(step * grad_accum + micro) * world_size + rank``. A data-free method (``uses_data = False``)
+draws its own batch from that index (``ctx.batch_index``), as the world's trainings draw theirs
+from the world's stream.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -59,6 +68,7 @@ from ..world.runs import (
 
 CHECKPOINT_DIR = "checkpoint"
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 _STATE_PARTS = ("models", "optimizers", "schedulers", "emas")  # of checkpoint/state.pt
 
 
@@ -69,10 +79,13 @@ class Trainable:
     Attributes:
         name: key under which the method reaches it (``ctx.model(name)``) and its losses are logged.
         module: the network (its parameters with ``requires_grad`` are optimised).
-        lr: learning rate (constant after ``warmup_steps`` of linear warm-up).
+        lr: peak learning rate, reached after ``warmup_steps`` of linear warm-up (0: the network never moves).
+        lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` (decays to 0 at ``max_steps``);
+            see :func:`lr_factor`.
         every: update ratio; the network is updated on steps where ``step % every == 0``.
         emas: EMA copies to keep, ``{ema_name: decay}``; reach them with ``ctx.ema(name, ema_name)``.
-        make_optimizer: ``params -> Optimizer`` [AdamW(lr, betas, weight_decay)].
+        make_optimizer: ``params -> Optimizer`` [AdamW(lr, betas, weight_decay)]; it may build parameter groups
+            with learning rates of their own (the LR schedule scales every group's).
     """
 
     name: str
@@ -81,6 +94,7 @@ class Trainable:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     grad_clip: float | None = 1.0
     every: int = 1
     emas: dict[str, float] = field(default_factory=dict)
@@ -89,13 +103,15 @@ class Trainable:
     def __post_init__(self):
         if not self.name:
             raise ValueError("a trainable needs a name")
-        require_number(self.lr, f"{self.name}: lr", above=0.0)
+        require_number(self.lr, f"{self.name}: lr", at_least=0.0)
         if len(self.betas) != 2:
             raise ValueError(f"{self.name}: betas must be two numbers, got {self.betas!r}")
         for beta in self.betas:
             require_decay(beta, f"{self.name}: betas")
         require_number(self.weight_decay, f"{self.name}: weight_decay", at_least=0.0)
         require_number(self.warmup_steps, f"{self.name}: warmup_steps", integer=True, at_least=0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{self.name}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.grad_clip is not None:
             require_number(self.grad_clip, f"{self.name}: grad_clip", above=0.0)
         require_number(self.every, f"{self.name}: every", integer=True, at_least=1)
@@ -103,8 +119,24 @@ class Trainable:
             require_decay(decay, f"{self.name}: EMA {ema_name!r} decay")
 
 
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "constant") -> float:
+    """The factor on the peak LR for optimisation step ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps; then 1
+    (``"constant"``) or ``(1 + cos(pi * p)) / 2`` with ``p = (step - warmup_steps) / (max_steps -
+    warmup_steps)`` clipped to 1 (``"cosine"``: SGDR's decay without restarts, Loshchilov & Hutter 2017).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))))
+
+
 class Method(Protocol):
-    """What a distillation method declares."""
+    """What a training method declares."""
 
     name: str
     uses_data: bool  # False for data-free methods: the Trainer then never reads a batch
@@ -112,7 +144,8 @@ class Method(Protocol):
     def trainables(self) -> list[Trainable]: ...
 
     def frozen(self) -> dict[str, nn.Module]:
-        """Networks the method uses but never trains (e.g. the teacher); moved to the device, eval mode."""
+        """Networks the method uses but never trains (e.g. the teacher); moved to the device, eval mode,
+        without gradients."""
         ...
 
     def step(self, batch: Any, update: str, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -199,10 +232,12 @@ class StepContext:
         return self._trainer._frozen[name]
 
 
-def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int, num_processes: int | None = None) -> Path | None:
+def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int, num_processes: int | None = None,
+                  keep: tuple[str, ...] = ()) -> Path | None:
     """Check that ``out_dir`` can hold this run before any model is loaded, and create it.
 
-    A new run needs a new or empty directory; a resumed one a ``train_config.json`` (read as JSON
+    A new run needs a new or empty directory (``keep``: names it may already hold, such as a data
+    cache an earlier run left for this one); a resumed one a ``train_config.json`` (read as JSON
     here) and, if it checkpointed, a checkpoint at most at ``max_steps`` (written by ``num_processes``
     processes, when given). Either way the directory is created and proved writable; nothing is
     written in it.
@@ -213,7 +248,7 @@ def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int, num_process
     """
     path = Path(out_dir)
     if not resume:
-        check_new_run_dir(path, (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", "done.json"))
+        check_new_run_dir(path, (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", "done.json"), keep)
         make_writable_dir(path)
         return None
     if not (path / RUN_CONFIG).is_file():
@@ -264,19 +299,23 @@ def _remove(path: Path) -> None:
 class Trainer:
     """Train ``method`` into ``out_dir``.
 
-    A new run needs a new or empty directory (``resume=True`` continues the run in it, and then
-    the run's saved configuration must match, except for ``max_steps``).
+    A new run needs a new or empty directory (``keep``: names it may already hold); ``resume=True``
+    continues the run in it, and then the run's saved configuration must match, except for ``max_steps``.
+    ``source`` is the data (a ``BatchSource``; ``None`` for a data-free method); ``run_config`` is saved
+    in ``train_config.json`` beside the method's name and the Trainer's config; ``cpu`` forces the CPU
+    [default: the GPU where there is one].
     """
 
     def __init__(self, method: Method, source, cfg: TrainerConfig, out_dir: str | Path,
-                 resume: bool = False, run_config: dict | None = None, cpu: bool | None = None):
+                 resume: bool = False, run_config: dict | None = None, cpu: bool | None = None,
+                 keep: tuple[str, ...] = ()):
         from accelerate import Accelerator
 
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.method, self.source, self.cfg = method, source, cfg
         self.dir = Path(out_dir)
-        self.resume = resume
+        self.resume, self.keep = resume, keep
         self.run_config = {"method": method.name, "trainer": dataclasses.asdict(cfg), **(run_config or {})}
         if cpu is None:
             cpu = not torch.cuda.is_available()
@@ -298,8 +337,7 @@ class Trainer:
             params = [p for p in t.module.parameters() if p.requires_grad]
             opt = (t.make_optimizer(params) if t.make_optimizer is not None
                    else torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay))
-            warmup = t.warmup_steps
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warmup: min(1.0, (s + 1) / w) if w else 1.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, cfg.max_steps, t.lr_schedule))
             # the LR schedule stays unprepared: accelerate would step it once per process
             module, opt = self.accelerator.prepare(t.module, opt)
             self._prepared[t.name], self._optimizers[t.name], self._schedulers[t.name] = module, opt, sched
@@ -315,7 +353,7 @@ class Trainer:
 
     def _check_run_dir(self) -> Path | None:
         """Every check of the run directory, in every process, before anything is loaded or written."""
-        ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps, self.accelerator.num_processes)
+        ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps, self.accelerator.num_processes, self.keep)
         if self.resume:
             cfg_path = self.dir / RUN_CONFIG
             saved = _without_max_steps(read_json_file(cfg_path, "run config"))
@@ -386,6 +424,11 @@ class Trainer:
             restore_entry(o, state, ("optimizers", n), state_path)
         for n, s in self._schedulers.items():
             restore_entry(s, state, ("schedulers", n), state_path)
+            # the next step's LR under this run's schedule, not the one saved with the optimizer: they differ
+            # when a run resumes with another max_steps (a cosine decays to the new end); else the same bits
+            for group, base_lr, factor in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+                group["lr"] = base_lr * factor(s.last_epoch)
+            s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
         for n, emas in self._emas.items():
             for e, c in emas.items():
                 restore_entry(c.module, state, ("emas", n, e), state_path)
@@ -430,7 +473,7 @@ class Trainer:
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             if t.grad_clip is not None:
-                sums["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
+                sums["grad_norm"] = float(acc.clip_grad_norm_(self._clipped(name), t.grad_clip))
             opt.step()
             self._schedulers[name].step()
             self._zero_grads()
@@ -443,6 +486,16 @@ class Trainer:
             values = acc.reduce(torch.tensor([logged[k] for k in keys], device=acc.device), reduction="mean")
             logged = dict(zip(keys, values.tolist()))
         return logged
+
+    def _clipped(self, name: str) -> list[nn.Parameter]:
+        """The parameters whose gradients ``name``'s clipping measures: those its optimizer steps, in the
+        optimizer's order (the order the norm sums in; parameter groups may reorder the network's), or, under
+        FSDP, the prepared network's own (accelerate clips a sharded network through it)."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return list(self._prepared[name].parameters())
+        return [p for group in self._optimizers[name].param_groups for p in group["params"]]
 
     def _zero_grads(self) -> None:
         """Drop the gradients of every trainable network (each optimizer holds one network's parameters)."""
@@ -485,6 +538,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
 
+def _lr_lambda(warmup_steps: int, max_steps: int, schedule: str) -> Callable[[int], float]:
+    """``lr_factor`` as ``LambdaLR`` calls it (a plain function: ``LambdaLR`` keeps no state of it in checkpoints,
+    so a run resumed with a new ``max_steps`` decays to the new one)."""
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps, max_steps, schedule)
+    return factor
+
+
 def _name_key(name: str) -> int:
     return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") & (2**62 - 1)
 
@@ -521,7 +582,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _without_max_steps(cfg: dict) -> dict:
+    """The run config less ``max_steps`` (the one change a resume may make), wherever a section records it."""
     out = json.loads(json.dumps(cfg))
-    if isinstance(out.get("trainer"), dict):
-        out["trainer"].pop("max_steps", None)
+    for section in out.values():
+        if isinstance(section, dict):
+            section.pop("max_steps", None)
     return out

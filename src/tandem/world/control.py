@@ -126,60 +126,72 @@ def build_controlnet(unet):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS)
 
 
+class ControlNetTraining:
+    """ControlNet's objective (Zhang et al. 2023): the frozen teacher's epsilon-prediction loss with the
+    ControlNet's residuals added, Min-SNR-gamma weighted and with caption dropout as the teacher's training, on
+    batch ``i`` of the stream ``cfg.seed`` and its ``cfg.control`` images; the EMA of the weights is exported."""
+
+    uses_data = False
+
+    def __init__(self, cfg: ControlNetTrainConfig, world: Path):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from .models import build_noise_scheduler
+
+        self.cfg, self.name = cfg, f"controlnet-{cfg.control}"
+        self.vae = AutoencoderKL.from_pretrained(world / "vae").eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(world / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(world / "text_encoder").eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32)
+        self.unet = unet.float().eval().requires_grad_(False)
+        self.controlnet = build_controlnet(self.unet).train()
+        self.noise_scheduler = build_noise_scheduler()
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float64)
+
+    def trainables(self):
+        from ..distill.trainer import Trainable
+
+        cfg = self.cfg
+        return [Trainable("controlnet", self.controlnet, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                          grad_clip=cfg.grad_clip, emas={"ema": cfg.ema_decay})]
+
+    def frozen(self) -> dict:
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
+
+    def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
+        from .train import min_snr_loss, noised_batch, step_generator
+
+        cfg, i = self.cfg, ctx.batch_index
+        captions, images, controls = sample_control_batch(cfg.seed, i, cfg.batch_size, cfg.control)
+        noisy, t, cond, noise = noised_batch(captions, images, step_generator(cfg.seed, i, 1), cfg.cond_dropout,
+                                             self.vae, self.tokenizer, self.text_encoder, self.noise_scheduler)
+        down, mid = self.controlnet(noisy, t, cond, controlnet_cond=control_to_tensor(controls), return_dict=False)
+        pred = self.unet(noisy, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss, per_sample = min_snr_loss(pred, noise, t, self.alphas_cumprod, cfg.min_snr_gamma)
+        return {"loss": loss, "mse": per_sample.mean().detach()}
+
+
 def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig | None = None,
                      resume: bool = False) -> Path:
     """Train a ``cfg.control`` ControlNet for the teacher of ``cfg.world``; export to ``out/controlnet``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import copy
 
     from ..models import quiet_hub_libraries, world_dir
-    from .models import build_noise_scheduler
-    from .runs import EMA, Run
-    from .train import _finish, _lr_lambda, min_snr_loss, noised_batch
+    from .train import finish_world_run, open_world_run, world_trainer
 
     cfg = cfg if cfg is not None else ControlNetTrainConfig()
     if cfg.control not in CONTROLS:
         raise ValueError(f"unknown control {cfg.control!r}; expected one of {', '.join(CONTROLS)}")
     quiet_hub_libraries()
     world = Path(cfg.world) if cfg.world is not None else world_dir()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = Run(out, f"controlnet-{cfg.control}", cfg, resume)
-    vae = AutoencoderKL.from_pretrained(world / "vae").eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(world / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(world / "text_encoder").eval().requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(world / "unet", torch_dtype=torch.float32)
-    unet = unet.float().eval().requires_grad_(False)
-    controlnet = build_controlnet(unet).train()
-    noise_scheduler = build_noise_scheduler()
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
-    ema = EMA(controlnet, cfg.ema_decay)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps, "constant"))
-    state = {"controlnet": controlnet, "ema": ema, "opt": opt, "sched": sched}
-    start = run.load(state) if resume else 0
-
-    def step(i: int) -> dict[str, float]:
-        captions, images, controls = sample_control_batch(cfg.seed, i, cfg.batch_size, cfg.control)
-        g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, i, 1]).integers(2**62)))
-        noisy, t, cond, noise = noised_batch(captions, images, g, cfg.cond_dropout, vae, tokenizer, text_encoder,
-                                             noise_scheduler)
-        down, mid = controlnet(noisy, t, cond, controlnet_cond=control_to_tensor(controls), return_dict=False)
-        pred = unet(noisy, t, cond, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
-        loss, per_sample = min_snr_loss(pred, noise, t, alphas_cumprod, cfg.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(controlnet.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(controlnet)
-        return {"loss": loss.item(), "mse": per_sample.mean().item(), "grad_norm": float(gnorm)}
-
-    run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
-    controlnet.load_state_dict(ema.state_dict())
-    target = run.dir / "controlnet"
-    controlnet.eval().half().save_pretrained(target)  # float16, as the shipped teacher (the checkpoint keeps fp32)
+    open_world_run(out, cfg, resume)
+    method = ControlNetTraining(cfg, world)
+    trainer = world_trainer(method, cfg, out, resume)
+    trainer.train()
+    target = trainer.dir / "controlnet"
+    # the EMA of the weights, in float16 as the shipped teacher (the checkpoint keeps float32)
+    copy.deepcopy(trainer.export("controlnet", "ema")).half().save_pretrained(target)
     atomic_write_text(target / "control.json", json.dumps({"control": cfg.control}, indent=2) + "\n")
-    _finish(run, target, {"steps": cfg.max_steps, "weights": "ema", "control": cfg.control})
+    finish_world_run(trainer, cfg, [target], {"steps": cfg.max_steps, "weights": "ema", "control": cfg.control})
     return target

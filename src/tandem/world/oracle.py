@@ -30,14 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..outputs import atomic_path
-from .runs import (
-    Run,
-    atomic_write_text,
-    config_dict,
-    require_number,
-    require_training_fields,
-)
+from ..outputs import atomic_path, atomic_write_text
+from .runs import config_dict, require_number, require_training_fields
 from .stream import sample_batch
 
 # Stream seeds no other world run uses (vae 1, clip 2, teacher 3, decoder 4; prompt lists 1 and 2
@@ -539,7 +533,7 @@ class OracleTrainConfig:
 
 
 def oracle_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor, rank_weight: float,
-                rank_sharpness: float) -> tuple[torch.Tensor, dict[str, float]]:
+                rank_sharpness: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSE to the judge's soft score + ImageReward's pairwise loss -log sigmoid(k (s_w - s_l)) (their
     eq. 2) over every pair (w, l) of images of one prompt that the judge scores w above l."""
     mse = F.mse_loss(pred, target)
@@ -548,7 +542,7 @@ def oracle_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor, r
         rank = F.softplus(-rank_sharpness * (pred[:, None] - pred[None, :])[pairs]).mean()
     else:
         rank = pred.sum() * 0
-    return mse + rank_weight * rank, {"mse": mse.item(), "rank": rank.item()}
+    return mse + rank_weight * rank, {"mse": mse.detach(), "rank": rank.detach()}
 
 
 def trainable_groups(model: WorldOracle, cfg: OracleTrainConfig) -> list[dict]:
@@ -595,26 +589,41 @@ class OracleBatches:
                 "target": self.target[rows]}
 
 
-def training_step(model: WorldOracle, batch: dict[str, torch.Tensor], opt, sched, cfg: OracleTrainConfig) -> dict:
-    """One optimisation step on a batch of ``OracleBatches``; the text tower runs once per prompt."""
-    model.train()
-    text = model.encode_text(batch["ids"], batch["mask"])
-    image_tokens = model.image_tokens(batch["prefix"], cfg.frozen_tower_layers)
-    pred = model.score(image_tokens, text[batch["group"]], batch["mask"][batch["group"]])
-    loss, parts = oracle_loss(pred, batch["target"], batch["group"], cfg.rank_weight, cfg.rank_sharpness)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
-    sched.step()
-    return {"loss": loss.item(), **parts, "grad_norm": float(grad_norm)}
+class OracleTraining:
+    """The oracle's loss (``oracle_loss``: regression to the judge's soft score + ImageReward's ranking loss) on
+    batch ``i`` of ``batches`` (an ``OracleBatches``, set once the data is ready); the text tower runs once per
+    prompt. The frozen layers are fixed when the method is made; fusion and head train at ``cfg.lr``, the
+    trainable tower layers at ``cfg.lr * cfg.tower_lr_scale``."""
 
+    name = "oracle"
+    uses_data = False
 
-def make_optimizer(model: WorldOracle, cfg: OracleTrainConfig):
-    from .train import _lr_lambda
+    def __init__(self, model: WorldOracle, cfg: OracleTrainConfig, batches: OracleBatches | None = None):
+        self.model, self.cfg, self.batches = model, cfg, batches
+        self.groups = trainable_groups(model, cfg)
 
-    opt = torch.optim.AdamW(trainable_groups(model, cfg), weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    def trainables(self):
+        from ..distill.trainer import Trainable
+
+        cfg = self.cfg
+        # the trainable parameters (``params``) in two groups, each at its own peak LR
+        return [Trainable("oracle", self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                          lr_schedule="cosine", grad_clip=1.0,
+                          make_optimizer=lambda params: torch.optim.AdamW(self.groups, weight_decay=cfg.weight_decay))]
+
+    def frozen(self) -> dict:
+        return {}
+
+    def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
+        if self.batches is None:
+            raise RuntimeError("the oracle's training batches are not set (OracleTraining.batches)")
+        model, cfg, batch = self.model, self.cfg, self.batches(ctx.batch_index)
+        model.train()
+        text = model.encode_text(batch["ids"], batch["mask"])
+        image_tokens = model.image_tokens(batch["prefix"], cfg.frozen_tower_layers)
+        pred = model.score(image_tokens, text[batch["group"]], batch["mask"][batch["group"]])
+        loss, parts = oracle_loss(pred, batch["target"], batch["group"], cfg.rank_weight, cfg.rank_sharpness)
+        return {"loss": loss, **parts}
 
 
 def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: bool = False) -> Path:
@@ -627,7 +636,7 @@ def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: 
 
     from ..models import world_dir
     from .prompts import load_prompts
-    from .train import _finish
+    from .train import finish_world_run, open_world_run, world_trainer
 
     cfg = cfg if cfg is not None else OracleTrainConfig()
     world = Path(cfg.world) if cfg.world else world_dir()
@@ -636,36 +645,34 @@ def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: 
         if not need.is_dir():
             raise FileNotFoundError(f"no {need.name}/ in {need.parent}: the oracle needs the world's tokenizer, "
                                     "teacher and student, and a CLIP to start from")
-    run = Run(out, "oracle", cfg, resume, keep=("data",))  # a new run may start from an earlier run's data cache
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    log = _run_logger(run)
+    keep = ("data",)  # a new run may start from an earlier run's data cache
+    open_world_run(out, cfg, resume, keep)
+    # the run opens (train_config.json written) before the data is drawn: a run killed while drawing it resumes
+    method = OracleTraining(WorldOracle.from_clip(clip_dir, cfg.arch), cfg)
+    trainer = world_trainer(method, cfg, out, resume, batch_size=cfg.prompts_per_batch, log_every=10, keep=keep)
+    log = _run_logger(trainer.dir / "log.jsonl")
     kinds = cfg.recipe.kinds()
     fixed = set(load_prompts("val")) | set(load_prompts("test"))
     t0 = time.time()
-    train_prompts, train = build_split(run.dir / "data" / "train", TRAIN_STREAM_SEED, cfg.n_train, cfg.recipe,
+    train_prompts, train = build_split(trainer.dir / "data" / "train", TRAIN_STREAM_SEED, cfg.n_train, cfg.recipe,
                                        world, fixed, log)
-    eval_prompts, held = build_split(run.dir / "data" / "eval", EVAL_STREAM_SEED, cfg.n_eval, cfg.recipe,
+    eval_prompts, held = build_split(trainer.dir / "data" / "eval", EVAL_STREAM_SEED, cfg.n_eval, cfg.recipe,
                                      world, fixed, log)
     data_seconds = time.time() - t0
     log(f"oracle data ready: {len(train['images'])} training and {len(held['images'])} held-out images "
         f"({data_seconds:.0f}s in this call)")
 
     tokenizer = CLIPTokenizer.from_pretrained(world / "tokenizer")
-    model = WorldOracle.from_clip(clip_dir, cfg.arch)
-    opt, sched = make_optimizer(model, cfg)
-    state = {"oracle": model, "opt": opt, "sched": sched}
-    start = run.load(state) if resume else 0
+    model = method.model
     t0 = time.time()
-    batches = OracleBatches(model, tokenizer, train_prompts, train, cfg.prompts_per_batch, cfg.frozen_tower_layers,
-                            cfg.seed)
+    method.batches = OracleBatches(model, tokenizer, train_prompts, train, cfg.prompts_per_batch,
+                                   cfg.frozen_tower_layers, cfg.seed)
     log(f"frozen vision prefix of {len(train['images'])} images cached in {time.time() - t0:.0f}s")
     t0 = time.time()
-    run.loop(start, cfg.max_steps, lambda i: training_step(model, batches(i), opt, sched, cfg), state,
-             cfg.checkpoint_every, log_every=10)
+    trainer.train()
     train_seconds = time.time() - t0
     model.eval()
-    target = run.dir / "oracle"
+    target = trainer.dir / "oracle"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target / "tokenizer")
     t0 = time.time()
@@ -681,7 +688,8 @@ def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: 
     report["seconds"] = {"data_this_call": round(data_seconds), "training_this_call": round(train_seconds),
                          "evaluation": round(time.time() - t0)}
     atomic_write_text(target / "eval.json", json.dumps(report, indent=2) + "\n")
-    _finish(run, target, {"steps": cfg.max_steps, "eval": {k: v for k, v in report.items() if k != "by_kind"}})
+    finish_world_run(trainer, cfg, [target], {"steps": cfg.max_steps,
+                                              "eval": {k: v for k, v in report.items() if k != "by_kind"}})
     log(f"oracle eval: pairwise agreement {report['pairwise_agreement']:.3f} "
         f"(student4 vs teacher25 {report.get('pairwise_agreement_student4_vs_teacher25', float('nan')):.3f}), "
         f"spearman {report['spearman_soft_score']:.3f}, "
@@ -689,8 +697,10 @@ def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: 
     return target
 
 
-def _run_logger(run: Run) -> Callable[[str], None]:
+def _run_logger(log_path: Path) -> Callable[[str], None]:
+    """Print ``message`` and append it to the run's log (a record without a step, which a resume keeps)."""
     def log(message: str) -> None:
         print(message, flush=True)
-        run.log({"time": round(time.time(), 1), "message": message})
+        with log_path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 1), "message": message}) + "\n")
     return log

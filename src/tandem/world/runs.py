@@ -1,8 +1,6 @@
-"""A small run harness for the world's component trainings: resolved config beside the
-weights, atomic periodic checkpoints, exact resume, JSONL logs and a progress bar.
-
-(The general distillation ``Trainer`` of ``tandem.distill`` grows out of this, and shares its
-run-directory and checkpoint helpers, defined here.)
+"""What every training shares besides the Trainer itself (:mod:`tandem.distill.trainer`, which runs
+the distillation methods and the world's component trainings alike): the checks of a training
+config's numbers, the run-directory checks and the reading of checkpoint files.
 
 Run directories follow one contract:
 
@@ -20,23 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import re
-import time
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..checks import count, finite_number, read_json_file
-from ..outputs import PROBE_PREFIX, atomic_path, atomic_write_text, make_writable_dir
+from ..checks import count, finite_number
+from ..outputs import PROBE_PREFIX, atomic_write_text
 
-CHECKPOINT = "checkpoint.pt"
 RUN_CONFIG = "train_config.json"
 # what a run killed before it wrote anything else may leave behind: a write probe, or the
 # hidden temporary file of its train_config.json (tandem.outputs.atomic_path names it so)
@@ -126,13 +119,6 @@ def trim_log(path: Path, step: int) -> None:
 # -- checkpoint files ------------------------------------------------------------------------------------
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a fresh temporary file beside ``path``, then rename: a crash never leaves half
-    a file, and nothing lying beside ``path`` (a symlink included) is followed."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def load_checkpoint_file(path: Path, mmap: bool = False) -> Any:
     """A file written by ``torch.save`` of tensors and plain data, read with ``weights_only=True``: a
     file that holds anything else (an object whose unpickling would run code) is refused, never run.
@@ -173,138 +159,3 @@ def restore_entry(obj: Any, checkpoint: Any, keys: tuple[str, ...], path: Path) 
 
 def config_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-class EMA:
-    """Exponential moving average of a module's parameters (``decay`` per step)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        require_decay(decay, "EMA decay")
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict:
-        return self.shadow
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != set(self.shadow):
-            raise ValueError("the EMA's keys differ from the module's")
-        self.shadow = {k: v.clone() for k, v in state.items()}
-
-
-class Run:
-    """One training run in ``out_dir`` (see the module docstring for the directory contract).
-
-    Args:
-        cfg: the run's config dataclass (with ``max_steps``), saved as ``train_config.json``.
-        keep: names a new run may find already in ``out_dir`` (e.g. a data cache it reuses).
-    """
-
-    def __init__(self, out_dir: str | Path, name: str, cfg: Any, resume: bool, keep: tuple[str, ...] = ()):
-        self.dir = Path(out_dir)
-        self.name = name
-        self.cfg = cfg
-        self.ckpt_path = self.dir / CHECKPOINT
-        self.log_path = self.dir / "log.jsonl"
-        self._checkpoint: dict | None = None
-        cfg_json = {"component": name, "config": config_dict(cfg)}
-        cfg_path = self.dir / RUN_CONFIG
-        if resume:
-            if not cfg_path.is_file():
-                raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.dir} (no run there)")
-            saved = read_json_file(cfg_path, "run config")
-            if not isinstance(saved.get("config"), dict):
-                raise ValueError(f"--resume: {cfg_path} is not the config of a {name} run")
-            if _without_max_steps(saved) != _without_max_steps(cfg_json):
-                raise ValueError(
-                    f"--resume: config differs from the one in {cfg_path}; "
-                    f"saved {saved['config']}, requested {cfg_json['config']}"
-                )
-            step = 0
-            if not self.ckpt_path.exists() and (self.dir / "done.json").exists():
-                raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.dir} (the run finished; its "
-                                        "checkpoint is gone)")
-            if self.ckpt_path.exists():
-                self._checkpoint = load_checkpoint_file(self.ckpt_path)
-                step = self._checkpoint.get("step") if isinstance(self._checkpoint, dict) else None
-                if not isinstance(step, int) or step < 0:
-                    raise ValueError(f"checkpoint {self.ckpt_path} holds no step; it is not a {name} checkpoint")
-                if step > cfg.max_steps:
-                    raise ValueError(f"the checkpoint in {self.dir} is at step {step}, past --max-steps "
-                                     f"{cfg.max_steps}; resume with --max-steps {step} or more")
-            make_writable_dir(self.dir)
-            trim_log(self.log_path, step)
-            # training longer (or stopping earlier) is the one change a resume may make
-            atomic_write_text(cfg_path, json.dumps(cfg_json, indent=2) + "\n")
-            (self.dir / "done.json").unlink(missing_ok=True)  # written again when the resumed run finishes
-        else:
-            check_new_run_dir(self.dir, (CHECKPOINT, "done.json"), keep, what=f"a {name} run")
-            make_writable_dir(self.dir)
-            atomic_write_text(cfg_path, json.dumps(cfg_json, indent=2) + "\n")
-
-    def load(self, state: dict[str, Any]) -> int:
-        """Restore every object in ``state`` (modules, optimizers, EMA) and torch's RNG from the checkpoint
-        read when the run was opened; return its step (0 for a run stopped before its first checkpoint)."""
-        ckpt, self._checkpoint = self._checkpoint, None
-        if ckpt is None:
-            return 0
-        for key, obj in state.items():
-            restore_entry(obj, ckpt, (key,), self.ckpt_path)
-        try:
-            torch.set_rng_state(ckpt["torch_rng"])
-        except (KeyError, TypeError, RuntimeError):
-            raise ValueError(f"checkpoint {self.ckpt_path} holds no valid torch RNG state") from None
-        return int(ckpt["step"])
-
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        ckpt = {key: obj.state_dict() for key, obj in state.items()}
-        ckpt["step"] = step
-        ckpt["torch_rng"] = torch.get_rng_state()
-        atomic_torch_save(ckpt, self.ckpt_path)
-
-    def log(self, record: dict) -> None:
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def loop(
-        self,
-        start: int,
-        max_steps: int,
-        step_fn: Callable[[int], dict[str, float]],
-        state: dict[str, Any],
-        checkpoint_every: int,
-        log_every: int = 50,
-    ) -> None:
-        """Call ``step_fn(step)`` for steps ``start .. max_steps - 1`` with logs and checkpoints."""
-        if start > max_steps:
-            raise ValueError(f"the checkpoint in {self.dir} is at step {start}, past --max-steps {max_steps}")
-        t0 = time.time()
-        columns = (TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-        with Progress(*columns, disable=not _show_progress()) as bar:
-            task = bar.add_task(self.name, total=max_steps, completed=start, info="")
-            for step in range(start, max_steps):
-                losses = step_fn(step)
-                if (step + 1) % log_every == 0 or step + 1 == max_steps:
-                    record = {"step": step + 1, "time": round(time.time() - t0, 2), **losses}
-                    self.log(record)
-                    bar.update(task, info=" ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-                if (step + 1) % checkpoint_every == 0 or step + 1 == max_steps:
-                    self.save(step + 1, state)
-                bar.update(task, completed=step + 1)
-
-
-def _without_max_steps(cfg_json: dict) -> dict:
-    return {**cfg_json, "config": {k: v for k, v in cfg_json["config"].items() if k != "max_steps"}}
-
-
-def _show_progress() -> bool:
-    return os.environ.get("TANDEM_PROGRESS", "1") != "0"

@@ -1,17 +1,21 @@
-"""``tandem world train vae|clip|teacher``: reproduce ShapesWorld's components from scratch.
+"""``tandem world train vae|vae-decoder|clip|teacher``: reproduce ShapesWorld's components from scratch.
 
-Each component trains in its own run directory (``runs.Run``: config, checkpoints,
-resume, logs) and, at the end, exports its weights with ``save_pretrained`` into
-``<out>/<component>/`` in the layout of a Stable Diffusion repository. The teacher
-needs the VAE and the text encoder, taken from ``--world`` (default: the shipped world).
+Each component is a small method of the one :class:`~tandem.distill.trainer.Trainer` (which owns
+the run directory, checkpoints, exact resume, EMAs and logs). A world training is data-free from
+the Trainer's side: its method draws batch ``ctx.batch_index`` (the step: a world training runs in
+one CPU process) from the world's training stream itself. At the end each component exports its
+weights with ``save_pretrained`` into ``<out>/<component>/`` in the layout of a Stable Diffusion
+repository. The teacher needs the VAE and the text encoder, taken from ``--world`` (default: the
+shipped world).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +23,9 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..calibration import module_digest
+from ..distill.trainer import LR_SCHEDULES, Trainable, Trainer, TrainerConfig, check_run_dir
 from ..models import encode_captions, quiet_hub_libraries
+from ..outputs import atomic_write_text
 from .assemble import text_encoder_of
 from .models import (
     CLIPArchConfig,
@@ -31,9 +37,6 @@ from .models import (
     build_vae,
 )
 from .runs import (
-    EMA,
-    Run,
-    atomic_write_text,
     config_dict,
     require_decay,
     require_number,
@@ -42,8 +45,6 @@ from .runs import (
 )
 from .stream import images_to_tensor, sample_batch
 from .tokenizer import build_tokenizer
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -156,63 +157,108 @@ def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha
     return (weight * per_sample).mean(), per_sample
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'cosine' or 'constant'")
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
+# -- the run around a world training -------------------------------------------------------------------
 
 
-def _finish(run: Run, component_dir: Path, summary: dict) -> None:
-    atomic_write_text(component_dir / "train_config.json",
-                      json.dumps({"component": run.name, "config": config_dict(run.cfg), **summary}, indent=2) + "\n")
-    atomic_write_text(run.dir / "done.json", json.dumps(summary, indent=2) + "\n")
+def open_world_run(out: str | Path, cfg: Any, resume: bool, keep: tuple[str, ...] = ()) -> None:
+    """Before any model loads: refuse a multi-process launch, check (and create) the run directory, set
+    torch's threads and seed (the weights' init draws from ``cfg.seed``, as the shipped components' did)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the world's trainings run in one CPU process; start them without torchrun or "
+                         "accelerate launch")
+    check_run_dir(out, resume, cfg.max_steps, keep=keep)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+
+def world_trainer(method, cfg: Any, out: str | Path, resume: bool, *, batch_size: int | None = None,
+                  log_every: int = 50, keep: tuple[str, ...] = ()) -> Trainer:
+    """The Trainer of a world training: one CPU process with the config's seed, steps, checkpoint interval and
+    threads; ``train_config.json`` records the component and its config (as the exported one does)."""
+    trainer_cfg = TrainerConfig(max_steps=cfg.max_steps, seed=cfg.seed,
+                                batch_size=batch_size if batch_size is not None else cfg.batch_size,
+                                checkpoint_every=cfg.checkpoint_every, log_every=log_every, threads=cfg.threads)
+    return Trainer(method, None, trainer_cfg, out, resume=resume, cpu=True, keep=keep,
+                   run_config={"component": method.name, "config": config_dict(cfg)})
+
+
+def finish_world_run(trainer: Trainer, cfg: Any, component_dirs: list[Path], summary: dict) -> None:
+    """``train_config.json`` (component, config and ``summary``) beside each export; then the run's ``done.json``."""
+    record = {"component": trainer.method.name, "config": config_dict(cfg), **summary}
+    for component_dir in component_dirs:
+        atomic_write_text(component_dir / "train_config.json", json.dumps(record, indent=2) + "\n")
+    trainer.finish(summary)
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from ``key`` (e.g. ``(seed, step)``): the per-step draws of a world training."""
+    return torch.Generator().manual_seed(int(np.random.default_rng(list(key)).integers(2**62)))
+
+
+# -- VAE ------------------------------------------------------------------------------------------------
+
+
+class VAETraining:
+    """The VAE's loss on batch ``i`` of the stream ``cfg.seed``: MSE + L1 reconstruction of a posterior sample,
+    plus ``kl_weight`` x the KL to N(0, I) per latent element (a KL-weighted ELBO, Kingma & Welling 2014).
+
+    The posterior noise comes from the method's own generator, which starts where torch's global stream stands
+    after the weights' init (where the shipped VAE's came from) and is kept in every checkpoint.
+    """
+
+    name = "vae"
+    uses_data = False
+
+    def __init__(self, cfg: VAETrainConfig):
+        self.cfg = cfg
+        self.vae = build_vae(cfg.arch)
+        self.noise = torch.Generator()
+        self.noise.set_state(torch.get_rng_state())
+
+    def trainables(self) -> list[Trainable]:
+        cfg = self.cfg
+        return [Trainable("vae", self.vae, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine",
+                          grad_clip=1.0)]
+
+    def frozen(self) -> dict:
+        return {}
+
+    def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
+        _, images = sample_batch(self.cfg.seed, ctx.batch_index, self.cfg.batch_size)
+        x = images_to_tensor(images)
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample(self.noise)).sample
+        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        return {"loss": rec + self.cfg.kl_weight * kl, "rec": rec.detach(), "kl": kl.detach()}
+
+    def state_dict(self) -> dict:
+        return {"noise": self.noise.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noise.set_state(state["noise"])
 
 
 def train_vae(out: str | Path, cfg: VAETrainConfig | None = None, resume: bool = False) -> Path:
     cfg = cfg if cfg is not None else VAETrainConfig()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = Run(out, "vae", cfg, resume)
-    vae = build_vae(cfg.arch)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    state = {"vae": vae, "opt": opt, "sched": sched}
-    start = run.load(state) if resume else 0
-
-    def step(i: int) -> dict[str, float]:
-        _, images = sample_batch(cfg.seed, i, cfg.batch_size)
-        x = images_to_tensor(images)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = rec + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        return {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
-
-    run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
-    vae.eval()
+    open_world_run(out, cfg, resume)
+    method = VAETraining(cfg)
+    trainer = world_trainer(method, cfg, out, resume)
+    trainer.train()
+    vae = method.vae.eval()
     # SD's latent scaling factor: make the latents of renderings unit-variance
     with torch.no_grad():
         _, images = sample_batch(cfg.seed + 10_000, 0, 1024)
         latents = vae.encode(images_to_tensor(images)).latent_dist.mean
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
-    target = run.dir / "vae"
+    target = trainer.dir / "vae"
     vae.save_pretrained(target)
-    _finish(run, target, {"scaling_factor": scaling, "steps": cfg.max_steps})
+    finish_world_run(trainer, cfg, [target], {"scaling_factor": scaling, "steps": cfg.max_steps})
     return target
+
+
+# -- VAE decoder ------------------------------------------------------------------------------------------
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
@@ -229,88 +275,160 @@ def _require_vae(vae_dir: str | Path) -> Path:
     return vae_dir
 
 
+class DecoderTraining:
+    """Fine-tune the decoder of a VAE (``vae_dir``) with an edge-weighted MSE + L1 reconstruction of the
+    posterior mean; the encoder and ``quant_conv`` (so the latent space) stay fixed."""
+
+    name = "vae-decoder"
+    uses_data = False
+
+    def __init__(self, cfg: DecoderTrainConfig, vae_dir: Path):
+        from diffusers import AutoencoderKL
+
+        self.cfg = cfg
+        self.vae = AutoencoderKL.from_pretrained(vae_dir)
+        self.vae.encoder.requires_grad_(False)
+        self.vae.quant_conv.requires_grad_(False)
+
+    def trainables(self) -> list[Trainable]:
+        cfg = self.cfg
+        return [Trainable("vae", self.vae, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine",
+                          grad_clip=1.0)]
+
+    def frozen(self) -> dict:
+        return {}
+
+    def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
+        _, images = sample_batch(self.cfg.seed, ctx.batch_index, self.cfg.batch_size)
+        x = images_to_tensor(images)
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mean
+        recon = self.vae.decode(z).sample
+        weight = 1.0 + self.cfg.edge_weight * edge_map(x)
+        err = (recon - x).abs() + (recon - x).pow(2)
+        return {"loss": (weight * err).mean() / weight.mean(), "mse": (recon - x).pow(2).mean().detach()}
+
+
 def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainConfig | None = None,
                       resume: bool = False) -> Path:
     """Fine-tune the decoder of the VAE in ``vae_dir`` with an edge-weighted reconstruction loss."""
-    from diffusers import AutoencoderKL
-
     cfg = cfg if cfg is not None else DecoderTrainConfig()
     quiet_hub_libraries()
     vae_dir = _require_vae(vae_dir)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = Run(out, "vae-decoder", cfg, resume)
-    vae = AutoencoderKL.from_pretrained(vae_dir)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    trainable = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    state = {"vae": vae, "opt": opt, "sched": sched}
-    start = run.load(state) if resume else 0
-
-    def step(i: int) -> dict[str, float]:
-        _, images = sample_batch(cfg.seed, i, cfg.batch_size)
-        x = images_to_tensor(images)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-        recon = vae.decode(z).sample
-        weight = 1.0 + cfg.edge_weight * edge_map(x)
-        err = (recon - x).abs() + (recon - x).pow(2)
-        loss = (weight * err).mean() / weight.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        return {"loss": loss.item(), "mse": (recon - x).pow(2).mean().item()}
-
-    run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
-    vae.eval()
-    target = run.dir / "vae"
-    vae.save_pretrained(target)  # the scaling factor is carried over from vae_dir's config
-    _finish(run, target, {"steps": cfg.max_steps, "encoder_from": str(vae_dir)})
+    open_world_run(out, cfg, resume)
+    method = DecoderTraining(cfg, vae_dir)
+    trainer = world_trainer(method, cfg, out, resume)
+    trainer.train()
+    target = trainer.dir / "vae"
+    method.vae.eval().save_pretrained(target)  # the scaling factor is carried over from vae_dir's config
+    finish_world_run(trainer, cfg, [target], {"steps": cfg.max_steps, "encoder_from": str(vae_dir)})
     return target
+
+
+# -- CLIP -------------------------------------------------------------------------------------------------
+
+
+class CLIPTraining:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021, Fig. 3) on the captions and renderings of batch
+    ``i`` of the stream ``cfg.seed``; logs the image-to-text retrieval accuracy within the batch."""
+
+    name = "clip"
+    uses_data = False
+
+    def __init__(self, cfg: CLIPTrainConfig):
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer()
+        self.clip = build_clip(len(self.tokenizer), self.tokenizer.bos_token_id, self.tokenizer.eos_token_id,
+                               cfg.arch)
+
+    def trainables(self) -> list[Trainable]:
+        cfg = self.cfg
+        return [Trainable("clip", self.clip, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                          lr_schedule="cosine", grad_clip=1.0)]
+
+    def frozen(self) -> dict:
+        return {}
+
+    def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
+        captions, images = sample_batch(self.cfg.seed, ctx.batch_index, self.cfg.batch_size)
+        tok = self.tokenizer
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        out = self.clip(input_ids=ids, pixel_values=images_to_tensor(images), return_loss=True)
+        with torch.no_grad():
+            acc = (out.logits_per_image.argmax(1) == torch.arange(len(captions))).float().mean()
+        return {"loss": out.loss, "i2t_acc": acc}
 
 
 def train_clip(out: str | Path, cfg: CLIPTrainConfig | None = None, resume: bool = False) -> Path:
     cfg = cfg if cfg is not None else CLIPTrainConfig()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = Run(out, "clip", cfg, resume)
-    tokenizer = build_tokenizer()
-    clip = build_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.arch)
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    state = {"clip": clip, "opt": opt, "sched": sched}
-    start = run.load(state) if resume else 0
+    open_world_run(out, cfg, resume)
+    method = CLIPTraining(cfg)
+    trainer = world_trainer(method, cfg, out, resume)
+    trainer.train()
+    clip = method.clip.eval()
+    clip.save_pretrained(trainer.dir / "clip")
+    text_encoder_of(clip).save_pretrained(trainer.dir / "text_encoder")
+    method.tokenizer.save_pretrained(trainer.dir / "tokenizer")
+    finish_world_run(trainer, cfg, [trainer.dir / "clip", trainer.dir / "text_encoder"], {"steps": cfg.max_steps})
+    return trainer.dir
 
-    def step(i: int) -> dict[str, float]:
-        captions, images = sample_batch(cfg.seed, i, cfg.batch_size)
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out = clip(input_ids=ids, pixel_values=images_to_tensor(images), return_loss=True)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            acc = (out.logits_per_image.argmax(1) == torch.arange(len(captions))).float().mean()
-        return {"loss": out.loss.item(), "i2t_acc": acc.item()}
 
-    run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
-    clip.eval()
-    clip.save_pretrained(run.dir / "clip")
-    text_encoder_of(clip).save_pretrained(run.dir / "text_encoder")
-    tokenizer.save_pretrained(run.dir / "tokenizer")
-    for sub in ("clip", "text_encoder"):
-        _finish(run, run.dir / sub, {"steps": cfg.max_steps})
-    return run.dir
+# -- teacher ----------------------------------------------------------------------------------------------
 
 
 def _arch(config) -> str:
     return json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=list)
+
+
+
+
+class TeacherTraining:
+    """The teacher UNet's epsilon-prediction loss with Min-SNR-gamma weighting (Hang et al. 2023) on the
+    VAE latents of batch ``i`` of the stream ``cfg.seed``, captions dropped for classifier-free guidance (Ho &
+    Salimans 2022); the VAE and the text encoder stay frozen, and the EMA of the weights is the teacher."""
+
+    name = "teacher"
+    uses_data = False
+
+    def __init__(self, cfg: TeacherTrainConfig, vae_dir: Path, text_dir: Path):
+        from diffusers import AutoencoderKL
+
+        self.cfg = cfg
+        self.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(text_dir / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(text_dir / "text_encoder").eval().requires_grad_(False)
+        self.noise_scheduler = build_noise_scheduler()
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float64)
+        self.unet = build_unet(cfg.arch)
+        self.init_digest = None
+        if cfg.init_from is not None:
+            from diffusers import UNet2DConditionModel
+
+            warm = UNet2DConditionModel.from_pretrained(cfg.init_from)
+            if _arch(warm.config) != _arch(self.unet.config):
+                raise ValueError(f"init_from {cfg.init_from}: its UNet config differs from the teacher arch {cfg.arch}")
+            self.unet.load_state_dict({k: v.float() for k, v in warm.state_dict().items()})
+            # the path may later hold other weights (a shipped dir updated in place): record these
+            self.init_digest = module_digest(warm)
+
+    def trainables(self) -> list[Trainable]:
+        cfg = self.cfg
+        return [Trainable("unet", self.unet, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                          lr_schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip, emas={"ema": cfg.ema_decay})]
+
+    def frozen(self) -> dict:
+        return {"vae": self.vae, "text_encoder": self.text_encoder}
+
+    def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        captions, images = sample_batch(cfg.seed, ctx.batch_index, cfg.batch_size)
+        noisy, t, cond, noise = noised_batch(captions, images, step_generator(cfg.seed, ctx.batch_index),
+                                             cfg.cond_dropout, self.vae, self.tokenizer, self.text_encoder,
+                                             self.noise_scheduler)
+        pred = self.unet(noisy, t, cond).sample
+        loss, per_sample = min_snr_loss(pred, noise, t, self.alphas_cumprod, cfg.min_snr_gamma)
+        return {"loss": loss, "mse": per_sample.mean().detach()}
 
 
 def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
@@ -321,56 +439,20 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
         vae_dir: the VAE (``save_pretrained`` directory) whose latent space the teacher learns.
         text_dir: a directory holding ``text_encoder/`` and ``tokenizer/`` (a CLIP run or a world).
     """
-    from diffusers import AutoencoderKL
-
     cfg = cfg if cfg is not None else TeacherTrainConfig()
     quiet_hub_libraries()
     vae_dir, text_dir = _require_vae(vae_dir), Path(text_dir)
     missing = [d for d in ("text_encoder", "tokenizer") if not (text_dir / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"{text_dir} lacks {', '.join(missing)}/ (the teacher's text encoder)")
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = Run(out, "teacher", cfg, resume)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(text_dir / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(text_dir / "text_encoder").eval().requires_grad_(False)
-    noise_scheduler = build_noise_scheduler()
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)
-    unet = build_unet(cfg.arch)
-    if cfg.init_from is not None:
-        from diffusers import UNet2DConditionModel
-
-        warm = UNet2DConditionModel.from_pretrained(cfg.init_from)
-        if _arch(warm.config) != _arch(unet.config):
-            raise ValueError(f"init_from {cfg.init_from}: its UNet config differs from the teacher arch {cfg.arch}")
-        unet.load_state_dict({k: v.float() for k, v in warm.state_dict().items()})
-    ema = EMA(unet, cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
-    state = {"unet": unet, "ema": ema, "opt": opt, "sched": sched}
-    start = run.load(state) if resume else 0
-
-    def step(i: int) -> dict[str, float]:
-        captions, images = sample_batch(cfg.seed, i, cfg.batch_size)
-        g = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, i]).integers(2**62)))
-        noisy, t, cond, noise = noised_batch(captions, images, g, cfg.cond_dropout, vae, tokenizer, text_encoder,
-                                             noise_scheduler)
-        pred = unet(noisy, t, cond).sample
-        loss, per_sample = min_snr_loss(pred, noise, t, alphas_cumprod, cfg.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(unet)
-        return {"loss": loss.item(), "mse": per_sample.mean().item(), "grad_norm": float(gnorm)}
-
-    run.loop(start, cfg.max_steps, step, state, cfg.checkpoint_every)
-    unet.load_state_dict(ema.state_dict())  # the exported teacher is the EMA of the weights
-    unet.save_pretrained(run.dir / "unet")
+    open_world_run(out, cfg, resume)
+    method = TeacherTraining(cfg, vae_dir, text_dir)
+    trainer = world_trainer(method, cfg, out, resume)
+    trainer.train()
+    target = trainer.dir / "unet"
+    trainer.export("unet", "ema").save_pretrained(target)  # the exported teacher is the EMA of the weights
     summary = {"steps": cfg.max_steps, "weights": "ema"}
-    if cfg.init_from is not None:  # the path may later hold other weights (a shipped dir updated in place)
-        summary["init_from_weights"] = module_digest(warm)
-    _finish(run, run.dir / "unet", summary)
-    return run.dir / "unet"
+    if method.init_digest is not None:
+        summary["init_from_weights"] = method.init_digest
+    finish_world_run(trainer, cfg, [target], summary)
+    return target
