@@ -240,7 +240,10 @@ def world_add_student(
             split = json.loads(path.read_text())["config"]["prompts_file"]
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"--evaluation {path}: not a `tandem world evaluate` results.json") from None
-        evaluations[f"eval_{split if split in ('val', 'test') else path.stem}.json"] = path
+        split = {"prompts_val.txt": "val", "prompts_test.txt": "test"}.get(Path(str(split)).name, split)
+        if split not in ("val", "test"):
+            raise UserError(f"--evaluation {path}: judged on {split}, not the world's val or test prompts")
+        evaluations[f"eval_{split}.json"] = path
     target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite, name=name,
                          preset=preset, evaluations=evaluations)
     console.print(f"student -> {target}")

@@ -74,6 +74,16 @@ class TeacherParts:
         return eps_u + w * (eps_c - eps_u)
 
 
+def teacher_record(spec) -> dict:
+    """How a run and its student name their teacher: ``world`` for the shipped world (wherever tandem is
+    installed, so a run resumes and a student loads after a reinstall), else its name and path."""
+    from ..models import WORLD
+
+    if spec.name == WORLD:
+        return {"name": WORLD, "path": WORLD}
+    return {"name": spec.name, "path": spec.path}
+
+
 def uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
     """``n`` draws from U[low, high] (CPU, float32)."""
     return low + (high - low) * torch.rand((n,), generator=generator)
@@ -102,7 +112,7 @@ def run_method(*, method_name: str, teacher: str, out_dir: str | Path, trainer_c
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     source = WorldSource(trainer_cfg.seed) if data == "world" else open_source(data, resolution, trainer_cfg.seed)
     method = make_method(pipe, spec, Path(out_dir))
-    config = {"teacher": {"name": spec.name, "path": spec.path}, **run_config(spec, source),
+    config = {"teacher": teacher_record(spec), **run_config(spec, source),
               "data": source.describe()}
     trainer = Trainer(method, source, trainer_cfg, out_dir, resume=resume, run_config=config)
     trainer.train()

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..sampling import boundary_scalings, distillation_grid, guidance_embedding
 from ..world.runs import require_decay, require_number
-from .common import TeacherParts
+from .common import TeacherParts, teacher_record
 from .trainer import StepContext, Trainable
 
 LOSSES = ("l2", "huber")
@@ -194,7 +194,7 @@ def export_student(unet, out_dir: str | Path, method: ConsistencyDistillation, t
     info = StudentInfo(
         method="consistency", scheduler="LCMScheduler", prediction_type="epsilon", guidance="w-embedding",
         steps=steps, guidance_scale=float(teacher_spec.teacher.guidance_scale),
-        teacher={"name": teacher_spec.name, "path": teacher_spec.path},
+        teacher=teacher_record(teacher_spec),
         timesteps=consistency_timesteps(steps, cfg.num_ddim_timesteps, method.schedule.num_train_timesteps),
         details={"num_ddim_timesteps": cfg.num_ddim_timesteps, "w_range": [cfg.w_min, cfg.w_max],
                  "weights": weights, "optimisation_steps": optimisation_steps, "config": asdict(cfg)})

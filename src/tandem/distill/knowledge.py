@@ -32,7 +32,7 @@ from torch import nn
 
 from ..sampling import guidance_embedding
 from ..world.runs import require_number, require_probability
-from .common import TeacherParts, run_method, uniform
+from .common import TeacherParts, run_method, teacher_record, uniform
 from .trainer import StepContext, Trainable
 
 ARCHS = {"half": 0.5, "quarter": 0.25, "three-quarter": 0.75}
@@ -236,7 +236,7 @@ def distill_knowledge(teacher: str, out_dir: str | Path, cfg: KnowledgeConfig, t
         info = StudentInfo(
             method="knowledge", scheduler="DPMSolverMultistepScheduler", prediction_type="epsilon",
             guidance=cfg.guidance, steps=spec.teacher.steps, guidance_scale=float(spec.teacher.guidance_scale),
-            teacher={"name": spec.name, "path": spec.path},
+            teacher=teacher_record(spec),
             details={"arch": cfg.arch, "block_out_channels": list(unet.config.block_out_channels),
                      "baseline": cfg.alpha == 1.0, "alpha": cfg.alpha, "optimisation_steps": trainer_cfg.max_steps,
                      "weights": "ema", **cost, "teacher_params": teacher_cost["params"],

@@ -36,7 +36,7 @@ from torch import nn
 from ..denoiser import trailing_timesteps
 from ..sampling import guidance_embedding
 from ..world.runs import require_number
-from .common import TeacherParts, run_method, uniform
+from .common import TeacherParts, run_method, teacher_record, uniform
 from .consistency import make_student_unet
 from .trainer import StepContext, Trainable
 
@@ -256,7 +256,7 @@ def export_student(unet, out_dir: Path, method: ProgressiveDistillation, stage: 
     info = StudentInfo(
         method="progressive", scheduler="DPMSolverMultistepScheduler", prediction_type=method.parts.prediction_type,
         guidance="w-embedding", steps=steps, guidance_scale=guidance_scale,
-        teacher={"name": teacher_spec.name, "path": teacher_spec.path},
+        teacher=teacher_record(teacher_spec),
         timesteps=trailing_timesteps(steps, method.schedule.num_train_timesteps),
         details={"stage": name, "w_range": [cfg.w_min, cfg.w_max], "optimisation_steps": optimisation_steps,
                  "config": asdict(cfg)})
