@@ -204,3 +204,24 @@ def test_world_evaluate_reports_flops_and_plot_cost_draws_them(tiny_world, stude
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, err, _ = _cli(capsys, monkeypatch, "world", "plot-cost", prompts, "--out", tmp_path / "bad.png")
     assert code == 2 and "not a results.json" in err, err
+
+
+def test_the_world_ships_its_students_measured(tmp_path, capsys, monkeypatch):
+    """The shipped world lists every student it ships with its method, cost and measured test accuracy;
+    each loads by name (a progressive and a knowledge-distilled one generate here)."""
+    code, err, out = _cli(capsys, monkeypatch, "world", "students", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {"cd", "pd", "pd-2", "pd-1", "kd-half"} <= set(rows)
+    for r in rows.values():
+        assert r["method"].partition("+")[0] in ("consistency", "progressive", "knowledge", "adversarial", "dmd2")
+        assert 0 < r["accuracy"] < 1 and "tandem world evaluate" in r["measured_by"], r
+        info = read_student_info(r["dir"])
+        assert info.teacher["name"] in ("world", "runs/world2") and info.steps == r["steps"]
+    assert rows["cd"]["preset"] and rows["kd-half"]["flops_per_call"] < rows["pd"]["flops_per_call"] / 2
+    assert [rows[n]["steps"] for n in ("pd", "pd-2", "pd-1")] == [4, 2, 1]
+    for name in ("pd-1", "kd-half"):
+        code, err, _ = _cli(capsys, monkeypatch, "generate", "a red circle", "--mode", "student", "--student", name,
+                            "--student-steps", 2, "--out", tmp_path / name)
+        assert code == 0, err
+        assert (tmp_path / name / "00000.png").exists()

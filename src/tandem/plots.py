@@ -5,6 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _figure(size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size, dpi=120)
+
+
+def _save(fig, ax, path: str | Path, legend: str = "lower right") -> Path:
+    """Grid, legend (at ``legend``), layout; write ``path`` (PNG) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_quality_vs_steps(student: dict, path: str | Path, reference: dict | None = None,
                           metric: str = "accuracy", title: str | None = None) -> Path:
     """Student quality against its sampling steps, one line per guidance scale, with an optional
@@ -15,16 +37,11 @@ def plot_quality_vs_steps(student: dict, path: str | Path, reference: dict | Non
             ``settings.steps``, ``settings.guidance_scale`` and ``metric``).
         reference: ``{label: (value, unet_evals)}``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fig, ax = _figure((5.5, 3.8))
     lines: dict[float, list[tuple[int, float]]] = {}
     for summary in student.values():
         s = summary["settings"]
         lines.setdefault(s["guidance_scale"], []).append((s["steps"], summary[metric]))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for g, points in sorted(lines.items()):
         points.sort()
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"student, guidance {g:g}")
@@ -38,13 +55,7 @@ def plot_quality_vs_steps(student: dict, path: str | Path, reference: dict | Non
     ax.set_xlabel("student steps (UNet evaluations per image)")
     ax.set_ylabel("captions satisfied (%)" if metric == "accuracy" else metric)
     ax.set_title(title or "quality vs. steps")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_quality_vs_flops(series: dict[str, list[tuple[float, float, str]]], path: str | Path,
@@ -55,12 +66,7 @@ def plot_quality_vs_flops(series: dict[str, list[tuple[float, float, str]]], pat
     Args:
         series: ``{label: [(flops per image, accuracy in [0, 1], point label), ...]}``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    fig, ax = _figure((6.0, 4.0))
     for label, points in series.items():
         points = sorted(points)
         ax.plot([p[0] / 1e9 for p in points], [100 * p[1] for p in points], marker="o", label=label)
@@ -70,10 +76,4 @@ def plot_quality_vs_flops(series: dict[str, list[tuple[float, float, str]]], pat
     ax.set_xlabel("UNet GFLOPs per image (all steps, guidance included)")
     ax.set_ylabel("captions satisfied (%)")
     ax.set_title(title or "quality vs. compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend="center right")

@@ -264,6 +264,7 @@ def shipped_students(spec) -> list[dict]:
                **cost, "flops_per_image": cost["flops_per_call"] * entry.steps * (
                    info.evals_per_step if entry.guidance_scale > 1 else 1),
                "preset": spec.student is not None and entry.path == spec.student.path,
+               "baseline": bool(info.details.get("baseline")),  # trained from data alone (no teacher), to compare
                "accuracy": None, "measured_by": None}
         results_path = path / "eval_test.json"
         if results_path.is_file():

@@ -309,7 +309,8 @@ def world_students(
         acc = r.get("accuracy")
         where = Path(r["dir"])
         shown = where.relative_to(root) if where.is_relative_to(root) else where
-        table.add_row(("* " if r["preset"] else "") + r["name"], r["method"], str(r["steps"]),
+        method = r["method"] + (" (baseline: no teacher)" if r["baseline"] else "")
+        table.add_row(("* " if r["preset"] else "") + r["name"], method, str(r["steps"]),
                       f"{r['guidance_scale']:g}", f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_call'] / 1e6:.1f}",
                       "-" if acc is None else f"{100 * acc:.1f}%", str(shown))
     Console(width=None if sys.stdout.isatty() else 120).print(table)

@@ -198,7 +198,21 @@ def step_generator(*key: int) -> torch.Generator:
 # -- VAE ------------------------------------------------------------------------------------------------
 
 
-class VAETraining:
+class _VAEMethod:
+    """What the VAE and decoder trainings share: one network, ``vae``, on a cosine schedule."""
+
+    uses_data = False
+
+    def trainables(self) -> list[Trainable]:
+        cfg = self.cfg
+        return [Trainable("vae", self.vae, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine",
+                          grad_clip=1.0)]
+
+    def frozen(self) -> dict:
+        return {}
+
+
+class VAETraining(_VAEMethod):
     """The VAE's loss on batch ``i`` of the stream ``cfg.seed``: MSE + L1 reconstruction of a posterior sample,
     plus ``kl_weight`` x the KL to N(0, I) per latent element (a KL-weighted ELBO, Kingma & Welling 2014).
 
@@ -214,14 +228,6 @@ class VAETraining:
         self.vae = build_vae(cfg.arch)
         self.noise = torch.Generator()
         self.noise.set_state(torch.get_rng_state())
-
-    def trainables(self) -> list[Trainable]:
-        cfg = self.cfg
-        return [Trainable("vae", self.vae, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine",
-                          grad_clip=1.0)]
-
-    def frozen(self) -> dict:
-        return {}
 
     def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
         _, images = sample_batch(self.cfg.seed, ctx.batch_index, self.cfg.batch_size)
@@ -275,7 +281,7 @@ def _require_vae(vae_dir: str | Path) -> Path:
     return vae_dir
 
 
-class DecoderTraining:
+class DecoderTraining(_VAEMethod):
     """Fine-tune the decoder of a VAE (``vae_dir``) with an edge-weighted MSE + L1 reconstruction of the
     posterior mean; the encoder and ``quant_conv`` (so the latent space) stay fixed."""
 
@@ -289,14 +295,6 @@ class DecoderTraining:
         self.vae = AutoencoderKL.from_pretrained(vae_dir)
         self.vae.encoder.requires_grad_(False)
         self.vae.quant_conv.requires_grad_(False)
-
-    def trainables(self) -> list[Trainable]:
-        cfg = self.cfg
-        return [Trainable("vae", self.vae, lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine",
-                          grad_clip=1.0)]
-
-    def frozen(self) -> dict:
-        return {}
 
     def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
         _, images = sample_batch(self.cfg.seed, ctx.batch_index, self.cfg.batch_size)

@@ -1,0 +1,54 @@
+#!/bin/bash
+# The world's progressive and knowledge-distilled students (issue 14): the trainings and every
+# evaluation behind the README's student table, in the order they were run (2 CPU cores).
+# Settings are chosen on the 500 validation prompts; the 1000 test prompts only report.
+set -euo pipefail
+VAL=src/tandem/world/data/prompts_val.txt
+
+# -- trainings --------------------------------------------------------------------------------------
+# progressive: guidance stage (600 steps), then rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 (400 steps each)
+tandem distill progressive --out runs/pd --guidance-steps 600 --round-steps 400 --start-steps 32 --end-steps 1 \
+    --batch-size 32 --threads 2
+# knowledge distillation into half and quarter width, and the same half-width UNet from scratch (DSM, Eq. 3)
+tandem distill knowledge --out runs/kd-half --arch half --batch-size 64 --max-steps 3000 --threads 1 --checkpoint-every 250
+tandem distill knowledge --out runs/dsm-half --arch half --alpha 1 --batch-size 64 --max-steps 3000 --threads 1 --checkpoint-every 250
+tandem distill knowledge --out runs/kd-quarter --arch quarter --batch-size 64 --max-steps 3000 --threads 1 --checkpoint-every 250
+# (pd ran its first 500 steps at --threads 2, then resumed at --threads 1 with --resume; kd-half,
+# dsm-half and kd-quarter ran two at a time, one thread each.)
+
+# -- guidance on the validation prompts ----------------------------------------------------------------
+E="tandem world evaluate --mode student --no-vae"
+$E --student runs/pd/rounds/4-steps --student-steps 4 --guidance-scale 3 --guidance-scale 4.5 --guidance-scale 6 --guidance-scale 8 --prompts $VAL --out runs/eval/pd4-val
+for n in 1 2 8; do
+  $E --student runs/pd/rounds/$n-steps --student-steps $n --guidance-scale 3 --guidance-scale 4.5 --guidance-scale 6 --prompts $VAL --out runs/eval/pd$n-val
+done
+for r in kd-half dsm-half kd-quarter; do
+  $E --student runs/$r/student --student-steps 25 --guidance-scale 4 --guidance-scale 5 --guidance-scale 6 --prompts $VAL --out runs/eval/$r-val
+done
+
+# -- the test prompts, at the chosen scales ------------------------------------------------------------
+$E --student runs/pd/rounds/1-steps --student-steps 1 --guidance-scale 4.5 --out runs/eval/pd1-test
+$E --student runs/pd/rounds/2-steps --student-steps 2 --guidance-scale 6 --out runs/eval/pd2-test
+$E --student runs/pd/rounds/4-steps --student-steps 4 --guidance-scale 4.5 --out runs/eval/pd4-test
+$E --student runs/pd/rounds/8-steps --student-steps 8 --guidance-scale 3 --out runs/eval/pd8-test
+$E --student runs/kd-half/student --student-steps 10 --student-steps 25 --guidance-scale 4 --out runs/eval/kd-half-test
+$E --student runs/dsm-half/student --student-steps 10 --student-steps 25 --guidance-scale 5 --out runs/eval/dsm-half-test
+$E --student runs/kd-quarter/student --student-steps 10 --student-steps 25 --guidance-scale KDQ_G --out runs/eval/kd-quarter-test
+tandem world evaluate --mode teacher --teacher-steps 10 --guidance-scale 5 --no-vae --out runs/eval/teacher10-test
+tandem world evaluate --mode teacher --teacher-steps 25 --guidance-scale 5 --no-vae --out runs/eval/teacher25-test
+
+# -- the adaptive pipeline with pd instead of cd, on the validation prompts -----------------------------
+tandem calibrate --model world --student pd --prompts $VAL --out runs/eval/cal-pd.json
+G="tandem generate --prompts $VAL --model world --seed 0 --batch-size 100 --mode adaptive"
+$G --out runs/eval/ad-cd-val
+$G --student pd --calibration runs/eval/cal-pd.json --out runs/eval/ad-pd-val
+tandem world judge runs/eval/ad-cd-val; tandem world judge runs/eval/ad-pd-val
+
+# -- ship, collect -------------------------------------------------------------------------------------
+tandem world add-student --student runs/pd/rounds/4-steps --name pd --steps 4 --guidance-scale 4.5 --evaluation runs/eval/pd4-test/results.json --evaluation runs/eval/pd4-val/results.json
+tandem world add-student --student runs/pd/rounds/2-steps --name pd-2 --steps 2 --guidance-scale 6 --evaluation runs/eval/pd2-test/results.json --evaluation runs/eval/pd2-val/results.json
+tandem world add-student --student runs/pd/rounds/1-steps --name pd-1 --steps 1 --guidance-scale 4.5 --evaluation runs/eval/pd1-test/results.json --evaluation runs/eval/pd1-val/results.json
+tandem world add-student --student runs/kd-half/student --name kd-half --steps 25 --guidance-scale 4 --evaluation runs/eval/kd-half-test/results.json --evaluation runs/eval/kd-half-val/results.json
+tandem world add-student --student runs/dsm-half/student --name dsm-half --steps 25 --guidance-scale 5 --evaluation runs/eval/dsm-half-test/results.json --evaluation runs/eval/dsm-half-val/results.json
+tandem world add-student --student runs/kd-quarter/student --name kd-quarter --steps 25 --guidance-scale KDQ_G --evaluation runs/eval/kd-quarter-test/results.json --evaluation runs/eval/kd-quarter-val/results.json
+python docs/results/students/collect.py runs/eval docs/results/students
