@@ -178,17 +178,14 @@ def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig | None = None,
     import copy
 
     from ..models import quiet_hub_libraries, world_dir
-    from .train import finish_world_run, open_world_run, world_trainer
+    from .train import finish_world_run, run_world_training
 
     cfg = cfg if cfg is not None else ControlNetTrainConfig()
     if cfg.control not in CONTROLS:
         raise ValueError(f"unknown control {cfg.control!r}; expected one of {', '.join(CONTROLS)}")
     quiet_hub_libraries()
     world = Path(cfg.world) if cfg.world is not None else world_dir()
-    open_world_run(out, cfg, resume)
-    method = ControlNetTraining(cfg, world)
-    trainer = world_trainer(method, cfg, out, resume)
-    trainer.train()
+    method, trainer = run_world_training(out, cfg, resume, lambda: ControlNetTraining(cfg, world))
     target = trainer.dir / "controlnet"
     # the EMA of the weights, in float16 as the shipped teacher (the checkpoint keeps float32)
     copy.deepcopy(trainer.export("controlnet", "ema")).half().save_pretrained(target)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,16 @@ def world_trainer(method, cfg: Any, out: str | Path, resume: bool, *, batch_size
                    run_config={"component": method.name, "config": config_dict(cfg)})
 
 
+def run_world_training(out: str | Path, cfg: Any, resume: bool, make_method: Callable[[], Any]):
+    """Open the run (:func:`open_world_run`), build the method (after the seed is set: its weights' init
+    draws from it), train it on :func:`world_trainer` and return ``(method, trainer)``."""
+    open_world_run(out, cfg, resume)
+    method = make_method()
+    trainer = world_trainer(method, cfg, out, resume)
+    trainer.train()
+    return method, trainer
+
+
 def finish_world_run(trainer: Trainer, cfg: Any, component_dirs: list[Path], summary: dict) -> None:
     """``train_config.json`` (component, config and ``summary``) beside each export; then the run's ``done.json``."""
     record = {"component": trainer.method.name, "config": config_dict(cfg), **summary}
@@ -247,10 +258,7 @@ class VAETraining(_VAEMethod):
 
 def train_vae(out: str | Path, cfg: VAETrainConfig | None = None, resume: bool = False) -> Path:
     cfg = cfg if cfg is not None else VAETrainConfig()
-    open_world_run(out, cfg, resume)
-    method = VAETraining(cfg)
-    trainer = world_trainer(method, cfg, out, resume)
-    trainer.train()
+    method, trainer = run_world_training(out, cfg, resume, lambda: VAETraining(cfg))
     vae = method.vae.eval()
     # SD's latent scaling factor: make the latents of renderings unit-variance
     with torch.no_grad():
@@ -313,10 +321,7 @@ def train_vae_decoder(out: str | Path, vae_dir: str | Path, cfg: DecoderTrainCon
     cfg = cfg if cfg is not None else DecoderTrainConfig()
     quiet_hub_libraries()
     vae_dir = _require_vae(vae_dir)
-    open_world_run(out, cfg, resume)
-    method = DecoderTraining(cfg, vae_dir)
-    trainer = world_trainer(method, cfg, out, resume)
-    trainer.train()
+    method, trainer = run_world_training(out, cfg, resume, lambda: DecoderTraining(cfg, vae_dir))
     target = trainer.dir / "vae"
     method.vae.eval().save_pretrained(target)  # the scaling factor is carried over from vae_dir's config
     finish_world_run(trainer, cfg, [target], {"steps": cfg.max_steps, "encoder_from": str(vae_dir)})
@@ -360,10 +365,7 @@ class CLIPTraining:
 
 def train_clip(out: str | Path, cfg: CLIPTrainConfig | None = None, resume: bool = False) -> Path:
     cfg = cfg if cfg is not None else CLIPTrainConfig()
-    open_world_run(out, cfg, resume)
-    method = CLIPTraining(cfg)
-    trainer = world_trainer(method, cfg, out, resume)
-    trainer.train()
+    method, trainer = run_world_training(out, cfg, resume, lambda: CLIPTraining(cfg))
     clip = method.clip.eval()
     clip.save_pretrained(trainer.dir / "clip")
     text_encoder_of(clip).save_pretrained(trainer.dir / "text_encoder")
@@ -443,10 +445,7 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     missing = [d for d in ("text_encoder", "tokenizer") if not (text_dir / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"{text_dir} lacks {', '.join(missing)}/ (the teacher's text encoder)")
-    open_world_run(out, cfg, resume)
-    method = TeacherTraining(cfg, vae_dir, text_dir)
-    trainer = world_trainer(method, cfg, out, resume)
-    trainer.train()
+    method, trainer = run_world_training(out, cfg, resume, lambda: TeacherTraining(cfg, vae_dir, text_dir))
     target = trainer.dir / "unet"
     trainer.export("unet", "ema").save_pretrained(target)  # the exported teacher is the EMA of the weights
     summary = {"steps": cfg.max_steps, "weights": "ema"}
