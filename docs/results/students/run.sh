@@ -33,7 +33,7 @@ $E --student runs/pd/rounds/4-steps --student-steps 4 --guidance-scale 4.5 --out
 $E --student runs/pd/rounds/8-steps --student-steps 8 --guidance-scale 3 --out runs/eval/pd8-test
 $E --student runs/kd-half/student --student-steps 10 --student-steps 25 --guidance-scale 4 --out runs/eval/kd-half-test
 $E --student runs/dsm-half/student --student-steps 10 --student-steps 25 --guidance-scale 5 --out runs/eval/dsm-half-test
-$E --student runs/kd-quarter/student --student-steps 10 --student-steps 25 --guidance-scale KDQ_G --out runs/eval/kd-quarter-test
+$E --student runs/kd-quarter/student --student-steps 10 --student-steps 25 --guidance-scale 4 --out runs/eval/kd-quarter-test
 tandem world evaluate --mode teacher --teacher-steps 10 --guidance-scale 5 --no-vae --out runs/eval/teacher10-test
 tandem world evaluate --mode teacher --teacher-steps 25 --guidance-scale 5 --no-vae --out runs/eval/teacher25-test
 
@@ -50,5 +50,5 @@ tandem world add-student --student runs/pd/rounds/2-steps --name pd-2 --steps 2 
 tandem world add-student --student runs/pd/rounds/1-steps --name pd-1 --steps 1 --guidance-scale 4.5 --evaluation runs/eval/pd1-test/results.json --evaluation runs/eval/pd1-val/results.json
 tandem world add-student --student runs/kd-half/student --name kd-half --steps 25 --guidance-scale 4 --evaluation runs/eval/kd-half-test/results.json --evaluation runs/eval/kd-half-val/results.json
 tandem world add-student --student runs/dsm-half/student --name dsm-half --steps 25 --guidance-scale 5 --evaluation runs/eval/dsm-half-test/results.json --evaluation runs/eval/dsm-half-val/results.json
-tandem world add-student --student runs/kd-quarter/student --name kd-quarter --steps 25 --guidance-scale KDQ_G --evaluation runs/eval/kd-quarter-test/results.json --evaluation runs/eval/kd-quarter-val/results.json
+tandem world add-student --student runs/kd-quarter/student --name kd-quarter --steps 25 --guidance-scale 4 --evaluation runs/eval/kd-quarter-test/results.json --evaluation runs/eval/kd-quarter-val/results.json
 python docs/results/students/collect.py runs/eval docs/results/students
