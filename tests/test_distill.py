@@ -168,10 +168,10 @@ def test_student_images_do_not_depend_on_batching(tiny_world, random_student):
     assert not np.array_equal(det[0], whole[0])
 
 
-def _train(teacher, out, max_steps, resume=False, grad_accum=1, batch_size=4):
+def _train(teacher, out, max_steps, resume=False, grad_accum=1, batch_size=4, threads=None):
     method = ConsistencyDistillation(teacher, ConsistencyConfig(w_embedding_dim=16, lr=1e-3))
     cfg = TrainerConfig(max_steps=max_steps, seed=5, batch_size=batch_size, grad_accum=grad_accum,
-                        checkpoint_every=2, log_every=1)
+                        checkpoint_every=2, log_every=1, threads=threads)
     trainer = Trainer(method, WorldSource(5), cfg, out, resume=resume, cpu=True)
     trainer.train()
     return trainer
@@ -199,6 +199,19 @@ def test_trainer_refuses_to_overwrite_and_checks_resume_config(teacher, tmp_path
         _train(teacher, tmp_path / "run", 2, resume=True, batch_size=2)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _train(teacher, tmp_path / "fresh", 2, resume=True)
+
+
+def test_a_resume_may_change_the_steps_and_the_threads(teacher, tmp_path):
+    """How long a run trains and on how many threads are not its configuration: a resume may change both
+    (and the saved config then records the new ones); anything else is refused (above)."""
+    threads = torch.get_num_threads()
+    try:
+        _train(teacher, tmp_path / "run", 2, threads=1)
+        _train(teacher, tmp_path / "run", 4, resume=True, threads=2)
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["trainer"]
+    assert (saved["max_steps"], saved["threads"]) == (4, 2)
 
 
 def _free_port() -> int:

@@ -300,7 +300,7 @@ class Trainer:
     """Train ``method`` into ``out_dir``.
 
     A new run needs a new or empty directory (``keep``: names it may already hold); ``resume=True``
-    continues the run in it, and then the run's saved configuration must match, except for ``max_steps``.
+    continues the run in it, and then the run's saved configuration must match, except for ``max_steps`` and ``threads``.
     ``source`` is the data (a ``BatchSource``; ``None`` for a data-free method); ``run_config`` is saved
     in ``train_config.json`` beside the method's name and the Trainer's config; ``cpu`` forces the CPU
     [default: the GPU where there is one].
@@ -356,8 +356,8 @@ class Trainer:
         ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps, self.accelerator.num_processes, self.keep)
         if self.resume:
             cfg_path = self.dir / RUN_CONFIG
-            saved = _without_max_steps(read_json_file(cfg_path, "run config"))
-            requested = _without_max_steps(_jsonable(self.run_config))
+            saved = _without_resumable_changes(read_json_file(cfg_path, "run config"))
+            requested = _without_resumable_changes(_jsonable(self.run_config))
             if saved != requested:
                 raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path}: "
                                  f"saved {saved}, requested {requested}")
@@ -581,10 +581,15 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _without_max_steps(cfg: dict) -> dict:
-    """The run config less ``max_steps`` (the one change a resume may make), wherever a section records it."""
+RESUMABLE_CHANGES = ("max_steps", "threads")  # what a resume may change: how long, and on how many threads
+
+
+def _without_resumable_changes(cfg: dict) -> dict:
+    """The run config less what a resume may change (:data:`RESUMABLE_CHANGES`: a longer run, another
+    thread count), wherever a section records it."""
     out = json.loads(json.dumps(cfg))
     for section in out.values():
         if isinstance(section, dict):
-            section.pop("max_steps", None)
+            for key in RESUMABLE_CHANGES:
+                section.pop(key, None)
     return out
