@@ -15,11 +15,15 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(fig, ax, path: str | Path, legend: str = "lower right") -> Path:
-    """Grid, legend (at ``legend``), layout; write ``path`` (PNG) and close the figure."""
+    """Grid, legend (at ``legend``: a matplotlib location or "outside"), layout; write ``path`` (PNG) and
+    close the figure."""
     import matplotlib.pyplot as plt
 
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc=legend)
+    if legend == "outside":  # right of the axes, clear of every point
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8, loc=legend)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -66,7 +70,7 @@ def plot_quality_vs_flops(series: dict[str, list[tuple[float, float, str]]], pat
     Args:
         series: ``{label: [(flops per image, accuracy in [0, 1], point label), ...]}``.
     """
-    fig, ax = _figure((6.0, 4.0))
+    fig, ax = _figure((8.0, 4.0))
     for label, points in series.items():
         points = sorted(points)
         ax.plot([p[0] / 1e9 for p in points], [100 * p[1] for p in points], marker="o", label=label)
@@ -76,4 +80,4 @@ def plot_quality_vs_flops(series: dict[str, list[tuple[float, float, str]]], pat
     ax.set_xlabel("UNet GFLOPs per image (all steps, guidance included)")
     ax.set_ylabel("captions satisfied (%)")
     ax.set_title(title or "quality vs. compute")
-    return _save(fig, ax, path, legend="center right")
+    return _save(fig, ax, path, legend="outside")
