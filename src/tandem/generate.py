@@ -137,9 +137,10 @@ class StudentSettings:
 
 
 def unet_evals_per_step(pipe, guidance_scale: float) -> int:
-    """UNet rows per image and step: 2 with classifier-free guidance (a doubled batch), 1 for a
-    guidance-embedded (LCM) UNet or guidance <= 1."""
-    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    """UNet rows per image and step of ``pipe`` (a pipeline, or its UNet): 2 with classifier-free guidance
+    (a doubled batch), 1 for a guidance-embedded (LCM) UNet or guidance <= 1."""
+    unet = getattr(pipe, "unet", pipe)
+    embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
     return 1 if embedded or guidance_scale <= 1 else 2
 
 

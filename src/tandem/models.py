@@ -360,13 +360,13 @@ def load_teacher_pipeline(spec: ModelSpec, device: str | torch.device = "cpu", d
     quiet_hub_libraries()
     if _is_dir(Path(spec.path)):
         check_model_dir(spec.path)
-    kwargs = {"dtype": dtype}
-    if not spec.is_world:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if spec.unet is not None:  # a student as the teacher: its UNet and scheduler
         from .students import load_student
 
         return load_student(spec.unet, spec, device=device, dtype=dtype)
+    kwargs = {"dtype": dtype}
+    if not spec.is_world:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = from_hub(StableDiffusionPipeline.from_pretrained, spec.path, "model", **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

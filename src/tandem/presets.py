@@ -191,14 +191,12 @@ def parse_student(spec: str, teacher: str | None = None) -> tuple[str, str]:
     """``(kind, source)`` of a ``--student`` value: the name of a student ``teacher`` ships (``tandem world
     students``: a ``tandem`` student, its directory), ``KIND:SOURCE`` with a kind of :data:`STUDENT_KINDS`,
     or a directory or hub id whose kind :func:`student_kind` finds (a hub id defaults to ``pipeline``)."""
-    if teacher is not None:
-        shipped = _shipped_student(teacher, spec)
-        if shipped is not None:
-            return "tandem", shipped.path
-        names = _shipped_names(teacher)
-        if names and "/" not in spec and ":" not in spec and not Path(spec).is_dir():
-            raise ValueError(f"--student: no student {spec!r}: not a directory, nor a student {teacher} ships "
-                             f"({', '.join(names)})")
+    shipped = _shipped(teacher) if teacher is not None else {}
+    if spec in shipped:
+        return "tandem", shipped[spec].path
+    if shipped and "/" not in spec and ":" not in spec and not Path(spec).is_dir():
+        raise ValueError(f"--student: no student {spec!r}: not a directory, nor a student {teacher} ships "
+                         f"({', '.join(shipped)})")
     kind, sep, rest = spec.partition(":")
     if sep and kind in STUDENT_KINDS:
         return kind, rest
@@ -240,7 +238,7 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
                 "guidance_scale": spec.student.guidance_scale})
     changes: dict = {}
     if student is not None:
-        shipped = _shipped_student(base.teacher, student)
+        shipped = _shipped(base.teacher).get(student)
         kind, source = parse_student(student, base.teacher)
         changes.update(student=source, student_kind=kind)
         own = None
@@ -268,26 +266,15 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
                                calibration=None, edit_calibrations={})
 
 
-def _shipped_student(teacher: str, name: str):
-    """The ``StudentDefaults`` of a student the teacher ships under ``name`` (``tandem world students``), or None."""
-    from .models import resolve_model
-
-    if "/" in name or ":" in name:
-        return None
-    try:
-        spec = resolve_model(teacher)
-    except (ValueError, FileNotFoundError):
-        return None
-    return spec.students.get(name)
-
-
-def _shipped_names(teacher: str) -> list[str]:
+def _shipped(teacher: str) -> dict:
+    """The students ``teacher`` ships, by name (``tandem world students``); none for a teacher that does not
+    resolve here (a hub id is only looked at when it loads)."""
     from .models import resolve_model
 
     try:
-        return list(resolve_model(teacher).students)
+        return resolve_model(teacher).students
     except (ValueError, FileNotFoundError):
-        return []
+        return {}
 
 
 def _tandem_student_path(teacher: str, source: str) -> Path:

@@ -94,11 +94,6 @@ class StudentInfo:
     def base_method(self) -> str:
         return self.method.partition("+")[0]
 
-    @property
-    def evals_per_step(self) -> int:
-        """UNet calls per sampling step at a guidance scale above 1."""
-        return 2 if self.guidance == "classifier-free" else 1
-
     def to_json(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}
 
@@ -250,6 +245,8 @@ def shipped_students(spec) -> list[dict]:
     from diffusers import UNet2DConditionModel
     from transformers import AutoTokenizer
 
+    from .generate import unet_evals_per_step
+
     entries = dict(spec.students)
     if spec.student is not None and all(e.path != spec.student.path for e in entries.values()):
         entries = {"preset": spec.student, **entries}
@@ -258,11 +255,12 @@ def shipped_students(spec) -> list[dict]:
     for name, entry in entries.items():
         path = Path(entry.path)
         info = read_student_info(path)
-        cost = unet_cost(UNet2DConditionModel.from_pretrained(path / "unet").float(), context_length=context)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet").float()
+        cost = unet_cost(unet, context_length=context)
+        calls = entry.steps * unet_evals_per_step(unet, entry.guidance_scale)
         row = {"name": name, "method": info.method, "dir": str(path), "steps": entry.steps,
                "guidance_scale": entry.guidance_scale, "guidance": info.guidance, "scheduler": info.scheduler,
-               **cost, "flops_per_image": cost["flops_per_call"] * entry.steps * (
-                   info.evals_per_step if entry.guidance_scale > 1 else 1),
+               **cost, "flops_per_image": cost["flops_per_call"] * calls,
                "preset": spec.student is not None and entry.path == spec.student.path,
                "baseline": bool(info.details.get("baseline")),  # trained from data alone (no teacher), to compare
                "accuracy": None, "measured_by": None}

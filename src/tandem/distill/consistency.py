@@ -102,14 +102,11 @@ class ConsistencyDistillation:
         if self.parts.prediction_type != "epsilon":
             raise ValueError("consistency distillation here needs an epsilon-prediction teacher, got "
                              f"{self.parts.prediction_type!r}")
-        self.teacher_unet, self.vae = self.parts.teacher_unet, self.parts.vae
-        self.text_encoder, self.tokenizer = self.parts.text_encoder, self.parts.tokenizer
-        self.scheduler_config = self.parts.scheduler_config
         self.schedule = self.parts.schedule
         steps = self.schedule.num_train_timesteps
         self.grid = torch.from_numpy(distillation_grid(steps, cfg.num_ddim_timesteps)).long()
         self.grid_prev = torch.clamp(self.grid - (steps // cfg.num_ddim_timesteps), min=0)
-        self.student = make_student_unet(self.teacher_unet, cfg.w_embedding_dim)
+        self.student = make_student_unet(self.parts.teacher_unet, cfg.w_embedding_dim)
 
     def trainables(self) -> list[Trainable]:
         emas = {"target": self.cfg.target_ema}
@@ -122,12 +119,6 @@ class ConsistencyDistillation:
         return self.parts.frozen()
 
     # -- pieces, public so that tests can check them against independent computations ----------------
-
-    def encode_text(self, captions: list[str], device) -> torch.Tensor:
-        return self.parts.encode_text(captions, device)
-
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.parts.encode_images(pixels, generator)
 
     def consistency_fn(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w_emb: torch.Tensor):
         """``c_skip(t) x + c_out(t) x̂0`` with ``x̂0`` from ``unet``'s ε-prediction."""
@@ -153,9 +144,9 @@ class ConsistencyDistillation:
 
     def step(self, batch: dict, update: str, ctx: StepContext) -> dict[str, torch.Tensor]:
         g, device = ctx.generator, ctx.device
-        latents = self.encode_images(batch["pixels"], g).to(device)
+        latents = self.parts.encode_images(batch["pixels"], g).to(device)
         b = latents.shape[0]
-        cond = self.encode_text(batch["captions"], device)
+        cond = self.parts.encode_text(batch["captions"], device)
         uncond = self.parts.uncond(b, device)
         n = torch.randint(0, len(self.grid), (b,), generator=g).to(device)
         t, t_prev = self.grid.to(device)[n], self.grid_prev.to(device)[n]
@@ -189,7 +180,7 @@ def export_student(unet, out_dir: str | Path, method: ConsistencyDistillation, t
     from ..students import StudentInfo, save_student
 
     cfg = method.cfg
-    scheduler = LCMScheduler.from_config(method.scheduler_config, original_inference_steps=cfg.num_ddim_timesteps)
+    scheduler = LCMScheduler.from_config(method.parts.scheduler_config, original_inference_steps=cfg.num_ddim_timesteps)
     steps = min(4, cfg.num_ddim_timesteps)
     info = StudentInfo(
         method="consistency", scheduler="LCMScheduler", prediction_type="epsilon", guidance="w-embedding",

@@ -47,7 +47,8 @@ TARGETS = ("x0", "v")
 class ProgressiveConfig:
     start_steps: int = 32  # the teacher's DDIM steps in the first halving round
     end_steps: int = 1  # the last round's student steps
-    guidance_steps: int = 400  # optimisation steps of the guidance stage (0: skip it, the teacher is w-conditioned)
+    guidance_steps: int = 400  # optimisation steps of the guidance stage (0 plans none; the method then needs a
+    # w-conditioned teacher, which it does not load yet, and refuses)
     round_steps: int = 300  # optimisation steps per halving round
     w_min: float = 1.0
     w_max: float = 8.0

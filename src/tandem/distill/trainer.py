@@ -22,8 +22,8 @@ A run directory holds ``train_config.json`` (the run's configuration), ``log.jso
 once the run has finished, ``done.json``. A new run needs a new or empty ``--out`` (checked,
 created and probed for writability before any model is loaded; ``keep`` names entries it may
 already hold, such as a data cache), and ``--resume`` continues the run whose
-``train_config.json`` matches (except ``max_steps``), from its last checkpoint (or step 0 when it
-stopped before its first one), never from a checkpoint past ``max_steps``.
+``train_config.json`` matches (except ``max_steps`` and ``threads``), from its last checkpoint
+(or step 0 when it stopped before its first one), never from a checkpoint past ``max_steps``.
 
 Data comes from a :class:`~tandem.distill.data.BatchSource`: batch ``i`` is a pure function
 of ``i``, so the data position is the step and a resumed run sees the batches an
@@ -300,7 +300,8 @@ class Trainer:
     """Train ``method`` into ``out_dir``.
 
     A new run needs a new or empty directory (``keep``: names it may already hold); ``resume=True``
-    continues the run in it, and then the run's saved configuration must match, except for ``max_steps`` and ``threads``.
+    continues the run in it, and then the run's saved configuration must match, except for ``max_steps``
+    and ``threads``.
     ``source`` is the data (a ``BatchSource``; ``None`` for a data-free method); ``run_config`` is saved
     in ``train_config.json`` beside the method's name and the Trainer's config; ``cpu`` forces the CPU
     [default: the GPU where there is one].
