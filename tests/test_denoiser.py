@@ -203,10 +203,27 @@ def test_trailing_timesteps_match_diffusers_for_other_counts(steps):
 # -- bad input -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alphas", [[0.5, 0.0], [1.2, 0.5], [0.9, -0.1], [0.9, float("nan")]])
+@pytest.mark.parametrize("alphas", [[0.0, 0.5], [0.5, 0.0, 0.0], [1.2, 0.5], [0.9, -0.1], [0.9, float("nan")]])
 def test_alphas_outside_the_unit_interval_are_refused(alphas):
-    with pytest.raises(ValueError, match=r"alphas_cumprod must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"alphas_cumprod must lie in \(0, 1\] \(0 only at the last timestep"):
         NoiseSchedule(torch.tensor(alphas))
+
+
+def test_zero_terminal_snr_converts_v_and_x0_and_refuses_epsilon():
+    """diffusers' rescaled betas end at ᾱ = 0 (x_t = ε there): v and x₀ convert as DDIM reads them; ε cannot."""
+    ddim = DDIMScheduler(**{**SCHEDULE_CONFIG, "prediction_type": "v_prediction"}, rescale_betas_zero_snr=True,
+                         timestep_spacing="trailing")
+    schedule = NoiseSchedule.from_scheduler(ddim.config)
+    assert schedule.zero_terminal_snr and float(schedule.alpha_bar(999)) == 0.0 and float(schedule.snr(999)) == 0.0
+    x, v = _draws(2, dtype=torch.float32)
+    ddim.set_timesteps(1)
+    expected = ddim.step(v, 999, x).pred_original_sample  # α x - σ v with α = 0: -v
+    torch.testing.assert_close(schedule.to_x0(v, x, 999, "v_prediction"), expected, rtol=0, atol=0)
+    torch.testing.assert_close(schedule.to_eps(v, x, 999, "v_prediction"), x, rtol=0, atol=0)
+    torch.testing.assert_close(schedule.add_noise(v, x, 999), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ε-prediction at zero SNR"):
+        schedule.to_x0(v, x, [999, 500], "epsilon")
+    schedule.to_x0(v, x, [998, 500], "epsilon")  # ε is fine wherever ᾱ > 0
 
 
 @pytest.mark.parametrize("alphas", [[], [[0.5, 0.4]]])

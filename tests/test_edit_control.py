@@ -33,8 +33,9 @@ IMAGES = [im for _, im, _ in EXAMPLES]
 
 @pytest.fixture(scope="module")
 def pipe():
-    return world_pipeline(num_inference_steps=4, guidance_scale=6.0, teacher_steps=6, teacher_guidance_scale=4.5,
-                          teacher_scheduler="dpm")
+    # the consistency student cd (the world preset's editing student), so its edits are LCM img2img's
+    return world_pipeline("cd", num_inference_steps=4, guidance_scale=6.0, teacher_steps=6,
+                          teacher_guidance_scale=4.5, teacher_scheduler="dpm")
 
 
 def _input_latents(pipe, images):

@@ -46,10 +46,13 @@ class Brightness:
         return {"kind": "brightness"}
 
 
-def world_pipeline(**defaults) -> TandemPipeline:
-    """The shipped world's student and teacher with the stand-in oracle."""
+def world_pipeline(student: str | None = None, **defaults) -> TandemPipeline:
+    """The shipped world's student (the preset's, or ``student``: a shipped name) and teacher with the
+    stand-in oracle."""
+    from tandem.presets import compose
+
     torch.set_num_threads(2)
-    preset = PRESETS["world"]
+    preset = compose("world", student=student) if student else PRESETS["world"]
     teacher = load_teacher(preset, "cpu", torch.float32)
     student = load_student(preset, teacher, "cpu", torch.float32)
     return TandemPipeline(student, teacher, Brightness(), defaults=defaults)

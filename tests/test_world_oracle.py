@@ -204,7 +204,7 @@ def test_refinements_start_from_the_students_own_latents():
     from tandem.world.oracle import _student_latents
 
     prompts = ["a red circle", "a small blue square at the top left", "a green triangle"]
-    pipe = load_student_pipeline(resolve_model("world"))
+    pipe = load_student_pipeline(resolve_model("world"), "cd")  # the consistency student the oracle learned from
     with torch.no_grad():
         latents = _student_latents(pipe, prompts, [2, 0], steps=2, guidance_scale=6.0, seed=5)
         mine = decode_latents(pipe, latents)

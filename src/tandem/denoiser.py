@@ -10,7 +10,9 @@ A variance-preserving schedule has ``x_t = α_t x₀ + σ_t ε`` with ``α_t = s
 Every coefficient is computed in float64 from ᾱ and only then cast to the tensor's dtype, so a
 conversion and its inverse agree to the tensor's precision at every timestep (``ᾱ`` near 0 or 1
 included). Timestep ``-1`` means "the clean end" (``ᾱ = 1``): a DDIM step to ``-1`` returns x₀,
-as the last step of a sampler does.
+as the last step of a sampler does. A schedule may end at zero SNR (``ᾱ = 0`` at its last timestep:
+diffusers' ``rescale_betas_zero_snr``, Lin et al. 2024); there ``x_t = ε``, so an ε-prediction
+implies no x₀ and is refused, while v- and x₀-predictions convert as everywhere else.
 
 Samplers, distillation targets and the adaptive pipeline's re-noising all use this module; no
 other file converts between parameterisations.
@@ -35,9 +37,12 @@ class NoiseSchedule:
         ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         if ac.ndim != 1 or len(ac) == 0:
             raise ValueError(f"alphas_cumprod must be a non-empty 1-d tensor, got shape {tuple(ac.shape)}")
-        if not bool(((ac > 0) & (ac <= 1)).all()):
-            raise ValueError("alphas_cumprod must lie in (0, 1]")
+        inside = (ac > 0) & (ac <= 1)
+        inside[-1] = (ac[-1] >= 0) & (ac[-1] <= 1)  # zero terminal SNR: ᾱ = 0 at the last timestep only
+        if not bool(inside.all()):
+            raise ValueError("alphas_cumprod must lie in (0, 1] (0 only at the last timestep: zero terminal SNR)")
         self.alphas_cumprod = ac
+        self.zero_terminal_snr = bool(ac[-1] == 0)
 
     @classmethod
     def from_scheduler(cls, scheduler_or_config) -> NoiseSchedule:
@@ -82,6 +87,8 @@ class NoiseSchedule:
         alpha, sigma = self.coefficients(t, x_t)
         kind = _kind(prediction_type)
         if kind == "epsilon":
+            if self.zero_terminal_snr and bool((self.alpha_bar(t) == 0).any()):
+                raise ValueError("an ε-prediction at zero SNR (ᾱ = 0) implies no x0; use a v- or x0-prediction")
             return (x_t - sigma * pred) / alpha
         if kind == "v_prediction":
             return alpha * x_t - sigma * pred

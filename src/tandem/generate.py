@@ -198,8 +198,10 @@ def generate_student(
     from diffusers import LCMScheduler
 
     from .sampling import consistency_sample
+    from .students import check_student_guidance
 
     _check_run(seed, batch_size)
+    check_student_guidance(pipe, settings.guidance_scale)
     if not isinstance(pipe.scheduler, LCMScheduler):  # any other student samples with its own scheduler
         sampler_steps(settings.steps, pipe.scheduler, "student steps", "the student")
 

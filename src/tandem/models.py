@@ -55,6 +55,7 @@ class StudentDefaults:
     path: str  # the student directory (unet/, scheduler/, student.json), relative to the model or absolute
     steps: int = 4
     guidance_scale: float = 4.0
+    calibration: str | None = None  # its oracle calibration (`tandem calibrate`), relative to the model or absolute
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ def _student_entry(root: Path, entry, where: Path, name: str) -> StudentDefaults
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         raise ValueError(f"{where}: student {name!r} needs a 'path'")
     try:
-        return StudentDefaults(**{**entry, "path": str(root / entry["path"])})
+        paths = {k: str(root / entry[k]) for k in ("path", "calibration") if isinstance(entry.get(k), str)}
+        return StudentDefaults(**{**entry, **paths})
     except TypeError as e:
         raise ValueError(f"{where}: bad settings of student {name!r} ({e})") from None
 

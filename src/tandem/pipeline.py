@@ -60,6 +60,7 @@ from .generate import (
     unet_evals_per_step,
 )
 from .models import SCHEDULERS, make_scheduler
+from .students import check_student_guidance, student_info_of
 
 MODES = ("adaptive", "student", "teacher", "refine-all")
 STRATEGIES = ("refine", "regenerate")
@@ -413,6 +414,13 @@ def _unet_config(pipe):
     return None if unet is None else unet.config
 
 
+def _own_components(student, teacher) -> tuple[str, ...]:
+    """What ``student`` brings of its own (``vae``, ``text_encoder``) rather than sharing ``teacher``'s."""
+    return tuple(name for name in ("vae", "text_encoder")
+                 if getattr(student, name, None) is not None and getattr(student, name) is not getattr(
+                     teacher, name, None))
+
+
 def _check_pair(student, teacher) -> None:
     """Refuse a student that cannot work beside ``teacher`` with the components it shares: a UNet for other
     latents or another resolution on the teacher's VAE, or for other text embeddings on the teacher's text
@@ -474,10 +482,12 @@ class TandemPipeline:
         calibration: the student's score percentiles (``tandem.calibration``), needed for
             ``percentile=`` and ``budget=``.
         defaults: default call arguments (a preset's settings), overridden by each call.
+        edit_student: a student that edits (``edit``, ``calibrate_edits``) instead of ``student``, at the
+            ``edit_guidance_scale`` setting (a student can be best at generation and another at editing).
     """
 
     def __init__(self, student, teacher, scorer=None, calibration: Calibration | None = None,
-                 defaults: dict | None = None, name: str = "custom"):
+                 defaults: dict | None = None, name: str = "custom", edit_student=None):
         from diffusers import AutoPipelineForImage2Image
 
         self.student, self.scorer, self.calibration, self.name = student, scorer, calibration, name
@@ -488,15 +498,30 @@ class TandemPipeline:
             self.teacher, self.teacher_img2img = teacher, AutoPipelineForImage2Image.from_pipe(teacher)
         _check_pair(student, self._teacher_any)
         # what the student brings of its own rather than sharing the teacher's (its draws use them)
-        self.student_own_components = tuple(
-            name for name in ("vae", "text_encoder")
-            if getattr(student, name, None) is not None and getattr(student, name) is not getattr(
-                self._teacher_any, name, None))
-        for pipe in (student, teacher, self.teacher_img2img):
-            pipe.set_progress_bar_config(disable=True)
+        self.student_own_components = _own_components(student, self._teacher_any)
+        self.edit_student = edit_student
+        if edit_student is not None:
+            _check_pair(edit_student, self._teacher_any)
+        for pipe in (student, teacher, self.teacher_img2img, edit_student):
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
         self._teacher_scheduler_config = dict(self.teacher_img2img.scheduler.config)
         self._digests: dict[str, str] = {}  # weights digests by component, computed once
-        self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the student's edit scores
+        self._editor_digests: dict[str, str] = {}  # the same for the edit student's view
+        self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the editing student's scores
+
+    def editor(self) -> TandemPipeline:
+        """The pipeline that edits: this one, or (with an ``edit_student``) a view of it with the edit
+        student as its student and ``edit_guidance_scale`` as its guidance."""
+        if self.edit_student is None:
+            return self
+        view = copy.copy(self)
+        view.student, view.edit_student, view._digests = self.edit_student, None, self._editor_digests
+        view.student_own_components = _own_components(self.edit_student, self._teacher_any)
+        view.defaults = dict(self.defaults)
+        if "edit_guidance_scale" in self.defaults:
+            view.defaults["guidance_scale"] = self.defaults["edit_guidance_scale"]
+        return view
 
     # -- settings ----------------------------------------------------------------------------
 
@@ -516,7 +541,13 @@ class TandemPipeline:
 
     def student_guidance(self, guidance_scale: float | None = None) -> float:
         """The student's guidance: given, else the defaults' ``guidance_scale``, else the teacher's default
-        guidance (as on the command line, so one student draws the same images by default in both)."""
+        guidance (as on the command line, so one student draws the same images by default in both). A
+        student that samples without guidance (``student.json``'s guidance "none": ADD, DMD2) takes none."""
+        info = student_info_of(self.student)
+        if info is not None and info.guidance == "none":
+            value = _guidance(self._setting("guidance_scale", guidance_scale, info.guidance_scale), "guidance_scale")
+            check_student_guidance(self.student, value)
+            return value
         if guidance_scale is None and self.defaults.get("guidance_scale") is None:
             return self.teacher_guidance()
         return _guidance(self._setting("guidance_scale", guidance_scale), "guidance_scale")
@@ -864,8 +895,16 @@ class TandemPipeline:
             teacher_steps: teacher steps actually run from t (not the length of a longer schedule).
             accept_threshold / percentile / budget: as for generation; percentile and budget need an
                 *edit* calibration (``calibrate_edits``) for the same strength, passed as ``calibration``.
-            Other arguments as for ``__call__``.
+            Other arguments as for ``__call__``. With an ``edit_student``, it is the student here.
         """
+        editor = self.editor()
+        if editor is not self:
+            return editor.edit(image, prompt, strength=strength, mode=mode, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, teacher_steps=teacher_steps,
+                               teacher_guidance_scale=teacher_guidance_scale, teacher_scheduler=teacher_scheduler,
+                               accept_threshold=accept_threshold, percentile=percentile, budget=budget,
+                               calibration=calibration, seed=seed, generator=generator, batch_size=batch_size,
+                               output_type=output_type, score=score, callback=callback)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompts")
@@ -913,21 +952,22 @@ class TandemPipeline:
         if mode != "student":
             _check_shared_latents(self.student, self.teacher, "an edit gives the teacher the input noised in the "
                                   "student's latent space", "edit with mode='student' (--mode student)")
-        alphas = self.student.scheduler.alphas_cumprod
-        if not torch.allclose(alphas, base.alphas_cumprod):
-            raise ValueError("the student's and the teacher's noise schedules differ (alphas_cumprod): "
-                             "they cannot edit the same noised input")
+        # x_t: the input's VAE mean noised with each image's own eps, on each model's schedule (they differ
+        # for a student trained to zero terminal SNR, such as ADD's; else both get the same tensor)
         vae = self.student.vae
-        schedule = NoiseSchedule(alphas)
-        noised = []
-        for idx in chunks:  # x_t: the input's VAE mean noised with each image's own eps
+        schedule = NoiseSchedule(self.student.scheduler.alphas_cumprod)
+        same = torch.equal(self.student.scheduler.alphas_cumprod, base.alphas_cumprod)
+        teacher_schedule = schedule if same else NoiseSchedule(base.alphas_cumprod)
+        noised, teacher_noised = [], []
+        for idx in chunks:
             z = vae.encode((pixels[idx] * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
             check_finite(z, "the VAE's encoded inputs", idx)
             z = z * vae.config.scaling_factor
             eps = torch.cat([torch.randn(z[:1].shape, generator=gens[i], device=gens[i].device, dtype=z.dtype)
-                             for i in idx])
-            noised.append(schedule.add_noise(z, eps.to(z.device), student_ts[0]))
-        noised = torch.cat(noised)
+                             for i in idx]).to(z.device)
+            noised.append(schedule.add_noise(z, eps, student_ts[0]))
+            teacher_noised.append(noised[-1] if same else teacher_schedule.add_noise(z, eps, student_ts[0]))
+        noised, teacher_noised = torch.cat(noised), torch.cat(teacher_noised)
 
         ledger = CostLedger(n, self._counted_modules())
         latents: list[torch.Tensor | None] = [None] * n
@@ -975,7 +1015,8 @@ class TandemPipeline:
                 before = ledger.rows("teacher")
                 self.teacher.scheduler = copy.deepcopy(base)
                 out = self.teacher([prompts[i] for i in idx], timesteps=teacher_ts, guidance_scale=t_guidance,
-                                   latents=noised[idx], generator=[gens[i] for i in idx], output_type="latent").images
+                                   latents=teacher_noised[idx], generator=[gens[i] for i in idx],
+                                   output_type="latent").images
                 ledger.charge("teacher", idx, before)
                 check_finite(out, "the teacher's latents", idx)
                 t1 = time.perf_counter()
@@ -1016,7 +1057,12 @@ class TandemPipeline:
                         num_inference_steps: int | None = None, guidance_scale: float | None = None,
                         seed: int = 0, batch_size: int = 16, callback: Callable[[str, int, int], None] | None = None,
                         config: dict | None = None) -> Calibration:
-        """Score student edits of held-out (image, prompt) pairs: the calibration of ``edit`` at ``strength``."""
+        """Score student edits of held-out (image, prompt) pairs: the calibration of ``edit`` at ``strength``
+        (of the ``edit_student`` where there is one)."""
+        editor = self.editor()
+        if editor is not self:
+            return editor.calibrate_edits(images, prompts, strength, num_inference_steps, guidance_scale, seed,
+                                          batch_size, callback, config)
         steps = self._edit_student_steps(num_inference_steps)
         guidance = self.student_guidance(guidance_scale)
         out = self.edit(images, prompts, strength=strength, mode="student", num_inference_steps=steps,

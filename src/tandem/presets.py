@@ -51,17 +51,20 @@ class Preset:
     source: str = ""
     controlnet: str | None = None   # a ControlNetModel (hub id or directory; "world:KIND" for the shipped ones)
     edit_calibrations: dict = field(default_factory=dict)  # SDEdit strength -> calibration file ("world:NAME")
+    # a student that edits instead of ``student`` (a name the teacher ships, or a ``tandem distill`` directory);
+    # its guidance is the ``edit_guidance_scale`` setting, its edit calibrations ``edit_calibrations``
+    edit_student: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
     "world": Preset(
         name="world",
-        description="ShapesWorld: shipped teacher, consistency student, world oracle and calibration",
+        description="ShapesWorld: shipped teacher, progressive-distillation student, world oracle and calibration",
         teacher="world", student="world", student_kind="world", scorer="world-oracle",
-        calibration="world", edit_calibrations={0.6: "world:calibration-edit-0.6.json"},
-        defaults=dict(num_inference_steps=4, guidance_scale=6.0, teacher_steps=10, teacher_guidance_scale=5.0,
+        calibration="world", edit_calibrations={0.6: "world:calibration-edit-0.6.json"}, edit_student="cd",
+        defaults=dict(num_inference_steps=4, guidance_scale=4.5, teacher_steps=10, teacher_guidance_scale=5.0,
                       teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.7, percentile=50,
-                      edit_strength=0.6, edit_num_inference_steps=8),
+                      edit_strength=0.6, edit_num_inference_steps=8, edit_guidance_scale=6.0),
         source="measured on ShapesWorld's validation prompts (README, 'Adaptive generation')",
     ),
     "sd15-lcm": Preset(
@@ -153,7 +156,8 @@ PRESET_SETTINGS = {
     "teacher_guidance_scale": _finite, "teacher_scheduler": _choice("dpm", "ddim", "unipc"),
     "strategy": _choice("refine", "regenerate"), "rollback_sigma": _finite,
     "rollback_convention": _choice("paper", "strength"), "percentile": _finite, "edit_strength": _finite,
-    "edit_num_inference_steps": _steps, "edit_teacher_steps": _steps, "controlnet_conditioning_scale": _finite,
+    "edit_num_inference_steps": _steps, "edit_teacher_steps": _steps, "edit_guidance_scale": _finite,
+    "controlnet_conditioning_scale": _finite,
 }
 STUDENT_KINDS = ("world", "tandem", "unet", "pipeline")
 TEACHER_KINDS = ("text2img", "img2img")
@@ -209,7 +213,8 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
     diffusers directory or hub id), and each given part replaces the preset's.
 
     A calibration belongs to one student and oracle (and ControlNet): replacing any of them drops
-    the preset's calibrations, so a percentile then needs a new one (``tandem calibrate``).
+    the preset's calibrations, so a percentile then needs a new one (``tandem calibrate``), except
+    that a student the teacher ships with its own calibration (``tandem.json``) brings that one.
 
     Args:
         model: preset name, preset file, teacher directory / hub id, or a ``Preset``.
@@ -237,10 +242,11 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
                 **base.defaults, "num_inference_steps": spec.student.steps,
                 "guidance_scale": spec.student.guidance_scale})
     changes: dict = {}
+    shipped = None
     if student is not None:
         shipped = _shipped(base.teacher).get(student)
         kind, source = parse_student(student, base.teacher)
-        changes.update(student=source, student_kind=kind)
+        changes.update(student=source, student_kind=kind, edit_student=None)  # --student edits as well
         own = None
         if kind == "tandem":  # the student's own defaults (a shipped one's, or its student.json's)
             from .students import has_description, read_student_info
@@ -260,10 +266,16 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         changes["teacher_kind"] = teacher_kind
     if not changes:
         return base
-    parts = ", ".join(f"{k} {v}" for k, v in changes.items() if k != "student_kind")
+    parts = ", ".join(f"{k} {v}" for k, v in changes.items() if k not in ("student_kind", "edit_student"))
+    # a calibration belongs to one student, oracle and ControlNet: a shipped student's own calibration (made
+    # with the teacher's oracle) survives only the change of student
+    calibration = None
+    if student is not None and shipped is not None and shipped.calibration and not any(
+            (scorer, controlnet, base.controlnet)):
+        calibration = shipped.calibration
     return dataclasses.replace(base, **changes, name=base.name if base.name.endswith("+custom") else
                                f"{base.name}+custom", description=f"{base.name} with {parts}",
-                               calibration=None, edit_calibrations={})
+                               calibration=calibration, edit_calibrations={})
 
 
 def _shipped(teacher: str) -> dict:
@@ -286,7 +298,7 @@ def _tandem_student_path(teacher: str, source: str) -> Path:
 def preset_to_json(preset: Preset) -> dict:
     """The fields of ``preset`` as JSON data (local paths made absolute, so the file works from anywhere)."""
     data = dataclasses.asdict(preset)
-    for key in ("teacher", "student", "controlnet", "calibration"):
+    for key in ("teacher", "student", "controlnet", "calibration", "edit_student"):
         value = data.get(key)
         if isinstance(value, str) and value not in PRESETS and Path(value).exists():
             data[key] = str(Path(value).resolve())
@@ -339,7 +351,7 @@ def read_preset_file(path: str | Path) -> Preset:
     if unknown:
         raise ValueError(f"preset file {path}: unknown default setting(s) {', '.join(unknown)}; expected some of "
                          f"{', '.join(PRESET_SETTINGS)}")
-    for key in ("teacher", "student", "controlnet", "calibration"):
+    for key in ("teacher", "student", "controlnet", "calibration", "edit_student"):
         value = data.get(key)
         if isinstance(value, str) and value not in ("world",) and not value.startswith("world:") and \
                 not Path(value).is_absolute() and (path.parent / value).exists():
@@ -398,8 +410,13 @@ def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = to
         calibration = Calibration.load(path) if path.exists() or not shipped else None
     elif isinstance(calibration, str | Path):
         calibration = Calibration.load(calibration)
+    edit_student = None
+    if preset.edit_student is not None:
+        kind, source = parse_student(preset.edit_student, preset.teacher)
+        edit_student = load_student(dataclasses.replace(preset, student=source, student_kind=kind), teacher,
+                                    device, dtype)
     pipe = TandemPipeline(student, teacher, scorer, None if preset.controlnet else calibration,
-                          defaults=preset.defaults, name=preset.name)
+                          defaults=preset.defaults, name=preset.name, edit_student=edit_student)
     if preset.controlnet:
         pipe = pipe.with_controlnet(load_controlnet(preset.controlnet, device, dtype), calibration=calibration,
                                     name=preset.name)

@@ -218,6 +218,16 @@ def student_info_of(pipe) -> StudentInfo | None:
     return getattr(pipe, "student_info", None)
 
 
+def check_student_guidance(pipe, guidance_scale: float) -> None:
+    """Refuse classifier-free guidance for a student that samples without it (guidance "none": ADD, DMD2):
+    a scale above 1 would double its calls and take it off what it was trained on."""
+    info = student_info_of(pipe)
+    if info is not None and info.guidance == "none" and guidance_scale > 1:
+        raise ValueError(f"the {info.method} student samples without classifier-free guidance (its student.json "
+                         f"says guidance 'none'); guidance scale {guidance_scale:g} would run it with guidance: "
+                         "leave it unset, or 1")
+
+
 def unet_cost(unet, context_length: int = 77, batch: int = 1) -> dict:
     """Parameters and forward FLOPs of one UNet call on ``batch`` latents (measured with
     ``torch.utils.flop_counter``, the text context ``context_length`` tokens long: the tokenizer's ``model_max_length``)."""

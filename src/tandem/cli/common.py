@@ -267,13 +267,17 @@ def _tandem_pipeline(preset, device: str, calibration: Path | None = None):
     return pipe
 
 
-def _preset_record(preset, pipe) -> dict:
-    """What a run's config.json says about its models: the preset's fields and the scorer's fingerprint."""
+def _preset_record(preset, pipe, edit: bool = False) -> dict:
+    """What a run's config.json says about its models: the preset's fields and the scorer's fingerprint
+    (``edit``: a run of edits, made by the preset's edit student where it has one)."""
     from ..presets import preset_to_json
 
-    return {"preset": preset.name, "teacher": preset.teacher, "student": preset.student, "scorer": preset.scorer,
+    student = preset.edit_student if edit and preset.edit_student else preset.student
+    return {"preset": preset.name, "teacher": preset.teacher, "student": student, "scorer": preset.scorer,
             "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
-            "controlnet": preset.controlnet, "student_own_components": list(pipe.student_own_components) or None,
+            "controlnet": preset.controlnet,
+            "student_own_components": list(pipe.editor().student_own_components if edit else
+                                           pipe.student_own_components) or None,
             "preset_fields": preset_to_json(preset)}
 
 

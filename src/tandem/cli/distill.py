@@ -193,3 +193,98 @@ def distill_knowledge_cmd(
     student = distill_knowledge(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
                                 resume=run.resume)
     _report("knowledge", run, steps, student, t0, 25)
+
+
+@distill_command("dmd2")
+def distill_dmd2_cmd(
+    run: RunOptions,
+    steps: Annotated[int, typer.Option(help="Student sampling steps (trailing grid: 4 = 999/749/499/249).")] = 4,
+    real_guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance of the real score (the "
+                                                             "teacher) [the teacher's default scale].")] = None,
+    critic_updates: Annotated[int, typer.Option(help="Critic (fake score) updates per student update.")] = 5,
+    backward_simulation: Annotated[bool | None, typer.Option(
+        "--backward-simulation/--no-backward-simulation",
+        help="Train a multi-step student on its own rollouts (else on noised data) [on for --steps > 1].")] = None,
+    gan_weight: Annotated[float, typer.Option(help="The student's GAN loss weight; > 0 adds DMD2's classifier on "
+                                                   "the critic's bottleneck (DMD2: 1e-3 SD 1.5, 5e-3 SDXL).")] = 0.0,
+    gan_critic_weight: Annotated[float, typer.Option(help="The critic's classification loss weight.")] = 1e-2,
+    gan_max_timestep: Annotated[int, typer.Option(help="The classifier sees latents noised to t < this (0: "
+                                                       "clean).")] = 1000,
+    regression_weight: Annotated[float, typer.Option(help="Weight of the MSE to the teacher's DDIM sample from "
+                                                          "the same noise (original DMD's regression loss).")] = 0.0,
+    regression_steps: Annotated[int, typer.Option(help="The teacher's DDIM steps for the regression target.")] = 25,
+    critic_lr: Annotated[float | None, typer.Option(help="The critic's peak learning rate [--lr].")] = None,
+    ema: Annotated[float | None, typer.Option(help="Export this EMA of the student [the student itself].")] = None,
+) -> None:
+    """DMD2 (Yin et al. 2024): distribution matching against the guided teacher with a trained fake-score
+    critic, optionally a GAN on the critic's bottleneck; the student samples in --steps DDIM steps without
+    guidance (lr 1e-5, 2000 steps by default; --max-steps counts critic updates). The log holds every step
+    (the student's losses on the steps it updates)."""
+    import dataclasses
+
+    from ..distill.dmd2 import DMD2Config, distill_dmd2
+
+    cfg = DMD2Config(steps=steps, real_guidance=real_guidance, critic_updates=critic_updates,
+                     backward_simulation=backward_simulation, gan_weight=gan_weight,
+                     gan_critic_weight=gan_critic_weight, gan_max_timestep=gan_max_timestep,
+                     regression_weight=regression_weight, regression_steps=regression_steps, critic_lr=critic_lr,
+                     ema=ema, **run.method_overrides())
+    max_steps = run.max_steps or 2000
+    t0 = time.time()
+    trainer_cfg = dataclasses.replace(run.trainer_config(max_steps), log_every=1)
+    student = distill_dmd2(run.teacher, run.out, cfg, trainer_cfg, data=run.data, resume=run.resume)
+    log_path = run.out / "log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    last = {k: v for record in log for k, v in record.items() if k.startswith(("student/", "critic/"))}
+    console.print(f"dmd2 student: {max_steps} steps ({time.time() - t0:.0f}s in this call), last distribution-"
+                  f"matching loss {last.get('student/dm_loss', float('nan')):.5f}, critic loss "
+                  f"{last.get('critic/loss', float('nan')):.5f} -> {student}")
+    console.print(f"try it: tandem generate --model {run.teacher} --mode student --student {student} "
+                  f"--student-steps {steps} 'PROMPT' --out OUT")
+
+
+@distill_command("adversarial")
+def distill_adversarial_cmd(
+    run: RunOptions,
+    steps: Annotated[int, typer.Option(help="N student timesteps (trailing grid on a zero-terminal-SNR schedule: "
+                                            "4 = 999/749/499/249); the student samples in 1..N steps.")] = 4,
+    guidance_scale: Annotated[float | None, typer.Option(help="The teacher's classifier-free guidance in the "
+                                                              "distillation loss [the teacher's default].")] = None,
+    distill_weighting: Annotated[str, typer.Option(help="c(t) of the distillation loss: 'exponential' (alpha_t), "
+                                                        "'sds' or 'nfsd'.")] = "exponential",
+    distill_lambda: Annotated[float, typer.Option(help="Weight of the distillation loss (lambda).")] = 2.5,
+    r1_gamma: Annotated[float, typer.Option(help="R1 penalty on the discriminator heads' inputs (gamma).")] = 1e-5,
+    features: Annotated[str | None, typer.Option(help="The discriminator's frozen feature network: 'world-clip' "
+                                                      "or a DINOv2 hub id or path [world-clip for a world teacher, "
+                                                      "facebook/dinov2-small otherwise].")] = None,
+    feature_layers: Annotated[int | None, typer.Option(help="Discriminator heads, on this many blocks of the "
+                                                            "feature network [min(4, its blocks)].")] = None,
+    feature_resolution: Annotated[int | None, typer.Option(help="Image size the feature network sees [its own, "
+                                                                "at most 224].")] = None,
+    prediction_type: Annotated[str, typer.Option(help="What the student predicts: 'v_prediction' or "
+                                                      "'sample'.")] = "v_prediction",
+    disc_lr: Annotated[float, typer.Option(help="The discriminator heads' learning rate.")] = 1e-4,
+    ema: Annotated[float | None, typer.Option(help="Export this EMA of the student [the student itself].")] = None,
+) -> None:
+    """Adversarial diffusion distillation (ADD, Sauer et al.): a student trained from the teacher's UNet with a
+    hinge GAN loss (frozen ViT features, trainable heads conditioned on text and image) plus the teacher's
+    score-distillation loss; it samples in 1-4 DDIM steps without guidance (lr 2e-5, 2000 steps by default)."""
+    from ..distill.adversarial import AdversarialConfig, distill_adversarial
+
+    cfg = AdversarialConfig(student_steps=steps, guidance_scale=guidance_scale, distill_weighting=distill_weighting,
+                            distill_lambda=distill_lambda, r1_gamma=r1_gamma, features=features,
+                            feature_layers=feature_layers, feature_resolution=feature_resolution,
+                            prediction_type=prediction_type, disc_lr=disc_lr, ema=ema, **run.method_overrides())
+    max_steps = run.max_steps or 2000
+    t0 = time.time()
+    student = distill_adversarial(run.teacher, run.out, cfg, run.trainer_config(max_steps), data=run.data,
+                                  resume=run.resume)
+    log_path = run.out / "log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    last = log[-1] if log else {}
+    console.print(f"adversarial student: {max_steps} steps ({time.time() - t0:.0f}s in this call), last adversarial "
+                  f"loss {last.get('student/g_adv', float('nan')):.5f}, distillation loss "
+                  f"{last.get('student/distill', float('nan')):.5f}, discriminator loss "
+                  f"{last.get('discriminator/d_loss', float('nan')):.5f} -> {student}")
+    console.print(f"try it: tandem generate --model {run.teacher} --mode student --student {student} "
+                  f"--student-steps {steps} 'PROMPT' --out OUT")

@@ -319,7 +319,7 @@ def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale
                 [c.image() for c in cases], [c.prompt for c in cases], strength, student_steps, guidance_scale,
                 seed, batch_size, callback=lambda _p, done, _t: bar.update(task, completed=done),
                 config={"command": "calibrate --edits", "tandem_version": __version__,
-                        **_preset_record(preset, pipe), "edits": edits})
+                        **_preset_record(preset, pipe, edit=True), "edits": edits})
         except ValueError as e:
             raise UserError(str(e)) from None
     calib.save(out, overwrite=overwrite)
@@ -442,7 +442,7 @@ def edit(
             (size[1], size[0])), result.images[i])]
         save_png(output.path / "grid.png", image_grid(rows[:128], columns=8))
         output.write_config({
-            "command": "edit", "tandem_version": __version__, **_preset_record(preset, pipe),
+            "command": "edit", "tandem_version": __version__, **_preset_record(preset, pipe, edit=True),
             "calibration": str(calibration) if calibration else (
                 preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
                 else None),

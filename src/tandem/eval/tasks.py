@@ -120,6 +120,7 @@ def edit(pipe, cases: list, out: str | Path, seed: int = 0, cfg: EditConfig = Ed
     from .features import ImageFeatures
 
     out = Path(out)
+    pipe = pipe.editor()  # the pipeline with its edit student, if it has one (caches name that student)
     if cfg.main_strength not in cfg.strengths:
         raise ValueError(f"main strength {cfg.main_strength} is not among the strengths {cfg.strengths}")
     held_out = calibration_cases if calibration_cases is not None else load_edits(cfg.calibration_edits)

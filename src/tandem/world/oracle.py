@@ -337,8 +337,8 @@ def generate_kind(kind: str, prompts: list[str], seed: int, recipe: SampleRecipe
             pipes["teacher"] = load_teacher_pipeline(spec)
         settings = TeacherSettings(int(kind.removeprefix("teacher")), "dpm", recipe.teacher_guidance_scale)
         return np.stack(generate_teacher(pipes["teacher"], prompts, settings, seed, batch_size))
-    if "student" not in pipes:
-        pipes["student"] = load_student_pipeline(spec)
+    if "student" not in pipes:  # the world's consistency student, <world>/student (cd), whose samples it learned
+        pipes["student"] = load_student_pipeline(spec, Path(spec.path) / "student")
     student = pipes["student"]
     if kind.startswith("student"):
         settings = StudentSettings(int(kind.removeprefix("student")), recipe.student_guidance_scale)
