@@ -329,6 +329,35 @@ def _run(tiny_world, out, max_steps, resume=False):
                         data="world", resume=resume)
 
 
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_accumulation(tiny_world, tmp_path):
+    """A 2-process DDP run (gloo, torchrun) makes the updates of 1 process accumulating 2 micro-batches, for the
+    student (backward simulation through the unwrapped student) and the critic alike."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["distill", "dmd2", "--teacher", str(tiny_world), "--max-steps", "2", "--batch-size", "2",
+              "--critic-updates", "1", "--lr", "1e-3", "--threads", "1", "--seed", "3"]
+    env = {**os.environ, "TANDEM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "tandem.cli", *common, "--out", str(tmp_path / "ddp")],
+                         check=False, env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    acc = subprocess.run([sys.executable, "-m", "tandem.cli", *common, "--grad-accum", "2", "--out",
+                          str(tmp_path / "accum")], check=False, env=env, capture_output=True, text=True)
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    states = [torch.load(tmp_path / run / "checkpoint" / "state.pt", weights_only=True)["models"]
+              for run in ("ddp", "accum")]
+    for name in ("student", "critic"):
+        for k, v in states[0][name].items():
+            torch.testing.assert_close(v, states[1][name][k], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_is_bitwise_identical(tiny_world, one_thread, tmp_path):
     whole = _run(tiny_world, tmp_path / "whole", 4)
     log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]

@@ -197,8 +197,9 @@ def generate_student(
     """
     from diffusers import LCMScheduler
 
+    from .reflect import student_reflection
     from .sampling import consistency_sample
-    from .students import check_student_guidance
+    from .students import check_student_guidance, student_info_of
 
     _check_run(seed, batch_size)
     check_student_guidance(pipe, settings.guidance_scale)
@@ -226,7 +227,8 @@ def generate_student(
         embeds = pipe.encode_prompt([prompts[i] for i in chunk], pipe.device, 1, False)[0]
         x0 = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
                                 steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                noise=settings.noise, original_steps=original)
+                                noise=settings.noise, original_steps=original,
+                                reflect=student_reflection(student_info_of(pipe)))
         check_finite(x0, "the student's latents", chunk)
         return decode_latents(pipe, x0, chunk)
 

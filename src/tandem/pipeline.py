@@ -62,7 +62,7 @@ from .generate import (
 from .models import SCHEDULERS, make_scheduler
 from .students import check_student_guidance, student_info_of
 
-MODES = ("adaptive", "student", "teacher", "refine-all")
+MODES = ("adaptive", "student", "teacher", "refine-all", "mixed")
 STRATEGIES = ("refine", "regenerate")
 CONVENTIONS = ("paper", "strength")
 HANDOFFS = ("latent", "pixel")
@@ -93,6 +93,8 @@ RECORD_EXTRA_FIELDS = {
     "controlnet_evals": "float: ControlNet evaluations for this image (a pipeline with a ControlNet)",
     "rollback_sigma": "float: the realised rollback sigma (path 'refined')",
     "teacher_steps_run": "int: the teacher steps that refined the image (path 'refined')",
+    "transitions": "list[str]: who took each transition t_k -> t_k+1 of the student's grid, 'student' or 'teacher' "
+                   "(path 'mixed'; the grid is the summary's settings.student_timesteps)",
 }
 # `tandem generate` adds these to every record (and control_image with --control-image).
 RUN_RECORD_FIELDS = {
@@ -107,6 +109,8 @@ PATHS = {
     "refined": "the teacher refined the student's image (mode 'adaptive', strategy 'refine'; mode 'refine-all')",
     "regenerated": "the teacher drew the image from the student's initial noise (mode 'adaptive', strategy "
                    "'regenerate')",
+    "mixed": "student and teacher shared one trajectory on a DDIM grid, each taking some transitions (mode "
+             "'mixed', tandem.mixed; the record's transitions say which)",
 }
 
 
@@ -636,13 +640,16 @@ class TandemPipeline:
         callback: Callable[[str, int, int], None] | None = None,
         control_image=None,
         controlnet_conditioning_scale: float | None = None,
+        teacher_prob: float | None = None,
+        teacher_at: Sequence[int] | None = None,
     ) -> TandemOutput:
         """Generate one image per prompt.
 
         Args:
             mode: "adaptive" (Algorithm 1), or a baseline through the same code: "student" (student
                 only), "teacher" (teacher only, from the same initial noise), "refine-all" (every
-                student image refined, no oracle).
+                student image refined, no oracle); or "mixed" (teacher and student in one trajectory:
+                ``teacher_prob`` / ``teacher_at`` below).
             num_inference_steps, guidance_scale: the student's steps and guidance.
             teacher_steps: steps the teacher runs to refine (``rollback_convention="paper"``) or to
                 regenerate; under the "strength" convention, the length of the full schedule.
@@ -661,6 +668,11 @@ class TandemPipeline:
                 per prompt or one for all (PIL, uint8 [H, W, 3] arrays, or a float [B, 3, H, W] tensor in
                 [0, 1]); the same control conditions the student, the teacher and the refinement.
             controlnet_conditioning_scale: the ControlNet residuals' weight [1.0].
+            teacher_prob / teacher_at: mode "mixed" (DDIL's covariate-shift study, :mod:`tandem.mixed`): one
+                trajectory on a shared DDIM grid whose student transitions the teacher takes with probability
+                p_T (drawn per image from its generator), or at the student timesteps ``teacher_at``; exactly
+                one. There ``teacher_steps`` is the teacher's grid, a multiple of the student's steps [8 per
+                student step], and the teacher guides at ``teacher_guidance_scale``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -669,6 +681,22 @@ class TandemPipeline:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
+        if mode == "mixed":
+            self._refuse_in_mixed(handoff, teacher_scheduler=teacher_scheduler, strategy=strategy,
+                                  rollback_sigma=rollback_sigma, rollback_convention=rollback_convention, score=score,
+                                  control_image=control_image,
+                                  controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                  accept_threshold=accept_threshold, percentile=percentile, budget=budget)
+            from .mixed import generate_mixed
+
+            return generate_mixed(self, prompts, teacher_prob=teacher_prob, teacher_at=teacher_at,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale, seed=seed,
+                                  generator=generator, batch_size=batch_size, output_type=output_type,
+                                  callback=callback)
+        if teacher_prob is not None or teacher_at is not None:
+            raise ValueError(f"teacher_prob/teacher_at (--teacher-prob/--teacher-at) apply to mode='mixed' (--mode "
+                             f"mixed), not {mode!r}")
         if handoff not in HANDOFFS:
             raise ValueError(f"unknown handoff {handoff!r}; expected one of {', '.join(HANDOFFS)}")
         batch_size = count(batch_size, "batch_size")
@@ -836,6 +864,18 @@ class TandemPipeline:
         summary = self._summary(records, settings, timings, total, student_cost, improve_cost, refine, note)
         return TandemOutput(_final(images, latents, output_type), records, summary,
                             None if mode == "teacher" else student_images)
+
+    @staticmethod
+    def _refuse_in_mixed(handoff: str, **given) -> None:
+        """Refuse, for mode "mixed", the arguments of the other modes that a call gave."""
+        if [name for name in OPTIONS if given.pop(name) is not None]:
+            raise ValueError(NOT_ADAPTIVE.format(mode="mixed"))
+        unused = [name for name, value in given.items() if value is not None]
+        if handoff != "latent":
+            unused.append("handoff")
+        if unused:
+            raise ValueError(f"{', '.join(unused)} do not apply to mode='mixed' (the teacher takes whole transitions "
+                             "by DDIM; no oracle or ControlNet takes part)")
 
     def calibrate(self, prompts: Sequence[str], num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 16,

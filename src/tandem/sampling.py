@@ -71,6 +71,7 @@ def consistency_sample(
     noise: str = "stochastic",
     original_steps: int = 50,
     timesteps: list[int] | None = None,
+    reflect=None,
 ) -> torch.Tensor:
     """Sample with a consistency student.
 
@@ -82,6 +83,8 @@ def consistency_sample(
         generators: one per image; image i's fresh noise comes from ``generators[i]`` only.
         timesteps: explicit descending timesteps (for refinement/editing that starts mid-way);
             default: ``consistency_timesteps(steps, original_steps)``.
+        reflect: a thresholding of each x₀ estimate (a reflected student's
+            :class:`~tandem.reflect.Reflection`, as ``LCMScheduler`` applies it with ``thresholding``); None: none.
     Returns:
         the final estimate of x0 [B, C, h, w].
 
@@ -104,6 +107,8 @@ def consistency_sample(
     for i, t in enumerate(ts):
         eps = unet(x, t, encoder_hidden_states=text_embeddings, timestep_cond=w_emb).sample
         x0 = schedule.to_x0(eps, x, t)
+        if reflect is not None:
+            x0 = reflect(x0)
         c_skip, c_out = boundary_scalings(t)
         denoised = c_out.to(x.dtype) * x0 + c_skip.to(x.dtype) * x
         if i == len(ts) - 1:

@@ -188,6 +188,8 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     from .models import ModelSpec, _is_dir, check_model_dir, from_hub, quiet_hub_libraries
+    from .reflect import install as install_reflection
+    from .reflect import student_reflection
 
     quiet_hub_libraries()
     if isinstance(base, ModelSpec) and _is_dir(Path(base.path)):
@@ -198,6 +200,7 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
     unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device=device, dtype=dtype)
     _check_guidance(unet.config, info, f"{path / 'unet'}")
     scheduler = getattr(diffusers, info.scheduler).from_pretrained(path / "scheduler")
+    install_reflection(scheduler, student_reflection(info))  # a reflected student thresholds its x₀ (DDIL section 3)
     if scheduler.config.get("prediction_type", "epsilon") != info.prediction_type:
         raise ValueError(f"{path}: the scheduler predicts {scheduler.config.get('prediction_type')!r}, the student "
                          f"{info.prediction_type!r}")

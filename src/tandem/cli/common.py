@@ -46,6 +46,7 @@ class Mode(str, Enum):
     student = "student"
     adaptive = "adaptive"
     refine_all = "refine-all"
+    mixed = "mixed"
 
 
 class Strategy(str, Enum):

@@ -71,6 +71,28 @@ RUN_OPTIONS: dict[str, tuple[object, object]] = {
 }
 
 
+# DDIL's options (Garrepalli et al.) of the methods that train on noisy latents: progressive, consistency, dmd2
+DDILOption = Annotated[str | None, typer.Option(
+    "--ddil", help="DDIL: the sources of the training inputs, 'frwd=A,teacher=B,student=C' (priors summing to 1: "
+                   "forward diffusion, the teacher's and the student's rollouts), with optional mixed=BETA (each "
+                   "transition of a student rollout is the student's with probability BETA, else the teacher's), "
+                   "buffer=N (a DAgger buffer of N visited states; progressive, consistency), ramp=K (the student "
+                   "share grows over K steps), teacher_steps=K. Off by default.")]
+ReflectOption = Annotated[str, typer.Option(
+    "--reflect", help="Reflected diffusion: threshold x0 estimates in training and at sampling: 'static' (clip to the "
+                      "teacher's measured latent range, latent_range.json) or 'static:LO,HI', 'dynamic' or "
+                      "'dynamic:P[,BOUND]' (Imagen's percentile thresholding for latents in [-BOUND, BOUND]), or "
+                      "'off'.")]
+
+
+def ddil_options(ddil: str | None, reflect: str) -> dict:
+    """``--ddil`` and ``--reflect`` parsed (a ValueError, one line, names what is wrong)."""
+    from ..distill.ddil import DDILSpec
+    from ..reflect import Reflection
+
+    return {"ddil": DDILSpec.parse(ddil) if ddil is not None else None, "reflect": Reflection.parse(reflect)}
+
+
 def distill_command(name: str):
     """Register ``fn(run: RunOptions, **own options)`` as ``tandem distill NAME`` with :data:`RUN_OPTIONS`
     added to its own options (``--out`` first)."""
@@ -119,6 +141,8 @@ def distill_consistency_cmd(
     target_ema: Annotated[float, typer.Option(help="EMA decay of the target network.")] = 0.95,
     sampling_ema: Annotated[float | None, typer.Option(help="Also keep an EMA with this decay and export it "
                                                             "[export the student itself].")] = None,
+    ddil: DDILOption = None,
+    reflect: ReflectOption = "off",
 ) -> None:
     """Consistency distillation (LCM-style): a student that samples in 1-8 steps, with guidance
     given through a w-embedding (lr 1e-5, 2000 steps by default). Writes the student to OUT/student."""
@@ -126,10 +150,11 @@ def distill_consistency_cmd(
 
     cfg = ConsistencyConfig(num_ddim_timesteps=ddim_steps, w_min=w_range[0], w_max=w_range[1], loss=loss,
                             target_ema=target_ema, sampling_ema=sampling_ema, **run.method_overrides())
+    options = ddil_options(ddil, reflect)
     steps = run.max_steps or 2000
     t0 = time.time()
     student = distill_consistency(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
-                                  resume=run.resume)
+                                  resume=run.resume, **options)
     _report("consistency", run, steps, student, t0, 4)
 
 
@@ -144,6 +169,8 @@ def distill_progressive_cmd(
     round_steps: Annotated[int, typer.Option(help="Optimisation steps per halving round.")] = 300,
     w_range: Annotated[tuple[float, float], typer.Option(help="Guidance scales sampled in training.")] = (1.0, 8.0),
     target: Annotated[str, typer.Option(help="'x0' (truncated-SNR weighting) or 'v'.")] = "x0",
+    ddil: DDILOption = None,
+    reflect: ReflectOption = "off",
 ) -> None:
     """Progressive distillation (Salimans & Ho; guidance first, Meng et al.): a guided student, then rounds
     that halve its DDIM steps (32 -> 16 -> ... -> 1 by default; lr 5e-5). Every finished round is a student
@@ -154,10 +181,11 @@ def distill_progressive_cmd(
     cfg = ProgressiveConfig(start_steps=start_steps, end_steps=end_steps, guidance_steps=guidance_steps,
                             round_steps=round_steps, w_min=w_range[0], w_max=w_range[1], target=target,
                             **run.method_overrides())
+    options = ddil_options(ddil, reflect)
     steps = run.max_steps or cfg.total_steps
     t0 = time.time()
     student = distill_progressive(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
-                                  resume=run.resume)
+                                  resume=run.resume, **options)
     _report("progressive", run, steps, student, t0, cfg.stages[cfg.stage_at(steps - 1)][2])
 
 
@@ -215,6 +243,8 @@ def distill_dmd2_cmd(
     regression_steps: Annotated[int, typer.Option(help="The teacher's DDIM steps for the regression target.")] = 25,
     critic_lr: Annotated[float | None, typer.Option(help="The critic's peak learning rate [--lr].")] = None,
     ema: Annotated[float | None, typer.Option(help="Export this EMA of the student [the student itself].")] = None,
+    ddil: DDILOption = None,
+    reflect: ReflectOption = "off",
 ) -> None:
     """DMD2 (Yin et al. 2024): distribution matching against the guided teacher with a trained fake-score
     critic, optionally a GAN on the critic's bottleneck; the student samples in --steps DDIM steps without
@@ -229,10 +259,11 @@ def distill_dmd2_cmd(
                      gan_critic_weight=gan_critic_weight, gan_max_timestep=gan_max_timestep,
                      regression_weight=regression_weight, regression_steps=regression_steps, critic_lr=critic_lr,
                      ema=ema, **run.method_overrides())
+    options = ddil_options(ddil, reflect)
     max_steps = run.max_steps or 2000
     t0 = time.time()
     trainer_cfg = dataclasses.replace(run.trainer_config(max_steps), log_every=1)
-    student = distill_dmd2(run.teacher, run.out, cfg, trainer_cfg, data=run.data, resume=run.resume)
+    student = distill_dmd2(run.teacher, run.out, cfg, trainer_cfg, data=run.data, resume=run.resume, **options)
     log_path = run.out / "log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
     last = {k: v for record in log for k, v in record.items() if k.startswith(("student/", "critic/"))}

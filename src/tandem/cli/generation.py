@@ -43,7 +43,8 @@ def generate(
                                              "directory or hub id.")] = "world",
     preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
     mode: Annotated[Mode, typer.Option(help="Which generator makes the images.")] = Mode.teacher,
-    teacher_steps: Annotated[int | None, typer.Option(help="Teacher sampling steps [model default].")] = None,
+    teacher_steps: Annotated[int | None, typer.Option(help="Teacher sampling steps [model default; mixed: 8 per "
+                                                           "student step].")] = None,
     scheduler: Annotated[Scheduler | None, typer.Option(help="Teacher sampler [model default].")] = None,
     student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
     student_steps: Annotated[int | None, typer.Option(help="Student sampling steps [model default].")] = None,
@@ -80,10 +81,18 @@ def generate(
                                                      "(world: mask or edges; sd15-lcm: canny or seg).")] = None,
     control_image: Annotated[list[Path] | None, typer.Option(help="--control: control image file(s), one per "
                                                                   "prompt or one for all (repeat the option).")] = None,
+    teacher_prob: Annotated[float | None, typer.Option(help="mixed: the probability p_T that the teacher takes "
+                                                            "each student transition (drawn per image from its "
+                                                            "seed).")] = None,
+    teacher_at: Annotated[list[str] | None, typer.Option(help="mixed: the student timesteps at which the teacher takes "
+                                                              "the transition, e.g. 999 or 999,499 (or repeat the "
+                                                              "option).")] = None,
 ) -> None:
     """Generate one image per prompt: with the teacher, the student, or both in tandem
-    (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected).
-    With --control, one ControlNet conditions student and teacher alike (all modes)."""
+    (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected;
+    --mode mixed: one DDIM trajectory whose student transitions the teacher takes with probability
+    --teacher-prob or at --teacher-at, on a --teacher-steps grid [8 per student step]).
+    With --control, one ControlNet conditions student and teacher alike (all modes but mixed)."""
     import time
 
     if (control is None and controlnet is None) != (control_image is None):
@@ -96,18 +105,22 @@ def generate(
     if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
         raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
     if mode not in (Mode.adaptive, Mode.refine_all):
-        tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma,
-                       "--teacher-guidance-scale": teacher_guidance_scale, "--calibration": calibration,
+        tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma, "--calibration": calibration,
                        "--rollback-convention": rollback_convention}
         for flag, value in tandem_only.items():
             if value is not None:
                 raise UserError(f"{flag} applies to --mode adaptive or refine-all")
-    if mode in (Mode.adaptive, Mode.refine_all) or not _direct(model, preset_file, student, controlnet, control):
+        if teacher_guidance_scale is not None and mode is not Mode.mixed:
+            raise UserError("--teacher-guidance-scale applies to --mode adaptive, refine-all or mixed")
+    teacher_timesteps = _mixed_options(mode, teacher_prob, teacher_at, scheduler)
+    if mode in (Mode.adaptive, Mode.refine_all, Mode.mixed) or not _direct(model, preset_file, student, controlnet,
+                                                                            control):
         preset = _compose(model, preset_file, student, scorer, controlnet, control)
         return _generate_tandem(
             prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps, guidance_scale, seed,
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
-            threshold, budget, teacher_guidance_scale, calibration, control_image)
+            threshold, budget, teacher_guidance_scale, calibration, control_image,
+            {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {})
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
@@ -157,6 +170,30 @@ def generate(
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
 
 
+def _mixed_options(mode, teacher_prob: float | None, teacher_at: list[str] | None, scheduler) -> list[int] | None:
+    """--teacher-prob / --teacher-at checked (mixed mode only, exactly one, p_T in [0, 1]); the timesteps of
+    --teacher-at (each option one or more, comma-separated)."""
+    import math
+
+    if mode is not Mode.mixed:
+        if teacher_prob is not None or teacher_at:
+            raise UserError("--teacher-prob/--teacher-at apply to --mode mixed")
+        return None
+    if (teacher_prob is None) == (not teacher_at):
+        raise UserError("--mode mixed needs exactly one of --teacher-prob or --teacher-at, got "
+                        + ("both" if teacher_prob is not None else "neither"))
+    if scheduler is not None:
+        raise UserError("--scheduler does not apply to --mode mixed (the teacher takes its steps by DDIM)")
+    if teacher_prob is not None:
+        if not (math.isfinite(teacher_prob) and 0 <= teacher_prob <= 1):
+            raise UserError(f"--teacher-prob must lie in [0, 1], got {teacher_prob:g}")
+        return None
+    values = [v.strip() for option in teacher_at for v in option.split(",")]
+    if not all(v.isdigit() for v in values):
+        raise UserError(f"--teacher-at takes timesteps (whole numbers, comma-separated), got {', '.join(teacher_at)}")
+    return [int(v) for v in values]
+
+
 def _save_run(output, result, seed: int, model: str, control_image: list[Path] | None = None) -> None:
     """Save a `generate` run's images and records (``tandem.pipeline.RECORD_FIELDS``, both paths), each record
     with the fields the command adds (``RUN_RECORD_FIELDS``; ``control_image`` with --control-image)."""
@@ -171,8 +208,9 @@ def _save_run(output, result, seed: int, model: str, control_image: list[Path] |
 def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps,
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
-                     calibration, control_image=None) -> None:
-    """`generate` through a composed TandemPipeline (its options are checked by `generate`)."""
+                     calibration, control_image=None, mixed: dict | None = None) -> None:
+    """`generate` through a composed TandemPipeline (its options are checked by `generate`; ``mixed``: the
+    arguments of mode "mixed")."""
     import time
 
     from ..outputs import OutputDir, image_grid, save_png
@@ -193,7 +231,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                       teacher_scheduler=scheduler.value if scheduler is not None else None,
                       strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
                       rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
-                      percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
+                      percentile=percentile, budget=budget, seed=seed, batch_size=batch_size, **(mixed or {}))
         t0 = time.time()
         with _progress("tandem", len(prompts)) as bar:
             progress = _phase_bars(bar)
@@ -205,7 +243,8 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
         _save_run(output, result, seed, preset.name, control_image)
         summary = result.summary
         firsts = result.student_images if result.student_images is not None else result.images
-        grid_rows = [im for pair in zip(firsts, result.images) for im in pair]
+        grid_rows = ([im for pair in zip(firsts, result.images) for im in pair] if mode is not Mode.mixed
+                     else list(result.images))  # mixed: no student image to set beside the final one
         save_png(output.path / "grid.png", image_grid(grid_rows[:128], columns=8))
         output.write_config({
             "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
@@ -216,6 +255,13 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
             "summary": {k: v for k, v in summary.items() if k != "settings"},
         })
     paths = ", ".join(f"{k} {v}" for k, v in summary["paths"].items())
+    if mode is Mode.mixed:
+        console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s; the teacher took "
+                      f"{100 * summary['teacher_share']:.0f}% of the student transitions; "
+                      f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average (student "
+                      f"{summary['unet_evals_student_mean']:.1f}, teacher {summary['unet_evals_teacher_mean']:.1f}) "
+                      f"-> {out}")
+        return
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s ({paths}); "
                   f"{summary['unet_evals_mean']:.1f} UNet evaluations per image on average "
                   f"(student {summary['student_cost']}, teacher improvement {summary['improve_cost']}); "

@@ -352,6 +352,8 @@ def world_evaluate(
     from ..world.evaluate import judge, vae_reconstructions
     from ..world.prompts import load_prompts
 
+    if mode not in (Mode.teacher, Mode.student):
+        raise UserError(f"--mode {mode.value}: world evaluate judges the teacher or the student (--mode teacher|student)")
     spec = resolve_model(model)
     if not spec.is_world:
         raise UserError(f"model {model!r} is not a ShapesWorld model; the exact checker judges world images only")

@@ -31,6 +31,7 @@ class TeacherParts:
         self.scheduler_config = dict(teacher.scheduler.config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.schedule = NoiseSchedule.from_scheduler(self.scheduler_config)
+        self.reflect = None  # a tandem.reflect.Reflection of the teacher's x₀ estimates (DDIL section 3), if set
         self._uncond: torch.Tensor | None = None
 
     def frozen(self) -> dict[str, nn.Module]:
@@ -57,8 +58,15 @@ class TeacherParts:
     def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                    w: torch.Tensor | None) -> torch.Tensor:
         """The teacher's x₀ at ``x_t``: classifier-free guided ``ε_u + w (ε_c - ε_u)`` (per-sample ``w``), or
-        its conditional prediction alone when ``w`` is None."""
-        return self.schedule.to_x0(self.teacher_eps(x, t, cond, uncond, w), x, t)
+        its conditional prediction alone when ``w`` is None; thresholded by ``reflect`` when one is set."""
+        x0 = self.schedule.to_x0(self.teacher_eps(x, t, cond, uncond, w), x, t)
+        return x0 if self.reflect is None else self.reflect(x0)
+
+    def guided_x0(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+        """:meth:`teacher_x0` under classifier-free guidance ``w`` (per sample, or one scale for all) against the
+        empty caption: the teacher as DDIL's rollouts call it."""
+        w = torch.full((x.shape[0],), float(w), device=x.device) if isinstance(w, int | float) else w
+        return self.teacher_x0(x, t, cond, self.uncond(x.shape[0], x.device), w)
 
     @torch.no_grad()
     def teacher_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -82,6 +90,33 @@ def teacher_record(spec) -> dict:
     if spec.name == WORLD:
         return {"name": WORLD, "path": WORLD}
     return {"name": spec.name, "path": spec.path}
+
+
+def variants(method: str, ddil=None, reflect=None) -> tuple[str, dict]:
+    """A student's method name with the DDIL / reflection options it was trained with
+    (``progressive+ddil+reflected``, see ``tandem.students.VARIANTS``) and the ``details`` recording them
+    (the reflection is what the student samples with: ``tandem.reflect.student_reflection``)."""
+    details = {}
+    if ddil is not None:
+        method, details["ddil"] = method + "+ddil", ddil.to_json()
+    if reflect is not None:
+        method, details["reflect"] = method + "+reflected", reflect.to_json()
+    return method, details
+
+
+def resolve_reflection(teacher: str, reflect):
+    """``reflect`` (a :class:`tandem.reflect.Reflection` or None) with its defaults from the teacher's measured
+    latent range, before any model loads (an error naming the missing ``latent_range.json``)."""
+    from ..models import resolve_model
+
+    return reflect.resolved(resolve_model(teacher).path) if reflect is not None else None
+
+
+def options_config(ddil=None, reflect=None) -> dict:
+    """The run configuration's entries for DDIL and reflection, present only when they are on (so that the
+    runs made without them resume as they were saved)."""
+    return {**({"ddil": ddil.to_json()} if ddil is not None else {}),
+            **({"reflect": reflect.to_json()} if reflect is not None else {})}
 
 
 def uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:

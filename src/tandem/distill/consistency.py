@@ -16,6 +16,12 @@ The student is the teacher's UNet plus a w-embedding (diffusers' ``time_cond_pro
 zero-initialised projection, so at step 0 the student *is* the teacher for every ``w``. Its
 w-embedding receives ``w - 1`` (the convention of diffusers' LCM pipeline).
 
+Options (DDIL, Garrepalli et al.): ``ddil`` chooses the inputs ``x_{t_n}`` (section 4.2: consistency
+distillation on forward and student-backward trajectories; the student rolls with its own sampler, the
+LCM one with fresh noise, in ``min(4, N)`` steps; :mod:`tandem.distill.ddil`); ``reflect`` thresholds the
+teacher's x₀ estimates and the target network's (the student-derived target), and the student's at
+sampling (:mod:`tandem.reflect`).
+
 Not implemented (documented): the paper's own CD-SD1.5 variant that applies classifier-free
 guidance to the student at sampling time instead of the w-embedding.
 """
@@ -23,14 +29,17 @@ guidance to the student at sampling time instead of the w-embedding.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..sampling import boundary_scalings, distillation_grid, guidance_embedding
+from ..reflect import Reflection, reflected
+from ..sampling import boundary_scalings, consistency_timesteps, distillation_grid, guidance_embedding
 from ..world.runs import require_decay, require_number
-from .common import TeacherParts, teacher_record
+from .common import TeacherParts, options_config, teacher_record, variants
+from .ddil import DDILSampler, DDILSpec, Denoiser
 from .trainer import StepContext, Trainable
 
 LOSSES = ("l2", "huber")
@@ -91,14 +100,19 @@ class ConsistencyDistillation:
     Args:
         teacher: a ``StableDiffusionPipeline``-like object with ``unet``, ``vae``, ``text_encoder``,
             ``tokenizer`` and ``scheduler`` (its config gives the noise schedule).
+        ddil: where the inputs come from (None: forward diffusion of the data).
+        reflect: the thresholding of x₀ estimates (None: none).
     """
 
     name = "consistency"
     uses_data = True  # real (or rendered) images are noised to make x_{t_n}
 
-    def __init__(self, teacher, cfg: ConsistencyConfig):
+    def __init__(self, teacher, cfg: ConsistencyConfig, ddil: DDILSpec | None = None,
+                 reflect: Reflection | None = None):
         self.cfg = cfg
         self.parts = TeacherParts(teacher)
+        self.ddil = DDILSampler(ddil, self.parts.schedule) if ddil is not None else None
+        self.reflect = self.parts.reflect = reflect
         if self.parts.prediction_type != "epsilon":
             raise ValueError("consistency distillation here needs an epsilon-prediction teacher, got "
                              f"{self.parts.prediction_type!r}")
@@ -118,12 +132,21 @@ class ConsistencyDistillation:
     def frozen(self) -> dict[str, nn.Module]:
         return self.parts.frozen()
 
+    # -- method state: DDIL's DAgger buffer, when it has one ---------------------------------------------
+
+    def state_dict(self) -> dict | None:
+        return {"ddil": self.ddil.state_dict()} if self.ddil is not None and self.ddil.stateful else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ddil.load_state_dict(state["ddil"])
+
     # -- pieces, public so that tests can check them against independent computations ----------------
 
-    def consistency_fn(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w_emb: torch.Tensor):
-        """``c_skip(t) x + c_out(t) x̂0`` with ``x̂0`` from ``unet``'s ε-prediction."""
+    def consistency_fn(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w_emb: torch.Tensor,
+                       reflect: Reflection | None = None):
+        """``c_skip(t) x + c_out(t) x̂0`` with ``x̂0`` from ``unet``'s ε-prediction (thresholded by ``reflect``)."""
         eps = unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
-        x0 = self.schedule.to_x0(eps, x, t.cpu())
+        x0 = reflected(reflect, self.schedule.to_x0(eps, x, t.cpu()))
         c_skip, c_out = boundary_scalings(t)
         return _per_sample(c_skip.to(x.device, x.dtype), x) * x + _per_sample(c_out.to(x.device, x.dtype), x) * x0
 
@@ -154,14 +177,45 @@ class ConsistencyDistillation:
         w_emb = guidance_embedding(w - 1.0, self.cfg.w_embedding_dim).to(device)
         w = w.to(device)
         noise = torch.randn(latents.shape, generator=g).to(device)
-        x_t = self.schedule.add_noise(latents, noise, t.cpu())
+        logs = {}
+        if self.ddil is None:
+            x_t = self.schedule.add_noise(latents, noise, t.cpu())
+        else:
+            x_t, n, cond, w, logs = self._ddil_input(latents, noise, n, cond, w, ctx)
+            t, t_prev = self.grid.to(device)[n], self.grid_prev.to(device)[n]
+            w_emb = guidance_embedding(w.cpu() - 1.0, self.cfg.w_embedding_dim).to(device)
 
         pred = self.consistency_fn(ctx.model("student"), x_t, t, cond, w_emb)
         with torch.no_grad():
             x_prev = self.teacher_ddim_step(x_t, t, t_prev, cond, uncond, w)
-            target = self.consistency_fn(ctx.ema("student", "target"), x_prev, t_prev, cond, w_emb)
+            target = self.consistency_fn(ctx.ema("student", "target"), x_prev, t_prev, cond, w_emb, self.reflect)
         loss = self.loss_fn(pred, target)
-        return {"loss": loss}
+        return {"loss": loss, **logs}
+
+    # -- DDIL ---------------------------------------------------------------------------------------------
+
+    @property
+    def student_steps(self) -> int:
+        """The student's own sampling steps in DDIL's rollouts (and its exported default)."""
+        return min(4, self.cfg.num_ddim_timesteps)
+
+    def sampled_x0(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor):
+        """The consistency function the student samples with at guidance scales ``w`` [B] (reflected when on)."""
+        w_emb = guidance_embedding(w.cpu() - 1.0, self.cfg.w_embedding_dim).to(x.device)
+        return self.consistency_fn(unet, x, t, cond, w_emb, self.reflect)
+
+    def _ddil_input(self, latents, noise, n, cond, w, ctx: StepContext):
+        """DDIL's inputs at the skipping grid's ``n`` [B]: ``(x_t, n, cond, w, log)``; the index, captions and
+        guidance scales change where the batch is drawn from the DAgger buffer."""
+        steps = self.schedule.num_train_timesteps
+        drawn = self.ddil.inputs(
+            latents=latents, noise=noise, grid=self.grid.tolist(), index=n.cpu(), cond={"cond": cond, "w": w},
+            teacher=Denoiser(self.parts.guided_x0, self.grid.flip(0).tolist(), calls=2),
+            student=Denoiser(partial(self.sampled_x0, ctx.unwrapped("student")),
+                             consistency_timesteps(self.student_steps, self.cfg.num_ddim_timesteps, steps),
+                             stochastic=True),
+            generator=ctx.generator, step=ctx.step)
+        return drawn.x, drawn.index.to(ctx.device), drawn.cond["cond"], drawn.cond["w"], drawn.log
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -176,34 +230,39 @@ def export_student(unet, out_dir: str | Path, method: ConsistencyDistillation, t
     guidance through the w-embedding. It also loads in diffusers' ``LatentConsistencyModelPipeline``."""
     from diffusers import LCMScheduler
 
-    from ..sampling import consistency_timesteps
     from ..students import StudentInfo, save_student
 
     cfg = method.cfg
     scheduler = LCMScheduler.from_config(method.parts.scheduler_config, original_inference_steps=cfg.num_ddim_timesteps)
-    steps = min(4, cfg.num_ddim_timesteps)
+    steps = method.student_steps
+    method_name, options = variants("consistency", method.ddil.spec if method.ddil else None, method.reflect)
     info = StudentInfo(
-        method="consistency", scheduler="LCMScheduler", prediction_type="epsilon", guidance="w-embedding",
+        method=method_name, scheduler="LCMScheduler", prediction_type="epsilon", guidance="w-embedding",
         steps=steps, guidance_scale=float(teacher_spec.teacher.guidance_scale),
         teacher=teacher_record(teacher_spec),
         timesteps=consistency_timesteps(steps, cfg.num_ddim_timesteps, method.schedule.num_train_timesteps),
         details={"num_ddim_timesteps": cfg.num_ddim_timesteps, "w_range": [cfg.w_min, cfg.w_max],
-                 "weights": weights, "optimisation_steps": optimisation_steps, "config": asdict(cfg)})
+                 "weights": weights, "optimisation_steps": optimisation_steps, "config": asdict(cfg), **options})
     return save_student(unet, out_dir, scheduler, info)
 
 
 def distill_consistency(teacher: str, out_dir: str | Path, cfg: ConsistencyConfig, trainer_cfg,
-                        data: str = "world", resume: bool = False) -> Path:
+                        data: str = "world", resume: bool = False, ddil: DDILSpec | None = None,
+                        reflect: Reflection | None = None) -> Path:
     """Train a consistency student of ``teacher`` (``world``, a model directory or a hub id) into
-    ``out_dir``; the student is exported to ``out_dir/student``. Returns that directory."""
-    from .common import run_method
+    ``out_dir``; the student is exported to ``out_dir/student``. Returns that directory. ``ddil``,
+    ``reflect``: the DDIL options (``reflect``'s defaults from the teacher's ``latent_range.json``)."""
+    from .common import resolve_reflection, run_method
 
     exported = "sampling_ema" if cfg.sampling_ema is not None else "student"
+    reflection = resolve_reflection(teacher, reflect)
 
     def export(trainer, method, spec, student_dir: Path) -> None:
         unet = trainer.export("student", "sampling" if cfg.sampling_ema is not None else None)
         export_student(unet, student_dir, method, spec, exported, trainer_cfg.max_steps)
 
     return run_method(method_name="consistency", teacher=teacher, out_dir=out_dir, trainer_cfg=trainer_cfg,
-                      data=data, resume=resume, make_method=lambda pipe, spec, out: ConsistencyDistillation(pipe, cfg),
-                      run_config=lambda spec, source: {"consistency": asdict(cfg)}, export=export)
+                      data=data, resume=resume,
+                      make_method=lambda pipe, spec, out: ConsistencyDistillation(pipe, cfg, ddil, reflection),
+                      run_config=lambda spec, source: {"consistency": asdict(cfg), **options_config(ddil, reflection)},
+                      export=export)

@@ -30,6 +30,12 @@ Sampling: between steps the student re-noises its x₀ with the noise its own pr
 but tandem samples ``LCMScheduler`` students only with a w-embedding (:func:`tandem.sampling.consistency_sample`);
 so the student (guidance ``none``) ships, like the progressive ones, with ``DPMSolverMultistepScheduler`` at
 order 1 on the trailing grid: DDIM on that grid exactly (tested through ``load_student``'s pipeline).
+
+Options (DDIL, Garrepalli et al.): ``ddil`` replaces backward simulation as the choice of the student's
+inputs at the drawn step (section 4.2: mixed rollouts of student and teacher down to that step, the teacher
+guided on the ``regression_steps`` trailing grid; also forward diffusion and the teacher's rollouts; no DAgger
+buffer); ``reflect`` thresholds the x₀ of the real score,
+the fake critic and the student, in training and at sampling (:mod:`tandem.reflect`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,8 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import trailing_timesteps
+from ..reflect import Reflection, reflected
 from ..world.runs import require_decay, require_number
-from .common import TeacherParts, run_method, teacher_record
+from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, variants
+from .ddil import DDILSampler, DDILSpec, Denoiser
 from .progressive import student_scheduler
 from .trainer import StepContext, Trainable
 
@@ -194,6 +203,13 @@ def parameters_frozen(module: nn.Module):
 
 # -- the method ---------------------------------------------------------------------------------------------
 
+def check_ddil(cfg: DMD2Config, ddil: DDILSpec | None) -> None:
+    """DMD2 takes DDIL as on-policy rollouts to a step of a multi-step student (section 4.2)."""
+    if ddil is not None and (ddil.buffer or cfg.steps == 1 or cfg.backward_simulation is not None):
+        raise ValueError("dmd2 takes --ddil as on-policy rollouts to a step of a multi-step student: it needs "
+                         "--steps > 1, no buffer=, and no --backward-simulation setting (DDIL chooses the inputs)")
+
+
 class DMD2Distillation:
     """DMD2 for :class:`~tandem.distill.trainer.Trainer`: trainables ``student`` and ``critic``.
 
@@ -201,15 +217,20 @@ class DMD2Distillation:
         teacher: a ``StableDiffusionPipeline``-like teacher (ε-, v- or x₀-predicting, guided classifier-free).
         default_guidance: the real score's guidance scale when ``cfg.real_guidance`` is None.
         seed: initialises the GAN head.
+        ddil, reflect: the DDIL options (module docstring).
     """
 
     name = "dmd2"
     uses_data = True
 
-    def __init__(self, teacher, cfg: DMD2Config, default_guidance: float | None = None, seed: int = 0):
+    def __init__(self, teacher, cfg: DMD2Config, default_guidance: float | None = None, seed: int = 0,
+                 ddil: DDILSpec | None = None, reflect: Reflection | None = None):
         self.cfg = cfg
         self.parts = TeacherParts(teacher)
         self.schedule = self.parts.schedule
+        check_ddil(cfg, ddil)
+        self.ddil = DDILSampler(ddil, self.schedule) if ddil is not None else None
+        self.reflect = self.parts.reflect = reflect
         guidance = cfg.real_guidance if cfg.real_guidance is not None else default_guidance
         if guidance is None:
             raise ValueError("DMD2 needs the real score's guidance scale: give real_guidance (the teacher has no default)")
@@ -240,8 +261,9 @@ class DMD2Distillation:
     # -- pieces, public so that tests can check them against independent computations -------------------
 
     def x0_of(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x̂₀ of a UNet in the teacher's parameterisation (student, critic)."""
-        return self.schedule.to_x0(unet(x, t, encoder_hidden_states=cond).sample, x, t, self.parts.prediction_type)
+        """x̂₀ of a UNet in the teacher's parameterisation (student, critic), reflected when on."""
+        x0 = self.schedule.to_x0(unet(x, t, encoder_hidden_states=cond).sample, x, t, self.parts.prediction_type)
+        return reflected(self.reflect, x0)
 
     @torch.no_grad()
     def backward_simulation(self, student, noise: torch.Tensor, cond: torch.Tensor, index: int) -> torch.Tensor:
@@ -298,7 +320,9 @@ class DMD2Distillation:
         index = int(torch.randint(0, self.cfg.steps, (1,), generator=g))
         noise = torch.randn((b, *self.latent_shape), generator=g).to(device)
         t = torch.full((b,), self.timesteps[index], device=device)
-        if self.cfg.simulates:
+        if self.ddil is not None:
+            x = self._ddil_input(batch, noise, cond, index, ctx)
+        elif self.cfg.simulates:
             x = self.backward_simulation(ctx.unwrapped("student"), noise, cond, index)
         elif index == 0:  # the first step starts from pure noise, as sampling does
             x = noise
@@ -306,6 +330,21 @@ class DMD2Distillation:
             x = self.schedule.add_noise(self.parts.encode_images(batch["pixels"], g).to(device), noise,
                                         self.timesteps[index])
         return x, t, noise
+
+    def _ddil_input(self, batch: dict, noise: torch.Tensor, cond: torch.Tensor, index: int, ctx: StepContext):
+        """DDIL's input at the student's step ``index`` (pure noise at the first, as sampling starts)."""
+        if index == 0:
+            self.ddil.idle()
+            return noise
+        b, T = cond.shape[0], self.schedule.num_train_timesteps
+        drawn = self.ddil.inputs(
+            latents=partial(self.parts.encode_images, batch["pixels"], ctx.generator), noise=noise, grid=self.timesteps,
+            index=torch.full((b,), index), cond={"cond": cond},
+            teacher=Denoiser(partial(self.parts.guided_x0, w=self.real_guidance),
+                             trailing_timesteps(self.cfg.regression_steps, T), calls=2),
+            student=Denoiser(partial(self.x0_of, ctx.unwrapped("student")), self.timesteps),
+            generator=ctx.generator, step=ctx.step)
+        return drawn.x
 
     def _gan_input(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` noised for the classifier (diffusion GAN), with its timesteps."""
@@ -385,6 +424,8 @@ class DMD2Distillation:
             losses = self.critic_losses(batch, cond, ctx)
         else:
             raise ValueError(f"dmd2 trains 'student' and 'critic', not {update!r}")
+        if self.ddil is not None:
+            losses |= self.ddil.last_log
         for key, value in losses.items():
             if not bool(torch.isfinite(value).all()):
                 raise FloatingPointError(f"dmd2: the {update}'s {key} is {float(value.detach())} at step {ctx.step}; the run "
@@ -400,32 +441,35 @@ def export_student(unet, out_dir: str | Path, method: DMD2Distillation, teacher_
     from ..students import StudentInfo, save_student
 
     cfg = method.cfg
+    method_name, options = variants("dmd2", method.ddil.spec if method.ddil else None, method.reflect)
     info = StudentInfo(
-        method="dmd2", scheduler="DPMSolverMultistepScheduler", prediction_type=method.parts.prediction_type,
+        method=method_name, scheduler="DPMSolverMultistepScheduler", prediction_type=method.parts.prediction_type,
         guidance="none", steps=cfg.steps, guidance_scale=1.0, teacher=teacher_record(teacher_spec),
         timesteps=list(method.timesteps),
         details={"real_guidance": method.real_guidance, "critic_updates": cfg.critic_updates,
-                 "backward_simulation": cfg.simulates, "optimisation_steps": optimisation_steps,
+                 "backward_simulation": cfg.simulates and method.ddil is None, "optimisation_steps": optimisation_steps,
                  "student_updates": math.ceil(optimisation_steps / cfg.critic_updates), "weights": weights,
-                 "config": asdict(cfg)})
+                 "config": asdict(cfg), **options})
     return save_student(copy.deepcopy(unet).float(), out_dir, student_scheduler(method.parts.scheduler_config), info)
 
 
 def distill_dmd2(teacher: str, out_dir: str | Path, cfg: DMD2Config, trainer_cfg, data: str = "world",
-                 resume: bool = False) -> Path:
+                 resume: bool = False, ddil: DDILSpec | None = None, reflect: Reflection | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.steps``-step DMD2 student in ``out_dir/student``. ``trainer_cfg.max_steps``
     counts critic updates; the student updates on every ``cfg.critic_updates``-th of them (the first included).
     A log record holds the losses of the networks updated on its step: with ``trainer_cfg.log_every`` > 1 the
     student's appear only where a logged step is one of its updates (``tandem distill dmd2`` logs every step)."""
+    check_ddil(cfg, ddil)
+    reflection = resolve_reflection(teacher, reflect)
     state = {}
 
     def make(pipe, spec, out: Path):
         state["method"] = DMD2Distillation(pipe, cfg, default_guidance=spec.teacher.guidance_scale,
-                                           seed=trainer_cfg.seed)
+                                           seed=trainer_cfg.seed, ddil=ddil, reflect=reflection)
         return state["method"]
 
     def config(spec, source):
-        return {"dmd2": asdict(cfg), "real_guidance": state["method"].real_guidance}
+        return {"dmd2": asdict(cfg), "real_guidance": state["method"].real_guidance, **options_config(ddil, reflection)}
 
     def export(trainer, method, spec, student_dir: Path) -> None:
         weights = "ema" if cfg.ema is not None else "student"

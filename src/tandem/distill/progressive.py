@@ -22,22 +22,31 @@ Students are sampled by DDIM on the trailing grid; diffusers' ``DDIMScheduler`` 
 ``DPMSolverMultistepScheduler`` at order 1 and trailing spacing, which is DDIM on that grid exactly
 (tested against two DDIM steps). Every finished round is exported to ``rounds/<N>-steps/`` as a
 student of its own.
+
+Options (DDIL, Garrepalli et al.): ``ddil`` chooses each halving round's inputs ``z_t`` (forward diffusion,
+the round teacher's or the student's rollouts, Algorithm 2's mixed rollouts through a DAgger buffer:
+Algorithm 3; :mod:`tandem.distill.ddil`; the guidance stage keeps forward diffusion, its ramp restarts
+with each round, its buffer empties); ``reflect`` thresholds the teacher's x₀ estimates (the guidance
+stage's target, each of the round teacher's DDIM steps) and the student's at sampling (:mod:`tandem.reflect`).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..denoiser import trailing_timesteps
+from ..reflect import Reflection, reflected
 from ..sampling import guidance_embedding
 from ..world.runs import require_number
-from .common import TeacherParts, run_method, teacher_record, uniform
+from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, uniform, variants
 from .consistency import make_student_unet
+from .ddil import DDILSampler, DDILSpec, Denoiser
 from .trainer import StepContext, Trainable
 
 TARGETS = ("x0", "v")
@@ -123,15 +132,20 @@ class ProgressiveDistillation:
         teacher: a ``StableDiffusionPipeline``-like teacher (ε-, v- or x₀-predicting).
         on_stage_end: called ``(stage index, student unet)`` on the main process when a stage has ended
             (at the first step of the next one); the run exports the finished round there.
+        ddil: where the halving rounds' inputs come from (None: forward diffusion).
+        reflect: the thresholding of x₀ estimates (None: none).
     """
 
     name = "progressive"
     uses_data = True
 
-    def __init__(self, teacher, cfg: ProgressiveConfig, on_stage_end=None):
+    def __init__(self, teacher, cfg: ProgressiveConfig, on_stage_end=None, ddil: DDILSpec | None = None,
+                 reflect: Reflection | None = None):
         self.cfg = cfg
         self.parts = TeacherParts(teacher)
         self.schedule = self.parts.schedule
+        self.ddil = DDILSampler(ddil, self.schedule) if ddil is not None else None
+        self.reflect = self.parts.reflect = reflect
         self.student = make_student_unet(self.parts.teacher_unet, cfg.w_embedding_dim)
         self.stage = 0  # the stage whose teacher is loaded
         self.round_teacher: nn.Module | None = None  # the frozen previous student (halving rounds)
@@ -151,10 +165,13 @@ class ProgressiveDistillation:
 
     def state_dict(self) -> dict:
         teacher = self.round_teacher.state_dict() if self.round_teacher is not None else {}
-        return {"stage": self.stage, "teacher": teacher}
+        ddil = {"ddil": self.ddil.state_dict()} if self.ddil is not None and self.ddil.stateful else {}
+        return {"stage": self.stage, "teacher": teacher, **ddil}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage = int(state["stage"])
+        if self.ddil is not None and self.ddil.stateful:
+            self.ddil.load_state_dict(state["ddil"])
         if state["teacher"]:
             self.round_teacher = self._frozen_copy(self.student)
             self.round_teacher.load_state_dict(state["teacher"])
@@ -173,6 +190,8 @@ class ProgressiveDistillation:
             self.on_stage_end(self.stage, student)
         self.round_teacher = self._frozen_copy(student).to(ctx.device)
         self.stage = stage
+        if self.ddil is not None:
+            self.ddil.reset()
 
     # -- pieces, public so that tests can check them against independent computations -------------------
 
@@ -188,12 +207,20 @@ class ProgressiveDistillation:
         pred = unet(x, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
         return self.schedule.to_x0(pred, x, t, self.parts.prediction_type)
 
+    def sampled_x0(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor):
+        """The x₀ a w-conditioned ``unet`` samples with at guidance scales ``w`` [B]: reflected when on."""
+        w_emb = guidance_embedding(w.cpu() - 1.0, self.cfg.w_embedding_dim).to(x.device)
+        return reflected(self.reflect, self.student_x0(unet, x, t, cond, w_emb))
+
     @torch.no_grad()
     def two_teacher_steps(self, teacher, x: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
                           t_next: torch.Tensor, cond: torch.Tensor, w_emb: torch.Tensor) -> torch.Tensor:
-        """Two DDIM steps of the w-conditioned ``teacher``: ``x_t -> x_{t_mid} -> x_{t_next}``."""
-        x_mid = self.schedule.ddim_step(x, self.student_x0(teacher, x, t, cond, w_emb), t, t_mid)
-        return self.schedule.ddim_step(x_mid, self.student_x0(teacher, x_mid, t_mid, cond, w_emb), t_mid, t_next)
+        """Two DDIM steps of the w-conditioned ``teacher``: ``x_t -> x_{t_mid} -> x_{t_next}`` (its x₀ reflected
+        when on)."""
+        x0 = reflected(self.reflect, self.student_x0(teacher, x, t, cond, w_emb))
+        x_mid = self.schedule.ddim_step(x, x0, t, t_mid)
+        x0 = reflected(self.reflect, self.student_x0(teacher, x_mid, t_mid, cond, w_emb))
+        return self.schedule.ddim_step(x_mid, x0, t_mid, t_next)
 
     def round_target(self, teacher, x: torch.Tensor, t, t_mid, t_next, cond, w_emb) -> torch.Tensor:
         """x̃ of Algorithm 2: the x₀ that takes the student from ``x_t`` to the teacher's ``x_{t_next}`` in one step."""
@@ -206,6 +233,18 @@ class ProgressiveDistillation:
         weight = snr.clamp(min=1.0) if self.cfg.target == "x0" else 1.0 + snr
         per_sample = (x0_pred.float() - x0_target.float()).pow(2).flatten(1).mean(1)
         return (weight * per_sample).mean()
+
+    def _ddil_input(self, latents, noise, i, cond, w, student_steps: int, ctx: StepContext):
+        """DDIL's inputs of a halving round (Algorithm 3): ``(x_t, i, cond, w, log)``; the index, captions and
+        guidance scales change where the batch is drawn from the DAgger buffer."""
+        T = self.schedule.num_train_timesteps
+        grid = trailing_timesteps(student_steps, T)
+        drawn = self.ddil.inputs(
+            latents=latents, noise=noise, grid=grid, index=i, cond={"cond": cond, "w": w.to(ctx.device)},
+            teacher=Denoiser(partial(self.sampled_x0, self.round_teacher), trailing_timesteps(2 * student_steps, T)),
+            student=Denoiser(partial(self.sampled_x0, ctx.unwrapped("student")), grid),
+            generator=ctx.generator, step=ctx.step - self.cfg.stages[self.stage][1])
+        return drawn.x, drawn.index, drawn.cond["cond"], drawn.cond["w"].cpu(), drawn.log
 
     # -- the Trainer's entry point ----------------------------------------------------------------------
 
@@ -221,6 +260,7 @@ class ProgressiveDistillation:
         w = uniform(g, b, self.cfg.w_min, self.cfg.w_max)
         w_emb = guidance_embedding(w - 1.0, self.cfg.w_embedding_dim).to(device)
         noise = torch.randn(latents.shape, generator=g).to(device)
+        logs = {}
         if name == "guidance":
             t = torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=g)
             x_t = self.schedule.add_noise(latents, noise, t)
@@ -229,12 +269,15 @@ class ProgressiveDistillation:
         else:
             grid, mid, nxt = self.grids(student_steps)
             i = torch.randint(0, student_steps, (b,), generator=g)
-            t, t_mid, t_next = grid[i], mid[i], nxt[i]
-            x_t = self.schedule.add_noise(latents, noise, t)
-            t, t_mid, t_next = t.to(device), t_mid.to(device), t_next.to(device)
+            if self.ddil is None:
+                x_t = self.schedule.add_noise(latents, noise, grid[i])
+            else:
+                x_t, i, cond, w, logs = self._ddil_input(latents, noise, i, cond, w, student_steps, ctx)
+                w_emb = guidance_embedding(w - 1.0, self.cfg.w_embedding_dim).to(device)
+            t, t_mid, t_next = grid[i].to(device), mid[i].to(device), nxt[i].to(device)
             target = self.round_target(self.round_teacher, x_t, t, t_mid, t_next, cond, w_emb)
         pred = self.student_x0(ctx.model("student"), x_t, t, cond, w_emb)
-        return {"loss": self.loss(pred, target, x_t, t.cpu())}
+        return {"loss": self.loss(pred, target, x_t, t.cpu()), **logs}
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -254,24 +297,29 @@ def export_student(unet, out_dir: Path, method: ProgressiveDistillation, stage: 
 
     cfg = method.cfg
     name, _, steps = cfg.stages[stage]
+    ddil = method.ddil.spec if method.ddil is not None and name != "guidance" else None  # rounds only
+    method_name, options = variants("progressive", ddil, method.reflect)
     info = StudentInfo(
-        method="progressive", scheduler="DPMSolverMultistepScheduler", prediction_type=method.parts.prediction_type,
+        method=method_name, scheduler="DPMSolverMultistepScheduler", prediction_type=method.parts.prediction_type,
         guidance="w-embedding", steps=steps, guidance_scale=guidance_scale,
         teacher=teacher_record(teacher_spec),
         timesteps=trailing_timesteps(steps, method.schedule.num_train_timesteps),
         details={"stage": name, "w_range": [cfg.w_min, cfg.w_max], "optimisation_steps": optimisation_steps,
-                 "config": asdict(cfg)})
+                 "config": asdict(cfg), **options})
     return save_student(copy.deepcopy(unet).float(), out_dir, student_scheduler(method.parts.scheduler_config), info)
 
 
 def distill_progressive(teacher: str, out_dir: str | Path, cfg: ProgressiveConfig, trainer_cfg,
-                        data: str = "world", resume: bool = False) -> Path:
+                        data: str = "world", resume: bool = False, ddil: DDILSpec | None = None,
+                        reflect: Reflection | None = None) -> Path:
     """Progressive distillation of ``teacher`` into ``out_dir``: every finished stage in
     ``out_dir/rounds/<N>-steps``, the last trained one also in ``out_dir/student``. ``trainer_cfg.max_steps``
-    may stop the run before the plan's end (resume it with more)."""
+    may stop the run before the plan's end (resume it with more). ``ddil``, ``reflect``: the DDIL options
+    (``reflect``'s defaults are resolved from the teacher's ``latent_range.json``)."""
     if trainer_cfg.max_steps > cfg.total_steps:
         raise ValueError(f"--max-steps {trainer_cfg.max_steps} is past the plan's {cfg.total_steps} steps "
                          f"({cfg.guidance_steps} guidance + {len(cfg.round_student_steps)} rounds of {cfg.round_steps})")
+    reflection = resolve_reflection(teacher, reflect)
     state = {}
 
     def make(pipe, spec, out: Path):
@@ -282,11 +330,12 @@ def distill_progressive(teacher: str, out_dir: str | Path, cfg: ProgressiveConfi
             export_student(unet, out / "rounds" / f"{cfg.stages[stage][2]}-steps", method, stage, state["spec"],
                            state["guidance"], first_of_next)
 
-        method = ProgressiveDistillation(pipe, cfg, on_stage_end)
+        method = ProgressiveDistillation(pipe, cfg, on_stage_end, ddil=ddil, reflect=reflection)
         return method
 
     def config(spec, source):
-        return {"progressive": asdict(cfg), "stages": [list(s) for s in cfg.stages]}
+        return {"progressive": asdict(cfg), "stages": [list(s) for s in cfg.stages],
+                **options_config(ddil, reflection)}
 
     def export(trainer, method, spec, student_dir: Path) -> None:
         unet = trainer.export("student")

@@ -156,7 +156,8 @@ class Method(Protocol):
 
     # Optional: a method with state of its own (a replay buffer, a stage, counters) defines
     # ``state_dict() -> dict`` (tensors and plain data) and ``load_state_dict(state)``; the Trainer keeps
-    # it in every checkpoint and restores it on resume.
+    # it in every checkpoint and restores it on resume. ``state_dict()`` returning None means no state in this
+    # run (an option that keeps state is off), and its checkpoints hold none.
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self._optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self._schedulers.items()},
             "emas": {n: {e: c.module.state_dict() for e, c in emas.items()} for n, emas in self._emas.items()},
-            **({"method": self.method.state_dict()} if hasattr(self.method, "state_dict") else {}),
+            **({"method": state} if (state := _method_state(self.method)) is not None else {}),
         }
 
     def save_checkpoint(self, step: int) -> None:
@@ -433,7 +434,7 @@ class Trainer:
         for n, emas in self._emas.items():
             for e, c in emas.items():
                 restore_entry(c.module, state, ("emas", n, e), state_path)
-        if hasattr(self.method, "load_state_dict"):
+        if _method_state(self.method) is not None:
             restore_entry(self.method, state, ("method",), state_path)
         rng_path = ckpt / f"rng-{acc.process_index}.pt"
         _set_rng_state(load_checkpoint_file(rng_path), rng_path)
@@ -545,6 +546,11 @@ def _lr_lambda(warmup_steps: int, max_steps: int, schedule: str) -> Callable[[in
     def factor(step: int) -> float:
         return lr_factor(step, warmup_steps, max_steps, schedule)
     return factor
+
+
+def _method_state(method) -> dict | None:
+    """The method's own state to checkpoint, or None (no ``state_dict``, or it returns None)."""
+    return method.state_dict() if hasattr(method, "state_dict") else None
 
 
 def _name_key(name: str) -> int:

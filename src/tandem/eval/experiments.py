@@ -1,7 +1,8 @@
 """The evaluation experiments, one function (and one ``tandem eval`` command) each.
 
 * ``budget``: quality against cost (UNet evaluations per image) for the teacher's samplers, the
-  student, refine-all and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
+  student, refine-all, DDIL's mixed sampler (the teacher taking a share of the student's transitions,
+  ``tandem.mixed``) and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
   acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality (a
   point that sent no image to the teacher is the student alone, reported as such, not as an acceleration).
 * ``winners``: where the student's image beats the teacher's (section 3.1): win rate against the
@@ -43,6 +44,12 @@ class BudgetConfig:
     regenerate: dict = field(default_factory=lambda: {"dpm": (10, 15, 25), "ddim": (10, 20)})
     ks: tuple[int, ...] = tuple(range(0, 101, 10))
     references: tuple[str, ...] = ("ddim50", "dpm25")  # teacher runs the acceleration factor is measured against
+    # DDIL's mixed sampler (tandem.mixed) at the preset's student steps: the teacher takes each transition with
+    # these probabilities p_T, and (mixed_teacher_first) the first transition only; mixed_substeps teacher DDIM
+    # steps per student step (the paper's 32-step teacher for a 4-step student)
+    mixed_teacher_probs: tuple[float, ...] = (0.25, 0.5, 0.75)
+    mixed_teacher_first: bool = True
+    mixed_substeps: int = 8
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,10 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         runs[c.name] = sweep.run(c, log)
         add("student", c.name, runs[c.name], config=config_dict(c))
     student = runs[f"student{student_steps}"]
+    for c in _mixed_configs(cfg, student_steps, pipe, log):
+        runs[c.name] = sweep.run(c, log)
+        add("mixed", c.name, runs[c.name], config=config_dict(c),
+            teacher_share=float(runs[c.name]["teacher_share"].mean()))
     bases = [(f"adaptive regenerate {scheduler}{n}", SamplerConfig("teacher", n, scheduler), False)
              for scheduler, steps_list in cfg.regenerate.items() for n in steps_list]
     for sigma in cfg.refine_sigmas:
@@ -145,6 +156,25 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         results["renderings"] = {"clip_score": float(_clip_score(clip_scorer, rendered, prompts).mean())}
     _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
+
+
+def _mixed_configs(cfg: BudgetConfig, student_steps: int, pipe, log: Callable[[str], None]) -> list[SamplerConfig]:
+    """The mixed sampler's points of the budget curves (:class:`BudgetConfig`); none, said in ``log``, where the
+    pipeline's student and teacher cannot share a trajectory."""
+    from ..mixed import mixed_grid, mixing_obstacle
+
+    obstacle = mixing_obstacle(pipe)
+    if obstacle is not None:
+        if cfg.mixed_teacher_probs or cfg.mixed_teacher_first:
+            log(f"no mixed-sampler points: {obstacle}")
+        return []
+    teacher_steps = cfg.mixed_substeps * student_steps
+    configs = [SamplerConfig("mixed", student_steps, teacher_steps=teacher_steps, teacher_prob=p)
+               for p in cfg.mixed_teacher_probs]
+    if cfg.mixed_teacher_first:
+        first = mixed_grid(student_steps, teacher_steps).student_timesteps[0]
+        configs.append(SamplerConfig("mixed", student_steps, teacher_steps=teacher_steps, teacher_at=(first,)))
+    return configs
 
 
 def is_adaptive(point: dict) -> bool:

@@ -26,23 +26,37 @@ from .judges import ExactJudge, Judge
 class SamplerConfig:
     """One way of drawing an image per prompt through ``TandemPipeline``."""
 
-    mode: str                    # "teacher", "student" or "refine-all"
-    steps: int                   # teacher steps (teacher, refine-all) or student steps
+    mode: str                    # "teacher", "student", "refine-all" or "mixed"
+    steps: int                   # teacher steps (teacher, refine-all) or student steps (student, mixed)
     scheduler: str = "dpm"       # the teacher's sampler
     rollback_sigma: float | None = None  # refine-all
+    # mixed (tandem.mixed): the teacher's DDIM grid, and p_T or the student timesteps where the teacher steps in
+    teacher_steps: int | None = None
+    teacher_prob: float | None = None
+    teacher_at: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.mode not in ("teacher", "student", "refine-all"):
-            raise ValueError(f"unknown sampler mode {self.mode!r}; expected teacher, student or refine-all")
+        if self.mode not in ("teacher", "student", "refine-all", "mixed"):
+            raise ValueError(f"unknown sampler mode {self.mode!r}; expected teacher, student, refine-all or mixed")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if (self.mode == "refine-all") != (self.rollback_sigma is not None):
             raise ValueError("a rollback sigma goes with mode 'refine-all' and only with it")
+        mixed = (self.teacher_steps, self.teacher_prob, self.teacher_at)
+        one_choice = (self.teacher_prob is None) != (self.teacher_at is None)
+        if self.mode == "mixed" and (self.teacher_steps is None or not one_choice):
+            raise ValueError("mode 'mixed' needs teacher_steps and exactly one of teacher_prob or teacher_at")
+        if self.mode != "mixed" and any(v is not None for v in mixed):
+            raise ValueError("teacher_steps, teacher_prob and teacher_at go with mode 'mixed' and only with it")
 
     @property
     def name(self) -> str:
         if self.mode == "student":
             return f"student{self.steps}"
+        if self.mode == "mixed":
+            who = (f"p{self.teacher_prob:g}" if self.teacher_prob is not None
+                   else "at" + "-".join(map(str, self.teacher_at)))
+            return f"mixed{self.steps}_ddim{self.teacher_steps}_{who}"
         if self.mode == "teacher":
             return f"{self.scheduler}{self.steps}"
         return f"refine_{self.scheduler}{self.steps}_sigma{self.rollback_sigma:g}"
@@ -50,6 +64,9 @@ class SamplerConfig:
     def call_kwargs(self) -> dict:
         if self.mode == "student":
             return {"mode": "student", "num_inference_steps": self.steps, "score": True}
+        if self.mode == "mixed":
+            return {"mode": "mixed", "num_inference_steps": self.steps, "teacher_steps": self.teacher_steps,
+                    "teacher_prob": self.teacher_prob, "teacher_at": self.teacher_at}
         kwargs = {"mode": self.mode, "teacher_steps": self.steps, "teacher_scheduler": self.scheduler}
         if self.mode == "refine-all":
             kwargs["rollback_sigma"] = self.rollback_sigma
@@ -154,7 +171,11 @@ class Sweep:
             oracle = self.pipe._score(out.images, prompts).astype(np.float64)
         else:
             oracle = np.full(len(prompts), np.nan)
-        _save_npz(part, {"images": np.stack(out.images), **judged,
+        extra = {}
+        if config.mode == "mixed":  # the share of its transitions the teacher took, per image
+            extra["teacher_share"] = np.array([np.mean([w == "teacher" for w in r["transitions"]])
+                                               for r in out.records])
+        _save_npz(part, {"images": np.stack(out.images), **judged, **extra,
                          "oracle": oracle,
                          "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
                          "seconds": np.array(time.perf_counter() - t0)})

@@ -1,0 +1,258 @@
+"""Reflected diffusion for distillation: thresholding x₀ estimates to the data's support.
+
+DDIL (Garrepalli et al., section 3, "Reflected Diffusion Distillation") thresholds the teacher's
+x₀ estimates (and, in consistency distillation, the student-derived target; in DMD2, the real score,
+the fake critic and the student) so that no network is asked to follow an estimate outside the
+support of the data: the discrete counterpart of a reflected diffusion (Lou & Ermon 2023, whose
+reflected SDE is the limit that thresholding approximates). The paper gives no formula for latent
+space; tandem offers the two thresholdings of the literature, as :class:`Reflection`:
+
+* ``static``: clip to the data's range, ``x₀ ← clip(x₀, lo, hi)`` (diffusers' ``clip_sample`` when
+  ``lo = -hi``). The world's range is measured once on VAE latents of its training renderings
+  (``latent_range.json`` beside the model; ``python -m tandem.reflect world --write`` made it).
+* ``dynamic``: Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3) for data in
+  ``[-R, R]``: per sample ``s = max(R, quantile(|x₀|, P))`` and ``x₀ ← clip(x₀, -s, s) / s · R``.
+  With ``R = 1`` it is exactly diffusers' ``_threshold_sample`` (no ``sample_max_value`` cap); in
+  latent space ``R`` is the latents' bound (``max(|lo|, |hi|)`` of the measured range), so estimates
+  that look like data are left alone and outlying ones are pulled back and rescaled.
+
+A DDIM step from a thresholded x₀ goes on with the noise that x₀ implies at ``x_t`` (Glide's and Imagen's
+choice, diffusers' ``use_clipped_model_output=True``; DPM-Solver++ and
+:meth:`~tandem.denoiser.NoiseSchedule.ddim_step` do so by construction), in training and sampling alike.
+
+At sampling time a reflected student applies the same function to each x₀ its sampler computes:
+:func:`install` puts it in diffusers' own thresholding hook (``thresholding=True`` makes
+``DPMSolverMultistepScheduler``, ``DDIMScheduler`` and ``LCMScheduler`` call ``_threshold_sample``
+on their x₀ prediction), and :func:`tandem.sampling.consistency_sample` takes it as ``reflect``.
+The saved scheduler config keeps ``thresholding: false`` (diffusers' own formula caps ``s`` at 1 for
+pixel data); :func:`tandem.students.load_student` installs the student's ``details["reflect"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+RANGE_FILE = "latent_range.json"
+MODES = ("static", "dynamic")
+DEFAULT_PERCENTILE = 0.995  # Imagen's and diffusers' dynamic_thresholding_ratio
+
+
+@dataclass(frozen=True)
+class Reflection:
+    """A thresholding of x₀ estimates (module docstring); ``None`` fields are filled by :meth:`resolved`.
+
+    Attributes:
+        mode: ``static`` or ``dynamic``.
+        lo, hi: static: the range clipped to [the model's measured range].
+        percentile: dynamic: ``P`` of ``quantile(|x₀|, P)`` [0.995].
+        bound: dynamic: the data's bound ``R`` [``max(|lo|, |hi|)`` of the model's measured range].
+    """
+
+    mode: str
+    lo: float | None = None
+    hi: float | None = None
+    percentile: float | None = None
+    bound: float | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown reflection {self.mode!r}; expected one of {', '.join(MODES)} (or off)")
+        for name in ("lo", "hi", "percentile", "bound"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise ValueError(f"reflection {name} must be a finite number, got {value!r}")
+        if self.mode == "static":
+            if self.percentile is not None or self.bound is not None:
+                raise ValueError("static reflection takes a range lo,hi only")
+            if (self.lo is None) != (self.hi is None):
+                raise ValueError("static reflection needs both lo and hi, or neither (the measured range)")
+            if self.lo is not None and not self.lo < self.hi:
+                raise ValueError(f"static reflection needs lo < hi, got {self.lo}, {self.hi}")
+        else:
+            if self.lo is not None or self.hi is not None:
+                raise ValueError("dynamic reflection takes a percentile and a bound, not a range")
+            if self.percentile is not None and not 0 < self.percentile <= 1:
+                raise ValueError(f"dynamic reflection's percentile must lie in (0, 1], got {self.percentile}")
+            if self.bound is not None and not self.bound > 0:
+                raise ValueError(f"dynamic reflection's bound must be > 0, got {self.bound}")
+
+    @classmethod
+    def parse(cls, text: str | None) -> Reflection | None:
+        """``static``, ``static:LO,HI``, ``dynamic``, ``dynamic:P`` or ``dynamic:P,BOUND``; ``off`` or None: None."""
+        if text is None or text.strip() == "off":
+            return None
+        mode, _, args = text.strip().partition(":")
+        if mode not in MODES:
+            raise ValueError(f"--reflect {text!r}: expected static[:LO,HI], dynamic[:P[,BOUND]] or off")
+        try:
+            numbers = [float(a) for a in args.split(",")] if args else []
+        except ValueError:
+            raise ValueError(f"--reflect {text!r}: {args!r} is not a list of numbers") from None
+        if mode == "static":
+            if len(numbers) not in (0, 2):
+                raise ValueError(f"--reflect {text!r}: static takes two numbers LO,HI (or none: the measured range)")
+            return cls("static", *numbers) if numbers else cls("static")
+        if len(numbers) > 2:
+            raise ValueError(f"--reflect {text!r}: dynamic takes P or P,BOUND")
+        return cls("dynamic", percentile=numbers[0] if numbers else None, bound=numbers[1] if len(numbers) > 1 else None)
+
+    def resolved(self, model_dir: str | Path | None) -> Reflection:
+        """This reflection with every default filled: the percentile's, and the range or bound from
+        ``model_dir/latent_range.json`` (an error naming the file when it is needed and absent)."""
+        percentile = self.percentile if self.percentile is not None or self.mode == "static" else DEFAULT_PERCENTILE
+        needs_range = (self.lo is None) if self.mode == "static" else (self.bound is None)
+        if not needs_range:
+            return Reflection(self.mode, self.lo, self.hi, percentile, self.bound)
+        measured = read_latent_range(model_dir)
+        if self.mode == "static":
+            return Reflection("static", measured["lo"], measured["hi"])
+        return Reflection("dynamic", percentile=percentile, bound=measured["bound"])
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0`` [B, ...] thresholded (the same dtype; computed in float32 for half inputs, as diffusers does)."""
+        if self.mode == "static":
+            if self.lo is None:
+                raise ValueError("this reflection is not resolved (no range); call resolved(model_dir) first")
+            return x0.clamp(self.lo, self.hi)
+        if self.percentile is None or self.bound is None:
+            raise ValueError("this reflection is not resolved (no percentile or bound); call resolved(model_dir) first")
+        dtype = x0.dtype
+        x = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+        flat = x.reshape(x.shape[0], -1)
+        s = torch.quantile(flat.abs(), self.percentile, dim=1).clamp(min=self.bound).unsqueeze(1)
+        return (flat.clamp(-s, s) / s * self.bound).reshape(x0.shape).to(dtype)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Reflection:
+        """The reflection a ``student.json`` or run config records (a ValueError naming what is wrong)."""
+        if not isinstance(data, dict) or not set(data) <= {"mode", "lo", "hi", "percentile", "bound"}:
+            raise ValueError(f"not a reflection: {data!r} (expected mode and lo, hi or percentile, bound)")
+        return cls(**data).resolved(None)
+
+
+def reflected(reflection: Reflection | None, x0: torch.Tensor) -> torch.Tensor:
+    """``reflection(x0)``, or ``x0`` itself (the same tensor) when there is no reflection."""
+    return x0 if reflection is None else reflection(x0)
+
+
+# -- sampling time ----------------------------------------------------------------------------------------
+
+def install(scheduler, reflection: Reflection | None):
+    """Make a diffusers scheduler threshold its x₀ predictions with ``reflection`` (in place; returned).
+
+    ``DPMSolverMultistepScheduler`` (``dpmsolver++``), ``DDIMScheduler`` and ``LCMScheduler`` call
+    ``self._threshold_sample(x0)`` when ``config.thresholding`` is set; this sets it and makes that
+    method ``reflection``. Schedulers without the hook are refused. A copy keeps the reflection
+    (``copy.deepcopy``); a scheduler rebuilt with ``from_config`` does not (install it again)."""
+    if reflection is None:
+        return scheduler
+    if not hasattr(scheduler, "_threshold_sample") or "thresholding" not in scheduler.config:
+        raise ValueError(f"{type(scheduler).__name__} has no thresholding hook; a reflected student needs "
+                         "DPMSolverMultistepScheduler, DDIMScheduler or LCMScheduler")
+    if scheduler.config.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++", "sde-dpmsolver++"):
+        raise ValueError("a reflected DPM-Solver must be dpmsolver++ (the other forms never threshold x0)")
+    scheduler.register_to_config(thresholding=True)
+    scheduler._threshold_sample = reflection
+    return scheduler
+
+
+def student_reflection(info) -> Reflection | None:
+    """The reflection a student samples with (its ``student.json`` ``details["reflect"]``), or None."""
+    data = (info.details or {}).get("reflect") if info is not None else None
+    return Reflection.from_json(data) if data else None
+
+
+# -- the data's range ------------------------------------------------------------------------------------
+
+def read_latent_range(model_dir: str | Path | None) -> dict:
+    """The measured latent range of a model (``lo``, ``hi``, ``bound``) from ``model_dir/latent_range.json``."""
+    from .checks import read_json_file
+
+    path = Path(model_dir) / RANGE_FILE if model_dir is not None else None
+    if path is None or not path.is_file():
+        raise ValueError(f"--reflect needs the data's latent range, and {path or 'this teacher'} does not exist: give "
+                         f"it (static:LO,HI or dynamic:P,BOUND), or measure it with `python -m tandem.reflect MODEL "
+                         "--write [--data IMAGES]`")
+    data = read_json_file(path, "latent range")
+    if not all(isinstance(data.get(k), int | float) for k in ("lo", "hi", "bound")):
+        raise ValueError(f"{path} lacks numbers lo, hi and bound")
+    return data
+
+
+@torch.no_grad()
+def measure_latent_range(model: str = "world", images: int = 4096, seed: int = 0, batch_size: int = 256,
+                         data: str = "world") -> dict:
+    """The range of a model's scaled VAE latents of its training data (posterior samples times the
+    VAE's ``scaling_factor``, as distillation encodes them): min, max and the bound ``max(|min|, |max|)``,
+    with per-channel extremes and a few quantiles for reference.
+
+    Args:
+        model: ``world`` or a model directory (its ``vae/``).
+        images: how many images, drawn as batches ``0, 1, ...`` of ``data``'s stream with ``seed``.
+        data: ``world`` (the world's renderings) or any ``--data`` source of ``tandem distill``.
+    """
+    from diffusers import AutoencoderKL
+
+    from .distill.data import open_source
+    from .models import resolve_model
+
+    spec = resolve_model(model)
+    vae = AutoencoderKL.from_pretrained(Path(spec.path) / "vae").float().eval()
+    resolution = vae.config.sample_size
+    source = open_source(data, resolution, seed)
+    generator = torch.Generator().manual_seed(seed)
+    latents, seen, index = [], 0, 0
+    while seen < images:
+        pixels = source.batch(index, min(batch_size, images - seen))["pixels"]
+        dist = vae.encode(pixels).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator)
+        latents.append((dist.mean + dist.std * eps) * vae.config.scaling_factor)
+        seen, index = seen + pixels.shape[0], index + 1
+    x = torch.cat(latents)
+    flat = x.flatten()
+    sample = flat[torch.randperm(flat.numel(), generator=generator)[:1_000_000]]  # torch.quantile's size limit
+    lo, hi = float(flat.min()), float(flat.max())
+    return {"what": "range of the scaled VAE latents (posterior samples x scaling_factor) of the training data: "
+                    "the default of --reflect static and of dynamic's bound",
+            "lo": lo, "hi": hi, "bound": max(abs(lo), abs(hi)),
+            "per_channel": {"lo": x.amin(dim=(0, 2, 3)).tolist(), "hi": x.amax(dim=(0, 2, 3)).tolist()},
+            "quantiles": {str(q): float(torch.quantile(sample, q)) for q in (1e-4, 1e-3, 0.5, 0.999, 0.9999)},
+            "std": float(flat.std()), "images": seen, "seed": seed, "data": data,
+            "command": f"python -m tandem.reflect {model} --images {images} --seed {seed} --data {data} --write"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from .models import resolve_model
+    from .outputs import atomic_write_text
+
+    parser = argparse.ArgumentParser(prog="python -m tandem.reflect",
+                                     description="Measure a model's latent range for --reflect (static / dynamic).")
+    parser.add_argument("model", help="'world' or a model directory")
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default="world")
+    parser.add_argument("--write", action="store_true", help=f"write MODEL/{RANGE_FILE}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    result = measure_latent_range(args.model, args.images, args.seed, data=args.data)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.write:
+        path = Path(resolve_model(args.model).path) / RANGE_FILE
+        atomic_write_text(path, text)
+        print(f"wrote {path}")
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
