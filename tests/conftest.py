@@ -42,3 +42,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_world, one_thread):
+    """The tiny world's teacher pipeline (one per test module; a module may define its own ``teacher``)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_world)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

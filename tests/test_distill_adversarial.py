@@ -15,6 +15,7 @@ import torch
 from clitools import tandem_in_process
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+from distilltools import assert_ddp_matches_accumulation
 from safetensors.torch import load_file
 
 from tandem.checks import NonFiniteError
@@ -36,13 +37,6 @@ from tandem.models import resolve_model
 from tandem.students import load_student, read_student_info
 
 LR = 0.05
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_world, one_thread):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_world)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -415,29 +409,9 @@ def test_resume_is_bitwise_identical(tiny_world, one_thread, tmp_path):
 def test_two_processes_equal_one_process_with_accumulation(tiny_world, tmp_path):
     """A 2-process DDP run (gloo, torchrun) computes the updates of 1 process accumulating 2 micro-batches, the
     discriminator's R1 double backward through its DDP wrapper included."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    common = ["distill", "adversarial", "--teacher", str(tiny_world), "--max-steps", "2", "--batch-size", "2",
-              "--lr", "1e-3", "--disc-lr", "1e-3", "--threads", "1", "--seed", "3"]
-    env = {**os.environ, "TANDEM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "tandem.cli", *common, "--out", str(tmp_path / "ddp")],
-                         check=False, env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    acc = subprocess.run([sys.executable, "-m", "tandem.cli", *common, "--grad-accum", "2", "--out",
-                          str(tmp_path / "accum")], check=False, env=env, capture_output=True, text=True)
-    assert acc.returncode == 0, acc.stderr[-3000:]
-    states = [torch.load(tmp_path / run / "checkpoint" / "state.pt", weights_only=True)["models"]
-              for run in ("ddp", "accum")]
-    for name in ("student", "discriminator"):
-        for k, v in states[0][name].items():
-            torch.testing.assert_close(v, states[1][name][k], rtol=1e-4, atol=1e-6)
+    args = ["distill", "adversarial", "--teacher", str(tiny_world), "--max-steps", "2", "--batch-size", "2",
+            "--lr", "1e-3", "--disc-lr", "1e-3", "--threads", "1", "--seed", "3"]
+    assert_ddp_matches_accumulation(args, tmp_path, ("student", "discriminator"))
 
 
 def _cli(capsys, monkeypatch, *args):

@@ -19,8 +19,8 @@ from diffusers import (
     DDPMScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
-    StableDiffusionPipeline,
 )
+from distilltools import encode_text
 from safetensors.torch import load_file
 
 from tandem.denoiser import NoiseSchedule, trailing_timesteps
@@ -46,13 +46,6 @@ CAPTIONS = ["a red circle", "two blue squares at the top", "a small green triang
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_world, one_thread):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_world)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def schedule(teacher) -> NoiseSchedule:
     return NoiseSchedule.from_scheduler(teacher.scheduler.config)
 
@@ -64,13 +57,6 @@ def w_student(teacher):
     unet = make_student_unet(teacher.unet, W_DIM)
     torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.5)
     return unet.eval()
-
-
-def _encode(teacher, captions: list[str]) -> torch.Tensor:
-    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return teacher.text_encoder(ids)[0]
 
 
 def _alphas(teacher) -> torch.Tensor:
@@ -168,7 +154,7 @@ def test_teacher_backward_is_guided_diffusers_ddim(teacher, schedule):
     grid = ddim.timesteps.tolist()
     sampler = DDILSampler(DDILSpec.parse("teacher=1,teacher_steps=8"), schedule)
     noise = _randn(4, 4, 8, 8, seed=2)
-    cond, w = _encode(teacher, CAPTIONS), torch.tensor([1.0, 2.0, 4.0, 6.0])
+    cond, w = encode_text(teacher, CAPTIONS), torch.tensor([1.0, 2.0, 4.0, 6.0])
     method_grid = [999, 624, 600, 124]  # a grid of the method's own: 600 is not on the teacher's
     index = torch.tensor([1, 3, 2, 0])
     from tandem.distill.common import TeacherParts
@@ -177,7 +163,7 @@ def test_teacher_backward_is_guided_diffusers_ddim(teacher, schedule):
     out = sampler.inputs(latents=None, noise=noise, grid=method_grid, index=index, cond={"cond": cond, "w": w},
                          teacher=model, student=None, generator=torch.Generator(), step=0)
 
-    uncond = _encode(teacher, [""])
+    uncond = encode_text(teacher, [""])
     expected = []
     for i in range(4):
         x, target = noise[i:i + 1], method_grid[int(index[i])]
@@ -221,7 +207,7 @@ def test_student_backward_is_the_exported_progressive_students_pipeline(teacher,
     grid = trailing_timesteps(4)
     sampler = DDILSampler(DDILSpec.parse("student=1"), schedule)
     student = Denoiser(partial(method.sampled_x0, w_student), grid)
-    cond = {"cond": _encode(teacher, CAPTIONS[:2]), "w": torch.full((2,), scale)}
+    cond = {"cond": encode_text(teacher, CAPTIONS[:2]), "w": torch.full((2,), scale)}
     for k in (1, 2, 3):
         out = sampler.inputs(latents=None, noise=z, grid=grid, index=torch.full((2,), k), cond=cond, teacher=None,
                              student=student, generator=torch.Generator(), step=0)
@@ -251,7 +237,7 @@ def test_student_backward_is_the_exported_consistency_students_pipeline(teacher,
     lcm_grid = pipe.scheduler.timesteps.tolist()
     sampler = DDILSampler(DDILSpec.parse("student=1"), schedule)
     student = Denoiser(partial(method.sampled_x0, w_student), lcm_grid, stochastic=True)
-    cond = {"cond": _encode(teacher, CAPTIONS[:1]), "w": torch.full((1,), scale)}
+    cond = {"cond": encode_text(teacher, CAPTIONS[:1]), "w": torch.full((1,), scale)}
     grid = method.grid.tolist()
     for k in (1, 2, 3):
         out = sampler.inputs(latents=None, noise=z, grid=grid, index=torch.tensor([grid.index(lcm_grid[k])]),
@@ -514,7 +500,7 @@ def test_a_reflected_student_samples_with_diffusers_thresholding(reflection, ref
     got = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, latents=z.clone(), output_type="latent").images
     ddim = _ddim(teacher, 4, **reference)
     w_emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.full((2,), 2.0), W_DIM)
-    cond, x = _encode(teacher, prompts), z
+    cond, x = encode_text(teacher, prompts), z
     for t in ddim.timesteps:
         with torch.no_grad():
             eps = w_student(x, t, cond, timestep_cond=w_emb).sample
@@ -544,10 +530,10 @@ def test_a_reflected_consistency_student_samples_as_lcm_with_clipping(teacher, w
     expected = reference(prompts, num_inference_steps=4, guidance_scale=3.0, latents=z.clone(), output_type="latent",
                          generator=torch.Generator().manual_seed(1)).images
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    ours = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod, z.clone(), _encode(teacher, prompts),
+    ours = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod, z.clone(), encode_text(teacher, prompts),
                               [torch.Generator().manual_seed(1)], steps=4, guidance_scale=3.0, reflect=reflection)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
-    plain = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod, z.clone(), _encode(teacher, prompts),
+    plain = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod, z.clone(), encode_text(teacher, prompts),
                                [torch.Generator().manual_seed(1)], steps=4, guidance_scale=3.0)
     assert (plain - ours).abs().max() > 1e-3
 
@@ -561,7 +547,7 @@ def test_reflection_reaches_the_teachers_estimates(teacher, w_student):
     ddim = _ddim(teacher, 4, clip_sample=True, clip_sample_range=0.5)
     fine = ddim.timesteps.tolist()
     x, w = _randn(1, 4, 8, 8, seed=10), torch.tensor([3.0])
-    cond = _encode(teacher, CAPTIONS[:1])
+    cond = encode_text(teacher, CAPTIONS[:1])
     w_emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, W_DIM)
     got = method.two_teacher_steps(w_student, x, torch.tensor([fine[0]]), torch.tensor([fine[1]]),
                                    torch.tensor([fine[2]]), cond, w_emb)
@@ -574,7 +560,7 @@ def test_reflection_reaches_the_teachers_estimates(teacher, w_student):
 
     dmd = DMD2Distillation(teacher, DMD2Config(real_guidance=3.0), reflect=reflection)
     x_t, s, eps = _randn(2, 4, 8, 8, seed=11), torch.tensor([300, 700]), _randn(2, 4, 8, 8, seed=12)
-    cond2 = _encode(teacher, CAPTIONS[:2])
+    cond2 = encode_text(teacher, CAPTIONS[:2])
     out = dmd.dmd_gradient(x_t, s, eps, cond2, teacher.unet)
     assert out["x0_real"].abs().max() <= 0.5 and out["x0_fake"].abs().max() <= 0.5
     with torch.no_grad():

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clitools import tandem_in_process
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler
+from distilltools import assert_ddp_matches_accumulation, encode_text
 from safetensors.torch import load_file
 
 from tandem.distill.data import WorldSource
@@ -37,22 +38,8 @@ CAPTIONS = ["a red circle", "two blue squares at the top", "a small green triang
 GUIDANCE = 3.0
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_world, one_thread):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_world)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _method(teacher, **kwargs) -> DMD2Distillation:
     return DMD2Distillation(teacher, DMD2Config(**{"real_guidance": GUIDANCE, **kwargs}))
-
-
-def _encode(teacher, captions: list[str]) -> torch.Tensor:
-    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return teacher.text_encoder(ids)[0]
 
 
 def _alphas(teacher) -> torch.Tensor:
@@ -91,11 +78,11 @@ def test_dmd_gradient_is_the_normalised_x0_difference(teacher):
     b = 4
     x, noise = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
     t = torch.tensor([20, 300, 700, 980])
-    cond = _encode(teacher, CAPTIONS)
+    cond = encode_text(teacher, CAPTIONS)
     got = method.dmd_gradient(x, t, noise, cond, fake)
 
     x_t = DDPMScheduler.from_config(teacher.scheduler.config).add_noise(x, noise, t)
-    uncond = _encode(teacher, [""] * b)
+    uncond = encode_text(teacher, [""] * b)
     with torch.no_grad():
         eps_c, eps_u = teacher.unet(x_t, t, cond).sample, teacher.unet(x_t, t, uncond).sample
         eps_fake = fake(x_t, t, cond).sample
@@ -122,7 +109,7 @@ def test_teacher_ddim_regression_target_is_diffusers_guided_ddim(teacher):
     method = _method(teacher)
     steps, b = 4, 2  # T / steps whole: diffusers DDIM steps T // steps, off the trailing grid otherwise
     noise = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    cond, uncond = _encode(teacher, CAPTIONS[:b]), _encode(teacher, [""] * b)
+    cond, uncond = encode_text(teacher, CAPTIONS[:b]), encode_text(teacher, [""] * b)
     got = method.teacher_ddim(noise, cond, steps)
 
     ddim = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
@@ -141,7 +128,7 @@ def test_teacher_ddim_regression_target_is_diffusers_guided_ddim(teacher):
 
 def test_bottleneck_features_are_the_unets_mid_block_output(teacher):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    t, cond = torch.tensor([0, 600]), _encode(teacher, CAPTIONS[:2])
+    t, cond = torch.tensor([0, 600]), encode_text(teacher, CAPTIONS[:2])
     captured = {}
     handle = teacher.unet.mid_block.register_forward_hook(lambda m, args, out: captured.setdefault("mid", out))
     try:
@@ -166,7 +153,7 @@ def test_critic_losses_are_dsm_and_the_non_saturating_gan_loss(teacher):
     student = _perturbed(teacher.unet, seed=3)
     batch = WorldSource(seed=1).batch(0, 2)
     b = 2
-    cond = _encode(teacher, batch["captions"])
+    cond = encode_text(teacher, batch["captions"])
     got = method.critic_losses(batch, cond, _ctx(7, student=student, critic=method.critic))
 
     g = torch.Generator().manual_seed(7)
@@ -228,7 +215,7 @@ def test_backward_simulation_is_the_exported_students_own_sampler(teacher, tiny_
     final = pipe(CAPTIONS[:b], num_inference_steps=4, guidance_scale=info.guidance_scale, latents=z.clone(),
                  output_type="latent", callback_on_step_end=keep).images
     assert pipe.scheduler.timesteps.tolist() == method.timesteps
-    cond = _encode(teacher, CAPTIONS[:b])
+    cond = encode_text(teacher, CAPTIONS[:b])
     for k in (1, 2, 3):
         torch.testing.assert_close(method.backward_simulation(student, z, cond, k), states[k - 1], rtol=1e-4,
                                    atol=1e-4)
@@ -279,7 +266,7 @@ def test_each_update_is_the_gradient_of_its_own_loss_and_the_teacher_never_moves
     assert all(p.grad is None for p in [*method.student.parameters(), *method.critic.parameters()])
 
     batch = source.batch(0, 2)
-    cond = _encode(teacher, batch["captions"])
+    cond = encode_text(teacher, batch["captions"])
     losses = method.student_losses(batch, cond, _ctx(_trainer_seed("student"), student=student_before, critic=critic_before))
     grads = torch.autograd.grad(losses["loss"], list(student_before.parameters()), retain_graph=True)
     assert {"gan_loss", "regression_loss", "dm_grad_norm"} <= set(losses)
@@ -333,29 +320,9 @@ def _run(tiny_world, out, max_steps, resume=False):
 def test_two_processes_equal_one_process_with_accumulation(tiny_world, tmp_path):
     """A 2-process DDP run (gloo, torchrun) makes the updates of 1 process accumulating 2 micro-batches, for the
     student (backward simulation through the unwrapped student) and the critic alike."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    common = ["distill", "dmd2", "--teacher", str(tiny_world), "--max-steps", "2", "--batch-size", "2",
-              "--critic-updates", "1", "--lr", "1e-3", "--threads", "1", "--seed", "3"]
-    env = {**os.environ, "TANDEM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "tandem.cli", *common, "--out", str(tmp_path / "ddp")],
-                         check=False, env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    acc = subprocess.run([sys.executable, "-m", "tandem.cli", *common, "--grad-accum", "2", "--out",
-                          str(tmp_path / "accum")], check=False, env=env, capture_output=True, text=True)
-    assert acc.returncode == 0, acc.stderr[-3000:]
-    states = [torch.load(tmp_path / run / "checkpoint" / "state.pt", weights_only=True)["models"]
-              for run in ("ddp", "accum")]
-    for name in ("student", "critic"):
-        for k, v in states[0][name].items():
-            torch.testing.assert_close(v, states[1][name][k], rtol=1e-4, atol=1e-6)
+    args = ["distill", "dmd2", "--teacher", str(tiny_world), "--max-steps", "2", "--batch-size", "2",
+            "--critic-updates", "1", "--lr", "1e-3", "--threads", "1", "--seed", "3"]
+    assert_ddp_matches_accumulation(args, tmp_path, ("student", "critic"))
 
 
 def test_resume_is_bitwise_identical(tiny_world, one_thread, tmp_path):
@@ -480,7 +447,7 @@ def test_without_backward_simulation_the_input_is_noised_data(teacher):
     timestep (pure noise at the first step)."""
     method = _method(teacher, steps=4, backward_simulation=False)
     batch = WorldSource(seed=2).batch(0, 2)
-    cond = _encode(teacher, batch["captions"])
+    cond = encode_text(teacher, batch["captions"])
     seen = set()
     for seed in range(12):
         x, t, noise = method.student_input(batch, cond, _ctx(seed, student=method.student))

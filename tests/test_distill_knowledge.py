@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, LatentConsistencyModelPipeline, StableDiffusionPipeline
+from distilltools import encode_text
 from safetensors.torch import load_file
 
 from tandem.distill.data import WorldSource
@@ -26,13 +27,6 @@ from tandem.students import load_student, unet_cost
 GAMMA = 5.0
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_world, one_thread):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_world)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _alpha_sigma(t) -> tuple[np.ndarray, np.ndarray]:
     """(α_t, σ_t) of the world's scaled-linear schedule, float64 NumPy, [B, 1, 1, 1]."""
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
@@ -42,13 +36,6 @@ def _alpha_sigma(t) -> tuple[np.ndarray, np.ndarray]:
 
 def _mse(a, b) -> np.ndarray:
     return ((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).reshape(len(a), -1).mean(1)
-
-
-def _encode(teacher, captions: list[str]) -> torch.Tensor:
-    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return teacher.text_encoder(ids)[0]
 
 
 # -- the student's architecture ---------------------------------------------------------------------------
@@ -215,7 +202,7 @@ def test_guided_target_is_the_teachers_cfg_combination(teacher):
     d = _replay(teacher, batch, 11, 3, w_range=(2.0, 6.0))
     assert torch.equal(seen["noise"], d["noise"]) and torch.equal(seen["t"], d["t"])  # the replay is faithful
 
-    cond, uncond = _encode(teacher, batch["captions"]), _encode(teacher, [""] * 3)
+    cond, uncond = encode_text(teacher, batch["captions"]), encode_text(teacher, [""] * 3)
     with torch.no_grad():
         eps_c = teacher.unet(d["x_t"], d["t"], cond).sample
         eps_u = teacher.unet(d["x_t"], d["t"], uncond).sample
@@ -237,7 +224,7 @@ def test_classifier_free_mode_drops_captions_for_student_and_teacher(teacher):
     batch = WorldSource(1).batch(1, 2)
     _, seen, calls = _run_step(method, batch, seed=5)
     d = _replay(teacher, batch, 5, 2, cond_dropout=1.0)
-    uncond = _encode(teacher, ["", ""])
+    uncond = encode_text(teacher, ["", ""])
     with torch.no_grad():
         eps_u = teacher.unet(d["x_t"], d["t"], uncond).sample
     torch.testing.assert_close(seen["eps_teacher"], eps_u, rtol=1e-4, atol=1e-5)

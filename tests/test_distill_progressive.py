@@ -15,6 +15,7 @@ from diffusers import (
     LatentConsistencyModelPipeline,
     StableDiffusionPipeline,
 )
+from distilltools import encode_text
 from safetensors.torch import load_file
 
 from tandem.distill.consistency import make_student_unet
@@ -30,13 +31,6 @@ from tandem.students import load_student, read_student_info
 
 W_DIM = 16
 CAPTIONS = ["a red circle", "two blue squares at the top", "a small green triangle", "a yellow star"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_world, one_thread):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_world)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +53,6 @@ def _ddim(teacher, steps: int) -> DDIMScheduler:
                                      clip_sample=False)
     ddim.set_timesteps(steps)
     return ddim
-
-
-def _encode(teacher, captions: list[str]) -> torch.Tensor:
-    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return teacher.text_encoder(ids)[0]
 
 
 def _w_embedding(w: torch.Tensor) -> torch.Tensor:
@@ -97,7 +84,7 @@ def test_round_target_is_two_diffusers_ddim_steps_of_the_teacher(teacher, method
     g = torch.Generator().manual_seed(student_steps)
     x = torch.randn(b, 4, 8, 8, generator=g)
     w = torch.linspace(1.0, 8.0, b)
-    cond = _encode(teacher, CAPTIONS[:b])
+    cond = encode_text(teacher, CAPTIONS[:b])
     ours = method.two_teacher_steps(w_student, x, t, t_mid, t_next, cond, guidance_embedding(w - 1.0, W_DIM))
 
     expected = []
@@ -150,7 +137,7 @@ def test_exported_student_samples_ddim_through_the_diffusers_pipeline(tiny_world
     got = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, latents=latents.clone(),
                output_type="latent").images
 
-    cond, w_emb = _encode(teacher, prompts), _w_embedding(torch.full((2,), scale))
+    cond, w_emb = encode_text(teacher, prompts), _w_embedding(torch.full((2,), scale))
     x = latents
     for t in ddim.timesteps:
         with torch.no_grad():
@@ -238,7 +225,7 @@ def test_student_starts_as_a_v_prediction_teacher(tiny_world):
     method = ProgressiveDistillation(pipe, ProgressiveConfig(start_steps=4, guidance_steps=2, round_steps=2,
                                                              w_embedding_dim=W_DIM))
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t, cond = torch.tensor([200, 800]), _encode(pipe, CAPTIONS[:2])
+    t, cond = torch.tensor([200, 800]), encode_text(pipe, CAPTIONS[:2])
     got = method.student_x0(method.student, x, t, cond, guidance_embedding(torch.tensor([0.0, 2.0]), W_DIM))
     with torch.no_grad():
         v = pipe.unet(x, t, cond).sample
