@@ -2,6 +2,9 @@
 are"): results.json of `tandem world evaluate` in, students.json and a Markdown table out.
 
     python docs/results/students/collect.py runs/eval docs/results/students
+    python docs/results/students/collect.py docs/results/students/evaluations docs/results/students
+
+(a run is ``EVAL_DIR/NAME/results.json`` as `tandem world evaluate` wrote it, or its copy ``EVAL_DIR/NAME.json``)
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ ROWS = [
     ("dsm-half (from scratch, Eq. 3)", "knowledge, alpha 1", "dsm-half-test", "steps10_g{g}", 10),
     ("kd-quarter", "knowledge", "kd-quarter-test", "steps25_g{g}", 25),
     ("kd-quarter", "knowledge", "kd-quarter-test", "steps10_g{g}", 10),
+    ("dmd2", "dmd2", "dmd2-test", "steps4_g1.0", 4),
+    ("dmd2", "dmd2", "dmd2-test", "steps2_g1.0", 2),
+    ("dmd2", "dmd2", "dmd2-test", "steps1_g1.0", 1),
+    ("add", "adversarial", "add-test", "steps4_g1.0", 4),
+    ("add", "adversarial", "add-test", "steps2_g1.0", 2),
+    ("add", "adversarial", "add-test", "steps1_g1.0", 1),
 ]
 CD_RESULTS = Path("src/tandem/assets/world/student/eval_test.json")  # the shipped consistency student's
 
@@ -36,6 +45,8 @@ def main(eval_dir: Path, out_dir: Path) -> None:
     rows = []
     for label, method, folder, key, steps in ROWS:
         path = CD_RESULTS if folder is None else eval_dir / folder / "results.json"
+        if folder is not None and not path.exists():
+            path = eval_dir / f"{folder}.json"
         if not path.exists():
             print(f"skip {label} {steps}: no {path}", file=sys.stderr)
             continue
@@ -82,7 +93,8 @@ def main(eval_dir: Path, out_dir: Path) -> None:
         family = r["student"].split(",")[0].split(" ")[0].removesuffix("-1").removesuffix("-2")
         family = {"teacher": "teacher (DPM-Solver++)", "cd": "cd (consistency)", "pd": "pd (progressive)",
                   "kd-half": "kd-half (knowledge)", "dsm-half": "dsm-half (same UNet, no teacher)",
-                  "kd-quarter": "kd-quarter (knowledge)"}.get(family, family)
+                  "kd-quarter": "kd-quarter (knowledge)", "dmd2": "dmd2 (distribution matching)",
+                  "add": "add (adversarial)"}.get(family, family)
         series.setdefault(family, []).append((r["flops_per_image"], r["accuracy"], str(r["steps"])))
     plot_quality_vs_flops(series, out_dir / "quality_vs_flops.png",
                           title="ShapesWorld students: test captions satisfied vs. compute")

@@ -52,3 +52,24 @@ tandem world add-student --student runs/kd-half/student --name kd-half --steps 2
 tandem world add-student --student runs/dsm-half/student --name dsm-half --steps 25 --guidance-scale 5 --evaluation runs/eval/dsm-half-test/results.json --evaluation runs/eval/dsm-half-val/results.json
 tandem world add-student --student runs/kd-quarter/student --name kd-quarter --steps 25 --guidance-scale 4 --evaluation runs/eval/kd-quarter-test/results.json --evaluation runs/eval/kd-quarter-val/results.json
 python docs/results/students/collect.py runs/eval docs/results/students
+
+# -- session 3: DMD2 and ADD (issue 15), a wider KD student (in progress) --------------------------------
+tandem distill dmd2 --out runs/dmd2 --batch-size 32 --max-steps 1000 --threads 1 --checkpoint-every 250
+$E --student runs/dmd2/student --student-steps 1 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/dmd2-1000-val
+tandem distill dmd2 --out runs/dmd2 --batch-size 32 --max-steps 3000 --threads 1 --checkpoint-every 250 --resume
+$E --student runs/dmd2/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/dmd2-3000-val
+tandem distill adversarial --out runs/add --batch-size 32 --max-steps 750 --lr 5e-5 --threads 1 --checkpoint-every 250
+cp -r runs/add/student runs/snap/add-750
+$E --student runs/snap/add-750 --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-750-val
+tandem distill adversarial --out runs/add --batch-size 32 --max-steps 1500 --lr 5e-5 --threads 1 --checkpoint-every 250 --resume
+$E --student runs/add/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-1500-val
+# the test prompts, for the checkpoints chosen on validation (dmd2: 3000; add: 750)
+$E --student runs/dmd2/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --out runs/eval/dmd2-test
+$E --student runs/snap/add-750 --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --out runs/eval/add-test
+tandem world add-student --student runs/dmd2/student --name dmd2 --steps 4 --guidance-scale 1 --evaluation runs/eval/dmd2-test/results.json --evaluation runs/eval/dmd2-3000-val/results.json
+tandem world add-student --student runs/snap/add-750 --name add --steps 4 --guidance-scale 1 --evaluation runs/eval/add-test/results.json --evaluation runs/eval/add-750-val/results.json
+python docs/results/students/collect.py docs/results/students/evaluations docs/results/students
+
+# knowledge distillation at 48% of the teacher's FLOPs per call (stopped at 2500 steps; resume with the same
+# command plus --resume). Mid-run validation (kd-44-2250-val.json) from its checkpoint's EMA weights.
+tandem distill knowledge --out runs/kd-44 --arch custom --channels 44,88,88 --batch-size 64 --max-steps 12000 --threads 1 --checkpoint-every 250
