@@ -150,3 +150,25 @@ def test_adaptive_bad_input_is_one_line_and_exit_2(case, workdir, capsys, monkey
         "bad sigma": (["--mode", "refine-all", "--rollback-sigma", 1.5], ["rollback sigma"]),
     }[case]
     assert_user_error(run(capsys, monkeypatch, "generate", *args, *prompts), *needles)
+
+
+def test_budget_exact_needs_no_calibration_and_keeps_the_budget(workdir, capsys, monkeypatch):
+    # pd-2 ships no calibration: --budget alone needs one, --budget-exact does not
+    args = ("generate", "--mode", "adaptive", "--student", "pd-2", "--prompts", workdir / "prompts.txt")
+    assert_user_error(run(capsys, monkeypatch, *args, "--budget", 8, "--out", workdir / "b-plain"), "calibration")
+    assert_user_error(run(capsys, monkeypatch, *args, "--budget-exact", "--out", workdir / "b-none"),
+                      "--budget-exact goes with --budget alone")
+    assert_user_error(run(capsys, monkeypatch, *args, "--budget-exact", "--budget", 8, "--percentile", 50,
+                          "--out", workdir / "b-two"), "--budget-exact")
+    out = workdir / "b-exact"
+    ok(run(capsys, monkeypatch, *args, "--budget", 8, "--budget-exact", "--teacher-steps", 10, "--out", out))
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    costs = [r["unet_evals"]["total"] for r in records]
+    # 2 student calls (w-embedding) each; the budget's remaining 8 * (8 - 2) calls pay for as many refinements
+    # (guided DPM steps from the rollback) as fit
+    improved = [r for r in records if r["path"] != "accepted"]
+    assert np.mean(costs) <= 8 and 0 < len(improved) == int(8 * (8 - 2) // np.max(np.array(costs) - 2))
+    worst = sorted(records, key=lambda r: r["student_score"])[:len(improved)]
+    assert {r["index"] for r in improved} == {r["index"] for r in worst}
+    config = json.loads((out / "config.json").read_text())
+    assert "budget-exact" in json.dumps(config)

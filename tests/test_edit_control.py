@@ -87,6 +87,20 @@ def test_adaptive_edit_takes_the_teacher_exactly_below_tau(pipe):
         assert rec["unet_evals"]["total"] == 4 + (12 if below else 0)
 
 
+def test_budget_exact_editing_takes_the_lowest_scoring_edits_to_the_teacher(pipe):
+    student = pipe.edit(IMAGES, CAPTIONS, mode="student", seed=1, score=True)
+    teacher = pipe.edit(IMAGES, CAPTIONS, mode="teacher", seed=1)
+    scores = np.array([r["student_score"] for r in student.records])
+    # student 4 calls, teacher 12: a budget of 9 pays for floor(3 * 5 / 12) = 1 teacher edit of 3
+    out = pipe.edit(IMAGES, CAPTIONS, mode="adaptive", budget=9.0, routing="budget-exact", seed=1)
+    worst = int(np.argmin(scores))
+    for i, rec in enumerate(out.records):
+        assert rec["path"] == ("regenerated" if i == worst else "accepted")
+        assert np.array_equal(out.images[i], teacher.images[i] if i == worst else student.images[i])
+    assert out.summary["unet_evals_mean"] == pytest.approx(4 + 12 / 3) and out.summary["settings"]["routing"] == (
+        "budget-exact")
+
+
 def test_edit_calibration_is_tied_to_its_strength(pipe):
     cal = pipe.calibrate_edits(IMAGES, CAPTIONS, strength=0.6, seed=2)
     out = pipe.edit(IMAGES, CAPTIONS, strength=0.6, percentile=50, calibration=cal, seed=2)

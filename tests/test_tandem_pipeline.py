@@ -234,6 +234,46 @@ def test_percentile_and_budget_come_from_a_matching_calibration(pipe):
         pipe(PROMPTS, percentile=50)
 
 
+@pytest.mark.parametrize("strategy, budget", [("regenerate", 5.0), ("refine", 4.0)])
+def test_budget_exact_routing_sends_the_lowest_scores_the_budget_pays_for(pipe, strategy, budget):
+    # one image per call, so that no batch's float rounding differs between the runs compared
+    student = pipe(PROMPTS, mode="student", seed=1, score=True, batch_size=1)
+    scores = np.array([r["student_score"] for r in student.records])
+    improved = pipe(PROMPTS, mode="teacher" if strategy == "regenerate" else "refine-all", seed=1, batch_size=1)
+    out = pipe(PROMPTS, budget=budget, routing="budget-exact", strategy=strategy, seed=1, batch_size=1)
+    # student 2 calls, improvement 8 (4 guided teacher steps; refinement runs 4 steps from the rollback):
+    # 6 images * budget pays for floor(6 * (budget - 2) / 8) improvements
+    m = int(6 * (budget - 2) // 8)
+    lowest = set(np.argsort(scores, kind="stable")[:m].tolist())
+    assert 0 < m < len(PROMPTS) and len(lowest) == m
+    for i, rec in enumerate(out.records):
+        assert rec["path"] == (("regenerated" if strategy == "regenerate" else "refined") if i in lowest else "accepted")
+        expected = improved.images[i] if i in lowest else student.images[i]
+        assert np.array_equal(out.images[i], expected)
+        assert rec["tau"] is None and rec["student_score"] == pytest.approx(scores[i])
+    assert out.summary["unet_evals_mean"] <= budget
+    assert out.summary["unet_evals_mean"] == pytest.approx(2 + 8 * m / 6)
+    assert out.summary["settings"]["routing"] == "budget-exact" and out.summary["settings"]["percentile"] is None
+    everything = pipe(PROMPTS, budget=100.0, routing="budget-exact", seed=1)
+    assert everything.summary["share_improved"] == 1.0
+    assert pipe(PROMPTS, budget=2.0, routing="budget-exact", seed=1).summary["share_improved"] == 0.0
+
+
+def test_budget_exact_routing_refuses_what_it_cannot_do(pipe):
+    with pytest.raises(ValueError, match="takes budget"):
+        pipe(PROMPTS, routing="budget-exact")
+    with pytest.raises(ValueError, match="neither accept_threshold nor percentile"):
+        pipe(PROMPTS, routing="budget-exact", budget=4.0, percentile=50)
+    with pytest.raises(ValueError, match="below the student's own cost"):
+        pipe(PROMPTS, routing="budget-exact", budget=1.0)
+    with pytest.raises(ValueError, match="applies to mode='adaptive'"):
+        pipe(PROMPTS, mode="student", routing="budget-exact")
+    with pytest.raises(ValueError, match="unknown routing"):
+        pipe(PROMPTS, routing="cheapest")
+    with pytest.raises(ValueError, match="routing do not apply to mode='mixed'"):
+        pipe(PROMPTS, mode="mixed", teacher_prob=0.5, routing="threshold")
+
+
 def test_budget_formula_matches_the_paper():
     assert percentile_k_for_budget(15, 5, 20) == pytest.approx(50)  # 5 + 0.5 * 20 = 15
     assert percentile_k_for_budget(100, 5, 20) == 100

@@ -64,6 +64,9 @@ from .students import check_student_guidance, student_info_of
 
 MODES = ("adaptive", "student", "teacher", "refine-all", "mixed")
 STRATEGIES = ("refine", "regenerate")
+# how an adaptive call picks the images to improve: every image scoring below tau (from accept_threshold,
+# percentile or budget), or exactly the lowest-scoring images that ``budget`` pays for ("budget-exact")
+ROUTINGS = ("threshold", "budget-exact")
 CONVENTIONS = ("paper", "strength")
 HANDOFFS = ("latent", "pixel")
 OUTPUT_TYPES = ("np", "pil", "latent")
@@ -188,6 +191,24 @@ def _guidance(value, name: str) -> float:
 
 def _strength(value) -> float:
     return finite_number(value, "strength", low=0, low_open=True, high=1)
+
+
+def budget_exact_count(n: int, budget, student_cost: float, improve_cost: float, accept_threshold=None,
+                       percentile=None) -> int:
+    """How many of ``n`` images a budget of ``budget`` UNet evaluations per image pays the teacher for,
+    when each costs ``student_cost`` and an improved one ``improve_cost`` more: the largest m with
+    ``n * student_cost + m * improve_cost <= n * budget`` (so the batch's mean cost never exceeds it)."""
+    if budget is None or accept_threshold is not None or percentile is not None:
+        raise ValueError("routing='budget-exact' (--budget-exact) takes budget (--budget) and neither "
+                         "accept_threshold nor percentile")
+    percentile_k_for_budget(budget, student_cost, improve_cost)  # the budget's own checks, named
+    return min(n, int(np.floor(n * (budget - student_cost) / improve_cost + 1e-9)))
+
+
+def lowest_scores(scores: np.ndarray, m: int) -> list[int]:
+    """The indices of the ``m`` lowest ``scores`` (the earlier image first among equal scores), in index order."""
+    order = np.lexsort((np.arange(len(scores)), scores))
+    return sorted(int(i) for i in order[:m])
 
 
 def edit_timesteps(scheduler, steps: int, strength: float) -> list[int]:
@@ -632,6 +653,7 @@ class TandemPipeline:
         accept_threshold: float | None = None,
         percentile: float | None = None,
         budget: float | None = None,
+        routing: str | None = None,
         seed: int = 0,
         generator: Sequence[torch.Generator] | None = None,
         batch_size: int = 16,
@@ -660,6 +682,9 @@ class TandemPipeline:
             accept_threshold / percentile / budget: exactly one, in adaptive mode: tau itself; the
                 percentile k of the calibration (tau = k-th percentile); or a target average of UNet
                 evaluations per image, from which k is chosen (paper appendix C).
+            routing: "threshold" (the default: every image scoring below tau goes to the teacher) or
+                "budget-exact" (with ``budget`` alone: exactly the lowest-scoring images that the budget pays
+                for, so that this call's mean cost never exceeds it; no calibration needed).
             seed: image i uses a generator seeded from ``(seed, i)``; or pass ``generator``, one per prompt.
             output_type: "np" (uint8 [H, W, 3]), "pil", or "latent".
             score: also score the student images outside adaptive mode (calibration does).
@@ -686,7 +711,8 @@ class TandemPipeline:
                                   rollback_sigma=rollback_sigma, rollback_convention=rollback_convention, score=score,
                                   control_image=control_image,
                                   controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                  accept_threshold=accept_threshold, percentile=percentile, budget=budget)
+                                  accept_threshold=accept_threshold, percentile=percentile, budget=budget,
+                                  routing=routing)
             from .mixed import generate_mixed
 
             return generate_mixed(self, prompts, teacher_prob=teacher_prob, teacher_at=teacher_at,
@@ -737,8 +763,11 @@ class TandemPipeline:
         teacher_step_cost = unet_evals_per_step(self._teacher_any, t_guidance)
         improve_cost = (refine.steps if refine is not None else t_steps) * teacher_step_cost
 
-        tau, k, note = None, None, None
-        if mode == "adaptive":
+        routing = self._routing(routing, mode)
+        tau, k, note, exact = None, None, None, None
+        if mode == "adaptive" and routing == "budget-exact":
+            exact = budget_exact_count(len(prompts), budget, student_cost, improve_cost, accept_threshold, percentile)
+        elif mode == "adaptive":
             tau, k, note = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
                                            improve_cost)
         elif any(v is not None for v in (accept_threshold, percentile, budget)):
@@ -794,7 +823,7 @@ class TandemPipeline:
             elif mode == "refine-all":
                 todo, path = list(range(n)), "refined"
             elif mode == "adaptive":
-                todo = [i for i in range(n) if scores[i] < tau]
+                todo = lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
                 path = "refined" if strategy == "refine" else "regenerated"
             else:
                 todo, path = [], None
@@ -857,7 +886,7 @@ class TandemPipeline:
             "mode": mode, "num_inference_steps": steps, "guidance_scale": guidance, "teacher_steps": t_steps,
             "teacher_guidance_scale": t_guidance, "teacher_scheduler": t_sched, "strategy": strategy,
             "rollback_sigma": sigma, "rollback_convention": convention, "handoff": handoff,
-            "accept_threshold": tau, "percentile": k, "budget": budget,
+            "accept_threshold": tau, "percentile": k, "budget": budget, "routing": routing,
         }
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale
@@ -907,6 +936,7 @@ class TandemPipeline:
         accept_threshold: float | None = None,
         percentile: float | None = None,
         budget: float | None = None,
+        routing: str | None = None,
         calibration: Calibration | None = None,
         seed: int = 0,
         generator: Sequence[torch.Generator] | None = None,
@@ -935,6 +965,7 @@ class TandemPipeline:
             teacher_steps: teacher steps actually run from t (not the length of a longer schedule).
             accept_threshold / percentile / budget: as for generation; percentile and budget need an
                 *edit* calibration (``calibrate_edits``) for the same strength, passed as ``calibration``.
+            routing: as for generation ("budget-exact" needs no calibration).
             Other arguments as for ``__call__``. With an ``edit_student``, it is the student here.
         """
         editor = self.editor()
@@ -943,7 +974,8 @@ class TandemPipeline:
                                guidance_scale=guidance_scale, teacher_steps=teacher_steps,
                                teacher_guidance_scale=teacher_guidance_scale, teacher_scheduler=teacher_scheduler,
                                accept_threshold=accept_threshold, percentile=percentile, budget=budget,
-                               calibration=calibration, seed=seed, generator=generator, batch_size=batch_size,
+                               routing=routing, calibration=calibration, seed=seed, generator=generator,
+                               batch_size=batch_size,
                                output_type=output_type, score=score, callback=callback)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -976,9 +1008,12 @@ class TandemPipeline:
         teacher_ts = teacher_edit_timesteps(base, student_ts[0], t_steps)
         student_cost = len(student_ts) * unet_evals_per_step(self.student, guidance)
         improve_cost = len(teacher_ts) * unet_evals_per_step(self.teacher, t_guidance)
-        tau, k, note = None, None, None
+        routing = self._routing(routing, mode)
+        tau, k, note, exact = None, None, None, None
         task = {"edit_strength": strength}
-        if mode == "adaptive":
+        if mode == "adaptive" and routing == "budget-exact":
+            exact = budget_exact_count(n, budget, student_cost, improve_cost, accept_threshold, percentile)
+        elif mode == "adaptive":
             tau, k, note = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
                                            improve_cost, calibration=calibration, task=task)
         elif any(v is not None for v in (accept_threshold, percentile, budget)):
@@ -1046,7 +1081,7 @@ class TandemPipeline:
             if mode == "teacher":
                 todo = list(range(n))
             elif mode == "adaptive":
-                todo = [i for i in range(n) if scores[i] < tau]
+                todo = lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
             else:
                 todo = []
             for done, start in enumerate(range(0, len(todo), batch_size)):
@@ -1087,7 +1122,7 @@ class TandemPipeline:
             "guidance_scale": guidance, "student_timesteps": [int(t) for t in student_ts],
             "teacher_steps": t_steps, "teacher_timesteps": [int(t) for t in teacher_ts],
             "teacher_guidance_scale": t_guidance, "teacher_scheduler": t_sched, "strategy": "regenerate",
-            "accept_threshold": tau, "percentile": k, "budget": budget,
+            "accept_threshold": tau, "percentile": k, "budget": budget, "routing": routing,
         }
         summary = self._summary(records, settings, timings, total, student_cost, improve_cost, None, note)
         return TandemOutput(_final(images, latents, output_type), records, summary,
@@ -1124,6 +1159,16 @@ class TandemPipeline:
         return count(self._setting("edit_num_inference_steps", num_inference_steps, fallback), "num_inference_steps")
 
     # -- pieces --------------------------------------------------------------------------------
+
+    def _routing(self, routing: str | None, mode: str) -> str:
+        """The call's routing (:data:`ROUTINGS`), checked: a routing other than the default is adaptive only."""
+        given = routing is not None
+        routing = self._setting("routing", routing, "threshold")
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; expected one of {', '.join(ROUTINGS)}")
+        if given and routing != "threshold" and mode != "adaptive":
+            raise ValueError(f"routing={routing!r} (--budget-exact) applies to mode='adaptive', not {mode!r}")
+        return routing
 
     def _threshold(self, accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost,
                    calibration: Calibration | None = None, task: dict | None = None):

@@ -9,6 +9,7 @@ scores (kind, source, weight digests or hub revision, constants); calibrations c
     load_scorer("clip:openai/clip-vit-large-patch14")   # 100 * max(cos, 0), torchmetrics' CLIP score
     load_scorer("pickscore")                           # PickScore_v1: logit_scale * cos
     load_scorer("imagereward")                         # ImageReward-v1.0 (pip install image-reward)
+    load_scorer("blip")                                # BLIP's image-text matching: P(match), in [0, 1]
     load_scorer("world-oracle")                        # ShapesWorld's learned oracle (tandem.world.oracle)
 """
 
@@ -28,11 +29,12 @@ from PIL import Image
 
 from .checks import quote
 
-KINDS = ("world-oracle", "clip", "pickscore", "imagereward")
+KINDS = ("world-oracle", "clip", "pickscore", "imagereward", "blip")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, transformers' defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 PROCESSOR_SUFFIXES = (".json", ".txt")  # tokenizer vocabulary/merges and the preprocessor config
+RESAMPLING = {2: "bilinear", 3: "bicubic"}  # PIL's codes in processor configs -> F.interpolate's modes
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -187,7 +189,7 @@ class CLIPScorer:
         try:
             model = CLIPModel.from_pretrained(name_or_path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(processor)
-            config = _preprocessor_config(processor)
+            config = _image_processor_config(processor)
         except OSError as e:
             raise _load_failure(cls.kind, name_or_path, e) from e
         if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
@@ -276,6 +278,152 @@ def _preprocessor_config(source: str) -> dict:
         return json.loads(Path(hf_hub_download(source, "preprocessor_config.json")).read_text())
     except RemoteEntryNotFoundError:
         return {}
+
+
+# -- BLIP image-text matching ------------------------------------------------------------------------
+
+
+def blip_preprocess(x: torch.Tensor, size: tuple[int, int], mean, std, resample: str = "bicubic") -> torch.Tensor:
+    """BLIP's image transform on [B, 3, H, W] in [0, 1]: resize to ``size`` (height, width) without
+    keeping the aspect ratio or cropping (antialiased ``resample``), normalise with ``mean``/``std``.
+    Like ``clip_preprocess`` it differs from transformers' PIL path only in resampling details and in
+    skipping its 8-bit rounding; images already of ``size`` pass unresized."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode=resample, antialias=True, align_corners=False).clamp(0, 1)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _image_processor_config(source: str) -> dict:
+    """The image processor's settings: ``preprocessor_config.json``, else the ``image_processor`` entry
+    of ``processor_config.json`` (what ``BlipProcessor.save_pretrained`` writes); {} when neither exists."""
+    config = _preprocessor_config(source)
+    if config:
+        return config
+    path = Path(source)
+    if path.exists():
+        file = path / "processor_config.json"
+        return json.loads(file.read_text()).get("image_processor", {}) if file.is_file() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "processor_config.json")).read_text()).get("image_processor", {})
+    except RemoteEntryNotFoundError:
+        return {}
+
+
+class BLIPScorer:
+    """BLIP (Li et al. 2022) image-text matching, the backbone ImageReward builds on: the probability that
+    image and prompt match, ``softmax(itm_score)[:, 1]`` in [0, 1], of a transformers
+    ``BlipForImageTextRetrieval`` run with its ITM head (``use_itm_head=True``: the text encoder
+    cross-attends to the image and a linear head classifies [no match, match]). Prompts are tokenized as
+    transformers' ``BlipProcessor`` does (the [CLS] token first, no token type ids)."""
+
+    kind = "blip"
+    DEFAULT = "Salesforce/blip-itm-base-coco"
+
+    def __init__(self, model, tokenizer, source: str, processor: str | None = None,
+                 image_size: tuple[int, int] | None = None, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+                 resample: str = "bicubic", device: str | torch.device = "cpu", batch_size: int = 32):
+        self.model, self.tokenizer = model.to(device).eval(), tokenizer
+        self.source, self.processor = str(source), str(processor or source)
+        size = model.config.vision_config.image_size
+        self.image_size = tuple(image_size) if image_size is not None else (size, size)
+        self.image_mean, self.image_std, self.resample = tuple(image_mean), tuple(image_std), resample
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.max_tokens = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+        self.name = f"{self.kind}:{self.source}"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, *, processor: str | None = None,
+                        batch_size: int = 32) -> BLIPScorer:
+        """Load a ``BlipForImageTextRetrieval`` from a hub id or local directory.
+
+        Args:
+            name_or_path: the model (hub id or directory) [``Salesforce/blip-itm-base-coco``].
+            processor: where the tokenizer and the image processor config (``preprocessor_config.json``
+                or ``processor_config.json``) live [``name_or_path``]; image size, mean/std and resampling
+                come from that config when it exists, else the model's image size and CLIP's statistics
+                (BLIP's, as in transformers' ``BlipImageProcessor``).
+        """
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval, PretrainedConfig
+
+        from .models import quiet_hub_libraries
+
+        processor = processor or name_or_path
+        _check_source(cls.kind, name_or_path)
+        _check_source(cls.kind, processor)
+        quiet_hub_libraries()
+        try:
+            model_config = PretrainedConfig.get_config_dict(name_or_path)[0]
+            if not model_config:  # transformers 5 reads a directory without config.json as {}
+                raise FileNotFoundError("no config.json")
+            model_type = model_config.get("model_type")
+            if model_type != "blip":
+                raise ValueError(f"{cls.kind} scorer: {name_or_path!r} holds a {model_type} model, not a BLIP "
+                                 "image-text matching model (BlipForImageTextRetrieval)")
+            model, info = BlipForImageTextRetrieval.from_pretrained(name_or_path, dtype=dtype,
+                                                                    output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(processor)
+            config = _image_processor_config(processor)
+        except OSError as e:
+            raise _load_failure(cls.kind, name_or_path, e) from e
+        missing = sorted({key.split(".")[0] for key in info["missing_keys"]})
+        if missing:  # another BLIP (captioning, VQA, contrastive only): transformers would draw these at random
+            raise ValueError(f"{cls.kind} scorer: {name_or_path!r} is not a BLIP image-text matching model: it has no "
+                             f"weights for {', '.join(missing)} (use an ITM checkpoint such as {cls.DEFAULT})")
+        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+            raise ValueError(f"{cls.kind} scorer: {processor!r} holds no tokenizer vocabulary; pass the directory "
+                             "that has the model's tokenizer files (processor=...)")
+        model_size = model.config.vision_config.image_size
+        size = config.get("size", {"height": model_size, "width": model_size})
+        size = (size, size) if isinstance(size, int) else (size.get("height"), size.get("width"))
+        if size != (model_size, model_size):
+            raise ValueError(f"{cls.kind} scorer: {processor!r} resizes images to "
+                             f"{'x'.join(map(str, size)) if None not in size else config['size']} but the model "
+                             f"{name_or_path!r} expects {model_size}x{model_size}")
+        unsupported = [k for k in ("do_resize", "do_rescale", "do_normalize") if config.get(k, True) is False]
+        if abs(config.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
+            unsupported.append(f"rescale_factor {config['rescale_factor']}")
+        resample = RESAMPLING.get(config.get("resample", 3))
+        if resample is None:
+            unsupported.append(f"resample {config['resample']}")
+        if unsupported:
+            raise ValueError(f"{cls.kind} scorer: {processor!r} sets {', '.join(unsupported)}; this scorer "
+                             "resizes (bilinear or bicubic), rescales by 1/255 and normalises")
+        return cls(model, tokenizer, name_or_path, processor, size, config.get("image_mean", OPENAI_CLIP_MEAN),
+                   config.get("image_std", OPENAI_CLIP_STD), resample, device=device, batch_size=batch_size)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> the model's normalised pixels [B, 3, S, S] (``blip_preprocess``)."""
+        return blip_preprocess(x, self.image_size, self.image_mean, self.image_std, self.resample)
+
+    def match_logits(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The ITM head's logits [B, 2] (no match, match) for images [B, 3, H, W] in [0, 1]."""
+        pixels = self.preprocess(x.to(self.device)).to(self.model.dtype)
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
+                              return_token_type_ids=False, return_tensors="pt").to(self.device)
+        return self.model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=pixels,
+                          use_itm_head=True).itm_score.float()
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> torch.Tensor:
+        """P(match) [B] (float32, CPU) of images [B, 3, H, W] in [0, 1] (or PIL / uint8 lists) and their prompts."""
+        x = to_image_tensor(images)
+        prompts = _check_prompts(prompts, len(x))
+        chunks = range(0, len(x), self.batch_size)
+        return torch.cat([self.match_logits(x[s:s + self.batch_size], prompts[s:s + self.batch_size])
+                          .softmax(-1)[:, 1].cpu() for s in chunks])
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, **source_fingerprint(self.source),
+                "processor": source_fingerprint(self.processor, PROCESSOR_SUFFIXES, key="files"),
+                "image_size": list(self.image_size), "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std), "resample": self.resample, "score": "softmax(itm)[1]",
+                "dtype": str(self.model.dtype).removeprefix("torch.")}
 
 
 # -- ImageReward -------------------------------------------------------------------------------------
@@ -390,7 +538,8 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Scorer:
 
     Args:
         spec: ``world-oracle[:DIR]``, ``clip:ID_OR_DIR``, ``pickscore[:ID_OR_DIR]`` (default
-            ``yuvalkirstain/PickScore_v1``) or ``imagereward[:NAME_OR_PATH]`` (default ``ImageReward-v1.0``).
+            ``yuvalkirstain/PickScore_v1``), ``imagereward[:NAME_OR_PATH]`` (default ``ImageReward-v1.0``) or
+            ``blip[:ID_OR_DIR]`` (default ``Salesforce/blip-itm-base-coco``).
         device: where the model runs.
     """
     kind, _, source = spec.partition(":")
@@ -404,5 +553,7 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Scorer:
         return PickScoreScorer.from_pretrained(source or PickScoreScorer.DEFAULT, device=device)
     if kind == "imagereward":
         return ImageRewardScorer.from_pretrained(source or ImageRewardScorer.DEFAULT, device=device)
+    if kind == "blip":
+        return BLIPScorer.from_pretrained(source or BLIPScorer.DEFAULT, device=device)
     raise ValueError(f"unknown scorer kind {quote(kind)} in {quote(spec)}; expected one of {', '.join(KINDS)} "
                      "(as kind:source)")

@@ -36,7 +36,8 @@ class UserError(Exception):
 
 STUDENT_HELP = ("The student: a `tandem distill` student directory, a diffusers pipeline or UNet directory (e.g. "
                 "LCM-Dreamshaper, LCM-SDXL), or a hub id (pipeline:ID or unet:ID) [the preset's].")
-SCORER_HELP = "The oracle: clip:ID, pickscore:ID, imagereward[:PATH], world-oracle[:DIR] [the preset's]."
+SCORER_HELP = ("The oracle: clip:ID, pickscore:ID, imagereward[:PATH], blip[:ID], world-oracle[:DIR] "
+               "[the preset's].")
 CONTROLNET_HELP = "Your own ControlNet (directory or hub id) in student and teacher; give --control-image."
 PRESET_HELP = "A preset file (`tandem preset save`) instead of --model."
 
@@ -215,7 +216,8 @@ def _compose(model: str, preset_file: Path | None = None, student: str | None = 
 
 
 def _check_composition(preset, mode: str, calibration: Path | None, threshold: float | None = None,
-                       percentile: float | None = None, budget: float | None = None, edit: bool = False) -> None:
+                       percentile: float | None = None, budget: float | None = None, edit: bool = False,
+                       budget_exact: bool = False) -> None:
     """What a tandem run needs of its parts, checked before any model loads, in the command line's words."""
     if preset.student is None and mode != "teacher":
         raise UserError(f"--model {preset.teacher} has no student: give --student (a `tandem distill` student "
@@ -232,7 +234,7 @@ def _check_composition(preset, mode: str, calibration: Path | None, threshold: f
     if len(given) > 1:
         raise UserError(f"give one of --percentile, --threshold or --budget, not {' and '.join(given)}")
     has_table = calibration is not None or (preset.edit_calibrations if edit else preset.calibration)
-    if mode == "adaptive" and threshold is None and not has_table:
+    if mode == "adaptive" and threshold is None and not budget_exact and not has_table:
         make = ("`tandem calibrate --edits val` (world) or TandemPipeline.calibrate_edits (Python)" if edit
                 else f"`tandem calibrate {_parts_args(preset)} --prompts HELD_OUT.txt --out calibration.json`")
         raise UserError(f"{', '.join(given) or 'the percentile k'} needs a calibration of this student and oracle: "

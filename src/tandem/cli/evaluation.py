@@ -176,8 +176,8 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
         device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
         judge: Annotated[str | None, typer.Option(
             help="Who decides which image is better: 'world' (the exact checker; the world's default) or a "
-                 "scorer (imagereward[:PATH], pickscore[:ID], clip:ID, world-oracle[:DIR]); required off the "
-                 "world.")] = None,
+                 "scorer (imagereward[:PATH], pickscore[:ID], clip:ID, blip[:ID], world-oracle[:DIR]); required off "
+                 "the world.")] = None,
         features: Annotated[str | None, typer.Option(
             help="Real tier: a CLIP or DINOv2 (hub id or directory) for the Fréchet distance, diversity and "
                  "student-teacher distance.")] = None,
@@ -207,6 +207,97 @@ _eval_command(Experiment.oracle, "Oracle accuracy: no-reference vs full-referenc
                                  "synthetic oracles (D.4).", None)
 _eval_command(Experiment.diversity, "Diversity over seeds (mean pairwise world-CLIP distance) of the student, the "
                                     "teacher and the adaptive pipeline, beside their accuracy.", 100)
+
+
+@eval_app.command("students")
+def eval_students(
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, students.png, report.md, caches).")],
+    student: Annotated[list[str] | None, typer.Option(
+        help="A student to build the tandem on (repeat for each): a name the model ships, or a `tandem distill` "
+             "student directory with --calibration NAME=FILE [every shipped student with a calibration].")] = None,
+    calibration: Annotated[list[str] | None, typer.Option(
+        help="NAME=FILE: the calibration (tandem calibrate --student ...) of the student given as NAME.")] = None,
+    model: Annotated[str, typer.Option(help="The teacher: a preset or a teacher directory that ships students "
+                                            "('world').")] = "world",
+    prompts: Annotated[str, typer.Option(help="The reported prompts: 'val', 'test' or a prompts file.")] = "test",
+    choose_on: Annotated[str, typer.Option(help="The prompts each student's configuration at a cost is chosen on: "
+                                                "'val', 'test', a prompts file, or 'none' (the reported prompts "
+                                                "themselves: optimistic).")] = "val",
+    n: Annotated[int | None, typer.Option(help="Use the first N reported prompts [all].")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed (prompt i draws from (seed, i)).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an experiment in --out, reusing finished runs.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Which student makes the best tandem at equal cost: the adaptive pipeline built on each student,
+    each configuration chosen on --choose-on at each cost level and reported on --prompts."""
+    import time
+
+    from ..eval.students import StudentsConfig, students
+    from ..models import resolve_model
+    from ..world.prompts import load_prompts
+
+    if n is not None and n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    tables: dict[str, Path] = {}
+    for item in calibration or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--calibration {item!r}: expected NAME=FILE")
+        if not Path(path).is_file():
+            raise UserError(f"--calibration {item!r}: {path} does not exist; make it with `tandem calibrate`")
+        tables[name] = Path(path)
+    try:
+        shipped = resolve_model(_compose(model).teacher).students
+    except (ValueError, FileNotFoundError):
+        shipped = {}
+    names = list(student or [name for name, s in shipped.items() if s.calibration])
+    if not names:
+        raise UserError(f"--model {model} ships no calibrated student: give --student NAME_OR_DIR "
+                        "--calibration NAME_OR_DIR=FILE for each")
+    if len(set(names)) < len(names):
+        raise UserError(f"--student: each student once, got {names}")
+    if unknown := set(tables) - set(names):
+        raise UserError(f"--calibration for {sorted(unknown)}, which is not among the --student list {names}")
+    world = _compose(model).teacher == "world"
+
+    def prompt_list(which: str) -> list[str]:
+        if which in ("val", "test"):
+            if not world:
+                raise UserError(f"'{which}' is a ShapesWorld list; give --model {model} a prompts file")
+            return load_prompts(which)
+        listed = _collect_prompts(None, Path(which))
+        if world:
+            _check_world_prompts(listed)
+        return listed
+
+    reported = prompt_list(prompts)[:n]
+    choice = None if choose_on == "none" else prompt_list(choose_on)
+    if choice is not None and choose_on == prompts:
+        raise UserError(f"--choose-on {choose_on} is the reported list itself; choose on other prompts, or say "
+                        "--choose-on none to read the envelope off the reported prompts")
+    presets = {}
+    for name in names:
+        presets[name] = _compose(model, student=name)
+        if name not in tables and not presets[name].calibration:
+            raise UserError(f"--student {name} has no calibration: make one (`tandem calibrate --student {name} "
+                            f"--out cal.json`) and pass --calibration {name}=cal.json")
+        _check_composition(presets[name], "adaptive", tables.get(name))
+    _check_eval_out(out, resume)
+    pipes = {name: _tandem_pipeline(preset, device, tables.get(name)) for name, preset in presets.items()}
+    measures = _eval_measures(world, model, None, None, None, None, device)
+    made_by = {"command": "eval students", "tandem_version": __version__, "model": model, "students": names,
+               "calibrations": {k: str(v) for k, v in tables.items()}, "prompts": prompts, "choose_on": choose_on,
+               "n": len(reported), "seed": seed, "batch_size": batch_size, "device": device}
+    t0 = time.time()
+    with _progress("eval students", len(reported)) as bar:
+        results = students(pipes, reported, out, seed, StudentsConfig(), choice, batch_size,
+                           lambda m: console.print(m), made_by, _phase_bars(bar), measures)
+    for level in results["levels"]:
+        console.print(f"cost <= {level['cost']:g}: best {' = '.join(level['best'])}")
+    console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
 
 
 def _eval_task_run(name: str, out: Path, resume: bool, batch_size: int, run) -> dict:

@@ -71,6 +71,9 @@ def generate(
     threshold: Annotated[float | None, typer.Option(help="adaptive: the cut-off tau itself.")] = None,
     budget: Annotated[float | None, typer.Option(help="adaptive: target average UNet evaluations per image "
                                                       "(k chosen from the calibration).")] = None,
+    budget_exact: Annotated[bool, typer.Option(help="adaptive, with --budget: send exactly the lowest-scoring "
+                                                    "images the budget pays for, so this run's mean cost never "
+                                                    "exceeds it (no calibration needed).")] = False,
     teacher_guidance_scale: Annotated[float | None, typer.Option(help="adaptive/refine-all: the teacher's "
                                                                       "guidance [preset default].")] = None,
     calibration: Annotated[Path | None, typer.Option(help="adaptive: calibration file from `tandem calibrate` "
@@ -104,6 +107,7 @@ def generate(
             raise UserError(f"{flag} must be >= 1, got {value}")
     if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
         raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
+    _check_budget_exact(budget_exact, budget, percentile, threshold)
     if mode not in (Mode.adaptive, Mode.refine_all):
         tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma, "--calibration": calibration,
                        "--rollback-convention": rollback_convention}
@@ -120,7 +124,8 @@ def generate(
             prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps, guidance_scale, seed,
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
             threshold, budget, teacher_guidance_scale, calibration, control_image,
-            {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {})
+            {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {},
+            "budget-exact" if budget_exact else None)
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
@@ -208,14 +213,15 @@ def _save_run(output, result, seed: int, model: str, control_image: list[Path] |
 def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps,
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
-                     calibration, control_image=None, mixed: dict | None = None) -> None:
+                     calibration, control_image=None, mixed: dict | None = None, routing: str | None = None) -> None:
     """`generate` through a composed TandemPipeline (its options are checked by `generate`; ``mixed``: the
-    arguments of mode "mixed")."""
+    arguments of mode "mixed"; ``routing``: "budget-exact" or None)."""
     import time
 
     from ..outputs import OutputDir, image_grid, save_png
 
-    _check_composition(preset, mode.value, calibration, threshold, percentile, budget)
+    _check_composition(preset, mode.value, calibration, threshold, percentile, budget,
+                       budget_exact=routing == "budget-exact")
     prompts = _collect_prompts(prompt, prompts_file)
     controls = _read_images(control_image, "--control-image") if control_image else None
     if controls is not None and len(controls) not in (1, len(prompts)):
@@ -232,6 +238,8 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                       strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
                       rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
                       percentile=percentile, budget=budget, seed=seed, batch_size=batch_size, **(mixed or {}))
+        if routing is not None:
+            kwargs["routing"] = routing
         t0 = time.time()
         with _progress("tandem", len(prompts)) as bar:
             progress = _phase_bars(bar)
@@ -401,6 +409,9 @@ def edit(
                                                           "calibration [preset default].")] = None,
     threshold: Annotated[float | None, typer.Option(help="adaptive: the cut-off tau itself.")] = None,
     budget: Annotated[float | None, typer.Option(help="adaptive: target average UNet evaluations per image.")] = None,
+    budget_exact: Annotated[bool, typer.Option(help="adaptive, with --budget: edit exactly the lowest-scoring "
+                                                    "images the budget pays for by the teacher (no calibration "
+                                                    "needed).")] = False,
     calibration: Annotated[Path | None, typer.Option(help="adaptive: an edit calibration (`tandem calibrate "
                                                           "--edits`) [the preset's, for its strength].")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; image i uses a generator seeded from (seed, i).")] = 0,
@@ -428,8 +439,10 @@ def edit(
             raise UserError(f"{flag} must be >= 1, got {value}")
     if mode is not EditMode.adaptive and any(v is not None for v in (percentile, threshold, budget, calibration)):
         raise UserError("--percentile/--threshold/--budget/--calibration apply to --mode adaptive")
+    _check_budget_exact(budget_exact, budget, percentile, threshold)
     preset = _compose(model, preset_file, student, scorer)
-    _check_composition(preset, mode.value, calibration, threshold, percentile, budget, edit=True)
+    _check_composition(preset, mode.value, calibration, threshold, percentile, budget, edit=True,
+                       budget_exact=budget_exact)
     cases = None
     if edits is not None:
         if image or prompt:
@@ -464,6 +477,7 @@ def edit(
                                    teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
                                    accept_threshold=threshold,
                                    percentile=percentile, budget=budget,
+                                   routing="budget-exact" if budget_exact else None,
                                    calibration=Calibration.load(calibration) if calibration else None, seed=seed,
                                    batch_size=batch_size, callback=progress)
             except ValueError as e:
@@ -504,3 +518,6 @@ def edit(
     console.print(f"side by side (input | edit): {output.path / 'grid.png'}")
 
 
+def _check_budget_exact(budget_exact: bool, budget, percentile, threshold) -> None:
+    if budget_exact and (budget is None or percentile is not None or threshold is not None):
+        raise UserError("--budget-exact goes with --budget alone (not --percentile or --threshold)")

@@ -249,6 +249,23 @@ def world_add_student(
     console.print(f"student -> {target}")
 
 
+@world_app.command("add-calibration")
+def world_add_calibration(
+    student: Annotated[str, typer.Option(help="A student the world ships by name (`tandem world students`).")],
+    calibration: Annotated[Path, typer.Option(help="Its `tandem calibrate --student NAME` file.")],
+    world: Annotated[Path | None, typer.Option(help="World directory [the shipped world].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the student's shipped calibration.")] = False,
+) -> None:
+    """Ship a calibration with a named student (checked against it): --student NAME then brings it."""
+    from ..models import world_dir
+    from ..world.assemble import add_calibration
+
+    if not calibration.is_file():
+        raise UserError(f"--calibration {calibration}: no such file")
+    target = add_calibration(world or world_dir(), student, calibration, overwrite)
+    console.print(f"calibration -> {target}")
+
+
 @world_app.command("plot-cost")
 def world_plot_cost(
     results: Annotated[list[Path], typer.Argument(help="results.json files of `tandem world evaluate` (teacher or "

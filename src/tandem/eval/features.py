@@ -44,14 +44,14 @@ class ImageFeatures:
         from transformers import AutoConfig, CLIPModel, Dinov2Model
 
         from ..models import quiet_hub_libraries
-        from ..scorers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _preprocessor_config
+        from ..scorers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _image_processor_config
 
         quiet_hub_libraries()
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
         if model_type not in ("clip", "dinov2"):
             raise ValueError(f"image features: {name_or_path} is a {model_type!r} model; expected a CLIP or a DINOv2 "
                              "(the Inception FID is --fid inception)")
-        config = _preprocessor_config(name_or_path) if image_mean is None else {}
+        config = _image_processor_config(name_or_path) if image_mean is None else {}
         if model_type == "dinov2":
             crop = config.get("crop_size")
             size = crop.get("height") if isinstance(crop, dict) else crop

@@ -161,3 +161,44 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
         meta["student"] = entry
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return target
+
+
+def add_calibration(world: str | Path, name: str, calibration: str | Path, overwrite: bool = False) -> Path:
+    """Ship ``calibration`` (a ``tandem calibrate`` file) with the world's student ``name`` as
+    ``calibration-NAME.json``, recorded in ``tandem.json``: ``--student NAME`` then brings it, and
+    ``tandem eval students`` can build an adaptive pipeline on that student.
+
+    The calibration must have been made for that very student at its shipped steps and guidance and with
+    the world's oracle on generation (``Calibration.check`` against the pipeline ``--student NAME`` builds);
+    anything else is refused, naming the difference."""
+    from ..calibration import Calibration
+    from ..models import world_dir
+    from ..presets import compose, load_preset
+
+    world, calibration = Path(world), Path(calibration)
+    meta_path = world / "tandem.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{world} is not a world directory (no tandem.json)")
+    meta = json.loads(meta_path.read_text())
+    entry = meta.get("students", {}).get(name)
+    if entry is None:
+        raise ValueError(f"the world ships no student named {name!r}; expected one of "
+                         f"{', '.join(meta.get('students', {})) or '(none)'}")
+    file_name = f"calibration-{name}.json"
+    target = world / file_name
+    if entry.get("calibration") not in (None, file_name):
+        raise ValueError(f"student {name!r} already ships the calibration {entry['calibration']}; replace "
+                         "that file itself (tandem calibrate --overwrite) rather than add a second one")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace that calibration")
+    table = Calibration.load(calibration)
+    shipped_world = world.resolve() == world_dir().resolve()
+    preset = compose("world" if shipped_world else str(world), student=name,
+                     scorer=None if shipped_world else f"world-oracle:{world / 'oracle'}")
+    pipe = load_preset(preset, calibration=table)
+    fingerprint = pipe.calibration_fingerprint(int(entry["steps"]), float(entry["guidance_scale"]))
+    table.check(fingerprint, remake=f"tandem calibrate --student {name} --out FILE")
+    shutil.copy(calibration, target)
+    entry["calibration"] = file_name
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return target

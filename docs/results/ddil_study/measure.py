@@ -1,0 +1,153 @@
+"""DDIL's Table 2/3 on the world: each study run's 4-step student measured beside the others.
+
+For every run of ``run.sh`` (baseline, + reflected, + reflected + DDIL for progressive, consistency and
+DMD2 distillation, and DMD2 at batch 7):
+
+* accuracy (the exact checker) on the 500 validation prompts at each guidance scale tried, the scale
+  chosen there, and on the 1000 test prompts at that scale (``tandem world evaluate`` results);
+* the Fréchet distance, in world-CLIP image features, of its test-prompt images (seed 0) to exact
+  renderings of the same prompts, and diversity: the mean pairwise world-CLIP distance between 4 seeds of
+  each of the first 100 test prompts (the DDIL paper's LPIPS-diversity, in world features);
+* training stability from its ``log.jsonl``: the loss curves (``losses.png``), the last 10% of the run's
+  mean loss and spread, and whether the run finished (a non-finite loss stops a run).
+
+    python docs/results/ddil_study/measure.py runs/study runs/study/eval docs/results/ddil_study
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# run -> (method, variant, guidance scales tried on the validation prompts)
+RUNS = {
+    "pd-base": ("progressive", "baseline", (3.0, 4.5, 6.0)),
+    "pd-refl": ("progressive", "+ reflected", (3.0, 4.5, 6.0)),
+    "pd-refl-ddil": ("progressive", "+ reflected + DDIL", (3.0, 4.5, 6.0)),
+    "cd-base": ("consistency", "baseline", (4.5, 6.0, 8.0)),
+    "cd-refl": ("consistency", "+ reflected", (4.5, 6.0, 8.0)),
+    "cd-refl-ddil": ("consistency", "+ reflected + DDIL", (4.5, 6.0, 8.0)),
+    "dmd2-base": ("dmd2", "baseline", (1.0,)),
+    "dmd2-refl": ("dmd2", "+ reflected", (1.0,)),
+    "dmd2-refl-ddil": ("dmd2", "+ reflected + DDIL", (1.0,)),
+    "dmd2-b7-base": ("dmd2, batch 7", "baseline", (1.0,)),
+    "dmd2-b7-refl-ddil": ("dmd2, batch 7", "+ reflected + DDIL", (1.0,)),
+}
+STEPS = 4
+SEEDS = (0, 1, 2, 3)
+DIVERSITY_PROMPTS = 100
+
+
+def accuracy(results_json: Path, scale: float) -> float:
+    """The share satisfied at ``STEPS`` steps and guidance ``scale`` in a `tandem world evaluate` results.json."""
+    return json.loads(results_json.read_text())["student"][f"steps{STEPS}_g{scale:g}"]["accuracy"]
+
+
+def stability(log: Path) -> dict:
+    """The run's loss curves (``loss``; in DMD2 the student's ``student/loss`` and the critic's ``critic/loss``),
+    with the mean and spread of each over the last 10% of the steps, and whether every logged loss is finite."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    out = {"steps": max(r["step"] for r in rows), "finite": True, "losses": {}}
+    for key in ("loss", "student/loss", "critic/loss"):
+        steps = np.array([r["step"] for r in rows if key in r])
+        if not len(steps):
+            continue
+        values = np.array([r[key] for r in rows if key in r], np.float64)
+        tail = values[steps >= 0.9 * steps.max()]
+        out["finite"] &= bool(np.isfinite(values).all())
+        out["losses"][key] = {"final_mean": float(tail.mean()), "final_std": float(tail.std()),
+                              "curve": [[int(a), float(b)] for a, b in zip(steps, values)]}
+    return out
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), dpi=120, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for r in (r for r in rows if r["method"] == method):
+            key = next(iter(r["stability"]["losses"]))
+            curve = np.array(r["stability"]["losses"][key]["curve"])
+            window = max(1, len(curve) // 40)
+            smooth = np.convolve(curve[:, 1], np.ones(window) / window, mode="valid")
+            ax.plot(curve[window - 1:, 0], smooth, label=r["variant"], linewidth=1)
+        ax.set_title(f"{method}: {next(iter(r['stability']['losses']))}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(runs: Path, evals: Path, out: Path) -> None:
+    from tandem.eval.features import ImageFeatures, diversity, frechet_distance, renderings
+    from tandem.generate import StudentSettings, generate_student
+    from tandem.models import load_student_pipeline, resolve_model
+    from tandem.world.prompts import load_prompts
+
+    t0 = time.time()
+    spec = resolve_model("world")
+    prompts = load_prompts("test")
+    features = ImageFeatures.world()
+    reference = features(renderings(prompts, 0))
+    rows = []
+    for run, (method, variant, scales) in RUNS.items():
+        if not (runs / run / "student").is_dir():  # not run, or stopped (a non-finite loss stops a run)
+            print(f"{run}: no student", flush=True)
+            if (runs / run / "log.jsonl").exists():
+                rows.append({"run": run, "method": method, "variant": variant, "finished": False,
+                             "stability": stability(runs / run / "log.jsonl")})
+            continue
+        val = {scale: accuracy(evals / f"{run}-val" / "results.json", scale) for scale in scales}
+        chosen = max(val, key=val.get)
+        pipe = load_student_pipeline(spec, runs / run / "student")
+        settings = StudentSettings(STEPS, chosen)
+        draw = lambda p, s, pipe=pipe, settings=settings: np.stack(generate_student(pipe, p, settings, s))
+        seeds = [features(draw(prompts[:DIVERSITY_PROMPTS], s)) for s in SEEDS]
+        train_config = json.loads((runs / run / "train_config.json").read_text())
+        rows.append({"run": run, "method": method, "variant": variant, "finished": True,
+                     "student": pipe.student_info.method,
+                     "guidance_val": {str(k): v for k, v in val.items()}, "guidance_scale": chosen,
+                     "accuracy_val": val[chosen],
+                     "accuracy_test": accuracy(evals / f"{run}-test" / "results.json", chosen),
+                     "frechet_distance": frechet_distance(features(draw(prompts, 0)), reference),
+                     "diversity": diversity(np.stack(seeds, axis=1)),
+                     "stability": stability(runs / run / "log.jsonl"), "train_config": train_config})
+        print({k: v for k, v in rows[-1].items() if k not in ("stability", "train_config")}, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_losses(rows, out / "losses.png")
+    (out / "results.json").write_text(json.dumps({
+        "command": f"python docs/results/ddil_study/measure.py {runs} {evals} {out}",
+        "steps": STEPS, "prompts": {"choice": "val (500)", "report": "test (1000)"},
+        "diversity_prompts": DIVERSITY_PROMPTS, "seeds": list(SEEDS), "features": "world CLIP image tower",
+        "reference": "exact renderings of the test prompts (seed 0)", "seconds": time.time() - t0,
+        "rows": rows}, indent=1) + "\n")
+    lines = ["| method | variant | guidance (val) | val | test | Fréchet distance | diversity | final loss (mean ± sd) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["finished"]:
+            lines.append(f"| {r['method']} | {r['variant']} | stopped at step {r['stability']['steps']} "
+                         f"| - | - | - | - | {'non-finite' if not r['stability']['finite'] else '-'} |")
+            continue
+        s = r["stability"]
+        key = next(iter(s["losses"]))
+        loss = f"{s['losses'][key]['final_mean']:.4g} ± {s['losses'][key]['final_std']:.2g}"
+        lines.append(f"| {r['method']} | {r['variant']} | {r['guidance_scale']:g} | {100 * r['accuracy_val']:.1f}% | "
+                     f"{100 * r['accuracy_test']:.1f}% | {r['frechet_distance']:.4f} | {r['diversity']:.4f} | "
+                     f"{loss}{'' if s['finite'] else ' (non-finite)'} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
