@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -534,6 +534,7 @@ class TandemPipeline:
         self._digests: dict[str, str] = {}  # weights digests by component, computed once
         self._editor_digests: dict[str, str] = {}  # the same for the edit student's view
         self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the editing student's scores
+        self.routes = None  # a tandem.routes.RouteTable: what a budget alone picks (generation)
 
     def editor(self) -> TandemPipeline:
         """The pipeline that edits: this one, or (with an ``edit_student``) a view of it with the edit
@@ -610,6 +611,19 @@ class TandemPipeline:
             "resolution": list(self.resolution()),
             "scorer": self.scorer.fingerprint(),
         }
+
+    def route_fingerprint(self, num_inference_steps: int, guidance_scale: float | None = None,
+                          teacher_guidance_scale: float | None = None) -> dict:
+        """What a route table's quality and cost depend on: the calibration fingerprint (student, its steps
+        and guidance, oracle), the teacher's weights and guidance, and the calibration's scores."""
+        from .routes import calibration_digest
+
+        if self.calibration is None:
+            raise ValueError("routes need the pipeline's calibration (their percentiles refer to it)")
+        return {**self.calibration_fingerprint(num_inference_steps, self.student_guidance(guidance_scale)),
+                "teacher": self._weights_digest("teacher", self._teacher_any.unet),
+                "teacher_guidance_scale": self.teacher_guidance(teacher_guidance_scale),
+                "calibration": calibration_digest(self.calibration)}
 
     def fingerprint(self) -> dict:
         """The weights behind this pipeline's images and scores (student, teacher, ControlNet) and its
@@ -729,6 +743,18 @@ class TandemPipeline:
         seed = count(seed, "seed", minimum=0)
         steps = count(self._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
         guidance = self.student_guidance(guidance_scale)
+        route = None
+        if (mode == "adaptive" and budget is not None and self.routes is not None and routing in (None, "threshold")
+                and all(v is None for v in (strategy, teacher_steps, teacher_scheduler, rollback_sigma,
+                                            rollback_convention, accept_threshold, percentile))):
+            # a budget alone: the route table's best settings at that cost (explicit settings opt out)
+            self.routes.check(self.route_fingerprint(steps, guidance, teacher_guidance_scale))
+            route = self.routes.choose(finite_number(budget, "budget", low=0, low_open=True))
+            if route is not None and route.strategy is None:  # the student alone is the best at this budget
+                accept_threshold = float("-inf")
+            elif route is not None:
+                strategy, teacher_scheduler = route.strategy, route.teacher_scheduler
+                teacher_steps, rollback_sigma, percentile = route.teacher_steps, route.rollback_sigma, route.percentile
         t_steps = count(self._setting("teacher_steps", teacher_steps, 25), "teacher_steps")
         t_guidance = self.teacher_guidance(teacher_guidance_scale)
         t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
@@ -768,8 +794,8 @@ class TandemPipeline:
         if mode == "adaptive" and routing == "budget-exact":
             exact = budget_exact_count(len(prompts), budget, student_cost, improve_cost, accept_threshold, percentile)
         elif mode == "adaptive":
-            tau, k, note = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
-                                           improve_cost)
+            tau, k, note = self._threshold(accept_threshold, percentile, None if route else budget, steps, guidance,
+                                           student_cost, improve_cost)
         elif any(v is not None for v in (accept_threshold, percentile, budget)):
             raise ValueError(NOT_ADAPTIVE.format(mode=mode))
         do_score = mode == "adaptive" or bool(score)
@@ -887,6 +913,7 @@ class TandemPipeline:
             "teacher_guidance_scale": t_guidance, "teacher_scheduler": t_sched, "strategy": strategy,
             "rollback_sigma": sigma, "rollback_convention": convention, "handoff": handoff,
             "accept_threshold": tau, "percentile": k, "budget": budget, "routing": routing,
+            "route": None if route is None else asdict(route),
         }
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale

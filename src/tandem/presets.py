@@ -54,6 +54,8 @@ class Preset:
     # a student that edits instead of ``student`` (a name the teacher ships, or a ``tandem distill`` directory);
     # its guidance is the ``edit_guidance_scale`` setting, its edit calibrations ``edit_calibrations``
     edit_student: str | None = None
+    # a route table (tandem.routes; "world:NAME" for a shipped one): what a budget alone picks
+    routes: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -275,7 +277,7 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         calibration = shipped.calibration
     return dataclasses.replace(base, **changes, name=base.name if base.name.endswith("+custom") else
                                f"{base.name}+custom", description=f"{base.name} with {parts}",
-                               calibration=calibration, edit_calibrations={})
+                               calibration=calibration, edit_calibrations={}, routes=None)
 
 
 def _shipped(teacher: str) -> dict:
@@ -298,7 +300,7 @@ def _tandem_student_path(teacher: str, source: str) -> Path:
 def preset_to_json(preset: Preset) -> dict:
     """The fields of ``preset`` as JSON data (local paths made absolute, so the file works from anywhere)."""
     data = dataclasses.asdict(preset)
-    for key in ("teacher", "student", "controlnet", "calibration", "edit_student"):
+    for key in ("teacher", "student", "controlnet", "calibration", "edit_student", "routes"):
         value = data.get(key)
         if isinstance(value, str) and value not in PRESETS and Path(value).exists():
             data[key] = str(Path(value).resolve())
@@ -351,7 +353,7 @@ def read_preset_file(path: str | Path) -> Preset:
     if unknown:
         raise ValueError(f"preset file {path}: unknown default setting(s) {', '.join(unknown)}; expected some of "
                          f"{', '.join(PRESET_SETTINGS)}")
-    for key in ("teacher", "student", "controlnet", "calibration", "edit_student"):
+    for key in ("teacher", "student", "controlnet", "calibration", "edit_student", "routes"):
         value = data.get(key)
         if isinstance(value, str) and value not in ("world",) and not value.startswith("world:") and \
                 not Path(value).is_absolute() and (path.parent / value).exists():
@@ -388,9 +390,9 @@ def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.f
 
 
 def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = torch.float32, scorer=None,
-                calibration: Calibration | str | Path | None = None):
-    """Build a ``TandemPipeline`` from a preset name (or a ``Preset``). ``scorer``/``calibration``
-    override the preset's (a calibration may be given as a file path)."""
+                calibration: Calibration | str | Path | None = None, routes=None):
+    """Build a ``TandemPipeline`` from a preset name (or a ``Preset``). ``scorer``/``calibration``/``routes``
+    override the preset's (a calibration or route table may be given as a file path)."""
     from .pipeline import TandemPipeline
     from .scorers import load_scorer
 
@@ -424,6 +426,13 @@ def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = to
         path = _world_file(spec)
         if path.exists():
             pipe.edit_calibrations[float(strength)] = Calibration.load(path)
+    if routes is None and preset.routes and not preset.controlnet:
+        path = _world_file(preset.routes)
+        routes = path if path.exists() or not preset.routes.startswith("world:") else None
+    if routes is not None:
+        from .routes import RouteTable
+
+        pipe.routes = routes if isinstance(routes, RouteTable) else RouteTable.load(routes)
     return pipe
 
 

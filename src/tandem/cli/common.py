@@ -256,12 +256,15 @@ def _parts_args(preset) -> str:
     return " ".join(args)
 
 
-def _tandem_pipeline(preset, device: str, calibration: Path | None = None):
-    """Load the TandemPipeline of ``preset`` (with ``--calibration``); says which VAE and text encoder
-    a student that brings its own uses."""
+def _tandem_pipeline(preset, device: str, calibration: Path | None = None, routes: Path | None = None):
+    """Load the TandemPipeline of ``preset`` (with ``--calibration`` and ``--routes``; a calibration of your
+    own drops the preset's route table, whose percentiles refer to the preset's); says which VAE and text
+    encoder a student that brings its own uses."""
     from ..presets import load_preset
 
-    pipe = load_preset(preset, device=device, calibration=calibration)
+    pipe = load_preset(preset, device=device, calibration=calibration, routes=routes)
+    if calibration is not None and routes is None:
+        pipe.routes = None
     own = [name.replace("_", " ") for name in pipe.student_own_components]
     if own:
         console.print(f"note: student {preset.student} brings its own {' and '.join(own)}: the student draws with "

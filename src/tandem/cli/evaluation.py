@@ -395,6 +395,46 @@ def eval_control(
         progress))
 
 
+@eval_app.command("routes")
+def eval_routes(
+    budget_run: Annotated[Path, typer.Argument(help="A `tandem eval budget` output directory, run on held-out "
+                                                    "prompts (the world: --prompts val).")],
+    out: Annotated[Path, typer.Option(help="The route table to write (JSON).")],
+    model: Annotated[str, typer.Option(help="The preset the budget run used.")] = "world",
+    preset_file: Annotated[Path | None, typer.Option("--preset", help=PRESET_HELP)] = None,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
+    scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
+    calibration: Annotated[Path | None, typer.Option(help="The calibration the budget run used [the "
+                                                          "preset's].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing route table.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """A route table from a budget run on held-out prompts: `tandem generate --mode adaptive --budget B`
+    alone then takes the settings that were best there at that cost (--routes FILE, or ship it in a preset)."""
+    import json
+
+    from ..routes import RouteTable
+
+    results_path = budget_run / "results.json"
+    if not results_path.is_file():
+        raise UserError(f"{budget_run} has no results.json (run `tandem eval budget --prompts val --out DIR`)")
+    results = json.loads(results_path.read_text())
+    if results.get("made_by", {}).get("prompts") == "test":
+        raise UserError(f"{budget_run} was run on the world's test prompts, which only report: choose routes on "
+                        "held-out prompts (--prompts val)")
+    _check_out_file(out, overwrite)
+    preset = _compose(model, preset_file, student, scorer)
+    _check_composition(preset, "calibrate", calibration)
+    pipe = _tandem_pipeline(preset, device, calibration)
+    try:
+        table = RouteTable.from_budget(results, pipe)
+    except ValueError as e:
+        raise UserError(f"{budget_run}: {e}") from None
+    table.save(out, overwrite=overwrite)
+    console.print(f"{len(table.routes)} routes (cost {table.routes[0].cost:.1f} to {table.routes[-1].cost:.1f} UNet "
+                  f"evaluations per image) -> {out}")
+
+
 @eval_app.command("report")
 def eval_report(
     experiments: Annotated[list[Path], typer.Argument(help="Experiment directories written by `tandem eval`.")],

@@ -74,6 +74,8 @@ def generate(
     budget_exact: Annotated[bool, typer.Option(help="adaptive, with --budget: send exactly the lowest-scoring "
                                                     "images the budget pays for, so this run's mean cost never "
                                                     "exceeds it (no calibration needed).")] = False,
+    routes: Annotated[Path | None, typer.Option(help="adaptive, --budget alone: a route table (`tandem eval "
+                                                     "routes`) to pick the settings from [the preset's].")] = None,
     teacher_guidance_scale: Annotated[float | None, typer.Option(help="adaptive/refine-all: the teacher's "
                                                                       "guidance [preset default].")] = None,
     calibration: Annotated[Path | None, typer.Option(help="adaptive: calibration file from `tandem calibrate` "
@@ -108,6 +110,8 @@ def generate(
     if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
         raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
     _check_budget_exact(budget_exact, budget, percentile, threshold)
+    if routes is not None and (mode is not Mode.adaptive or budget is None or budget_exact):
+        raise UserError("--routes goes with --mode adaptive and --budget (without --budget-exact)")
     if mode not in (Mode.adaptive, Mode.refine_all):
         tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma, "--calibration": calibration,
                        "--rollback-convention": rollback_convention}
@@ -125,7 +129,7 @@ def generate(
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
             threshold, budget, teacher_guidance_scale, calibration, control_image,
             {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {},
-            "budget-exact" if budget_exact else None)
+            "budget-exact" if budget_exact else None, routes)
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
@@ -213,7 +217,8 @@ def _save_run(output, result, seed: int, model: str, control_image: list[Path] |
 def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps,
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
-                     calibration, control_image=None, mixed: dict | None = None, routing: str | None = None) -> None:
+                     calibration, control_image=None, mixed: dict | None = None, routing: str | None = None,
+                     routes: Path | None = None) -> None:
     """`generate` through a composed TandemPipeline (its options are checked by `generate`; ``mixed``: the
     arguments of mode "mixed"; ``routing``: "budget-exact" or None)."""
     import time
@@ -229,7 +234,9 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                         "(one per prompt, or one for all)")
     output = OutputDir(out, overwrite, info={"command": f"generate --mode {mode.value}"})
     with output:  # a failure anywhere below leaves --out as it was
-        pipe = _tandem_pipeline(preset, device, calibration)
+        if routes is not None and not routes.is_file():
+            raise UserError(f"--routes {routes}: no such file (make one with `tandem eval routes`)")
+        pipe = _tandem_pipeline(preset, device, calibration, routes)
         if preset.teacher == "world":
             _check_world_prompts(prompts)
         kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,

@@ -1,0 +1,154 @@
+"""Routes: the adaptive pipeline's settings that gave the best quality at each cost on held-out prompts,
+so that a budget alone (``tandem generate --mode adaptive --budget B``) picks them.
+
+A route is one way to spend a budget: the improvement (regenerate with a teacher sampler and steps, or
+refine at a rollback sigma) and the percentile k of the calibration below which images take it, with the
+mean cost (UNet evaluations per image) and quality it reached on the held-out prompts. A route table is
+made from a ``tandem eval budget`` run on held-out prompts (:meth:`RouteTable.from_budget`); it belongs to
+one student (and its steps and guidance), teacher (and its guidance), oracle and calibration, and using it
+with anything else is an error that names the difference. Given a budget, :meth:`RouteTable.choose`
+returns the best route costing at most that much (the cheaper one on a tie).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import diff_fingerprints
+from .checks import finite_number
+
+FORMAT = "tandem-routes/1"
+_REGENERATE = re.compile(r"([a-z]+)(\d+)")
+_REFINE = re.compile(r"refine_([a-z]+)(\d+)_sigma([0-9.]+)")
+
+
+class RoutesMismatch(ValueError):
+    """A route table made for another student, teacher, oracle, calibration or settings."""
+
+
+@dataclass(frozen=True)
+class Route:
+    strategy: str | None          # "regenerate", "refine", or None: the student alone (k = 0)
+    teacher_scheduler: str | None
+    teacher_steps: int | None
+    rollback_sigma: float | None
+    percentile: float
+    cost: float                   # mean UNet evaluations per image on the held-out prompts
+    quality: float                # the judge's quality there (share satisfied, or a mean score)
+
+    def settings(self) -> dict:
+        """The pipeline arguments this route sets."""
+        return {"strategy": self.strategy, "teacher_scheduler": self.teacher_scheduler,
+                "teacher_steps": self.teacher_steps, "rollback_sigma": self.rollback_sigma,
+                "percentile": self.percentile}
+
+
+def calibration_digest(calibration) -> str:
+    """A digest of a calibration's scores: the percentiles a route's k refers to."""
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(calibration.scores, np.float64).tobytes()).hexdigest()
+
+
+@dataclass
+class RouteTable:
+    routes: list[Route]
+    fingerprint: dict
+    config: dict
+
+    @classmethod
+    def from_budget(cls, results: dict, pipe) -> RouteTable:
+        """The routes of a ``tandem eval budget`` ``results`` (its adaptive points and the student alone),
+        made with ``pipe``'s models and calibration: checked against them (weights digests, and each
+        point's tau against the calibration's percentile)."""
+        from .eval.judges import quality
+
+        if results.get("experiment") != "budget":
+            raise ValueError(f"expected the results.json of `tandem eval budget`, got {results.get('experiment')!r}")
+        made = diff_fingerprints(results["models"], pipe.fingerprint())
+        if made:
+            raise RoutesMismatch("the budget results were made with other models: " + "; ".join(made))
+        if pipe.calibration is None:
+            raise ValueError("the pipeline has no calibration: a route's percentile needs the one the budget "
+                             "results were made with")
+        steps = int(results["student_steps"])
+        refine_steps = int(results["config"]["refine_steps"])
+        routes = []
+        for p in results["points"]:
+            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100:
+                continue
+            if not np.isclose(p["tau"], pipe.calibration.threshold(p["k"])):
+                raise RoutesMismatch(f"{p['label']}: tau {p['tau']:.6g} is not the calibration's percentile "
+                                     f"{p['k']:g} ({pipe.calibration.threshold(p['k']):.6g}): the budget results "
+                                     "were made with another calibration")
+            if p["share_improved"] == 0:
+                continue  # the student alone at that k: its own route below
+            if m := _REFINE.fullmatch(p["improved"]):
+                if int(m[2]) != refine_steps:
+                    raise ValueError(f"{p['label']}: refinement of {m[2]} steps, the results' config says "
+                                     f"{refine_steps}")
+                route = Route("refine", m[1], int(m[2]), float(m[3]), float(p["k"]), p["unet_evals_mean"],
+                              quality(p))
+            elif m := _REGENERATE.fullmatch(p["improved"]):
+                route = Route("regenerate", m[1], int(m[2]), None, float(p["k"]), p["unet_evals_mean"], quality(p))
+            else:
+                raise ValueError(f"{p['label']}: unknown improvement {p['improved']!r}")
+            routes.append(route)
+        alone = next(p for p in results["points"] if p["family"] == "student" and p["label"] == f"student{steps}")
+        routes.append(Route(None, None, None, None, 0.0, alone["unet_evals_mean"], quality(alone)))
+        fingerprint = pipe.route_fingerprint(steps)
+        made_by = results.get("made_by", {})
+        config = {"from": "tandem eval budget", "prompts": made_by.get("prompts"), "n": results["n_prompts"],
+                  "seed": results["seed"], "judge": results.get("judge"), "budget_command": made_by.get("command")}
+        return cls(sorted(routes, key=lambda r: (r.cost, -r.quality)), fingerprint, config)
+
+    def choose(self, budget: float) -> Route | None:
+        """The best route costing at most ``budget`` (the cheaper one on a tie); None if none is that cheap."""
+        budget = finite_number(budget, "budget", low=0, low_open=True)
+        affordable = [r for r in self.routes if r.cost <= budget + 1e-9]
+        return max(affordable, key=lambda r: (r.quality, -r.cost)) if affordable else None
+
+    def check(self, fingerprint: dict) -> None:
+        diffs = diff_fingerprints(self.fingerprint, fingerprint)
+        if diffs:
+            raise RoutesMismatch("the route table was made for other settings; give the adaptive settings "
+                                 "yourself (--strategy, --teacher-steps, ...) or make a table for these ("
+                                 + "; ".join(d.replace("calibration has", "routes have") for d in diffs) + ")")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "fingerprint": self.fingerprint, "config": self.config,
+                "routes": [asdict(r) for r in self.routes]}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        from .outputs import atomic_write_text
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RouteTable:
+        """Read a table written by ``save``; anything else is a ``ValueError`` naming the file and the problem."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"route table {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a route table JSON file ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a route table (expected format {FORMAT!r})")
+        try:
+            routes = [Route(**r) for r in data["routes"]]
+            table = cls(routes, dict(data["fingerprint"]), dict(data.get("config", {})))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: malformed route table ({e})") from None
+        if not routes:
+            raise ValueError(f"{path}: a route table without routes")
+        return table

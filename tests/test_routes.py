@@ -1,0 +1,106 @@
+"""Route tables (what a budget alone picks): made from a budget run, a route's recorded quality and cost are
+what a real adaptive run at that budget gives on the same prompts and seed; the table refuses other
+calibrations and settings; explicit settings opt out; files round-trip and bad ones are named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from clitools import assert_user_error, tandem_in_process
+from test_tandem_pipeline import PROMPTS, world_pipeline
+
+from tandem.eval.experiments import BudgetConfig, budget
+from tandem.eval.judges import ExactJudge, Measures
+from tandem.routes import Route, RouteTable, RoutesMismatch
+from tandem.world.checker import check_batch
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, teacher_guidance_scale=4.5)
+    pipe.calibration = pipe.calibrate(PROMPTS, seed=7)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def results(pipe, tmp_path_factory):
+    cfg = BudgetConfig(teacher_steps={"dpm": (4,)}, student_steps=(2,), refine_sigmas=(0.6,), refine_steps=3,
+                       regenerate={"dpm": (4,)}, ks=(0, 30, 50, 70, 100), references=("dpm4",),
+                       mixed_teacher_probs=(), mixed_teacher_first=False)
+    return budget(pipe, PROMPTS, tmp_path_factory.mktemp("budget"), seed=3, cfg=cfg, batch_size=len(PROMPTS),
+                  log=str, measures=Measures(ExactJudge()))
+
+
+def test_a_route_is_what_the_adaptive_pipeline_gives_at_that_budget(pipe, results):
+    table = RouteTable.from_budget(results, pipe)
+    strategies = {r.strategy for r in table.routes}
+    assert strategies == {None, "refine", "regenerate"} and table.routes[0].strategy is None  # the student alone
+    assert {r.teacher_steps for r in table.routes if r.strategy == "refine"} == {3}
+    pipe.routes = table
+    try:
+        for budget_value in (2.0, 6.0, 12.0, 30.0):
+            route = table.choose(budget_value)
+            assert route is not None and route.cost <= budget_value
+            assert all(r.quality <= route.quality for r in table.routes if r.cost <= budget_value)
+            out = pipe(PROMPTS, budget=budget_value, seed=3, batch_size=len(PROMPTS))
+            assert out.summary["settings"]["route"] == {**route.__dict__}
+            # the same prompts and seed: the run reaches exactly the route's recorded cost and quality
+            assert out.summary["unet_evals_mean"] == pytest.approx(route.cost)
+            satisfied = np.mean([r.satisfied for r in check_batch(out.images, PROMPTS)])
+            assert satisfied == pytest.approx(route.quality)
+            if route.strategy is not None:
+                assert out.summary["settings"]["strategy"] == route.strategy
+                assert out.summary["settings"]["percentile"] == route.percentile
+        # explicit settings opt out: the budget then sets k by the cost formula, as without routes
+        out = pipe(PROMPTS, budget=6.0, strategy="regenerate", teacher_steps=4, seed=3)
+        assert out.summary["settings"]["route"] is None and out.summary["settings"]["percentile"] == pytest.approx(
+            100 * (6 - 2) / 8)
+        assert table.choose(1.0) is None
+        with pytest.raises(ValueError, match="below the student's own cost"):
+            pipe(PROMPTS, budget=1.0)
+        with pytest.raises(RoutesMismatch, match="student_steps"):
+            pipe(PROMPTS, budget=6.0, num_inference_steps=3)
+    finally:
+        pipe.routes = None
+
+
+def test_a_route_table_belongs_to_its_calibration(pipe, results, tmp_path):
+    table = RouteTable.from_budget(results, pipe)
+    saved = pipe.calibration
+    pipe.calibration = pipe.calibrate(PROMPTS[:4], seed=8)
+    try:
+        with pytest.raises(RoutesMismatch, match="another calibration"):
+            RouteTable.from_budget(results, pipe)
+        pipe.routes = table
+        with pytest.raises(RoutesMismatch, match="calibration"):
+            pipe(PROMPTS, budget=6.0)
+    finally:
+        pipe.calibration, pipe.routes = saved, None
+    table.save(tmp_path / "routes.json")
+    with pytest.raises(FileExistsError):
+        table.save(tmp_path / "routes.json")
+    back = RouteTable.load(tmp_path / "routes.json")
+    assert back.routes == table.routes and back.fingerprint == json.loads(json.dumps(table.fingerprint))
+    (tmp_path / "bad.json").write_text('{"format": "tandem-routes/1", "routes": [{"cost": 1}]}')
+    with pytest.raises(ValueError, match="malformed route table"):
+        RouteTable.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "tandem-calibration/1"}')
+    with pytest.raises(ValueError, match="not a route table"):
+        RouteTable.load(tmp_path / "other.json")
+    assert Route(None, None, None, None, 0.0, 2.0, 0.5).settings()["percentile"] == 0.0
+
+
+def test_eval_routes_refuses_the_test_prompts(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "budget"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"experiment": "budget", "made_by": {"prompts": "test"}}))
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "routes", run, "--out", tmp_path / "r.json"),
+                      "test prompts, which only report")
+    (run / "results.json").write_text(json.dumps({"experiment": "winners", "made_by": {"prompts": "val"}}))
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "routes", run, "--out", tmp_path / "r.json"),
+                      "tandem eval budget")
+    assert not (tmp_path / "r.json").exists()
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", "a red circle", "--routes", tmp_path / "x",
+                                        "--out", tmp_path / "g"), "--routes goes with --mode adaptive and --budget")
