@@ -99,6 +99,12 @@ def test_budget_exact_editing_takes_the_lowest_scoring_edits_to_the_teacher(pipe
         assert np.array_equal(out.images[i], teacher.images[i] if i == worst else student.images[i])
     assert out.summary["unet_evals_mean"] == pytest.approx(4 + 12 / 3) and out.summary["settings"]["routing"] == (
         "budget-exact")
+    # one record schema for generation and editing: the common fields in order, then the edit's own
+    from tandem.pipeline import RECORD_FIELDS
+
+    for i, rec in enumerate(out.records):
+        assert list(rec) == [*RECORD_FIELDS, "edit_strength", "start_timestep"]
+        assert rec["vae"] == {"encode": 1, "decode": 2 if i == worst else 1} and rec["oracle_calls"] == 1
 
 
 def test_edit_calibration_is_tied_to_its_strength(pipe):

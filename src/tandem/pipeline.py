@@ -98,6 +98,8 @@ RECORD_EXTRA_FIELDS = {
     "teacher_steps_run": "int: the teacher steps that refined the image (path 'refined')",
     "transitions": "list[str]: who took each transition t_k -> t_k+1 of the student's grid, 'student' or 'teacher' "
                    "(path 'mixed'; the grid is the summary's settings.student_timesteps)",
+    "edit_strength": "float: the SDEdit strength (an edit)",
+    "start_timestep": "int: the timestep the edit's student started from (an edit)",
 }
 # `tandem generate` adds these to every record (and control_image with --control-image).
 RUN_RECORD_FIELDS = {
@@ -115,6 +117,21 @@ PATHS = {
     "mixed": "student and teacher shared one trajectory on a DDIM grid, each taking some transitions (mode "
              "'mixed', tandem.mixed; the record's transitions say which)",
 }
+
+
+@dataclass
+class Phases:
+    """What :meth:`TandemPipeline._phases` leaves: each image's final latents and image, the student's
+    images (None where the student did not draw), the oracle's scores (NaN where it did not score), the
+    images the teacher improved, and the seconds spent (by phase, and in all)."""
+
+    latents: list
+    images: list
+    student_images: list
+    scores: np.ndarray
+    improved: list[int]
+    timings: dict
+    seconds: float
 
 
 @dataclass
@@ -810,88 +827,41 @@ class TandemPipeline:
         pipe0 = self.student if mode != "teacher" else self._teacher_any
         noise = initial_latents(pipe0, seed, list(range(n)), gens)
         ledger = CostLedger(n, self._counted_modules())
-        timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
-        chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-        latents: list[torch.Tensor | None] = [None] * n
-        images: list[np.ndarray | None] = [None] * n
-        student_images: list[np.ndarray | None] = [None] * n
-        scores = np.full(n, np.nan)
-        t_start = time.perf_counter()
-        with ledger.counting():
-            if mode != "teacher":
-                for done, idx in enumerate(chunks):
-                    t0 = time.perf_counter()
-                    before, before_c = ledger.rows("student"), ledger.rows("controlnet")
-                    out = self.student([prompts[i] for i in idx], num_inference_steps=steps,
-                                       guidance_scale=guidance, latents=noise[idx], generator=[gens[i] for i in idx],
-                                       output_type="latent",
-                                       **self._control_kwargs(self.student, controls, idx, c_scale)).images
-                    ledger.charge("student", idx, before)
-                    ledger.charge("controlnet", idx, before_c)
-                    check_finite(out, "the student's latents", idx)
-                    t1 = time.perf_counter()
-                    decoded = self._decode(self.student, out, idx)
-                    ledger.add("vae_decode", idx)
-                    t2 = time.perf_counter()
-                    for j, i in enumerate(idx):
-                        latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
-                    if do_score:
-                        scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx], idx)
-                        ledger.add("oracle", idx)
-                    timings["student"] += t1 - t0
-                    timings["decode"] += t2 - t1
-                    timings["oracle"] += time.perf_counter() - t2
-                    if callback:
-                        callback("student", min((done + 1) * batch_size, n), n)
 
-            if mode == "teacher":
-                todo, path = list(range(n)), "teacher"
-            elif mode == "refine-all":
-                todo, path = list(range(n)), "refined"
-            elif mode == "adaptive":
-                todo = lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
-                path = "refined" if strategy == "refine" else "regenerated"
-            else:
-                todo, path = [], None
-            if todo:
-                base = self._teacher_scheduler(t_sched)
-                for done, start in enumerate(range(0, len(todo), batch_size)):
-                    idx = todo[start:start + batch_size]
-                    t0 = time.perf_counter()
-                    before_t, before_s = ledger.rows("teacher"), ledger.rows("student")
-                    before_c = ledger.rows("controlnet")
-                    ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
-                    if regenerates:
-                        self.teacher.scheduler = copy.deepcopy(base)
-                        out = self.teacher(ps, num_inference_steps=t_steps, guidance_scale=t_guidance,
-                                           latents=noise[idx], generator=gs, output_type="latent",
-                                           **self._control_kwargs(self.teacher, controls, idx, c_scale)).images
-                    else:
-                        self.teacher_img2img.scheduler = copy.deepcopy(base)
-                        start_image = torch.cat([latents[i] for i in idx])
-                        if handoff == "pixel":
-                            start_image = self._pixels(self.student, start_image, idx)
-                            ledger.add("vae_encode", idx)
-                        out = self.teacher_img2img(
-                            ps, image=start_image, strength=refine.strength,
-                            num_inference_steps=refine.num_inference_steps, guidance_scale=t_guidance,
-                            generator=gs, output_type="latent",
-                            **self._control_kwargs(self.teacher_img2img, controls, idx, c_scale)).images
-                    ledger.charge("teacher", idx, before_t)
-                    ledger.charge("controlnet", idx, before_c)
-                    if ledger.rows("student") != before_s and self.student.unet is not self._teacher_any.unet:
-                        raise RuntimeError("the teacher call ran the student UNet")
-                    check_finite(out, "the teacher's latents", idx)
-                    t1 = time.perf_counter()
-                    decoded = self._decode(self._teacher_any, out, idx)
-                    ledger.add("vae_decode", idx)
-                    for j, i in enumerate(idx):
-                        latents[i], images[i] = out[j:j + 1], decoded[j]
-                    timings["teacher"] += t1 - t0
-                    timings["decode"] += time.perf_counter() - t1
-                    if callback:
-                        callback("teacher", min(start + batch_size, len(todo)), len(todo))
-        total = time.perf_counter() - t_start
+        def draw(idx: list[int]) -> torch.Tensor:  # the student, from each image's initial noise
+            return self.student([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance,
+                                latents=noise[idx], generator=[gens[i] for i in idx], output_type="latent",
+                                **self._control_kwargs(self.student, controls, idx, c_scale)).images
+
+        def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
+            if mode in ("teacher", "refine-all"):
+                return list(range(n))
+            if mode == "adaptive":
+                return lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
+            return []
+
+        def improve(idx: list[int], latents: list) -> torch.Tensor:  # regenerate from the noise, or refine
+            ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
+            if regenerates:
+                self.teacher.scheduler = self._teacher_scheduler(t_sched)
+                return self.teacher(ps, num_inference_steps=t_steps, guidance_scale=t_guidance, latents=noise[idx],
+                                    generator=gs, output_type="latent",
+                                    **self._control_kwargs(self.teacher, controls, idx, c_scale)).images
+            self.teacher_img2img.scheduler = self._teacher_scheduler(t_sched)
+            start_image = torch.cat([latents[i] for i in idx])
+            if handoff == "pixel":
+                start_image = self._pixels(self.student, start_image, idx)
+                ledger.add("vae_encode", idx)
+            return self.teacher_img2img(ps, image=start_image, strength=refine.strength,
+                                        num_inference_steps=refine.num_inference_steps, guidance_scale=t_guidance,
+                                        generator=gs, output_type="latent",
+                                        **self._control_kwargs(self.teacher_img2img, controls, idx, c_scale)).images
+
+        run = self._phases(prompts, batch_size, ledger, None if mode == "teacher" else draw, to_teacher, improve,
+                           do_score, callback)
+        latents, images, scores, todo = run.latents, run.images, run.scores, run.improved
+        path = {"teacher": "teacher", "refine-all": "refined"}.get(mode, "refined" if strategy == "refine"
+                                                                  else "regenerated")
 
         todo_set = set(todo)
         records = []
@@ -917,9 +887,75 @@ class TandemPipeline:
         }
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale
-        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, refine, note)
+        summary = self._summary(records, settings, run.timings, run.seconds, student_cost, improve_cost, refine, note)
         return TandemOutput(_final(images, latents, output_type), records, summary,
-                            None if mode == "teacher" else student_images)
+                            None if mode == "teacher" else run.student_images)
+
+    def _phases(self, prompts: list[str], batch_size: int, ledger: CostLedger,
+                draw: Callable[[list[int]], torch.Tensor] | None, route: Callable[[np.ndarray], list[int]],
+                improve: Callable[[list[int], list], torch.Tensor], do_score: bool,
+                callback: Callable[[str, int, int], None] | None) -> Phases:
+        """Algorithm 1, shared by generation and editing, in batches of ``batch_size``:
+
+        1. the student phase: ``draw(idx)`` gives the student's latents of images ``idx`` (``draw`` None:
+           the teacher alone), decoded, and scored by the oracle where ``do_score``;
+        2. routing: ``route(scores)`` picks the images the teacher improves;
+        3. the teacher phase: ``improve(idx, latents)`` gives the teacher's latents of those images (from
+           each image's noise or student latent), decoded in place of the student's.
+
+        Every model call's UNet rows go to ``ledger`` (by role, per image), with the VAE decodes and the oracle
+        calls; ``callback(phase, done, total)`` follows each batch."""
+        n = len(prompts)
+        latents: list[torch.Tensor | None] = [None] * n
+        images: list[np.ndarray | None] = [None] * n
+        student_images: list[np.ndarray | None] = [None] * n
+        scores = np.full(n, np.nan)
+        timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
+        t_start = time.perf_counter()
+        with ledger.counting():
+            for done, idx in enumerate([] if draw is None else
+                                       [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]):
+                t0 = time.perf_counter()
+                before = {role: ledger.rows(role) for role in ("student", "controlnet")}
+                out = draw(idx)
+                for role, rows in before.items():
+                    ledger.charge(role, idx, rows)
+                check_finite(out, "the student's latents", idx)
+                t1 = time.perf_counter()
+                decoded = self._decode(self.student, out, idx)
+                ledger.add("vae_decode", idx)
+                t2 = time.perf_counter()
+                for j, i in enumerate(idx):
+                    latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
+                if do_score:
+                    scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx], idx)
+                    ledger.add("oracle", idx)
+                timings["student"] += t1 - t0
+                timings["decode"] += t2 - t1
+                timings["oracle"] += time.perf_counter() - t2
+                if callback:
+                    callback("student", min((done + 1) * batch_size, n), n)
+            improved = route(scores)
+            for start in range(0, len(improved), batch_size):
+                idx = improved[start:start + batch_size]
+                t0 = time.perf_counter()
+                before = {role: ledger.rows(role) for role in ("teacher", "student", "controlnet")}
+                out = improve(idx, latents)
+                ledger.charge("teacher", idx, before["teacher"])
+                ledger.charge("controlnet", idx, before["controlnet"])
+                if ledger.rows("student") != before["student"] and self.student.unet is not self._teacher_any.unet:
+                    raise RuntimeError("the teacher call ran the student UNet")
+                check_finite(out, "the teacher's latents", idx)
+                t1 = time.perf_counter()
+                decoded = self._decode(self._teacher_any, out, idx)
+                ledger.add("vae_decode", idx)
+                for j, i in enumerate(idx):
+                    latents[i], images[i] = out[j:j + 1], decoded[j]
+                timings["teacher"] += t1 - t0
+                timings["decode"] += time.perf_counter() - t1
+                if callback:
+                    callback("teacher", min(start + batch_size, len(improved)), len(improved))
+        return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start)
 
     @staticmethod
     def _refuse_in_mixed(handoff: str, **given) -> None:
@@ -1072,78 +1108,40 @@ class TandemPipeline:
         noised, teacher_noised = torch.cat(noised), torch.cat(teacher_noised)
 
         ledger = CostLedger(n, self._counted_modules())
-        latents: list[torch.Tensor | None] = [None] * n
-        images: list[np.ndarray | None] = [None] * n
-        student_images: list[np.ndarray | None] = [None] * n
-        scores = np.full(n, np.nan)
-        t_start = time.perf_counter()
-        timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
-        with ledger.counting():
-            if mode != "teacher":
-                original = self.student.scheduler
-                self.student.scheduler = copy.deepcopy(original)
-                try:
-                    for done, idx in enumerate(chunks):
-                        t0 = time.perf_counter()
-                        before = ledger.rows("student")
-                        out = self.student([prompts[i] for i in idx], timesteps=student_ts, guidance_scale=guidance,
-                                           latents=noised[idx], generator=[gens[i] for i in idx],
-                                           output_type="latent").images
-                        ledger.charge("student", idx, before)
-                        check_finite(out, "the student's latents", idx)
-                        t1 = time.perf_counter()
-                        decoded = self._decode(self.student, out, idx)
-                        t2 = time.perf_counter()
-                        for j, i in enumerate(idx):
-                            latents[i], images[i], student_images[i] = out[j:j + 1], decoded[j], decoded[j]
-                        if do_score:
-                            scores[idx] = self._score([images[i] for i in idx], [prompts[i] for i in idx], idx)
-                        timings["student"] += t1 - t0
-                        timings["decode"] += t2 - t1
-                        timings["oracle"] += time.perf_counter() - t2
-                        if callback:
-                            callback("student", min((done + 1) * batch_size, n), n)
-                finally:
-                    self.student.scheduler = original
-            if mode == "teacher":
-                todo = list(range(n))
-            elif mode == "adaptive":
-                todo = lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
-            else:
-                todo = []
-            for done, start in enumerate(range(0, len(todo), batch_size)):
-                idx = todo[start:start + batch_size]
-                t0 = time.perf_counter()
-                before = ledger.rows("teacher")
-                self.teacher.scheduler = copy.deepcopy(base)
-                out = self.teacher([prompts[i] for i in idx], timesteps=teacher_ts, guidance_scale=t_guidance,
-                                   latents=teacher_noised[idx], generator=[gens[i] for i in idx],
-                                   output_type="latent").images
-                ledger.charge("teacher", idx, before)
-                check_finite(out, "the teacher's latents", idx)
-                t1 = time.perf_counter()
-                decoded = self._decode(self.teacher, out, idx)
-                for j, i in enumerate(idx):
-                    latents[i], images[i] = out[j:j + 1], decoded[j]
-                timings["teacher"] += t1 - t0
-                timings["decode"] += time.perf_counter() - t1
-                if callback:
-                    callback("teacher", min(start + batch_size, len(todo)), len(todo))
-        total = time.perf_counter() - t_start
+        ledger.add("vae_encode", list(range(n)))  # each input, once
 
-        todo_set = set(todo)
+        def draw(idx: list[int]) -> torch.Tensor:  # the student, from the noised inputs on its img2img schedule
+            return self.student([prompts[i] for i in idx], timesteps=student_ts, guidance_scale=guidance,
+                                latents=noised[idx], generator=[gens[i] for i in idx], output_type="latent").images
+
+        def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
+            if mode == "teacher":
+                return list(range(n))
+            if mode == "adaptive":
+                return lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
+            return []
+
+        def improve(idx: list[int], _latents) -> torch.Tensor:  # the teacher edits the same noised input
+            self.teacher.scheduler = copy.deepcopy(base)
+            return self.teacher([prompts[i] for i in idx], timesteps=teacher_ts, guidance_scale=t_guidance,
+                                latents=teacher_noised[idx], generator=[gens[i] for i in idx],
+                                output_type="latent").images
+
+        original = self.student.scheduler
+        self.student.scheduler = copy.deepcopy(original)
+        try:
+            run = self._phases(prompts, batch_size, ledger, None if mode == "teacher" else draw, to_teacher, improve,
+                               do_score, callback)
+        finally:
+            self.student.scheduler = original
+        improved = set(run.improved)
         path = "teacher" if mode == "teacher" else "regenerated"
         records = []
         for i in range(n):
-            taken = "student" if mode == "student" else (path if i in todo_set else "accepted")
-            records.append({
-                "index": i, "prompt": prompts[i], "path": taken,
-                "prompt_seed": prompt_seed(seed, i) if generator is None else None,
-                "student_score": None if np.isnan(scores[i]) else float(scores[i]),
-                "tau": tau,
-                "edit_strength": strength, "start_timestep": int(student_ts[0]),
-                "unet_evals": ledger.unet_evals(i),
-            })
+            taken = "student" if mode == "student" else (path if i in improved else "accepted")
+            records.append({**image_record(i, prompts[i], taken, prompt_seed(seed, i) if generator is None else None,
+                                           ledger, run.scores[i], tau),
+                            "edit_strength": strength, "start_timestep": int(student_ts[0])})
         settings = {
             "task": "edit", "mode": mode, "edit_strength": strength, "num_inference_steps": steps,
             "guidance_scale": guidance, "student_timesteps": [int(t) for t in student_ts],
@@ -1151,9 +1149,9 @@ class TandemPipeline:
             "teacher_guidance_scale": t_guidance, "teacher_scheduler": t_sched, "strategy": "regenerate",
             "accept_threshold": tau, "percentile": k, "budget": budget, "routing": routing,
         }
-        summary = self._summary(records, settings, timings, total, student_cost, improve_cost, None, note)
-        return TandemOutput(_final(images, latents, output_type), records, summary,
-                            None if mode == "teacher" else student_images)
+        summary = self._summary(records, settings, run.timings, run.seconds, student_cost, improve_cost, None, note)
+        return TandemOutput(_final(run.images, run.latents, output_type), records, summary,
+                            None if mode == "teacher" else run.student_images)
 
     def calibrate_edits(self, images, prompts: Sequence[str], strength: float | None = None,
                         num_inference_steps: int | None = None, guidance_scale: float | None = None,
