@@ -184,13 +184,9 @@ class Calibration:
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        from .outputs import atomic_write_text
+        from .outputs import write_json_file
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+        write_json_file(path, self.to_json(), overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
