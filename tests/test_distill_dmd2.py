@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from distilltools import assert_ddp_matches_accumulation, encode_text
 from safetensors.torch import load_file
 
+from tandem.checks import NonFiniteError
 from tandem.distill.data import WorldSource
 from tandem.distill.dmd2 import (
     Critic,
@@ -294,15 +295,15 @@ def test_each_update_is_the_gradient_of_its_own_loss_and_the_teacher_never_moves
         assert all(not p.requires_grad for p in module.parameters())
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(teacher):
+def test_a_non_finite_loss_stops_the_run_naming_the_step(teacher, tmp_path):
     method = _method(teacher, steps=1)
+    trainer = Trainer(method, WorldSource(0), TrainerConfig(max_steps=18, batch_size=2), tmp_path / "run")
     with torch.no_grad():
         method.critic.unet.conv_out.bias.fill_(float("nan"))
-    batch = WorldSource(seed=0).batch(0, 2)
-    ctx = _ctx(0, student=method.student, critic=method.critic)
-    ctx.step = 17
-    with pytest.raises(FloatingPointError, match=r"critic's loss is nan at step 17"):
-        method.step(batch, "critic", ctx)
+    student_before = [p.detach().clone() for p in method.student.parameters()]
+    with pytest.raises(NonFiniteError, match=r"dmd2 diverged: the critic's loss is nan at step 17; .*critic-updates"):
+        trainer.train_step(17)
+    assert all(torch.equal(a, b) for a, b in zip(method.student.parameters(), student_before))
 
 
 # -- a run: the update ratio, resume ----------------------------------------------------------------------

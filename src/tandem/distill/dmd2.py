@@ -221,6 +221,7 @@ class DMD2Distillation:
     """
 
     name = "dmd2"
+    divergence_hint = "resume from the last checkpoint with a lower --lr, fewer --critic-updates or a lower --gan-weight"
     uses_data = True
 
     def __init__(self, teacher, cfg: DMD2Config, default_guidance: float | None = None, seed: int = 0,
@@ -426,10 +427,6 @@ class DMD2Distillation:
             raise ValueError(f"dmd2 trains 'student' and 'critic', not {update!r}")
         if self.ddil is not None:
             losses |= self.ddil.last_log
-        for key, value in losses.items():
-            if not bool(torch.isfinite(value).all()):
-                raise FloatingPointError(f"dmd2: the {update}'s {key} is {float(value.detach())} at step {ctx.step}; the run "
-                                         "diverged (try a lower --lr, fewer --critic-updates or a lower --gan-weight)")
         return losses
 
 

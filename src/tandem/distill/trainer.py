@@ -471,6 +471,7 @@ class Trainer:
                         losses = self.method.step(batch, name, ctx)
                     if "loss" not in losses:
                         raise KeyError(f"method {self.method.name}: step() must return a 'loss' for {name}")
+                    self._check_finite(losses, name, step)
                     acc.backward(losses["loss"] / cfg.grad_accum)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -488,6 +489,17 @@ class Trainer:
             values = acc.reduce(torch.tensor([logged[k] for k in keys], device=acc.device), reduction="mean")
             logged = dict(zip(keys, values.tolist()))
         return logged
+
+    def _check_finite(self, losses: dict, name: str, step: int) -> None:
+        """Stop the run at the first non-finite loss, naming it (before it reaches any weight); the method's
+        ``divergence_hint`` says what to try."""
+        from ..checks import NonFiniteError
+
+        for key, value in losses.items():
+            if not bool(torch.isfinite(value.detach()).all()):
+                hint = getattr(self.method, "divergence_hint", "resume from the last checkpoint with a lower --lr")
+                raise NonFiniteError(f"{self.method.name} diverged: the {name}'s {key} is {float(value.detach())} at "
+                                     f"step {step}; {hint}")
 
     def _clipped(self, name: str) -> list[nn.Parameter]:
         """The parameters whose gradients ``name``'s clipping measures: those its optimizer steps, in the
