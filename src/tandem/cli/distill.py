@@ -124,9 +124,10 @@ def distill_command(name: str):
 def _report(method: str, run: RunOptions, steps: int, student: Path, t0: float, try_steps: int) -> None:
     log_path = run.out / "log.jsonl"  # absent when a resumed run had nothing left to train and its log was removed
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
-    last = log[-1] if log else {}
-    console.print(f"{method} student: {steps} steps ({time.time() - t0:.0f}s in this call), "
-                  f"last loss {last.get('loss', float('nan')):.5f} -> {student}")
+    # the last logged value of each loss (several networks log theirs as NETWORK/loss, each on its own steps)
+    last = {k: v for row in log for k, v in row.items() if k == "loss" or k.endswith("/loss")}
+    losses = ", ".join(f"{k} {v:.5f}" for k, v in sorted(last.items())) or "no loss logged"
+    console.print(f"{method} student: {steps} steps ({time.time() - t0:.0f}s in this call), last {losses} -> {student}")
     console.print(f"try it: tandem generate --model {run.teacher} --mode student --student {student} "
                   f"--student-steps {try_steps} 'PROMPT' --out OUT")
 
