@@ -21,16 +21,9 @@ from distilltools import assert_ddp_matches_accumulation, encode_text
 from safetensors.torch import load_file
 
 from tandem.checks import NonFiniteError
+from tandem.distill.critic import Critic, bottleneck_features, check_bottleneck_unet
 from tandem.distill.data import WorldSource
-from tandem.distill.dmd2 import (
-    Critic,
-    DMD2Config,
-    DMD2Distillation,
-    bottleneck_features,
-    check_bottleneck_unet,
-    distill_dmd2,
-    export_student,
-)
+from tandem.distill.dmd2 import DMD2Config, DMD2Distillation, distill_dmd2, export_student
 from tandem.distill.trainer import Trainer, TrainerConfig, _name_key
 from tandem.generate import derive_seed
 from tandem.students import load_student, read_student_info

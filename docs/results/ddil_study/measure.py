@@ -65,6 +65,17 @@ def stability(log: Path) -> dict:
     return out
 
 
+def mixed_runs(mx: Path) -> list[dict]:
+    """The covariate-shift study's judgements (``table7.sh``: runs/study/mx/RUN-CHOICE/judge.json)."""
+    rows = []
+    for judge in sorted(mx.glob("*/judge.json")):
+        run, _, choice = judge.parent.name.rpartition("-")
+        data = json.loads(judge.read_text())
+        rows.append({"run": run, "teacher": choice, "n": data["n"], "accuracy": data["accuracy"],
+                     "unet_evals_mean": data["unet_evals_mean"]})
+    return rows
+
+
 def plot_losses(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -109,6 +120,13 @@ def main(runs: Path, evals: Path, out: Path) -> None:
                 rows.append({"run": run, "method": method, "variant": variant, "finished": False,
                              "stability": stability(runs / run / "log.jsonl")})
             continue
+        cached = evals / "measure" / f"{run}.json"  # a run's numbers, kept between calls (the runs end one by one)
+        if cached.exists():
+            rows.append(json.loads(cached.read_text()))
+            continue
+        if not (evals / f"{run}-test" / "results.json").exists():
+            print(f"{run}: not evaluated yet", flush=True)
+            continue
         pipe = load_student_pipeline(spec, runs / run / "student")
         settings = StudentSettings(STEPS, scale)
         draw = lambda p, s, pipe=pipe, settings=settings: np.stack(generate_student(pipe, p, settings, s))
@@ -121,6 +139,8 @@ def main(runs: Path, evals: Path, out: Path) -> None:
                      "frechet_distance": frechet_distance(features(draw(prompts, 0)), reference),
                      "diversity": diversity(np.stack(seeds, axis=1)),
                      "stability": stability(runs / run / "log.jsonl"), "train_config": train_config})
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(rows[-1]) + "\n")
         print({k: v for k, v in rows[-1].items() if k not in ("stability", "train_config")}, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     plot_losses(rows, out / "losses.png")
@@ -129,7 +149,7 @@ def main(runs: Path, evals: Path, out: Path) -> None:
         "steps": STEPS, "prompts": "test (1000)",
         "diversity_prompts": DIVERSITY_PROMPTS, "seeds": list(SEEDS), "features": "world CLIP image tower",
         "reference": "exact renderings of the test prompts (seed 0)", "seconds": time.time() - t0,
-        "rows": rows}, indent=1) + "\n")
+        "rows": rows, "mixed": mixed_runs(runs / "mx")}, indent=1) + "\n")
     lines = ["| method | variant | guidance | test accuracy | Fréchet distance | diversity | final loss (mean ± sd) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
