@@ -13,7 +13,7 @@ from test_tandem_pipeline import PROMPTS, world_pipeline
 
 from tandem.eval.experiments import BudgetConfig, budget
 from tandem.eval.judges import ExactJudge, Measures
-from tandem.routes import Route, RouteTable, RoutesMismatch
+from tandem.routes import Route, RoutesMismatch, RouteTable
 from tandem.world.checker import check_batch
 
 
@@ -104,3 +104,20 @@ def test_eval_routes_refuses_the_test_prompts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r.json").exists()
     assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", "a red circle", "--routes", tmp_path / "x",
                                         "--out", tmp_path / "g"), "--routes goes with --mode adaptive and --budget")
+
+
+def test_the_world_ships_a_route_table_for_its_preset(tmp_path, capsys, monkeypatch):
+    from tandem.presets import compose, load_preset
+
+    pipe = load_preset("world")
+    assert pipe.routes is not None and pipe.routes.config["prompts"] == "val"
+    pipe.routes.check(pipe.route_fingerprint(int(pipe.defaults["num_inference_steps"])))  # made for this preset
+    assert load_preset(compose("world", student="cd")).routes is None  # another student: not its table
+    out = tmp_path / "gen"
+    from clitools import ok
+
+    ok(tandem_in_process(capsys, monkeypatch, "generate", "a red circle", "a blue square", "--mode", "adaptive",
+                         "--budget", 15, "--out", out))
+    config = json.loads((out / "config.json").read_text())
+    chosen = pipe.routes.choose(15)
+    assert config["route"] == {**chosen.__dict__} and config["strategy"] == chosen.strategy

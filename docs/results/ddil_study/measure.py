@@ -1,7 +1,7 @@
 """DDIL's Table 2/3 on the world: each study run's 4-step student measured beside the others.
 
-For every run of ``run.sh`` (baseline, + reflected, + reflected + DDIL for progressive, consistency and
-DMD2 distillation, and DMD2 at batch 7):
+For every run of ``run.sh`` (baseline, + reflected, + reflected + DDIL for progressive and consistency
+distillation, and for DMD2 at batch 7):
 
 * accuracy (the exact checker) on the 1000 test prompts (``tandem world evaluate`` results; sampling seeds
   0 and 1 where both were run, the table giving their mean), at the
@@ -33,10 +33,8 @@ RUNS = {
     "cd-base": ("consistency", "baseline", 6.0),
     "cd-refl": ("consistency", "+ reflected", 6.0),
     "cd-refl-ddil": ("consistency", "+ reflected + DDIL", 6.0),
-    "dmd2-base": ("dmd2", "baseline", 1.0),
-    "dmd2-refl": ("dmd2", "+ reflected", 1.0),
-    "dmd2-refl-ddil": ("dmd2", "+ reflected + DDIL", 1.0),
     "dmd2-b7-base": ("dmd2, batch 7", "baseline", 1.0),
+    "dmd2-b7-refl": ("dmd2, batch 7", "+ reflected", 1.0),
     "dmd2-b7-refl-ddil": ("dmd2, batch 7", "+ reflected + DDIL", 1.0),
 }
 STEPS = 4

@@ -264,6 +264,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
         output.write_config({
             "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
             "calibration": str(calibration) if calibration else preset.calibration,
+            "routes": str(routes) if routes else (preset.routes if pipe.routes is not None else None),
             "control_images": [str(c) for c in control_image or []] or None,
             **summary["settings"], "seed": seed, "batch_size": batch_size,
             "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
