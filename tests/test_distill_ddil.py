@@ -73,6 +73,18 @@ def _ddim(teacher, steps: int, **kwargs) -> DDIMScheduler:
     return ddim
 
 
+def _step_latents(pipe, prompts: list[str], **kwargs) -> list[torch.Tensor]:
+    """The latents after each step of a diffusers pipeline's call."""
+    states = []
+
+    def keep(pipeline, i, t, step_kwargs):
+        states.append(step_kwargs["latents"].clone())
+        return step_kwargs
+
+    pipe(prompts, output_type="latent", callback_on_step_end=keep, **kwargs)
+    return states
+
+
 def _randn(*shape, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -196,14 +208,7 @@ def test_student_backward_is_the_exported_progressive_students_pipeline(teacher,
                               optimisation_steps=1)
     pipe = load_student(path, teacher)
     z, scale = _randn(2, 4, 8, 8, seed=3), 4.0
-    states = []
-
-    def keep(pipeline, i, t, kwargs):
-        states.append(kwargs["latents"].clone())
-        return kwargs
-
-    pipe(CAPTIONS[:2], num_inference_steps=4, guidance_scale=scale, latents=z.clone(), output_type="latent",
-         callback_on_step_end=keep)
+    states = _step_latents(pipe, CAPTIONS[:2], num_inference_steps=4, guidance_scale=scale, latents=z.clone())
     grid = trailing_timesteps(4)
     sampler = DDILSampler(DDILSpec.parse("student=1"), schedule)
     student = Denoiser(partial(method.sampled_x0, w_student), grid)
@@ -226,14 +231,8 @@ def test_student_backward_is_the_exported_consistency_students_pipeline(teacher,
     pipe = load_student(path, teacher)
     assert isinstance(pipe, LatentConsistencyModelPipeline)
     z, scale = _randn(1, 4, 8, 8, seed=4), 5.0
-    states = []
-
-    def keep(pipeline, i, t, kwargs):
-        states.append(kwargs["latents"].clone())
-        return kwargs
-
-    pipe(CAPTIONS[:1], num_inference_steps=4, guidance_scale=scale, latents=z.clone(), output_type="latent",
-         generator=torch.Generator().manual_seed(9), callback_on_step_end=keep)
+    states = _step_latents(pipe, CAPTIONS[:1], num_inference_steps=4, guidance_scale=scale, latents=z.clone(),
+                           generator=torch.Generator().manual_seed(9))
     lcm_grid = pipe.scheduler.timesteps.tolist()
     sampler = DDILSampler(DDILSpec.parse("student=1"), schedule)
     student = Denoiser(partial(method.sampled_x0, w_student), lcm_grid, stochastic=True)

@@ -113,6 +113,9 @@ def test_the_world_ships_a_route_table_for_its_preset(tmp_path, capsys, monkeypa
     assert pipe.routes is not None and pipe.routes.config["prompts"] == "val"
     pipe.routes.check(pipe.route_fingerprint(int(pipe.defaults["num_inference_steps"])))  # made for this preset
     assert load_preset(compose("world", student="cd")).routes is None  # another student: not its table
+    from tandem.presets import world_calibration_path
+
+    assert load_preset("world", calibration=world_calibration_path()).routes is None  # a calibration of one's own
     out = tmp_path / "gen"
     from clitools import ok
 

@@ -228,6 +228,24 @@ def lowest_scores(scores: np.ndarray, m: int) -> list[int]:
     return sorted(int(i) for i in order[:m])
 
 
+@dataclass(frozen=True)
+class Cutoff:
+    """How a call picks the images the teacher improves (:meth:`TandemPipeline._cutoff`): in adaptive mode
+    those scoring below ``tau`` (given, or the calibration's percentile ``k``; ``note`` where tied scores send
+    another share), or under budget-exact routing exactly the ``exact`` lowest-scoring."""
+
+    routing: str
+    tau: float | None = None
+    k: float | None = None
+    note: str | None = None
+    exact: int | None = None
+
+    def improved(self, scores: np.ndarray) -> list[int]:
+        if self.exact is not None:
+            return lowest_scores(scores, self.exact)
+        return [i for i, score in enumerate(scores) if score < self.tau]
+
+
 def edit_timesteps(scheduler, steps: int, strength: float) -> list[int]:
     """The student's img2img timesteps at ``strength`` (diffusers' convention; ``scheduler`` is not modified):
     an LCM scheduler picks ``steps`` of its skipping schedule truncated at ``strength``, any other runs the
@@ -766,7 +784,7 @@ class TandemPipeline:
                                             rollback_convention, accept_threshold, percentile))):
             # a budget alone: the route table's best settings at that cost (explicit settings opt out)
             self.routes.check(self.route_fingerprint(steps, guidance, teacher_guidance_scale))
-            route = self.routes.choose(finite_number(budget, "budget", low=0, low_open=True))
+            route = self.routes.choose(budget)
             if route is not None and route.strategy is None:  # the student alone is the best at this budget
                 accept_threshold = float("-inf")
             elif route is not None:
@@ -806,15 +824,9 @@ class TandemPipeline:
         teacher_step_cost = unet_evals_per_step(self._teacher_any, t_guidance)
         improve_cost = (refine.steps if refine is not None else t_steps) * teacher_step_cost
 
-        routing = self._routing(routing, mode)
-        tau, k, note, exact = None, None, None, None
-        if mode == "adaptive" and routing == "budget-exact":
-            exact = budget_exact_count(len(prompts), budget, student_cost, improve_cost, accept_threshold, percentile)
-        elif mode == "adaptive":
-            tau, k, note = self._threshold(accept_threshold, percentile, None if route else budget, steps, guidance,
-                                           student_cost, improve_cost)
-        elif any(v is not None for v in (accept_threshold, percentile, budget)):
-            raise ValueError(NOT_ADAPTIVE.format(mode=mode))
+        cut = self._cutoff(mode, routing, len(prompts), accept_threshold, percentile, None if route else budget,
+                           steps, guidance, student_cost, improve_cost)
+        tau, k, note, routing = cut.tau, cut.k, cut.note, cut.routing
         do_score = mode == "adaptive" or bool(score)
         if do_score and self.scorer is None:
             raise ValueError(NO_SCORER)
@@ -836,9 +848,7 @@ class TandemPipeline:
         def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
             if mode in ("teacher", "refine-all"):
                 return list(range(n))
-            if mode == "adaptive":
-                return lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
-            return []
+            return cut.improved(scores) if mode == "adaptive" else []
 
         def improve(idx: list[int], latents: list) -> torch.Tensor:  # regenerate from the noise, or refine
             ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
@@ -1071,16 +1081,9 @@ class TandemPipeline:
         teacher_ts = teacher_edit_timesteps(base, student_ts[0], t_steps)
         student_cost = len(student_ts) * unet_evals_per_step(self.student, guidance)
         improve_cost = len(teacher_ts) * unet_evals_per_step(self.teacher, t_guidance)
-        routing = self._routing(routing, mode)
-        tau, k, note, exact = None, None, None, None
-        task = {"edit_strength": strength}
-        if mode == "adaptive" and routing == "budget-exact":
-            exact = budget_exact_count(n, budget, student_cost, improve_cost, accept_threshold, percentile)
-        elif mode == "adaptive":
-            tau, k, note = self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
-                                           improve_cost, calibration=calibration, task=task)
-        elif any(v is not None for v in (accept_threshold, percentile, budget)):
-            raise ValueError(NOT_ADAPTIVE.format(mode=mode))
+        cut = self._cutoff(mode, routing, n, accept_threshold, percentile, budget, steps, guidance, student_cost,
+                           improve_cost, calibration=calibration, task={"edit_strength": strength})
+        tau, k, note, routing = cut.tau, cut.k, cut.note, cut.routing
         do_score = mode == "adaptive" or bool(score)
         if do_score and self.scorer is None:
             raise ValueError(NO_SCORER)
@@ -1117,9 +1120,7 @@ class TandemPipeline:
         def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
             if mode == "teacher":
                 return list(range(n))
-            if mode == "adaptive":
-                return lowest_scores(scores, exact) if exact is not None else [i for i in range(n) if scores[i] < tau]
-            return []
+            return cut.improved(scores) if mode == "adaptive" else []
 
         def improve(idx: list[int], _latents) -> torch.Tensor:  # the teacher edits the same noised input
             self.teacher.scheduler = copy.deepcopy(base)
@@ -1195,6 +1196,23 @@ class TandemPipeline:
             raise ValueError(f"routing={routing!r} (--budget-exact) applies to mode='adaptive', not {mode!r}")
         return routing
 
+    def _cutoff(self, mode: str, routing: str | None, n: int, accept_threshold, percentile, budget, steps: int,
+                guidance: float, student_cost: float, improve_cost: float, calibration: Calibration | None = None,
+                task: dict | None = None) -> Cutoff:
+        """The :class:`Cutoff` of a call of ``n`` images (generation, or an edit's ``task``): its routing checked,
+        and in adaptive mode tau (:meth:`_threshold`) or the budget-exact count; the adaptive arguments given in
+        another mode are refused."""
+        routing = self._routing(routing, mode)
+        if mode != "adaptive":
+            if any(v is not None for v in (accept_threshold, percentile, budget)):
+                raise ValueError(NOT_ADAPTIVE.format(mode=mode))
+            return Cutoff(routing)
+        if routing == "budget-exact":
+            return Cutoff(routing, exact=budget_exact_count(n, budget, student_cost, improve_cost, accept_threshold,
+                                                            percentile))
+        return Cutoff(routing, *self._threshold(accept_threshold, percentile, budget, steps, guidance, student_cost,
+                                                improve_cost, calibration=calibration, task=task))
+
     def _threshold(self, accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost,
                    calibration: Calibration | None = None, task: dict | None = None):
         """(tau, k, note): the cut-off of an adaptive call, the percentile it came from (None for a given
@@ -1231,7 +1249,7 @@ class TandemPipeline:
         if note is not None:
             note = (f"percentile {k:g}: {note}" if budget is None else
                     f"budget {budget:g} asks for percentile {k:.1f}: {note}; the run spends less than the budget")
-            warnings.warn(note, CalibrationTieWarning, stacklevel=3)
+            warnings.warn(note, CalibrationTieWarning, stacklevel=4)
         return calibration.threshold(k), float(k), note
 
     def _counted_modules(self) -> dict[str, torch.nn.Module]:

@@ -393,9 +393,12 @@ def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.f
 def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = torch.float32, scorer=None,
                 calibration: Calibration | str | Path | None = None, routes=None):
     """Build a ``TandemPipeline`` from a preset name (or a ``Preset``). ``scorer``/``calibration``/``routes``
-    override the preset's (a calibration or route table may be given as a file path)."""
+    override the preset's (a calibration or route table may be given as a file path; a calibration given
+    without a route table drops the preset's, whose percentiles refer to the preset's calibration)."""
     from .pipeline import TandemPipeline
     from .scorers import load_scorer
+
+    given_calibration = calibration
 
     preset = name if isinstance(name, Preset) else PRESETS.get(name)
     if preset is None:
@@ -427,7 +430,8 @@ def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = to
         path = _world_file(spec)
         if path.exists():
             pipe.edit_calibrations[float(strength)] = Calibration.load(path)
-    if routes is None and preset.routes and not preset.controlnet:
+    # the preset's route table refers to the preset's calibration: a calibration given here drops it
+    if routes is None and preset.routes and not preset.controlnet and given_calibration is None:
         path = _world_file(preset.routes)
         routes = path if path.exists() or not preset.routes.startswith("world:") else None
     if routes is not None:

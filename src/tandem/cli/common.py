@@ -263,8 +263,6 @@ def _tandem_pipeline(preset, device: str, calibration: Path | None = None, route
     from ..presets import load_preset
 
     pipe = load_preset(preset, device=device, calibration=calibration, routes=routes)
-    if calibration is not None and routes is None:
-        pipe.routes = None
     own = [name.replace("_", " ") for name in pipe.student_own_components]
     if own:
         console.print(f"note: student {preset.student} brings its own {' and '.join(own)}: the student draws with "

@@ -77,6 +77,20 @@ def _eval_measures(world: bool, model: str, judge: str | None, features: str | N
                  "--judge/--features/--clip-score/--reference/--fid")
 
 
+def _prompt_list(which: str, world: bool, model: str, flag: str = "--prompts") -> list[str]:
+    """'val' or 'test' (the world's fixed lists), or a prompts file (world captions checked on the world)."""
+    from ..world.prompts import load_prompts
+
+    if which in ("val", "test"):
+        if not world:
+            raise UserError(f"{flag} {which} is a ShapesWorld list; give --model {model} a prompts file")
+        return load_prompts(which)
+    prompts = _collect_prompts(None, Path(which))
+    if world:
+        _check_world_prompts(prompts)
+    return prompts
+
+
 def _load(make, what: str):
     try:
         return make()
@@ -93,7 +107,6 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
 
     from ..eval import experiments
     from ..eval.judges import quality
-    from ..world.prompts import load_prompts
 
     if n is not None and n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
@@ -103,14 +116,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     _check_composition(preset, "eval", calibration)
     world = preset.teacher == "world"
     _check_eval_out(out, resume)
-    if prompts_name in ("val", "test"):
-        if not world:
-            raise UserError(f"--prompts {prompts_name} is a ShapesWorld list; give --model {model} a prompts file")
-        prompts = load_prompts(prompts_name)
-    else:
-        prompts = _collect_prompts(None, Path(prompts_name))
-        if world:
-            _check_world_prompts(prompts)
+    prompts = _prompt_list(prompts_name, world, model)
     prompts = prompts[:n] if n is not None else prompts
     measures = _eval_measures(world, preset.name, judge, features, clip_score, reference, device, fid)
     needs_table = experiment in (Experiment.budget, Experiment.oracle, Experiment.diversity)
@@ -235,7 +241,6 @@ def eval_students(
 
     from ..eval.students import StudentsConfig, students
     from ..models import resolve_model
-    from ..world.prompts import load_prompts
 
     if n is not None and n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
@@ -249,8 +254,9 @@ def eval_students(
         if not Path(path).is_file():
             raise UserError(f"--calibration {item!r}: {path} does not exist; make it with `tandem calibrate`")
         tables[name] = Path(path)
+    teacher = _compose(model).teacher
     try:
-        shipped = resolve_model(_compose(model).teacher).students
+        shipped = resolve_model(teacher).students
     except (ValueError, FileNotFoundError):
         shipped = {}
     names = list(student or [name for name, s in shipped.items() if s.calibration])
@@ -261,20 +267,9 @@ def eval_students(
         raise UserError(f"--student: each student once, got {names}")
     if unknown := set(tables) - set(names):
         raise UserError(f"--calibration for {sorted(unknown)}, which is not among the --student list {names}")
-    world = _compose(model).teacher == "world"
-
-    def prompt_list(which: str) -> list[str]:
-        if which in ("val", "test"):
-            if not world:
-                raise UserError(f"'{which}' is a ShapesWorld list; give --model {model} a prompts file")
-            return load_prompts(which)
-        listed = _collect_prompts(None, Path(which))
-        if world:
-            _check_world_prompts(listed)
-        return listed
-
-    reported = prompt_list(prompts)[:n]
-    choice = None if choose_on == "none" else prompt_list(choose_on)
+    world = teacher == "world"
+    reported = _prompt_list(prompts, world, model)[:n]
+    choice = None if choose_on == "none" else _prompt_list(choose_on, world, model, "--choose-on")
     if choice is not None and choose_on == prompts:
         raise UserError(f"--choose-on {choose_on} is the reported list itself; choose on other prompts, or say "
                         "--choose-on none to read the envelope off the reported prompts")
@@ -374,19 +369,13 @@ def eval_control(
     """ControlNet generation in tandem: the student, the teacher, refine-all and the adaptive pipeline with
     one ControlNet in both, on captions with exact control images (paper section 4.3, D.6)."""
     from ..eval import tasks
-    from ..world.prompts import load_prompts
 
     if model != "world":
         raise UserError(f"`tandem eval control` judges with ShapesWorld's exact checker: --model world "
                         f"(got {model!r})")
     if n is not None and n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    if prompts in ("val", "test"):
-        captions = load_prompts(prompts)
-    else:
-        captions = _collect_prompts(None, Path(prompts))
-        _check_world_prompts(captions)
-    captions = captions[:n]
+    captions = _prompt_list(prompts, True, model)[:n]
     pipe = _tandem_pipeline(_compose(model, control=control), device)
     made_by = {"command": "eval control", "tandem_version": __version__, "model": model, "control": control,
                "prompts": prompts, "n": len(captions), "seed": seed, "batch_size": batch_size, "device": device}
