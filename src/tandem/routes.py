@@ -103,7 +103,9 @@ class RouteTable:
         fingerprint = pipe.route_fingerprint(steps)
         made_by = results.get("made_by", {})
         config = {"from": "tandem eval budget", "prompts": made_by.get("prompts"), "n": results["n_prompts"],
-                  "seed": results["seed"], "judge": results.get("judge"), "budget_command": made_by.get("command")}
+                  "seed": results["seed"], "judge": results.get("judge"), "budget_command": made_by.get("command"),
+                  "budget_made_by": {k: made_by.get(k) for k in ("model", "student", "scorer", "calibration",
+                                                                 "batch_size", "tandem_version")}}
         return cls(sorted(routes, key=lambda r: (r.cost, -r.quality)), fingerprint, config)
 
     def choose(self, budget: float) -> Route | None:

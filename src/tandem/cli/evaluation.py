@@ -419,6 +419,11 @@ def eval_routes(
         table = RouteTable.from_budget(results, pipe)
     except ValueError as e:
         raise UserError(f"{budget_run}: {e}") from None
+    table.config["command"] = (f"tandem eval routes {budget_run} --out {out}"
+                               + "".join(f" --{flag} {value}" for flag, value in (
+                                   ("model", model), ("preset", preset_file), ("student", student),
+                                   ("scorer", scorer), ("calibration", calibration)) if value is not None and
+                                   (flag, value) != ("model", "world")))
     table.save(out, overwrite=overwrite)
     console.print(f"{len(table.routes)} routes (cost {table.routes[0].cost:.1f} to {table.routes[-1].cost:.1f} UNet "
                   f"evaluations per image) -> {out}")
