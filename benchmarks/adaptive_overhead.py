@@ -5,9 +5,12 @@ model evaluation it makes (student and teacher UNets, text encoder, VAE decodes 
 oracle) with its exact inputs; then replays each recorded call alone, timed, in the same process.
 The overhead is the run's wall time over the sum of its replayed model evaluations, minus one
 (goal: <= 3%). The oracle's cost is its time per image over the time of one teacher step per
-image (one CFG-doubled UNet call; paper: < 0.1 for ImageReward vs SD).
+image (one CFG-doubled UNet call; paper: < 0.1 for ImageReward vs SD). ``--also-scorer SPEC``
+(repeatable) times other oracles on the very images and prompts the pipeline's oracle scored, in the
+same run, for a side-by-side cost.
 
     python benchmarks/adaptive_overhead.py [--prompts 200] [--batch-size 50] [--percentile 50]
+    python benchmarks/adaptive_overhead.py --also-scorer world-oracle:runs/oracle2/oracle
 
 Prints one JSON object (and writes it to ``--json`` if given).
 """
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--percentile", type=float, default=50.0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the result here")
+    parser.add_argument("--also-scorer", action="append", default=[],
+                        help="another oracle (a --scorer spec) timed on the same images and prompts")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +113,24 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_rows = rows.get("teacher_unet", 0)
     teacher_step_per_image = alone["teacher_unet"] / (teacher_rows / 2) if teacher_rows else None
     oracle_per_image = alone.get("oracle", 0.0) / n
+    also = {}
+    if args.also_scorer:
+        from tandem.scorers import load_scorer
+
+        oracle_calls = [(a, kw) for role, _, a, kw, _ in calls if role == "oracle"]
+        for spec in args.also_scorer:
+            other = load_scorer(spec)
+            pipe.scorer, own = other, pipe.scorer
+            with torch.no_grad():
+                pipe._score(*oracle_calls[0][0], **oracle_calls[0][1])  # warm-up
+                t0 = time.perf_counter()
+                for a, kw in oracle_calls:
+                    pipe._score(*a, **kw)
+                seconds = (time.perf_counter() - t0) / n
+            pipe.scorer = own
+            also[spec] = {"seconds_per_image": seconds, "cost_in_teacher_steps": (
+                seconds / teacher_step_per_image if teacher_step_per_image else None),
+                "ratio_to_pipeline_oracle": seconds / oracle_per_image if oracle_per_image else None}
     result = {
         "benchmark": "adaptive_overhead",
         "preset": args.preset,
@@ -127,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher_step_seconds_per_image": teacher_step_per_image,
         "oracle_cost_in_teacher_steps": (oracle_per_image / teacher_step_per_image
                                          if teacher_step_per_image else None),
+        "also_scorers": also,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),

@@ -262,7 +262,7 @@ def test_cli_refuses_bad_input_with_exit_status_2(tmp_path, capsys, monkeypatch)
         assert_user_error(tandem_in_process(capsys, monkeypatch, "world", "train", "oracle", "--out", out, *args),
                           *needles)
     assert_user_error(tandem_in_process(capsys, monkeypatch, "world", "train", "clip", "--out", out,
-                                        "--world", tmp_path), "--world", "oracle and the controlnet only")
+                                        "--world", tmp_path), "--world", "oracles and the controlnet only")
     assert not (out / "checkpoint").exists() and not (out / "train_config.json").exists()
 
 

@@ -132,6 +132,7 @@ class Phases:
     improved: list[int]
     timings: dict
     seconds: float
+    levels: list[list[int]] = field(default_factory=list)  # the images each student level drew (a cascade's)
 
 
 @dataclass
@@ -713,6 +714,7 @@ class TandemPipeline:
         controlnet_conditioning_scale: float | None = None,
         teacher_prob: float | None = None,
         teacher_at: Sequence[int] | None = None,
+        cascade=None,
     ) -> TandemOutput:
         """Generate one image per prompt.
 
@@ -738,6 +740,9 @@ class TandemPipeline:
             output_type: "np" (uint8 [H, W, 3]), "pil", or "latent".
             score: also score the student images outside adaptive mode (calibration does).
             callback: ``callback(phase, done, total)`` after each batch, for progress bars.
+            cascade: student levels before this student (adaptive mode; ``tandem.cascade``): a ``Cascade``
+                (their steps and thresholds; tau as usual for the last gate), or a ``CascadeTable`` with
+                ``budget`` alone, whose thresholds and teacher settings best fit the budget.
             control_image: with a ControlNet pipeline (``with_controlnet``), the control images: one
                 per prompt or one for all (PIL, uint8 [H, W, 3] arrays, or a float [B, 3, H, W] tensor in
                 [0, 1]); the same control conditions the student, the teacher and the refinement.
@@ -761,7 +766,7 @@ class TandemPipeline:
                                   control_image=control_image,
                                   controlnet_conditioning_scale=controlnet_conditioning_scale,
                                   accept_threshold=accept_threshold, percentile=percentile, budget=budget,
-                                  routing=routing)
+                                  routing=routing, cascade=cascade)
             from .mixed import generate_mixed
 
             return generate_mixed(self, prompts, teacher_prob=teacher_prob, teacher_at=teacher_at,
@@ -780,6 +785,7 @@ class TandemPipeline:
         guidance = self.student_guidance(guidance_scale)
         route = None
         if (mode == "adaptive" and budget is not None and self.routes is not None and routing in (None, "threshold")
+                and cascade is None
                 and all(v is None for v in (strategy, teacher_steps, teacher_scheduler, rollback_sigma,
                                             rollback_convention, accept_threshold, percentile))):
             # a budget alone: the route table's best settings at that cost (explicit settings opt out)
@@ -790,6 +796,16 @@ class TandemPipeline:
             elif route is not None:
                 strategy, teacher_scheduler = route.strategy, route.teacher_scheduler
                 teacher_steps, rollback_sigma, percentile = route.teacher_steps, route.rollback_sigma, route.percentile
+        cascade, chosen = self._cascade(cascade, mode, steps, guidance, teacher_guidance_scale, budget, routing,
+                                        dict(accept_threshold=accept_threshold, percentile=percentile,
+                                             strategy=strategy, teacher_steps=teacher_steps,
+                                             teacher_scheduler=teacher_scheduler, rollback_sigma=rollback_sigma,
+                                             rollback_convention=rollback_convention))
+        if chosen is not None:  # a cascade table's point at this budget: its last gate's tau and teacher settings
+            accept_threshold, budget = chosen.pop("tau"), None
+            strategy, teacher_steps = chosen["teacher"].get("strategy"), chosen["teacher"].get("teacher_steps")
+            teacher_scheduler = chosen["teacher"].get("teacher_scheduler")
+            rollback_sigma = chosen["teacher"].get("rollback_sigma")
         t_steps = count(self._setting("teacher_steps", teacher_steps, 25), "teacher_steps")
         t_guidance = self.teacher_guidance(teacher_guidance_scale)
         t_sched = self._setting("teacher_scheduler", teacher_scheduler, "dpm")
@@ -840,10 +856,20 @@ class TandemPipeline:
         noise = initial_latents(pipe0, seed, list(range(n)), gens)
         ledger = CostLedger(n, self._counted_modules())
 
-        def draw(idx: list[int]) -> torch.Tensor:  # the student, from each image's initial noise
-            return self.student([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance,
-                                latents=noise[idx], generator=[gens[i] for i in idx], output_type="latent",
-                                **self._control_kwargs(self.student, controls, idx, c_scale)).images
+        def draw_at(level_steps: int) -> Callable[[list[int]], torch.Tensor]:
+            def draw(idx: list[int]) -> torch.Tensor:  # the student, from each image's initial noise
+                return self.student([prompts[i] for i in idx], num_inference_steps=level_steps,
+                                    guidance_scale=guidance, latents=noise[idx], generator=[gens[i] for i in idx],
+                                    output_type="latent", **self._control_kwargs(self.student, controls, idx,
+                                                                                 c_scale)).images
+            return draw
+
+        def gate_at(threshold: float) -> Callable[[np.ndarray], list[int]]:  # below the level's threshold: on
+            return lambda level_scores: [int(j) for j in np.flatnonzero(~(level_scores >= threshold))]
+
+        draw = draw_at(steps)
+        levels = [] if cascade is None else [(draw_at(n), gate_at(t)) for n, t in zip(cascade.steps,
+                                                                                       cascade.thresholds)]
 
         def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
             if mode in ("teacher", "refine-all"):
@@ -868,7 +894,7 @@ class TandemPipeline:
                                         **self._control_kwargs(self.teacher_img2img, controls, idx, c_scale)).images
 
         run = self._phases(prompts, batch_size, ledger, None if mode == "teacher" else draw, to_teacher, improve,
-                           do_score, callback)
+                           do_score, callback, levels)
         latents, images, scores, todo = run.latents, run.images, run.scores, run.improved
         path = {"teacher": "teacher", "refine-all": "refined"}.get(mode, "refined" if strategy == "refine"
                                                                   else "regenerated")
@@ -887,6 +913,9 @@ class TandemPipeline:
             if taken == "refined":
                 rec["rollback_sigma"] = refine.sigma
                 rec["teacher_steps_run"] = refine.steps
+            if cascade is not None:
+                rec["cascade_levels"] = [n for n, members in zip([*cascade.steps, steps], run.levels)
+                                         if i in set(members)]
             records.append(rec)
         settings = {
             "mode": mode, "num_inference_steps": steps, "guidance_scale": guidance, "teacher_steps": t_steps,
@@ -895,20 +924,57 @@ class TandemPipeline:
             "accept_threshold": tau, "percentile": k, "budget": budget, "routing": routing,
             "route": None if route is None else asdict(route),
         }
+        if cascade is not None:
+            settings["cascade"] = {"steps": list(cascade.steps),  # a threshold None keeps no image at its level
+                                   "thresholds": [float(t) if np.isfinite(t) else None for t in cascade.thresholds],
+                                   "chosen": chosen}
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale
         summary = self._summary(records, settings, run.timings, run.seconds, student_cost, improve_cost, refine, note)
         return TandemOutput(_final(images, latents, output_type), records, summary,
                             None if mode == "teacher" else run.student_images)
 
+    def _cascade(self, cascade, mode: str, steps: int, guidance: float, teacher_guidance_scale, budget, routing,
+                 given: dict) -> tuple[object, dict | None]:
+        """The cascade of a call: None, a ``Cascade`` as given, or a ``CascadeTable``'s best point at ``budget``
+        (then also returned: its last tau and teacher settings, for a call that set none of them)."""
+        from .cascade import Cascade, CascadeTable
+
+        if cascade is None:
+            return None, None
+        if mode != "adaptive":
+            raise ValueError(f"a cascade applies to mode='adaptive', not {mode!r}")
+        if isinstance(cascade, Cascade):
+            if budget is not None:
+                raise ValueError("a budget needs a cascade table (tandem.cascade.CascadeTable: `tandem calibrate "
+                                 "--cascade`), which knows what each level costs; a Cascade takes thresholds")
+            return cascade, None
+        if not isinstance(cascade, CascadeTable):
+            raise TypeError(f"cascade must be a Cascade or a CascadeTable, got {type(cascade).__name__}")
+        set_ = [name for name, value in given.items() if value is not None]
+        if budget is None or set_ or routing not in (None, "threshold"):
+            raise ValueError("a cascade table takes a budget alone (it chooses the thresholds and the teacher's "
+                             "settings)" + (f"; this call also set {', '.join(set_)}" if set_ else ""))
+        cascade.check(self.calibration_fingerprint(steps, guidance))
+        if cascade.levels[-1] != steps:
+            raise ValueError(f"this cascade table ends at the {cascade.levels[-1]}-step student; this call's "
+                             f"student runs {steps} steps")
+        point = cascade.choose(budget)
+        plan, tau = cascade.cascade(point)  # tau +inf: every image that reaches this student goes to the teacher
+        return plan, {**point, "tau": tau, "teacher": cascade.teacher, "budget": budget}
+
     def _phases(self, prompts: list[str], batch_size: int, ledger: CostLedger,
                 draw: Callable[[list[int]], torch.Tensor] | None, route: Callable[[np.ndarray], list[int]],
                 improve: Callable[[list[int], list], torch.Tensor], do_score: bool,
-                callback: Callable[[str, int, int], None] | None) -> Phases:
+                callback: Callable[[str, int, int], None] | None,
+                cascade: Sequence[tuple[Callable[[list[int]], torch.Tensor], Callable[[np.ndarray], list[int]]]] = (),
+                ) -> Phases:
         """Algorithm 1, shared by generation and editing, in batches of ``batch_size``:
 
         1. the student phase: ``draw(idx)`` gives the student's latents of images ``idx`` (``draw`` None:
-           the teacher alone), decoded, and scored by the oracle where ``do_score``;
+           the teacher alone), decoded, and scored by the oracle where ``do_score``; with a ``cascade`` of
+           (draw, gate) levels, the first level's draw runs for every image and its gate passes the images
+           the *next* level draws again (their scores replaced by the new ones), ``draw`` being the last level;
         2. routing: ``route(scores)`` picks the images the teacher improves;
         3. the teacher phase: ``improve(idx, latents)`` gives the teacher's latents of those images (from
            each image's noise or student latent), decoded in place of the student's.
@@ -921,13 +987,15 @@ class TandemPipeline:
         student_images: list[np.ndarray | None] = [None] * n
         scores = np.full(n, np.nan)
         timings = dict.fromkeys(("student", "decode", "oracle", "teacher"), 0.0)
+        levels: list[list[int]] = []
         t_start = time.perf_counter()
-        with ledger.counting():
-            for done, idx in enumerate([] if draw is None else
-                                       [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]):
+
+        def student_level(level_draw: Callable[[list[int]], torch.Tensor], members: list[int]) -> None:
+            for start in range(0, len(members), batch_size):
+                idx = members[start:start + batch_size]
                 t0 = time.perf_counter()
                 before = {role: ledger.rows(role) for role in ("student", "controlnet")}
-                out = draw(idx)
+                out = level_draw(idx)
                 for role, rows in before.items():
                     ledger.charge(role, idx, rows)
                 check_finite(out, "the student's latents", idx)
@@ -944,7 +1012,16 @@ class TandemPipeline:
                 timings["decode"] += t2 - t1
                 timings["oracle"] += time.perf_counter() - t2
                 if callback:
-                    callback("student", min((done + 1) * batch_size, n), n)
+                    callback("student", min(start + batch_size, len(members)), len(members))
+
+        with ledger.counting():
+            if draw is not None:
+                members = list(range(n))
+                for level_draw, gate in [*cascade, (draw, None)]:
+                    student_level(level_draw, members)
+                    levels.append(members)
+                    if gate is not None:  # gate(the level's scores) -> positions, in members, of those drawn again
+                        members = sorted(members[j] for j in gate(scores[members]))
             improved = route(scores)
             for start in range(0, len(improved), batch_size):
                 idx = improved[start:start + batch_size]
@@ -965,7 +1042,8 @@ class TandemPipeline:
                 timings["decode"] += time.perf_counter() - t1
                 if callback:
                     callback("teacher", min(start + batch_size, len(improved)), len(improved))
-        return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start)
+        return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start,
+                      levels)
 
     @staticmethod
     def _refuse_in_mixed(handoff: str, **given) -> None:
@@ -990,6 +1068,38 @@ class TandemPipeline:
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                    batch_size=batch_size, score=True, callback=callback, control_image=control_image)
         return self._calibration(out, steps, guidance, seed, config)
+
+    def calibrate_cascade(self, prompts: Sequence[str], levels: Sequence[int], seed: int = 0, batch_size: int = 16,
+                          callback: Callable[[str, int, int], None] | None = None, config: dict | None = None):
+        """A ``CascadeTable`` (``tandem.cascade``) from held-out ``prompts``: the oracle's scores of each prompt's
+        image at each student level (``levels``: the earlier students' steps, then this pipeline's student) and
+        at the teacher level (every image improved by this pipeline's strategy and teacher settings), with what
+        each level costs in UNet evaluations per image."""
+        from .cascade import CascadeTable
+
+        steps = count(self._setting("num_inference_steps", None, 4), "num_inference_steps")
+        guidance = self.student_guidance(None)
+        levels = [count(n, "cascade level steps") for n in levels]
+        if not levels or steps in levels:
+            raise ValueError(f"cascade levels: give the earlier students' steps, other than this student's {steps}")
+        scores, costs = [], []
+        for n in [*levels, steps]:
+            out = self(prompts, mode="student", num_inference_steps=n, seed=seed, batch_size=batch_size, score=True,
+                       callback=callback)
+            scores.append([r["student_score"] for r in out.records])
+            costs.append(float(np.mean([r["unet_evals"]["student"] for r in out.records])))
+        strategy = self._setting("strategy", None, "refine")
+        teacher = {"strategy": strategy, "teacher_steps": self._setting("teacher_steps", None, 25),
+                   "teacher_scheduler": self._setting("teacher_scheduler", None, "dpm"),
+                   "rollback_sigma": self._setting("rollback_sigma", None, 0.5) if strategy == "refine" else None}
+        out = self(prompts, mode="refine-all" if strategy == "refine" else "teacher", num_inference_steps=steps,
+                   seed=seed, batch_size=batch_size, callback=callback,
+                   **{k: v for k, v in teacher.items() if k != "strategy" and v is not None})
+        scores.append(list(self._score(list(out.images), list(prompts))))
+        costs.append(float(np.mean([r["unet_evals"]["teacher"] for r in out.records])))
+        made = {"n_prompts": len(prompts), "seed": seed, **(config or {})}
+        return CascadeTable([*levels, steps], np.array(scores), costs, self.calibration_fingerprint(steps, guidance),
+                            teacher, made)
 
     # -- editing (SDEdit, section 4.2) -------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """DDIL's Table 2/3 on the world: each study run's 4-step student measured beside the others.
 
 For every run of ``run.sh`` (baseline, + reflected, + reflected + DDIL for progressive and consistency
-distillation, and for DMD2 at batch 7):
+distillation, and for DMD2 at batch 7), and the repeats at training seed 1 of ``seed1.sh`` (``RUN-t1``):
 
 * accuracy (the exact checker) on the 1000 test prompts (``tandem world evaluate`` results; sampling seeds
   0 and 1 where both were run, the table giving their mean), at the
@@ -37,6 +37,7 @@ RUNS = {
     "dmd2-b7-refl": ("dmd2, batch 7", "+ reflected", 1.0),
     "dmd2-b7-refl-ddil": ("dmd2, batch 7", "+ reflected + DDIL", 1.0),
 }
+TRAINING_SEEDS = {"": 0, "-t1": 1}  # run-name suffix -> the training seed (--seed) of the run
 STEPS = 4
 SEEDS = (0, 1, 2, 3)
 DIVERSITY_PROMPTS = 100
@@ -75,6 +76,24 @@ def mixed_runs(mx: Path) -> list[dict]:
     return rows
 
 
+def seed_means(rows: list[dict]) -> list[str]:
+    """Per method and variant, the accuracy (mean over sampling seeds) of each training seed, their mean and the
+    change from the method's baseline at each training seed (the paired difference the study asks about)."""
+    done = [r for r in rows if r["finished"]]
+    acc = {(r["method"], r["variant"], r["training_seed"]): 100 * np.mean(
+        [a for a in (r["accuracy_test"], r.get("accuracy_test_seed1")) if a is not None]) for r in done}
+    lines = ["| method | variant | accuracy by training seed | mean | change from baseline by training seed |",
+             "|---|---|---|---|---|"]
+    for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in done):
+        seeds = sorted(t for (m, v, t) in acc if (m, v) == (method, variant))
+        values = [acc[method, variant, t] for t in seeds]
+        change = [acc[method, variant, t] - acc[method, "baseline", t] for t in seeds
+                  if (method, "baseline", t) in acc]
+        lines.append(f"| {method} | {variant} | " + " / ".join(f"{v:.1f}%" for v in values) +
+                     f" | {np.mean(values):.1f}% | " + " / ".join(f"{c:+.1f}" for c in change) + " |")
+    return lines
+
+
 def plot_losses(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -89,7 +108,9 @@ def plot_losses(rows: list[dict], path: Path) -> None:
             curve = np.array(r["stability"]["losses"][key]["curve"])
             window = max(1, len(curve) // 40)
             smooth = np.convolve(curve[:, 1], np.ones(window) / window, mode="valid")
-            ax.plot(curve[window - 1:, 0], smooth, label=r["variant"], linewidth=1)
+            seed = r.get("training_seed", 0)
+            ax.plot(curve[window - 1:, 0], smooth, label=f"{r['variant']} (seed {seed})", linewidth=1,
+                    linestyle="-" if seed == 0 else "--")
         ax.set_title(f"{method}: {next(iter(r['stability']['losses']))}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_yscale("log")
@@ -112,11 +133,14 @@ def main(runs: Path, evals: Path, out: Path) -> None:
     features = ImageFeatures.world()
     reference = features(renderings(prompts, 0))
     rows = []
-    for run, (method, variant, scale) in RUNS.items():
+    for run, (method, variant, scale), seed in [(base + suffix, spec, seed) for base, spec in RUNS.items()
+                                                for suffix, seed in TRAINING_SEEDS.items()]:
+        if seed and not (runs / run).is_dir():  # not repeated at this training seed
+            continue
         if not (runs / run / "student").is_dir():  # not run, or stopped (a non-finite loss stops a run)
             print(f"{run}: no student", flush=True)
             if (runs / run / "log.jsonl").exists():
-                rows.append({"run": run, "method": method, "variant": variant, "finished": False,
+                rows.append({"run": run, "method": method, "variant": variant, "training_seed": seed, "finished": False,
                              "stability": stability(runs / run / "log.jsonl")})
             continue
         if not (evals / f"{run}-test" / "results.json").exists():
@@ -137,7 +161,8 @@ def main(runs: Path, evals: Path, out: Path) -> None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(measured) + "\n")
         seed1 = evals / f"{run}-test-s1" / "results.json"
-        rows.append({"run": run, "method": method, "variant": variant, "finished": True, "guidance_scale": scale,
+        rows.append({"run": run, "method": method, "variant": variant, "training_seed": seed, "finished": True,
+                     "guidance_scale": scale,
                      "accuracy_test": accuracy(evals / f"{run}-test" / "results.json", scale),
                      "accuracy_test_seed1": accuracy(seed1, scale) if seed1.exists() else None, **measured,
                      "stability": stability(runs / run / "log.jsonl"),
@@ -151,20 +176,23 @@ def main(runs: Path, evals: Path, out: Path) -> None:
         "diversity_prompts": DIVERSITY_PROMPTS, "seeds": list(SEEDS), "features": "world CLIP image tower",
         "reference": "exact renderings of the test prompts (seed 0)", "seconds": time.time() - t0,
         "rows": rows, "mixed": mixed_runs(runs / "mx")}, indent=1) + "\n")
-    lines = ["| method | variant | guidance | test accuracy | Fréchet distance | diversity | final loss (mean ± sd) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | variant | training seed | guidance | test accuracy | Fréchet distance | diversity | "
+             "final loss (mean ± sd) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["finished"]:
-            lines.append(f"| {r['method']} | {r['variant']} | - | stopped at step {r['stability']['steps']} "
+            lines.append(f"| {r['method']} | {r['variant']} | {r['training_seed']} | - | stopped at step "
+                         f"{r['stability']['steps']} "
                          f"| - | - | {'non-finite' if not r['stability']['finite'] else '-'} |")
             continue
         s = r["stability"]
         key = next(iter(s["losses"]))
         loss = f"{s['losses'][key]['final_mean']:.4g} ± {s['losses'][key]['final_std']:.2g}"
         seeds = [a for a in (r["accuracy_test"], r.get("accuracy_test_seed1")) if a is not None]
-        lines.append(f"| {r['method']} | {r['variant']} | {r['guidance_scale']:g} | {100 * np.mean(seeds):.1f}% | "
+        lines.append(f"| {r['method']} | {r['variant']} | {r['training_seed']} | {r['guidance_scale']:g} | "
+                     f"{100 * np.mean(seeds):.1f}% | "
                      f"{r['frechet_distance']:.4f} | {r['diversity']:.4f} | "
                      f"{loss}{'' if s['finite'] else ' (non-finite)'} |")
+    lines += ["", *seed_means(rows)]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -67,6 +67,7 @@ class Component(str, Enum):
     clip = "clip"
     teacher = "teacher"
     oracle = "oracle"
+    oracle_clip = "oracle-clip"
     controlnet = "controlnet"
 
 

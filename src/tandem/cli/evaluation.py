@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from ..calibration import CalibrationMismatch
 from .common import (
     PRESET_HELP,
     SCORER_HELP,
@@ -102,7 +103,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
           batch_size: int, device: str, judge: str | None = None, features: str | None = None,
           clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
           fid: str | None = None, preset_file: Path | None = None, student: str | None = None,
-          scorer: str | None = None) -> None:
+          scorer: str | None = None, cascade: Path | None = None) -> None:
     import time
 
     from ..eval import experiments
@@ -112,6 +113,13 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         raise UserError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    extra = {}
+    if cascade is not None:
+        from ..cascade import CascadeTable
+
+        if experiment is not Experiment.budget:
+            raise UserError("--cascade applies to eval budget")
+        extra["cascade"] = _load(lambda: CascadeTable.load(cascade), "--cascade")
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "eval", calibration)
     world = preset.teacher == "world"
@@ -130,14 +138,18 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
                **_preset_record(preset, pipe),
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
-               "calibration": str(calibration) if calibration else None, **measures.spec}
+               "calibration": str(calibration) if calibration else None,
+               "cascade": str(cascade) if cascade else None, **measures.spec}
     t0 = time.time()
     with _progress(f"eval {experiment.value}", len(prompts)) as bar:
         progress = _phase_bars(bar)
 
         run = getattr(experiments, experiment.value)
-        results = run(pipe, prompts, out, seed=seed, batch_size=batch_size, log=lambda m: console.print(m),
-                      made_by=made_by, progress=progress, measures=measures)
+        try:
+            results = run(pipe, prompts, out, seed=seed, batch_size=batch_size, log=lambda m: console.print(m),
+                          made_by=made_by, progress=progress, measures=measures, **extra)
+        except CalibrationMismatch as e:
+            raise UserError(f"--cascade: {e}") from None
     if experiment is Experiment.budget:
         from ..eval.judges import format_quality
 
@@ -195,9 +207,12 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
         fid: Annotated[str | None, typer.Option(
             help="Real tier, budget: 'inception' or 'inception:WEIGHTS_FILE' for an Inception FID against "
                  "--reference (needs tandem[fid]).")] = None,
+        cascade: Annotated[Path | None, typer.Option(
+            help="budget: a cascade table (`tandem calibrate --cascade`, made on held-out prompts) whose "
+                 "thresholds give the curve 'adaptive cascade'.")] = None,
     ) -> None:
         _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
-              reference, calibration, fid, preset_file, student, scorer)
+              reference, calibration, fid, preset_file, student, scorer, cascade)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)

@@ -76,6 +76,9 @@ def generate(
                                                     "exceeds it (no calibration needed).")] = False,
     routes: Annotated[Path | None, typer.Option(help="adaptive, --budget alone: a route table (`tandem eval "
                                                      "routes`) to pick the settings from [the preset's].")] = None,
+    cascade: Annotated[Path | None, typer.Option(help="adaptive, --budget alone: a cascade table (`tandem "
+                                                      "calibrate --cascade`): cheaper students first, each gated "
+                                                      "by the oracle, thresholds chosen for the budget.")] = None,
     teacher_guidance_scale: Annotated[float | None, typer.Option(help="adaptive/refine-all: the teacher's "
                                                                       "guidance [preset default].")] = None,
     calibration: Annotated[Path | None, typer.Option(help="adaptive: calibration file from `tandem calibrate` "
@@ -112,6 +115,10 @@ def generate(
     _check_budget_exact(budget_exact, budget, percentile, threshold)
     if routes is not None and (mode is not Mode.adaptive or budget is None or budget_exact):
         raise UserError("--routes goes with --mode adaptive and --budget (without --budget-exact)")
+    if cascade is not None and (mode is not Mode.adaptive or budget is None or budget_exact or routes is not None):
+        raise UserError("--cascade goes with --mode adaptive and --budget (without --budget-exact or --routes)")
+    if cascade is not None and not cascade.is_file():
+        raise UserError(f"--cascade {cascade}: no such file (make one with `tandem calibrate --cascade STEPS`)")
     if mode not in (Mode.adaptive, Mode.refine_all):
         tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma, "--calibration": calibration,
                        "--rollback-convention": rollback_convention}
@@ -129,7 +136,7 @@ def generate(
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
             threshold, budget, teacher_guidance_scale, calibration, control_image,
             {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {},
-            "budget-exact" if budget_exact else None, routes)
+            "budget-exact" if budget_exact else None, routes, cascade)
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
@@ -179,6 +186,25 @@ def generate(
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
 
 
+def _calibrate_cascade(pipe, preset, prompts, levels: list[int], seed: int, batch_size: int, out: Path,
+                       overwrite: bool, prompts_file: Path | None) -> None:
+    if any(n < 1 for n in levels):
+        raise UserError(f"--cascade takes student steps >= 1, got {levels}")
+    with _progress("cascade", len(prompts)) as bar:
+        try:
+            table = pipe.calibrate_cascade(prompts, levels, seed, batch_size, callback=_phase_bars(bar),
+                                           config={"command": "calibrate --cascade", "tandem_version": __version__,
+                                                   **_preset_record(preset, pipe),
+                                                   "prompts_file": str(prompts_file) if prompts_file else "val"})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    table.save(out, overwrite=overwrite)
+    front = table.front()
+    console.print(f"cascade {' -> '.join(f'student{n}' for n in table.levels)} -> teacher "
+                  f"({table.teacher['strategy']}): {len(front)} front points from {front[0]['cost']:.1f} to "
+                  f"{front[-1]['cost']:.1f} UNet evaluations per image -> {out}")
+
+
 def _mixed_options(mode, teacher_prob: float | None, teacher_at: list[str] | None, scheduler) -> list[int] | None:
     """--teacher-prob / --teacher-at checked (mixed mode only, exactly one, p_T in [0, 1]); the timesteps of
     --teacher-at (each option one or more, comma-separated)."""
@@ -218,7 +244,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
                      calibration, control_image=None, mixed: dict | None = None, routing: str | None = None,
-                     routes: Path | None = None) -> None:
+                     routes: Path | None = None, cascade: Path | None = None) -> None:
     """`generate` through a composed TandemPipeline (its options are checked by `generate`; ``mixed``: the
     arguments of mode "mixed"; ``routing``: "budget-exact" or None)."""
     import time
@@ -226,7 +252,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
     from ..outputs import OutputDir, image_grid, save_png
 
     _check_composition(preset, mode.value, calibration, threshold, percentile, budget,
-                       budget_exact=routing == "budget-exact")
+                       budget_exact=routing == "budget-exact" or cascade is not None)
     prompts = _collect_prompts(prompt, prompts_file)
     controls = _read_images(control_image, "--control-image") if control_image else None
     if controls is not None and len(controls) not in (1, len(prompts)):
@@ -247,6 +273,13 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                       percentile=percentile, budget=budget, seed=seed, batch_size=batch_size, **(mixed or {}))
         if routing is not None:
             kwargs["routing"] = routing
+        if cascade is not None:
+            from ..cascade import CascadeTable
+
+            try:
+                kwargs["cascade"] = CascadeTable.load(cascade)
+            except ValueError as e:
+                raise UserError(str(e)) from None
         t0 = time.time()
         with _progress("tandem", len(prompts)) as bar:
             progress = _phase_bars(bar)
@@ -265,6 +298,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
             "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
             "calibration": str(calibration) if calibration else preset.calibration,
             "routes": str(routes) if routes else (preset.routes if pipe.routes is not None else None),
+            "cascade_table": str(cascade) if cascade else None,
             "control_images": [str(c) for c in control_image or []] or None,
             **summary["settings"], "seed": seed, "batch_size": batch_size,
             "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
@@ -312,10 +346,14 @@ def calibrate(
     strength: Annotated[float | None, typer.Option(help="--edits: the SDEdit strength [preset default].")] = None,
     control: Annotated[str | None, typer.Option(help="Calibrate the student with this ControlNet (world: mask or "
                                                      "edges, on the validation prompts' scenes).")] = None,
+    cascade: Annotated[list[int] | None, typer.Option(help="Make a cascade table instead: the steps of a cheaper "
+                                                           "student level run before the preset's student (repeat "
+                                                           "for more levels, cheapest first).")] = None,
 ) -> None:
     """Score the student on held-out prompts and store the percentile table the cut-off tau comes from.
     With --edits, score the student's edits (the table `tandem edit` takes tau from); with --control,
-    the student under that ControlNet."""
+    the student under that ControlNet; with --cascade, every level of a cascade and the teacher level
+    (the table `tandem generate --cascade` chooses its thresholds from)."""
     from ..world.prompts import load_prompts
 
     _check_out_file(out, overwrite)
@@ -325,6 +363,10 @@ def calibrate(
         raise UserError("--strength applies to --edits")
     if edits is not None and control is not None:
         raise UserError("--edits and --control do not go together")
+    if cascade and (edits is not None or control is not None or controlnet is not None or student_steps is not None
+                    or guidance_scale is not None):
+        raise UserError("--cascade calibrates the preset's own student and teacher settings; it does not go with "
+                        "--edits, --control, --controlnet, --student-steps or --guidance-scale")
     if (controlnet is None) != (control_image is None):
         raise UserError("--controlnet and --control-image go together")
     preset = _compose(model, preset_file, student, scorer, controlnet, control)
@@ -350,6 +392,8 @@ def calibrate(
             from ..world.control import control_image
 
             controls = [control_image(sc, control) for sc in scenes_for_captions(prompts, seed)]
+    if cascade:
+        return _calibrate_cascade(pipe, preset, prompts, cascade, seed, batch_size, out, overwrite, prompts_file)
     with _progress("calibrating", len(prompts)) as bar:
         task = bar.add_task("student", total=len(prompts))
         calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,

@@ -114,11 +114,15 @@ def world_train(
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [component default].")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="teacher: 'constant' or 'cosine' (to 0 at --max-steps) "
                                                          "after warm-up [constant].")] = None,
-    world: Annotated[Path | None, typer.Option(help="oracle: the world whose student and teacher draw its "
-                                                    "training images and whose clip/ it starts from; "
+    world: Annotated[Path | None, typer.Option(help="oracle, oracle-clip: the world whose models draw its "
+                                                    "training images (oracle-clip: and whose clip/ it starts from); "
                                                     "controlnet: the world whose teacher it trains for "
                                                     "[the shipped world].")] = None,
     control: Annotated[str | None, typer.Option(help="controlnet: the control image kind, mask or edges.")] = None,
+    data: Annotated[Path | None, typer.Option(help="oracle: the directory of its data shards (train/, eval/, "
+                                                   "cal/) [RUN/data].")] = None,
+    train_shards: Annotated[int | None, typer.Option(help="oracle: training shards to use (missing ones are "
+                                                          "drawn first) [24].")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads [component default].")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
@@ -126,17 +130,20 @@ def world_train(
     Order: vae and clip (independent); then teacher (--vae RUN/vae --text-encoder CLIP_RUN)
     and vae-decoder (--vae RUN/vae: fine-tunes the decoder only, so the latent space the
     teacher learned is unchanged); then `tandem world assemble`. The oracle trains last, on
-    samples of the world's teacher and student (the shipped ones). A controlnet (--control mask or
+    samples of the world's models (the shipped ones), drawn into resumable shards in --data (or
+    RUN/data; `tandem world oracle-data` draws them ahead); oracle-clip is the first oracle
+    (a CLIP-initialised fusion network on a single cached sample set). A controlnet (--control mask or
     edges) trains for the teacher of --world, which stays frozen.
     """
     import dataclasses
 
     from ..models import world_dir
     from ..world import control as world_control
-    from ..world import oracle, train
+    from ..world import oracle, oracle_train, train
 
     configs = {"vae": train.VAETrainConfig, "vae-decoder": train.DecoderTrainConfig, "clip": train.CLIPTrainConfig,
-               "teacher": train.TeacherTrainConfig, "oracle": oracle.OracleTrainConfig,
+               "teacher": train.TeacherTrainConfig, "oracle": oracle_train.OracleNetTrainConfig,
+               "oracle-clip": oracle.OracleTrainConfig,
                "controlnet": world_control.ControlNetTrainConfig}
     cfg = configs[component.value]()
     teacher_only = {"init_from", "lr_schedule"}
@@ -161,15 +168,25 @@ def world_train(
         if not valid(value):
             raise UserError(f"{flag} must be {demand}, got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
+    for flag, value in (("--data", data), ("--train-shards", train_shards)):
+        if value is not None and component is not Component.oracle:
+            raise UserError(f"{flag} applies to the oracle only")
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=str(data))
+    if train_shards is not None:
+        if train_shards < 1:
+            raise UserError(f"--train-shards must be >= 1, got {train_shards}")
+        cfg = dataclasses.replace(cfg, shards={**cfg.shards, "train": train_shards})
     if component is Component.controlnet and control is None:
         raise UserError("controlnet: give --control mask or --control edges")
     if world is not None:
-        if component not in (Component.oracle, Component.controlnet):
-            raise UserError("--world applies to the oracle and the controlnet only")
+        if component not in (Component.oracle, Component.oracle_clip, Component.controlnet):
+            raise UserError("--world applies to the oracles and the controlnet only")
         if not (world / "model_index.json").exists():
             raise UserError(f"--world {world} is not a world directory (no model_index.json)")
         cfg = dataclasses.replace(cfg, world=str(world))
-    if component in (Component.oracle, Component.controlnet) and (vae is not None or text_encoder is not None):
+    if component in (Component.oracle, Component.oracle_clip, Component.controlnet) and (
+            vae is not None or text_encoder is not None):
         raise UserError(f"--vae/--text-encoder do not apply to the {component.value} (it uses --world's)")
     if component is Component.vae:
         result = train.train_vae(out, cfg, resume)
@@ -178,12 +195,52 @@ def world_train(
     elif component is Component.clip:
         result = train.train_clip(out, cfg, resume)
     elif component is Component.oracle:
+        result = oracle_train.train_oracle_net(out, cfg, resume)
+    elif component is Component.oracle_clip:
         result = oracle.train_oracle(out, cfg, resume)
     elif component is Component.controlnet:
         result = world_control.train_controlnet(out, cfg, resume)
     else:
         result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
     console.print(f"{component.value} trained -> {result}")
+
+
+@world_app.command("oracle-data")
+def world_oracle_data(
+    out: Annotated[Path, typer.Option(help="The shard directory: train/, eval/ and cal/ are made in it "
+                                           "(give it to `tandem world train oracle --data`).")],
+    train: Annotated[int, typer.Option(help="Training shards (each about 320 stream captions and 250 edits: "
+                                            "about 3,000 images).")] = 24,
+    held_out: Annotated[int, typer.Option("--eval", help="Held-out evaluation shards (another stream).")] = 2,
+    cal: Annotated[int, typer.Option(help="Calibration shards (P(satisfied) is Platt-scaled on them).")] = 1,
+    world: Annotated[Path | None, typer.Option(help="The world whose models draw the images [the shipped world].")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Draw the oracle's data ahead of training: the world's student, teacher, refinements, ControlNet
+    generations, edits, exact renderings and targeted corruptions, labelled by the exact checker, in
+    shards (`tandem.world.oracle_data`). Only missing shards are drawn: an interrupted run resumes, and
+    more shards extend the set."""
+    import torch
+
+    from ..world.oracle_data import DataRecipe, build_shards
+    from ..world.oracle_train import SPLITS
+
+    counts = {"train": train, "eval": held_out, "cal": cal}
+    for split, n in counts.items():
+        if n < 0:
+            raise UserError(f"--{split} must be >= 0, got {n}")
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if world is not None and not (world / "model_index.json").exists():
+        raise UserError(f"--world {world} is not a world directory (no model_index.json)")
+    torch.set_num_threads(threads)
+    for split in ("eval", "cal", "train"):
+        if counts[split]:
+            try:
+                build_shards(out / split, SPLITS[split], counts[split], DataRecipe(), world)
+            except ValueError as error:  # another recipe's shards in the directory
+                raise UserError(str(error)) from error
+    console.print(f"oracle data -> {out}")
 
 
 @world_app.command("assemble")

@@ -30,7 +30,17 @@ import numpy as np
 from ..calibration import Calibration
 from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality, quality_label
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
-from .sweep import SamplerConfig, Sweep, _save_npz, compose_adaptive, config_dict, is_main_process, provenance, summary
+from .sweep import (
+    SamplerConfig,
+    Sweep,
+    _save_npz,
+    compose_adaptive,
+    compose_cascade,
+    config_dict,
+    is_main_process,
+    provenance,
+    summary,
+)
 
 
 @dataclass(frozen=True)
@@ -85,10 +95,12 @@ def _clip_score(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
 
 def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: BudgetConfig = BudgetConfig(),
            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-           progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
+           progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None,
+           cascade=None) -> dict:
     """Quality vs cost curves and acceleration factors (see the module docstring); with the CLIP score
     and the Fréchet distance to the reference images (in ShapesWorld: exact renderings of the same
-    prompts, in the world CLIP's features) where ``measures`` has them."""
+    prompts, in the world CLIP's features) where ``measures`` has them. ``cascade``: a ``CascadeTable``
+    (made on held-out prompts) whose front points become the family "adaptive cascade"."""
     measures = measures or Measures.for_world()
     out = Path(out)
     sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
@@ -146,6 +158,28 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
             add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=c.name,
                 share_improved=float(composed["rejected"].mean()))
 
+    if cascade is not None:
+        cascade.check(pipe.calibration_fingerprint(student_steps, pipe.student_guidance(None)))
+        levels = []
+        for n in cascade.levels:
+            c = SamplerConfig("student", n)
+            if c.name not in runs:
+                runs[c.name] = sweep.run(c, log)
+            levels.append(runs[c.name])
+        t = cascade.teacher
+        refine = t["strategy"] == "refine"
+        c = (SamplerConfig("refine-all", t["teacher_steps"], t["teacher_scheduler"], t["rollback_sigma"]) if refine
+             else SamplerConfig("teacher", t["teacher_steps"], t["teacher_scheduler"]))
+        if c.name not in runs:
+            runs[c.name] = sweep.run(c, log)
+        label = " -> ".join(f"student{n}" for n in cascade.levels) + f" -> {c.name}"
+        front = cascade.front()
+        for point in front[:: max(1, len(front) // 15)] + front[-1:]:
+            composed = compose_cascade(levels, runs[c.name], point["thresholds"], refine)
+            add("adaptive cascade", f"cascade {point['cost']:.1f}", composed, cascade=label,
+                thresholds=point["thresholds"], expected_quality=point["quality"], improved=c.name,
+                share_improved=float(composed["rejected"].mean()),
+                level_shares=[float(np.mean(composed["level"] == j)) for j in range(len(levels) + 1)])
     acceleration = accelerations(points, {ref: summary(runs[ref]) for ref in cfg.references if ref in runs})
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
@@ -181,7 +215,7 @@ def is_adaptive(point: dict) -> bool:
     """Whether a point of the budget curves is the adaptive pipeline at work: an adaptive family's point
     with 0 < k < 100 that sent some image to the teacher (``share_improved`` > 0). A point that sent none
     (ties at tau, or a tau below every score) is the student alone at the student's cost."""
-    return _adaptive_family(point) and 0 < point["k"] < 100 and point.get("share_improved", 1.0) > 0
+    return _adaptive_family(point) and _inner_k(point) and point.get("share_improved", 1.0) > 0
 
 
 def _adaptive_family(point: dict) -> bool:
@@ -190,7 +224,12 @@ def _adaptive_family(point: dict) -> bool:
 
 def student_alone(point: dict) -> bool:
     """An adaptive family's point (0 < k < 100) that sent no image to the teacher: the student alone."""
-    return _adaptive_family(point) and 0 < point["k"] < 100 and point.get("share_improved", 1.0) == 0
+    return _adaptive_family(point) and _inner_k(point) and point.get("share_improved", 1.0) == 0
+
+
+def _inner_k(point: dict) -> bool:
+    """0 < k < 100 for a percentile point; a cascade's point (no k) chose its thresholds on held-out prompts."""
+    return "k" not in point or 0 < point["k"] < 100
 
 
 def accelerations(points: list[dict], references: dict[str, dict]) -> dict[str, dict]:

@@ -223,6 +223,29 @@ def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndar
     return composed
 
 
+def compose_cascade(levels: list[dict[str, np.ndarray]], improved: dict[str, np.ndarray], thresholds,
+                    improved_includes_student: bool) -> dict[str, np.ndarray]:
+    """A cascade's per-image results (``tandem.cascade``): every image drawn by ``levels[0]``; one scoring at
+    least its level's threshold stays, the others go on to the next level's image (each level's run is drawn
+    from the same noise, so its cost adds up); below the last level's threshold, the improved result.
+    ``improved_includes_student``: the improved run's ``evals`` count the last level's student (refine-all)."""
+    n = len(levels[0]["evals"])
+    going, chosen = np.ones(n, bool), np.full(n, len(levels))
+    evals = np.zeros(n)
+    for j, (run, t) in enumerate(zip(levels, thresholds)):
+        evals += np.where(going, run["evals"], 0)
+        keep = going & (run["oracle"] >= (np.inf if t is None else t))
+        chosen[keep] = j
+        going &= ~keep
+    evals += np.where(going, improved["evals"] - (levels[-1]["evals"] if improved_includes_student else 0), 0)
+    composed = {"rejected": going, "evals": evals, "level": chosen}
+    runs = [*levels, improved]
+    for key in ("satisfied", "score", "features", "fid_features", "clip_score", "preservation", "fidelity"):
+        if all(key in r for r in runs):
+            composed[key] = np.stack([r[key] for r in runs])[chosen, np.arange(n)]
+    return composed
+
+
 def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | None = None,
             fid_reference: np.ndarray | None = None) -> dict:
     """Accuracy (an exact judge's share satisfied), mean judge score and cost; the CLIP score, the

@@ -89,13 +89,23 @@ def _edited_scene(scene: Scene, j: int, attribute: str, after: str, rng: np.rand
 
 def make_edit(split: str, index: int) -> EditCase | None:
     """Case ``index`` of ``split``, or None when its draw is not a well-posed edit (see the module doc)."""
+    if split not in EDIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(EDIT_SEEDS)}")
+    drawn = draw_edit(EDIT_SEEDS[split], index)
+    if drawn is None:
+        return None
+    scene, j, attribute, before, after, prompt = drawn
+    return EditCase(split, index, scene.caption, prompt, j, attribute, before, after)
+
+
+def draw_edit(family: int, index: int) -> tuple[Scene, int, str, str, str, str] | None:
+    """Edit ``index`` of the seed family ``family`` (a split's is ``EDIT_SEEDS[split]``): (source scene, object,
+    attribute, before, after, edited caption), or None when the draw is not a well-posed edit."""
     from .checker import check
     from .scene import CELL_TO_POSITION
 
-    if split not in EDIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; expected one of {tuple(EDIT_SEEDS)}")
-    scene = sample_scene((EDIT_SEEDS[split], index))
-    rng = np.random.default_rng([EDIT_SEEDS[split], index, 1])
+    scene = sample_scene((family, index))
+    rng = np.random.default_rng([family, index, 1])
     j = int(rng.integers(len(scene.objects)))
     o = scene.objects[j]
     attributes = [a for a in ATTRIBUTES if a != "position" or scene.relation is None]
@@ -121,7 +131,7 @@ def make_edit(split: str, index: int) -> EditCase | None:
     prompt = target.caption
     if not check(render(target), prompt).satisfied or check(render(scene), prompt).satisfied:
         return None
-    return EditCase(split, index, scene.caption, prompt, j, attribute, before, after)
+    return scene, j, attribute, before, after, prompt
 
 
 def generate_edits(split: str, n: int) -> list[EditCase]:

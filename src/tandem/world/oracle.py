@@ -160,11 +160,10 @@ class WorldOracleScorer:
     name = "world-oracle"
     kind = "world-oracle"
 
-    def __init__(self, model: WorldOracle, tokenizer, path: Path | None = None, device: str = "cpu",
-                 batch_size: int = 256):
+    def __init__(self, model, tokenizer, path: Path | None = None, device: str = "cpu", batch_size: int = 256):
         self.model, self.tokenizer, self.path = model.to(device).eval(), tokenizer, path
         self.device, self.batch_size = device, batch_size
-        self.image_size = model.vision.config.image_size
+        self.image_size = model.image_size if hasattr(model, "image_size") else model.vision.config.image_size
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> WorldOracleScorer:
@@ -178,7 +177,16 @@ class WorldOracleScorer:
             raise FileNotFoundError(f"no world oracle in {path} (no {WEIGHTS}); train one with "
                                     "`tandem world train oracle --out DIR` (it lands in DIR/oracle)")
         quiet_hub_libraries()
-        return cls(WorldOracle.from_pretrained(path), CLIPTokenizer.from_pretrained(path / "tokenizer"), path, device)
+        model = json.loads((path / "config.json").read_text()).get("model")
+        if model == "tandem.world.oracle_net.CompositionalOracle":  # Oracle II
+            from .oracle_net import CompositionalOracle
+
+            net = CompositionalOracle.from_pretrained(path)
+        elif model == "tandem.world.oracle.WorldOracle":
+            net = WorldOracle.from_pretrained(path)
+        else:
+            raise ValueError(f"{path / 'config.json'} names no world oracle model (got {model!r})")
+        return cls(net, CLIPTokenizer.from_pretrained(path / "tokenizer"), path, device)
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:
@@ -188,7 +196,7 @@ class WorldOracleScorer:
             images: float Tensor[B, 3, 32, 32] in [0, 1], or B uint8 arrays [32, 32, 3] or PIL images.
             prompts: B captions.
         Returns:
-            Tensor[B], float32 on the CPU; higher is better.
+            Tensor[B], float32 on the CPU; higher is better (Oracle II: the calibrated P(satisfied)).
         """
         from ..scorers import to_image_tensor
 
@@ -204,8 +212,10 @@ class WorldOracleScorer:
         out = []
         for s in range(0, len(x), self.batch_size):
             ids, mask = tokenize(self.tokenizer, prompts[s:s + self.batch_size])
-            out.append(self.model(x[s:s + self.batch_size].to(self.device), ids.to(self.device),
-                                  mask.to(self.device)).float().cpu())
+            scores = self.model(x[s:s + self.batch_size].to(self.device), ids.to(self.device), mask.to(self.device))
+            if isinstance(scores, tuple):  # Oracle II: (soft score, logit of P(satisfied))
+                scores = self.model.p_satisfied(scores[1])
+            out.append(scores.float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def fingerprint(self) -> dict:

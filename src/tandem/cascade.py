@@ -1,0 +1,150 @@
+"""Cascades: more than two levels, each gated by the oracle.
+
+A cascade puts cheaper student levels before the pipeline's own student: every image is drawn by the
+first level (e.g. the 1-step student); an image whose oracle score reaches that level's threshold is
+kept, the others are drawn again, from the same initial noise, by the next level (e.g. the 4-step
+student), and so on; after the pipeline's student the usual routing sends the images still below tau
+to the teacher (refinement or regeneration). With Oracle II the scores are calibrated P(satisfied), so
+the quality a set of thresholds buys can be estimated without a judge.
+
+``CascadeTable`` holds what a cascade calibration measured on held-out prompts (``tandem calibrate
+--cascade 1 --out cascade.json``): the oracle's score of every prompt's image at every level, the
+teacher level included, and each level's cost in UNet evaluations. ``choose(budget)`` picks the
+thresholds that maximise the mean score of the final images (the expected share satisfied, for a
+calibrated oracle) at a mean cost within the budget, over a grid of percentiles of each level's
+scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import CalibrationMismatch, diff_fingerprints
+
+GRID = (*range(0, 101, 5),)  # the percentiles of each level's scores tried as its threshold
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """The student levels before the pipeline's own student: ``steps[j]`` steps, keeping the images that score
+    at least ``thresholds[j]``."""
+
+    steps: tuple[int, ...]
+    thresholds: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.steps or len(self.steps) != len(self.thresholds):
+            raise ValueError(f"a cascade needs one threshold per level: got steps {list(self.steps)} and "
+                             f"thresholds {list(self.thresholds)}")
+        for n in self.steps:
+            if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+                raise ValueError(f"cascade steps must be integers >= 1, got {n!r}")
+        for t in self.thresholds:
+            if not isinstance(t, int | float) or np.isnan(t):
+                raise ValueError(f"cascade thresholds must be numbers, got {t!r}")
+
+
+@dataclass
+class CascadeTable:
+    """A cascade calibration: per held-out prompt, the oracle's score at each level.
+
+    Attributes:
+        levels: the student steps of each student level, the pipeline's own student last (e.g. [1, 4]).
+        scores: [len(levels) + 1, n]: the scores of each student level's image, then of the teacher level's.
+        costs: UNet evaluations per image of each student level, then of the teacher level.
+        oracle_cost: UNet-evaluation equivalents charged per oracle call (0: the table counts UNet calls).
+        fingerprint: the pipeline's calibration fingerprint at its own student steps.
+    """
+
+    levels: list[int]
+    scores: np.ndarray
+    costs: list[float]
+    fingerprint: dict
+    teacher: dict = field(default_factory=dict)  # the teacher level's settings: strategy, steps, sigma, ...
+    config: dict = field(default_factory=dict)
+    oracle_cost: float = 0.0
+
+    def __post_init__(self):
+        self.scores = np.asarray(self.scores, np.float64)
+        if self.scores.shape[0] != len(self.levels) + 1 or len(self.costs) != len(self.levels) + 1:
+            raise ValueError(f"a cascade table needs the scores and cost of each of its {len(self.levels)} student "
+                             "levels and of the teacher level")
+        if not np.isfinite(self.scores).all():
+            raise ValueError("a cascade table's scores must be finite")
+
+    def simulate(self, thresholds) -> tuple[float, float]:
+        """(mean final score, mean cost) of thresholds [t_0 .. t_L-1], one per student level (the last is tau)."""
+        thresholds = [np.inf if t is None else t for t in thresholds]
+        quality, cost = self._simulate(np.asarray(thresholds, float)[None])
+        return float(quality[0]), float(cost[0])
+
+    def _simulate(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised over rows of ``thresholds`` [m, L]."""
+        m, n = len(thresholds), self.scores.shape[1]
+        going = np.ones((m, n), bool)
+        quality, cost = np.zeros((m, n)), np.zeros((m, n))
+        for level in range(len(self.levels)):
+            cost += going * (self.costs[level] + self.oracle_cost)
+            keep = going & (self.scores[level][None] >= thresholds[:, level:level + 1])
+            quality += keep * self.scores[level][None]
+            going &= ~keep
+        cost += going * self.costs[-1]
+        quality += going * self.scores[-1][None]
+        return quality.mean(1), cost.mean(1)
+
+    def front(self) -> list[dict]:
+        """The grid's Pareto front: thresholds no other grid point beats in both quality and cost, by cost (a
+        threshold None keeps no image at its level)."""
+        cuts = [np.unique(np.concatenate([np.percentile(self.scores[level], GRID), [np.inf]]))
+                for level in range(len(self.levels))]
+        grid = np.array(list(itertools.product(*cuts)))
+        quality, cost = self._simulate(grid)
+        order = np.lexsort((-quality, cost))
+        out, best = [], -np.inf
+        for i in order:
+            if quality[i] > best + 1e-12:
+                best = quality[i]
+                out.append({"thresholds": [float(t) if np.isfinite(t) else None for t in grid[i]],
+                            "quality": float(quality[i]), "cost": float(cost[i])})
+        return out
+
+    def choose(self, budget: float) -> dict:
+        """The front point of highest quality with a mean cost within ``budget`` (the cheapest point if none is)."""
+        front = self.front()
+        within = [p for p in front if p["cost"] <= budget + 1e-9]
+        return max(within, key=lambda p: p["quality"]) if within else front[0]
+
+    def cascade(self, point: dict) -> tuple[Cascade, float]:
+        """The ``Cascade`` of the earlier levels and the last level's tau of a front point."""
+        t = [np.inf if v is None else v for v in point["thresholds"]]  # None: no image is kept at that level
+        return Cascade(tuple(int(n) for n in self.levels[:-1]), tuple(t[:-1])), t[-1]
+
+    def check(self, fingerprint: dict) -> None:
+        diffs = diff_fingerprints(self.fingerprint, fingerprint)
+        if diffs:
+            raise CalibrationMismatch("this cascade table was made with another student, sampler or oracle: "
+                                      + "; ".join(diffs))
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        from .outputs import write_json_file
+
+        write_json_file(path, overwrite=overwrite, data={"kind": "tandem cascade table", "levels": self.levels, "costs": self.costs,
+                               "oracle_cost": self.oracle_cost, "teacher": self.teacher,
+                               "scores": self.scores.tolist(), "fingerprint": self.fingerprint,
+                               "config": self.config, "front": self.front()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CascadeTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read cascade table {str(path)!r}: {error}") from error
+        if not isinstance(data, dict) or data.get("kind") != "tandem cascade table":
+            raise ValueError(f"{path} is not a cascade table (make one with `tandem calibrate --cascade STEPS`)")
+        return cls(data["levels"], np.array(data["scores"]), data["costs"], data["fingerprint"],
+                   data.get("teacher", {}), data.get("config", {}), data.get("oracle_cost", 0.0))
