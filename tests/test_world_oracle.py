@@ -266,13 +266,14 @@ def test_cli_refuses_bad_input_with_exit_status_2(tmp_path, capsys, monkeypatch)
     assert not (out / "checkpoint").exists() and not (out / "train_config.json").exists()
 
 
-def test_the_shipped_oracle_ranks_like_the_judge():
-    """Rendering vs corrupted rendering of 100 fixed stream captions: the shipped oracle orders them as
-    the checker does; the same network before training (world CLIP towers, fresh fusion and head) does not."""
+def test_the_shipped_first_oracle_ranks_like_the_judge():
+    """Rendering vs corrupted rendering of 100 fixed stream captions: the first world oracle (shipped as
+    ``oracle-clip/`` beside Oracle II) orders them as the checker does; the same network before training
+    (world CLIP towers, fresh fusion and head) does not."""
     from tandem.models import world_dir
 
-    shipped = WorldOracleScorer.from_pretrained()
-    report = json.loads((world_dir() / "oracle" / "eval.json").read_text())
+    shipped = WorldOracleScorer.from_pretrained(world_dir() / "oracle-clip")
+    report = json.loads((world_dir() / "oracle-clip" / "eval.json").read_text())
     assert report["pairwise_agreement"] > 0.65
     trained = agreement(shipped, n=100)
     torch.manual_seed(0)

@@ -96,6 +96,8 @@ RECORD_EXTRA_FIELDS = {
     "controlnet_evals": "float: ControlNet evaluations for this image (a pipeline with a ControlNet)",
     "rollback_sigma": "float: the realised rollback sigma (path 'refined')",
     "teacher_steps_run": "int: the teacher steps that refined the image (path 'refined')",
+    "cascade_levels": "list[int]: the steps of each student level that drew the image, in order (a cascade; "
+                      "student_score is the last one's score)",
     "transitions": "list[str]: who took each transition t_k -> t_k+1 of the student's grid, 'student' or 'teacher' "
                    "(path 'mixed'; the grid is the summary's settings.student_timesteps)",
     "edit_strength": "float: the SDEdit strength (an edit)",
@@ -796,7 +798,7 @@ class TandemPipeline:
             elif route is not None:
                 strategy, teacher_scheduler = route.strategy, route.teacher_scheduler
                 teacher_steps, rollback_sigma, percentile = route.teacher_steps, route.rollback_sigma, route.percentile
-        cascade, chosen = self._cascade(cascade, mode, steps, guidance, teacher_guidance_scale, budget, routing,
+        cascade, chosen = self._cascade(cascade, mode, steps, guidance, budget, routing,
                                         dict(accept_threshold=accept_threshold, percentile=percentile,
                                              strategy=strategy, teacher_steps=teacher_steps,
                                              teacher_scheduler=teacher_scheduler, rollback_sigma=rollback_sigma,
@@ -900,6 +902,7 @@ class TandemPipeline:
                                                                   else "regenerated")
 
         todo_set = set(todo)
+        level_sets = [set(members) for members in run.levels]
         records = []
         for i in range(n):
             if mode == "student":
@@ -914,8 +917,7 @@ class TandemPipeline:
                 rec["rollback_sigma"] = refine.sigma
                 rec["teacher_steps_run"] = refine.steps
             if cascade is not None:
-                rec["cascade_levels"] = [n for n, members in zip([*cascade.steps, steps], run.levels)
-                                         if i in set(members)]
+                rec["cascade_levels"] = [n for n, members in zip([*cascade.steps, steps], level_sets) if i in members]
             records.append(rec)
         settings = {
             "mode": mode, "num_inference_steps": steps, "guidance_scale": guidance, "teacher_steps": t_steps,
@@ -934,7 +936,7 @@ class TandemPipeline:
         return TandemOutput(_final(images, latents, output_type), records, summary,
                             None if mode == "teacher" else run.student_images)
 
-    def _cascade(self, cascade, mode: str, steps: int, guidance: float, teacher_guidance_scale, budget, routing,
+    def _cascade(self, cascade, mode: str, steps: int, guidance: float, budget, routing,
                  given: dict) -> tuple[object, dict | None]:
         """The cascade of a call: None, a ``Cascade`` as given, or a ``CascadeTable``'s best point at ``budget``
         (then also returned: its last tau and teacher settings, for a call that set none of them)."""

@@ -150,7 +150,7 @@ class ShardDrawer:
         for kind, name in presets.items():
             preset = PRESETS[name]
             if world is not None:
-                preset = replace(preset, teacher=str(world), student=str(world))
+                preset = replace(preset, teacher=str(world))  # its own student, by the world kind
             self.pipes[kind] = load_preset(preset, scorer=_NoScorer())
 
     def prompts(self, stream_seed: int, k: int, exclude: set[str]):

@@ -197,7 +197,7 @@ def _per_group(values: np.ndarray, group: np.ndarray, mask: np.ndarray, groups: 
 def train_oracle_net(out: str | Path, cfg: OracleNetTrainConfig | None = None, resume: bool = False,
                      log=print) -> Path:
     """Draw the missing shards, train, Platt-scale on ``cal``, export to ``out/oracle`` and evaluate it there
-    (``eval.json``, with the shipped first oracle beside it on the same images)."""
+    (``eval.json``, with the world's first oracle, ``oracle-clip/``, beside it on the same images)."""
     from transformers import CLIPTokenizer
 
     from ..models import world_dir
@@ -228,7 +228,9 @@ def train_oracle_net(out: str | Path, cfg: OracleNetTrainConfig | None = None, r
     target = trainer.dir / "oracle"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target / "tokenizer")
-    report = evaluate_export(target, data, world / "oracle")
+    first = [d for d in (world / "oracle-clip", world / "oracle") if (d / "config.json").is_file()
+             and json.loads((d / "config.json").read_text()).get("model") == FIRST_MODEL]
+    report = evaluate_export(target, data, first[0] if first else None)
     report["platt"] = {"a": a, "b": b, "fitted_on": f"cal split (stream {SPLITS['cal']})"}
     report["seconds"] = {"training_this_call": round(train_seconds)}
     atomic_write_text(target / "eval.json", json.dumps(report, indent=2) + "\n")
@@ -257,7 +259,7 @@ def evaluate_export(target: Path, data: dict, baseline: Path | None = None) -> d
               "calibration": {"ece_raw_sigmoid": expected_calibration_error(1 / (1 + np.exp(-logit[unseen])),
                                                                             sat[unseen]),
                               "ece_platt": expected_calibration_error(p[unseen], sat[unseen])}}
-    if baseline is not None and json.loads((baseline / "config.json").read_text()).get("model") == FIRST_MODEL:
+    if baseline is not None:
         old = WorldOracleScorer.from_pretrained(baseline)
         caps = held["captions"][held["group"]].tolist()
         report["first_oracle"] = {"path": str(baseline), **evaluate(old(held["images"], caps).numpy(), held, unseen)}
