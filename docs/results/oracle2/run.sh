@@ -24,3 +24,12 @@ tandem eval oracle --model world --prompts test --out runs/oracle2/eval_oracle_f
 # the budget curves on 500 test prompts, with the cascade as its own curve
 tandem eval budget --model world $S --calibration runs/oracle2/cal-world.json --cascade runs/oracle2/cascade.json \
     --prompts test --n 500 --out runs/oracle2/eval_budget
+# Oracle II beside the first oracle on the same cached images, each operating point chosen on validation
+tandem eval budget --model world $S --calibration runs/oracle2/cal-world.json --prompts val --n 300 --out runs/oracle2/budget-val
+python docs/results/oracle2/side_by_side.py runs/oracle2/eval_budget docs/results/oracle2/side_by_side.json
+# (the first oracle's validation run is the one its route table came from: docs/results/routes_world/run.sh)
+
+# shipping: Oracle II as the world's oracle/ (the first as oracle-clip/), the world's calibrations and route table
+# re-made with it (the calibrate commands of the README's "Training the world", --overwrite)
+tandem eval routes runs/oracle2/budget-val --out src/tandem/assets/world/routes.json --overwrite
+bash docs/results/oracle2/routes_check.sh   # the route table's check on the test prompts (as in docs/results/routes_world)

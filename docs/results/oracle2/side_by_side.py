@@ -1,0 +1,121 @@
+"""Oracle II beside the first oracle on the very same images.
+
+The adaptive points of the budget curves are composed from one `tandem eval budget` run's cached images
+(``runs/oracle2/eval_budget/cache``: the 500 test prompts, seed 0, the preset's student `pd` and teacher):
+each oracle scores the student's images, each takes tau from its own calibration on the 500 validation
+prompts, and the images it rejects take the teacher's (regeneration) or the refined (refine-all) images of
+the same seeds. Two readings:
+
+* *chosen on validation*: each oracle's operating point (improvement and k) is the cheapest adaptive point
+  of its own budget run on 300 validation prompts that reaches the validation quality of the reference
+  teacher (DPM-Solver++ 25, DDIM 50); it is then reported on the test prompts;
+* *envelope on test*: the cheapest adaptive point over the k grid read on the test prompts themselves
+  (what `tandem eval budget` reports as the acceleration factor; optimistic).
+
+    python docs/results/oracle2/side_by_side.py runs/oracle2/eval_budget docs/results/oracle2/side_by_side.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REFERENCES = ("dpm25", "ddim50")
+REGENERATE = {"dpm": (10, 15, 25), "ddim": (10, 20)}  # BudgetConfig's regenerations and refinements
+REFINE_SIGMAS = (0.5, 0.7, 0.85)
+KS = tuple(range(0, 101, 10))
+VAL_RUNS = {"oracle_ii": "runs/oracle2/budget-val", "first_oracle": "runs/eval/budget-val-pd"}
+
+
+def load(cache: Path, name: str) -> dict:
+    with np.load(cache / f"{name}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def families() -> list[tuple[str, str, bool]]:
+    out = [(f"adaptive regenerate {s}{n}", f"{s}{n}", False) for s, steps in REGENERATE.items() for n in steps]
+    return out + [(f"adaptive refine sigma {g:g}", f"refine_dpm10_sigma{g}", True) for g in REFINE_SIGMAS]
+
+
+def cheapest_reaching(points: list[dict], target: float) -> dict | None:
+    from tandem.eval.experiments import is_adaptive
+
+    reaching = [p for p in points if is_adaptive(p) and p["accuracy"] >= target]
+    return min(reaching, key=lambda p: p["unet_evals_mean"]) if reaching else None
+
+
+def main(budget_dir: Path, out: Path) -> None:
+    from tandem.calibration import Calibration
+    from tandem.eval.experiments import accelerations
+    from tandem.eval.sweep import compose_adaptive, summary
+    from tandem.models import world_dir
+    from tandem.world.oracle import WorldOracleScorer
+    from tandem.world.prompts import load_prompts
+
+    cache = budget_dir / "cache"
+    results = json.loads((budget_dir / "results.json").read_text())
+    prompts = load_prompts("test")[: results["n_prompts"]]
+    student = load(cache, "student4")
+    first_calibration = json.loads(subprocess.run(  # the first oracle's calibration, as shipped before Oracle II
+        ["git", "show", "7fe7fcf:src/tandem/assets/world/calibration.json"], capture_output=True, text=True,
+        check=True).stdout)
+    oracles = {"oracle_ii": (world_dir() / "oracle", Calibration.load(world_dir() / "calibration.json")),
+               "first_oracle": (world_dir() / "oracle-clip", Calibration(np.array(first_calibration["scores"]),
+                                                                          first_calibration["fingerprint"]))}
+    refs = {name: summary(load(cache, name)) for name in REFERENCES}
+    report = {"command": f"python docs/results/oracle2/side_by_side.py {budget_dir} {out}",
+              "test_prompts": len(prompts), "references": refs, "oracles": {}}
+    for name, (path, calibration) in oracles.items():
+        scores = WorldOracleScorer.from_pretrained(path)(student["images"], prompts).numpy()
+        if name == "oracle_ii":  # the cached run scored with the same oracle: the same scores
+            assert np.allclose(scores, student["oracle"], atol=1e-5), np.abs(scores - student["oracle"]).max()
+        s = {**student, "oracle": scores}
+        points = []
+        for family, run, includes_student in families():
+            improved = load(cache, run)
+            for k in KS:
+                composed = compose_adaptive(s, improved, calibration.threshold(k), includes_student)
+                points.append({"family": family, "label": f"{family} k={k}", "k": k,
+                               "share_improved": float(composed["rejected"].mean()), **summary(composed)})
+        val = json.loads((Path(VAL_RUNS[name]) / "results.json").read_text())
+        val_refs = {p["label"]: p for p in val["points"] if p["label"] in REFERENCES}
+        chosen = {}
+        for ref in REFERENCES:
+            pick = cheapest_reaching(val["points"], val_refs[ref]["accuracy"])
+            test = next((p for p in points if pick and p["label"] == pick["label"]), None)
+            chosen[ref] = {"validation": pick and {k: pick[k] for k in ("label", "accuracy", "unet_evals_mean")},
+                           "validation_reference_accuracy": val_refs[ref]["accuracy"],
+                           "test": test, "test_reference": refs[ref],
+                           "test_factor_if_reached": (refs[ref]["unet_evals_mean"] / test["unet_evals_mean"]
+                                                      if test and test["accuracy"] >= refs[ref]["accuracy"] else None)}
+        teachers = [{"family": "teacher", "label": ref, **refs[ref]}
+                    for ref in REFERENCES]
+        envelope = accelerations(points + teachers, refs)
+        report["oracles"][name] = {
+            "oracle": str(path), "validation_run": VAL_RUNS[name], "chosen_on_validation": chosen,
+            "envelope_on_test": {ref: {"factor": a["factor"], "point": a["adaptive"] and a["adaptive"]["label"],
+                                       "best_adaptive_accuracy": a["best_adaptive_quality"]}
+                                 for ref, a in envelope.items()},
+            "points": points}
+    cascade = [p for p in results["points"] if p["family"] == "adaptive cascade"]
+    report["cascade_oracle_ii"] = {ref: (lambda p: p and {"label": p["label"], "accuracy": p["accuracy"],
+                                                         "unet_evals_mean": p["unet_evals_mean"],
+                                                         "factor": refs[ref]["unet_evals_mean"] / p["unet_evals_mean"]})(
+        cheapest_reaching(cascade, refs[ref]["accuracy"])) for ref in REFERENCES}
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for name, r in report["oracles"].items():
+        for ref, c in r["chosen_on_validation"].items():
+            t = c["test"]
+            print(f"{name} vs {ref} ({100 * refs[ref]['accuracy']:.1f}% at {refs[ref]['unet_evals_mean']:.0f}): "
+                  f"chosen on val {c['validation'] and c['validation']['label']} -> test "
+                  + (f"{100 * t['accuracy']:.1f}% at {t['unet_evals_mean']:.1f}" if t else "none")
+                  + f"; envelope factor {r['envelope_on_test'][ref]['factor']}")
+    print("cascade:", report["cascade_oracle_ii"])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
