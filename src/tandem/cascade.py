@@ -29,6 +29,28 @@ from .calibration import CalibrationMismatch, diff_fingerprints
 GRID = (*range(0, 101, 5),)  # the percentiles of each level's scores tried as its threshold
 
 
+def threshold_array(thresholds) -> np.ndarray:
+    """Thresholds as floats, None (a level that keeps no image) as +inf."""
+    return np.array([np.inf if t is None else t for t in thresholds], float)
+
+
+def final_levels(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Where each image's cascade ends, for the scores [L, n] of its L student levels and rows of thresholds
+    [m, L]: the first level whose score reaches its threshold, or L (the teacher), as [m, n]."""
+    keep = scores[None] >= thresholds[:, :, None]
+    return np.concatenate([keep, np.ones_like(keep[:, :1])], 1).argmax(1)
+
+
+def cascade_costs(final: np.ndarray, student_costs: np.ndarray, teacher_cost) -> np.ndarray:
+    """The cost of images ending at levels ``final`` [..., n]: each student level up to the last one drawn
+    (``student_costs`` [L] or, per image, [L, n]), plus ``teacher_cost`` for those that went on to the teacher."""
+    student_costs = np.asarray(student_costs, float)
+    drawn = np.cumsum(student_costs, 0)
+    last = np.minimum(final, len(student_costs) - 1)
+    spent = drawn[last] if drawn.ndim == 1 else drawn[last, np.arange(final.shape[-1])]
+    return spent + np.where(final == len(student_costs), teacher_cost, 0)
+
+
 @dataclass(frozen=True)
 class Cascade:
     """The student levels before the pipeline's own student: ``steps[j]`` steps, keeping the images that score
@@ -79,22 +101,14 @@ class CascadeTable:
 
     def simulate(self, thresholds) -> tuple[float, float]:
         """(mean final score, mean cost) of thresholds [t_0 .. t_L-1], one per student level (the last is tau)."""
-        thresholds = [np.inf if t is None else t for t in thresholds]
-        quality, cost = self._simulate(np.asarray(thresholds, float)[None])
+        quality, cost = self._simulate(threshold_array(thresholds)[None])
         return float(quality[0]), float(cost[0])
 
     def _simulate(self, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised over rows of ``thresholds`` [m, L]."""
-        m, n = len(thresholds), self.scores.shape[1]
-        going = np.ones((m, n), bool)
-        quality, cost = np.zeros((m, n)), np.zeros((m, n))
-        for level in range(len(self.levels)):
-            cost += going * (self.costs[level] + self.oracle_cost)
-            keep = going & (self.scores[level][None] >= thresholds[:, level:level + 1])
-            quality += keep * self.scores[level][None]
-            going &= ~keep
-        cost += going * self.costs[-1]
-        quality += going * self.scores[-1][None]
+        final = final_levels(self.scores[:-1], thresholds)
+        quality = self.scores[final, np.arange(self.scores.shape[1])]
+        cost = cascade_costs(final, np.asarray(self.costs[:-1]) + self.oracle_cost, self.costs[-1])
         return quality.mean(1), cost.mean(1)
 
     def front(self) -> list[dict]:
@@ -121,7 +135,7 @@ class CascadeTable:
 
     def cascade(self, point: dict) -> tuple[Cascade, float]:
         """The ``Cascade`` of the earlier levels and the last level's tau of a front point."""
-        t = [np.inf if v is None else v for v in point["thresholds"]]  # None: no image is kept at that level
+        t = threshold_array(point["thresholds"]).tolist()  # None: no image is kept at that level
         return Cascade(tuple(int(n) for n in self.levels[:-1]), tuple(t[:-1])), t[-1]
 
     def check(self, fingerprint: dict) -> None:

@@ -229,16 +229,13 @@ def compose_cascade(levels: list[dict[str, np.ndarray]], improved: dict[str, np.
     least its level's threshold stays, the others go on to the next level's image (each level's run is drawn
     from the same noise, so its cost adds up); below the last level's threshold, the improved result.
     ``improved_includes_student``: the improved run's ``evals`` count the last level's student (refine-all)."""
+    from ..cascade import cascade_costs, final_levels, threshold_array
+
     n = len(levels[0]["evals"])
-    going, chosen = np.ones(n, bool), np.full(n, len(levels))
-    evals = np.zeros(n)
-    for j, (run, t) in enumerate(zip(levels, thresholds)):
-        evals += np.where(going, run["evals"], 0)
-        keep = going & (run["oracle"] >= (np.inf if t is None else t))
-        chosen[keep] = j
-        going &= ~keep
-    evals += np.where(going, improved["evals"] - (levels[-1]["evals"] if improved_includes_student else 0), 0)
-    composed = {"rejected": going, "evals": evals, "level": chosen}
+    chosen = final_levels(np.stack([run["oracle"] for run in levels]), threshold_array(thresholds)[None])[0]
+    improve = improved["evals"] - (levels[-1]["evals"] if improved_includes_student else 0)
+    evals = cascade_costs(chosen, np.stack([run["evals"] for run in levels]), improve)
+    composed = {"rejected": chosen == len(levels), "evals": evals, "level": chosen}
     runs = [*levels, improved]
     for key in ("satisfied", "score", "features", "fid_features", "clip_score", "preservation", "fidelity"):
         if all(key in r for r in runs):

@@ -40,6 +40,7 @@ TRAIN_STREAM_SEED = 101
 EVAL_STREAM_SEED = 102
 REFINE_NOISE_KEY = 1  # refinement noise of prompt i: prompt_generator(derive_seed(seed, REFINE_NOISE_KEY), i)
 WEIGHTS = "model.safetensors"
+MODEL = "tandem.world.oracle.WorldOracle"  # config.json's "model": which class a saved oracle is
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class WorldOracle(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / "config.json", json.dumps(
-            {"model": "tandem.world.oracle.WorldOracle", "arch": config_dict(self.arch), "clip": self.clip_config},
+            {"model": MODEL, "arch": config_dict(self.arch), "clip": self.clip_config},
             indent=1) + "\n")
         with atomic_path(path / WEIGHTS) as tmp:
             save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, str(tmp))
@@ -177,12 +178,12 @@ class WorldOracleScorer:
             raise FileNotFoundError(f"no world oracle in {path} (no {WEIGHTS}); train one with "
                                     "`tandem world train oracle --out DIR` (it lands in DIR/oracle)")
         quiet_hub_libraries()
-        model = json.loads((path / "config.json").read_text()).get("model")
-        if model == "tandem.world.oracle_net.CompositionalOracle":  # Oracle II
-            from .oracle_net import CompositionalOracle
+        from . import oracle_net
 
-            net = CompositionalOracle.from_pretrained(path)
-        elif model == "tandem.world.oracle.WorldOracle":
+        model = json.loads((path / "config.json").read_text()).get("model")
+        if model == oracle_net.MODEL:  # Oracle II
+            net = oracle_net.CompositionalOracle.from_pretrained(path)
+        elif model == MODEL:
             net = WorldOracle.from_pretrained(path)
         else:
             raise ValueError(f"{path / 'config.json'} names no world oracle model (got {model!r})")

@@ -148,10 +148,10 @@ class ShardDrawer:
         presets = {"": "world", **{kind: f"world-{kind}" for kind in recipe.control}}
         self.pipes = {}
         for kind, name in presets.items():
-            preset = PRESETS[name]
+            preset = replace(PRESETS[name], scorer=None)  # nothing here scores: the oracle is not loaded
             if world is not None:
                 preset = replace(preset, teacher=str(world))  # its own student, by the world kind
-            self.pipes[kind] = load_preset(preset, scorer=_NoScorer())
+            self.pipes[kind] = load_preset(preset)
 
     def prompts(self, stream_seed: int, k: int, exclude: set[str]):
         from .stream import sample_scenes
@@ -210,8 +210,9 @@ class ShardDrawer:
         if r.edits_per_shard:
             progress("edit")
             cases, index = [], k * 10 * r.edits_per_shard  # shard k's own range of the family
+            family = derive_seed(EDIT_FAMILY, stream_seed)
             while len(cases) < r.edits_per_shard:
-                drawn = draw_edit(derive_seed(EDIT_FAMILY, stream_seed), index)
+                drawn = draw_edit(family, index)
                 index += 1
                 if drawn is not None and drawn[5] not in exclude:
                     cases.append(drawn)
@@ -239,18 +240,6 @@ def _generators(seed: int, idx: list[int]):
     from ..generate import prompt_generator
 
     return [prompt_generator(seed, i) for i in idx]
-
-
-class _NoScorer:
-    """Stands in for the preset's oracle while drawing data: nothing here scores."""
-
-    name = kind = "none"
-
-    def __call__(self, images, prompts):
-        raise RuntimeError("the oracle's data builder never scores")
-
-    def fingerprint(self) -> dict:
-        return {"kind": "none"}
 
 
 def build_shards(out: str | Path, split_seed: int, shards: int, recipe: DataRecipe = DataRecipe(),

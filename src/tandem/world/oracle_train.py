@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..outputs import atomic_write_text
+from .oracle import MODEL as FIRST_MODEL
+from .oracle import tokenize
 from .oracle_data import KINDS, DataRecipe, build_shards, load_shards
 from .oracle_net import CompositionalOracle, NetArch, auc, expected_calibration_error, fit_platt
 from .runs import require_number, require_training_fields
 
-FIRST_MODEL = "tandem.world.oracle.WorldOracle"
 SPLITS = {"train": 101, "eval": 102, "cal": 103}  # stream seeds (the first oracle's train/eval were 101/102 too)
 
 
@@ -57,12 +58,6 @@ class OracleNetTrainConfig:
             raise ValueError(f"shards: give a count for each of {sorted(SPLITS)}, got {sorted(self.shards)}")
         for split, n in self.shards.items():
             require_number(n, f"shards[{split}]", integer=True, at_least=1)
-
-
-def tokenize(tokenizer, captions) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt")
-    return enc.input_ids, enc.attention_mask
 
 
 class CaptionBatches:
