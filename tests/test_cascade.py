@@ -28,7 +28,10 @@ def test_simulation_follows_each_image_through_the_levels():
     # image 0 stays at level 1 (0.9 >= 0.5); image 1 at level 4 (0.8 >= 0.5); image 2 goes to the teacher
     quality, cost = table.simulate([0.5, 0.5])
     assert quality == pytest.approx((0.9 + 0.8 + 0.7) / 3) and cost == pytest.approx((1 + 5 + 25) / 3)
-    assert table.simulate([None, None]) == pytest.approx(((0.5 + 0.6 + 0.7) / 3, 25.0))  # None keeps nothing
+    # None keeps nothing; a student level before the last that keeps nothing is not drawn, so costs nothing
+    assert table.simulate([None, None]) == pytest.approx(((0.5 + 0.6 + 0.7) / 3, 24.0))
+    assert table.simulate([None, 0.5]) == pytest.approx(((0.5 + 0.8 + 0.7) / 3, (24 + 4 + 24) / 3))
+    assert table.simulate([0.5, None]) == pytest.approx(((0.9 + 0.6 + 0.7) / 3, (1 + 25 + 25) / 3))
 
 
 def test_front_is_the_pareto_front_of_the_grid_and_choose_respects_the_budget():
@@ -84,6 +87,13 @@ def test_a_cascade_keeps_the_images_its_gates_pass_and_redraws_the_rest_from_the
             assert np.abs(out.images[i].astype(int) - refined.images[i]).max() <= 1
             assert r["unet_evals"]["teacher"] == refined.records[i]["unet_evals"]["teacher"]
     assert out.summary["settings"]["cascade"]["steps"] == [1]
+    # a level whose threshold keeps no image is not drawn: the run is the plain adaptive run, at its cost
+    skipped = pipe(PROMPTS, cascade=Cascade((1,), (float("inf"),)), accept_threshold=tau, seed=5)
+    plain = pipe(PROMPTS, accept_threshold=tau, seed=5)
+    assert np.array_equal(skipped.images, plain.images)
+    assert [r["unet_evals"] for r in skipped.records] == [r["unet_evals"] for r in plain.records]
+    assert all(r["cascade_levels"] == [2] for r in skipped.records)
+    assert skipped.summary["settings"]["cascade"]["thresholds"] == [None]
     with pytest.raises(ValueError, match="cascade table"):
         pipe(PROMPTS, cascade=Cascade((1,), (t1,)), budget=5.0)
     with pytest.raises(ValueError, match="mode='adaptive'"):
@@ -117,9 +127,10 @@ def test_cli_makes_a_cascade_table_and_generates_at_a_budget(tmp_path, capsys, m
                             "--budget", 10, "--prompts", prompts, "--out", out)
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert all(r["cascade_levels"][0] == 1 for r in records)
-    assert np.mean([r["unet_evals"]["total"] for r in records]) == pytest.approx(
-        CascadeTable.load(table).choose(10)["cost"])
+    point = CascadeTable.load(table).choose(10)
+    first = 1 if point["thresholds"][0] is not None else 4  # a level that keeps nothing is not drawn
+    assert all(r["cascade_levels"][0] == first for r in records)
+    assert np.mean([r["unet_evals"]["total"] for r in records]) == pytest.approx(point["cost"])
     assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", "--mode", "adaptive", "--cascade", table,
                                         "--prompts", prompts, "--out", tmp_path / "x"), "--cascade", "--budget")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "calibrate", "--cascade", "1", "--prompts", prompts,

@@ -46,6 +46,8 @@ def test_decision_accuracy_by_hand():
     assert d["pairs"] == 4 and d["full_reference"] == 0.75 and d["student_better_share"] == 0.75
     # no reference at tau 0.5 (score >= 0.5): T F T F -> 3/4
     assert d["no_reference"] == [{"k": 50.0, "tau": 0.5, "accuracy": 0.75}]
+    # the ceiling: the judge's student scores 1, 0, 0.5, 1 cut at 0.5 give T F T T, all four right
+    assert d["no_reference_ceiling"] == {"tau": 0.5, "accuracy": 1.0}
 
 
 def test_a_perfect_synthetic_oracle_keeps_the_better_image_and_a_wrong_one_the_worse():

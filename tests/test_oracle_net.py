@@ -175,6 +175,38 @@ def test_saved_oracle_scores_calibrated_probabilities_independent_of_the_batch(t
     assert torch.allclose(together, torch.sigmoid(1.7 * logit - 0.3), atol=1e-6)
 
 
+def test_palette_channels_are_the_softmax_over_colours_of_minus_squared_distance(tokenizer):
+    """The encoder's palette channels against the formula written out directly; nothing subnormal reaches the
+    convolutions (subnormal floats make them twice as slow on a CPU)."""
+    model = CompositionalOracle(tokenizer.vocab_size, tokenizer.model_max_length, ARCH)
+    seen = []
+    handle = model.encoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    images = torch.rand(4, 3, 32, 32)
+    images[0] = model.colors[3][:, None, None]  # a pixel exactly on a palette colour
+    model.image_tokens(images)
+    handle.remove()
+    d2 = ((images[:, None] - model.colors[None, :, :, None, None]) ** 2).sum(2)
+    direct = torch.softmax(-d2 / 0.01, 1)
+    palette = seen[0][:, 3:3 + len(model.colors)]
+    assert torch.allclose(palette, direct, atol=1e-5)
+    assert torch.allclose(palette[0, 3], torch.ones(32, 32), atol=1e-6)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((seen[0] != 0) & (seen[0].abs() < tiny)).any()
+
+
+def test_cli_sets_the_oracles_encoder_channels_and_width(tmp_path, capsys, monkeypatch):
+    from clitools import tandem_in_process
+
+    from tandem.world import oracle_train
+
+    given = []
+    monkeypatch.setattr(oracle_train, "train_oracle_net", lambda out, cfg, resume: given.append(cfg) or out)
+    result = tandem_in_process(capsys, monkeypatch, "world", "train", "oracle", "--channels", "24,48", "--width", "48",
+                               "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert given[0].arch == NetArch(channels=(24, 48), width=48)
+
+
 def test_training_fits_its_data_on_the_trainer_and_reports_both_oracles(shards, tmp_path):
     """A short run learns its training captions' renderings from their near misses (held-out quality needs the
     real data: docs/results/oracle2); its report holds the first oracle on the same held-out images."""

@@ -97,6 +97,12 @@ CASES = {
     "distill w-range inf": (["distill", "consistency", "--teacher", "TINY", "--w-range", "1", "inf",
                              "--out", "WS/new"], ["--w-range", "finite"]),
     "train lr inf": (["world", "train", "teacher", "--lr", "inf", "--out", "WS/new"], ["--lr", "finite"]),
+    "oracle channels not numbers": (["world", "train", "oracle", "--channels", "24,x", "--out", "WS/new"],
+                                    ["--channels", "24,x"]),
+    "oracle width not a multiple of heads": (["world", "train", "oracle", "--width", "30", "--out", "WS/new"],
+                                             ["width 30", "heads"]),
+    "oracle channels on the teacher": (["world", "train", "teacher", "--channels", "24,48", "--out", "WS/new"],
+                                       ["--channels", "oracle only"]),
     "world add-student guidance nan": (["world", "add-student", "--student", "WS/mine", "--steps", "4",
                                         "--guidance-scale", "nan", "--world", "WS/new"], ["--guidance-scale"]),
     # other numbers

@@ -3,7 +3,7 @@
 A cascade puts cheaper student levels before the pipeline's own student: every image is drawn by the
 first level (e.g. the 1-step student); an image whose oracle score reaches that level's threshold is
 kept, the others are drawn again, from the same initial noise, by the next level (e.g. the 4-step
-student), and so on; after the pipeline's student the usual routing sends the images still below tau
+student), and so on (a level whose threshold keeps no image is not drawn); after the pipeline's student the usual routing sends the images still below tau
 to the teacher (refinement or regeneration). With Oracle II the scores are calibrated P(satisfied), so
 the quality a set of thresholds buys can be estimated without a judge.
 
@@ -41,14 +41,17 @@ def final_levels(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.concatenate([keep, np.ones_like(keep[:, :1])], 1).argmax(1)
 
 
-def cascade_costs(final: np.ndarray, student_costs: np.ndarray, teacher_cost) -> np.ndarray:
-    """The cost of images ending at levels ``final`` [..., n]: each student level up to the last one drawn
-    (``student_costs`` [L] or, per image, [L, n]), plus ``teacher_cost`` for those that went on to the teacher."""
+def cascade_costs(final: np.ndarray, student_costs: np.ndarray, teacher_cost, thresholds: np.ndarray) -> np.ndarray:
+    """The cost [m, n] of images ending at levels ``final`` [m, n] under rows of ``thresholds`` [m, L]: every
+    student level drawn up to the one it ended at (``student_costs`` [L] or, per image, [L, n]), plus
+    ``teacher_cost`` for those that went on to the teacher. A level before the last whose threshold keeps no
+    image (+inf) is not drawn, so it costs nothing; the last (the pipeline's own student) always is."""
     student_costs = np.asarray(student_costs, float)
-    drawn = np.cumsum(student_costs, 0)
-    last = np.minimum(final, len(student_costs) - 1)
-    spent = drawn[last] if drawn.ndim == 1 else drawn[last, np.arange(final.shape[-1])]
-    return spent + np.where(final == len(student_costs), teacher_cost, 0)
+    levels = len(student_costs)
+    per_level = student_costs.reshape(1, levels, -1)  # [1, L, 1] or [1, L, n]
+    drawn = np.isfinite(thresholds) | (np.arange(levels) == levels - 1)
+    charged = (np.arange(levels)[None, :, None] <= final[:, None, :]) & drawn[:, :, None]
+    return (charged * per_level).sum(1) + np.where(final == levels, teacher_cost, 0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class CascadeTable:
         """Vectorised over rows of ``thresholds`` [m, L]."""
         final = final_levels(self.scores[:-1], thresholds)
         quality = self.scores[final, np.arange(self.scores.shape[1])]
-        cost = cascade_costs(final, np.asarray(self.costs[:-1]) + self.oracle_cost, self.costs[-1])
+        cost = cascade_costs(final, np.asarray(self.costs[:-1]) + self.oracle_cost, self.costs[-1], thresholds)
         return quality.mean(1), cost.mean(1)
 
     def front(self) -> list[dict]:

@@ -870,8 +870,10 @@ class TandemPipeline:
             return lambda level_scores: [int(j) for j in np.flatnonzero(~(level_scores >= threshold))]
 
         draw = draw_at(steps)
-        levels = [] if cascade is None else [(draw_at(n), gate_at(t)) for n, t in zip(cascade.steps,
-                                                                                       cascade.thresholds)]
+        # a cascade's levels before this student; one whose threshold keeps no image is not drawn
+        drawn_levels = [] if cascade is None else [(n, t) for n, t in zip(cascade.steps, cascade.thresholds)
+                                                   if np.isfinite(t)]
+        levels = [(draw_at(n), gate_at(t)) for n, t in drawn_levels]
 
         def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
             if mode in ("teacher", "refine-all"):
@@ -917,7 +919,8 @@ class TandemPipeline:
                 rec["rollback_sigma"] = refine.sigma
                 rec["teacher_steps_run"] = refine.steps
             if cascade is not None:
-                rec["cascade_levels"] = [n for n, members in zip([*cascade.steps, steps], level_sets) if i in members]
+                rec["cascade_levels"] = [n for (n, _), members in zip([*drawn_levels, (steps, None)], level_sets)
+                                         if i in members]
             records.append(rec)
         settings = {
             "mode": mode, "num_inference_steps": steps, "guidance_scale": guidance, "teacher_steps": t_steps,

@@ -123,6 +123,10 @@ def world_train(
                                                    "cal/) [RUN/data].")] = None,
     train_shards: Annotated[int | None, typer.Option(help="oracle: training shards to use (missing ones are "
                                                           "drawn first) [24].")] = None,
+    channels: Annotated[str | None, typer.Option(help="oracle: the image encoder's channels per level, e.g. "
+                                                      "24,48 [32,64].")] = None,
+    width: Annotated[int | None, typer.Option(help="oracle: the token width of text, image grid and fusion "
+                                                   "[64].")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads [component default].")] = None,
 ) -> None:
     """Train a ShapesWorld component from scratch (or --resume).
@@ -168,9 +172,23 @@ def world_train(
         if not valid(value):
             raise UserError(f"{flag} must be {demand}, got {value!r}")
         cfg = dataclasses.replace(cfg, **{name: value})
-    for flag, value in (("--data", data), ("--train-shards", train_shards)):
+    for flag, value in (("--data", data), ("--train-shards", train_shards), ("--channels", channels),
+                        ("--width", width)):
         if value is not None and component is not Component.oracle:
             raise UserError(f"{flag} applies to the oracle only")
+    if channels is not None or width is not None:
+        arch = {}
+        if channels is not None:
+            try:
+                arch["channels"] = tuple(int(c) for c in channels.split(","))
+            except ValueError:
+                raise UserError(f"--channels must be integers separated by commas, got {channels!r}") from None
+        if width is not None:
+            arch["width"] = width
+        try:
+            cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, **arch))
+        except ValueError as error:
+            raise UserError(str(error)) from None
     if data is not None:
         cfg = dataclasses.replace(cfg, data=str(data))
     if train_shards is not None:

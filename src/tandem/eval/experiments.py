@@ -564,6 +564,9 @@ def plot_oracle(results: dict, path: Path) -> Path:
               markersize=3, label="no reference: student score >= tau(k)")
     left.axhline(100 * d["full_reference"], color="black", linestyle="--", linewidth=1,
                  label="full reference: student vs teacher score")
+    if "no_reference_ceiling" in d:
+        left.axhline(100 * d["no_reference_ceiling"]["accuracy"], color="tab:green", linestyle=":", linewidth=1,
+                     label="no-reference ceiling: the judge's own student score")
     left.set_xlabel("percentile k")
     left.set_ylabel("agreement with the judge (%)")
     left.set_title("is the student's image the better one? (Fig. 7)", fontsize=9)
@@ -593,7 +596,10 @@ def oracle_report(results: dict) -> str:
              (f"- Full-reference decision (oracle compares both images): {100 * d['full_reference']:.1f}% agreement "
              f"with the judge on {d['pairs']} prompts where it prefers one."),
              (f"- No-reference decision (student score vs tau): best {100 * best['accuracy']:.1f}% at k = "
-             f"{best['k']:g}."), "",
+             f"{best['k']:g}."),
+             *([f"- No-reference ceiling (the judge's own score of the student image against its best cut-off, "
+                f"what a perfect no-reference oracle reaches): {100 * d['no_reference_ceiling']['accuracy']:.1f}%."]
+               if "no_reference_ceiling" in d else []), "",
              "| synthetic oracle accuracy | captions satisfied | judge score | sent to the teacher |",
              "|---|---|---|---|"]
     for s in results["synthetic_oracle"]:

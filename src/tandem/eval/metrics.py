@@ -33,9 +33,13 @@ def decision_accuracy(student_oracle: np.ndarray, teacher_oracle: np.ndarray, st
     Only prompts where the judge prefers one image count. *Full reference*: the oracle compares the
     two images' scores (needs the teacher's image). *No reference*: the student's score alone
     against the cut-off tau of percentile k (``taus``: k -> tau), as the adaptive pipeline decides.
+    *No-reference ceiling*: the judge's own score of the student's image against its best cut-off, what
+    a perfect no-reference oracle would reach (the truth also depends on the teacher's image, which no
+    such oracle sees).
 
     Returns:
-        ``{"pairs", "student_better_share", "full_reference", "no_reference": [{"k", "tau", "accuracy"}]}``
+        ``{"pairs", "student_better_share", "full_reference", "no_reference": [{"k", "tau", "accuracy"}],
+        "no_reference_ceiling": {"tau", "accuracy"}}``
     """
     s_o, t_o = np.asarray(student_oracle, float), np.asarray(teacher_oracle, float)
     s_j, t_j = np.asarray(student_judge, float), np.asarray(teacher_judge, float)
@@ -44,8 +48,12 @@ def decision_accuracy(student_oracle: np.ndarray, teacher_oracle: np.ndarray, st
     full = (s_o > t_o)[decided]
     rows = [{"k": float(k), "tau": float(tau), "accuracy": float(np.mean((s_o[decided] >= tau) == truth))}
             for k, tau in sorted(taus.items())]
+    cuts = np.append(np.unique(s_j[decided]), np.inf)
+    right = [float(np.mean((s_j[decided] >= cut) == truth)) for cut in cuts]
+    best = int(np.argmax(right))
     return {"pairs": int(decided.sum()), "student_better_share": float(truth.mean()),
-            "full_reference": float(np.mean(full == truth)), "no_reference": rows}
+            "full_reference": float(np.mean(full == truth)), "no_reference": rows,
+            "no_reference_ceiling": {"tau": float(cuts[best]), "accuracy": right[best]}}
 
 
 def synthetic_oracle(student_judge: np.ndarray, teacher_judge: np.ndarray, accuracy: float, seeds: int = 20,

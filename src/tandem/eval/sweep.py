@@ -227,14 +227,16 @@ def compose_cascade(levels: list[dict[str, np.ndarray]], improved: dict[str, np.
                     improved_includes_student: bool) -> dict[str, np.ndarray]:
     """A cascade's per-image results (``tandem.cascade``): every image drawn by ``levels[0]``; one scoring at
     least its level's threshold stays, the others go on to the next level's image (each level's run is drawn
-    from the same noise, so its cost adds up); below the last level's threshold, the improved result.
+    from the same noise, so its cost adds up; a level whose threshold keeps no image is skipped); below the last level's threshold, the improved result.
     ``improved_includes_student``: the improved run's ``evals`` count the last level's student (refine-all)."""
     from ..cascade import cascade_costs, final_levels, threshold_array
 
     n = len(levels[0]["evals"])
-    chosen = final_levels(np.stack([run["oracle"] for run in levels]), threshold_array(thresholds)[None])[0]
+    thresholds = threshold_array(thresholds)[None]
+    chosen = final_levels(np.stack([run["oracle"] for run in levels]), thresholds)
     improve = improved["evals"] - (levels[-1]["evals"] if improved_includes_student else 0)
-    evals = cascade_costs(chosen, np.stack([run["evals"] for run in levels]), improve)
+    evals = cascade_costs(chosen, np.stack([run["evals"] for run in levels]), improve, thresholds)[0]
+    chosen = chosen[0]
     composed = {"rejected": chosen == len(levels), "evals": evals, "level": chosen}
     runs = [*levels, improved]
     for key in ("satisfied", "score", "features", "fid_features", "clip_score", "preservation", "fidelity"):
