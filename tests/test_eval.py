@@ -105,6 +105,49 @@ def test_a_sweep_resumes_from_its_cache_and_refuses_other_prompts(pipe, tmp_path
         SamplerConfig("teacher", 4, rollback_sigma=0.5)
 
 
+class Redness:
+    """Another stand-in oracle: the mean red value."""
+
+    def __call__(self, images, prompts):
+        return images[:, 0].mean(dim=(1, 2))
+
+    def fingerprint(self):
+        return {"kind": "redness"}
+
+
+def test_a_sweep_takes_another_oracles_images_and_scores_them_with_its_own(pipe, tmp_path):
+    source = Sweep(pipe, PROMPTS[:3], 0, tmp_path / "a")
+    drawn = {c.name: source.run(c) for c in (SamplerConfig("student", 1), SamplerConfig("teacher", 2))}
+    own = pipe.scorer
+    pipe.scorer = Redness()
+    try:
+        calls = []
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(pipe, name)
+
+            def __call__(self, *args, **kwargs):
+                calls.append(kwargs["mode"])
+                return pipe(*args, **kwargs)
+
+        sweep = Sweep(Counting(), PROMPTS[:3], 0, tmp_path / "b", images_from=tmp_path / "a")
+        for name, config in (("student1", SamplerConfig("student", 1)), ("dpm2", SamplerConfig("teacher", 2))):
+            again = sweep.run(config)
+            for key in ("images", "satisfied", "score", "evals"):
+                np.testing.assert_array_equal(again[key], drawn[name][key])
+            red = drawn[name]["images"][..., 0].reshape(3, -1).mean(1) / 255
+            np.testing.assert_allclose(again["oracle"], red, atol=1e-6)
+            assert not np.allclose(again["oracle"], drawn[name]["oracle"])
+        assert calls == []  # nothing drawn again
+        sweep.run(SamplerConfig("student", 2))  # not in the source: drawn
+        assert calls == ["student"]
+        with pytest.raises(ValueError, match="only the oracle may differ"):
+            Sweep(pipe, PROMPTS[:2], 0, tmp_path / "c", images_from=tmp_path / "a")
+    finally:
+        pipe.scorer = own
+
+
 def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "oracle"
     args = ("eval", "oracle", "--prompts", "val", "--n", 6, "--batch-size", 6, "--out", out)
@@ -123,6 +166,15 @@ def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkey
     cached = sorted(p.name for p in (out / "cache").iterdir())
     ok(tandem_in_process(capsys, monkeypatch, *args, "--resume"))
     assert sorted(p.name for p in (out / "cache").iterdir()) == cached
+    # the same run's images taken again (an oracle compared on them would be re-scored the same way)
+    again = tmp_path / "again"
+    ok(tandem_in_process(capsys, monkeypatch, *args[:-1], again, "--images-from", out))
+    assert sorted(p.name for p in (again / "cache").iterdir()) == cached
+    assert json.loads((again / "results.json").read_text())["decisions"] == results["decisions"]
+    assert_user_error(tandem_in_process(capsys, monkeypatch, *args[:-1], tmp_path / "z", "--images-from", tmp_path),
+                      "--images-from", "cache/identity.json")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "threshold", "--images-from", out,
+                                        "--out", tmp_path / "t"), "--images-from", "eval budget")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--model", "sd15-lcm",
                                         "--out", tmp_path / "x"), "ShapesWorld list")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--n", 0, "--out", tmp_path / "y"),

@@ -103,7 +103,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
           batch_size: int, device: str, judge: str | None = None, features: str | None = None,
           clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
           fid: str | None = None, preset_file: Path | None = None, student: str | None = None,
-          scorer: str | None = None, cascade: Path | None = None) -> None:
+          scorer: str | None = None, cascade: Path | None = None, images_from: Path | None = None) -> None:
     import time
 
     from ..eval import experiments
@@ -120,6 +120,13 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         if experiment is not Experiment.budget:
             raise UserError("--cascade applies to eval budget")
         extra["cascade"] = _load(lambda: CascadeTable.load(cascade), "--cascade")
+    if images_from is not None:
+        if experiment not in (Experiment.budget, Experiment.oracle):
+            raise UserError("--images-from applies to eval budget and eval oracle")
+        if not (images_from / "cache" / "identity.json").is_file():
+            raise UserError(f"--images-from {images_from}: not an output directory of an eval budget or oracle run "
+                            "(no cache/identity.json)")
+        extra["images_from"] = images_from
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "eval", calibration)
     world = preset.teacher == "world"
@@ -139,7 +146,8 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                **_preset_record(preset, pipe),
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
                "calibration": str(calibration) if calibration else None,
-               "cascade": str(cascade) if cascade else None, **measures.spec}
+               "cascade": str(cascade) if cascade else None,
+               "images_from": str(images_from) if images_from else None, **measures.spec}
     t0 = time.time()
     with _progress(f"eval {experiment.value}", len(prompts)) as bar:
         progress = _phase_bars(bar)
@@ -150,6 +158,10 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                           made_by=made_by, progress=progress, measures=measures, **extra)
         except CalibrationMismatch as e:
             raise UserError(f"--cascade: {e}") from None
+        except ValueError as e:
+            if images_from is None or "only the oracle may differ" not in str(e):
+                raise
+            raise UserError(f"--images-from: {e}") from None
     if experiment is Experiment.budget:
         from ..eval.judges import format_quality
 
@@ -210,9 +222,12 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
         cascade: Annotated[Path | None, typer.Option(
             help="budget: a cascade table (`tandem calibrate --cascade`, made on held-out prompts) whose "
                  "thresholds give the curve 'adaptive cascade'.")] = None,
+        images_from: Annotated[Path | None, typer.Option(
+            help="budget, oracle: an earlier run's --out of the same prompts, seed, models and judge; its images "
+                 "are re-scored by this run's oracle instead of drawn again (to compare oracles).")] = None,
     ) -> None:
         _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
-              reference, calibration, fid, preset_file, student, scorer, cascade)
+              reference, calibration, fid, preset_file, student, scorer, cascade, images_from)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)

@@ -71,10 +71,12 @@ class OracleConfig:
 
 
 def _student_run(pipe, prompts, out: Path, seed: int, batch_size: int, log, progress,
-                 measures: Measures) -> tuple[Sweep, int, dict]:
-    """The experiment's cached sweep, the preset's student steps and the student's per-image results."""
+                 measures: Measures, images_from: str | Path | None = None) -> tuple[Sweep, int, dict]:
+    """The experiment's cached sweep, the preset's student steps and the student's per-image results;
+    ``images_from``: an earlier run's output directory whose images (same prompts, seed, models and judge)
+    are re-scored by this pipeline's oracle instead of drawn again."""
     sweep = Sweep(pipe, prompts, seed, out / "cache", batch_size, identity={"preset": pipe.name}, progress=progress,
-                  judge=measures.judge)
+                  judge=measures.judge, images_from=None if images_from is None else Path(images_from) / "cache")
     student_steps = int(pipe._setting("num_inference_steps", None, 4))
     return sweep, student_steps, sweep.run(SamplerConfig("student", student_steps), log)
 
@@ -96,14 +98,16 @@ def _clip_score(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
 def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: BudgetConfig = BudgetConfig(),
            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
            progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None,
-           cascade=None) -> dict:
+           cascade=None, images_from: str | Path | None = None) -> dict:
     """Quality vs cost curves and acceleration factors (see the module docstring); with the CLIP score
     and the Fréchet distance to the reference images (in ShapesWorld: exact renderings of the same
     prompts, in the world CLIP's features) where ``measures`` has them. ``cascade``: a ``CascadeTable``
-    (made on held-out prompts) whose front points become the family "adaptive cascade"."""
+    (made on held-out prompts) whose front points become the family "adaptive cascade". ``images_from``:
+    an earlier budget run of these prompts whose images are re-scored by this oracle (comparing oracles)."""
     measures = measures or Measures.for_world()
     out = Path(out)
-    sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
+    sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures,
+                                           images_from)
     taus = _thresholds(pipe, cfg.ks)
     points: list[dict] = []
     features, clip_scorer = measures.features, measures.clip_scorer
@@ -263,11 +267,14 @@ def accelerations(points: list[dict], references: dict[str, dict]) -> dict[str, 
 
 def oracle(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: OracleConfig = OracleConfig(),
            batch_size: int = 100, log: Callable[[str], None] = print, made_by: dict | None = None,
-           progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None) -> dict:
-    """Oracle accuracy, no reference vs full reference (Fig. 7), and synthetic oracles (D.4)."""
+           progress: Callable[[str, int, int], None] | None = None, measures: Measures | None = None,
+           images_from: str | Path | None = None) -> dict:
+    """Oracle accuracy, no reference vs full reference (Fig. 7), and synthetic oracles (D.4); ``images_from``
+    as for ``budget``."""
     measures = measures or Measures(ExactJudge())
     out = Path(out)
-    sweep, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
+    sweep, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures,
+                                                 images_from)
     teacher = sweep.run(SamplerConfig("teacher", cfg.teacher_steps, "dpm"), log)
     taus = _thresholds(pipe, cfg.ks)
     decisions = decision_accuracy(student["oracle"], teacher["oracle"], student["score"], teacher["score"], taus)

@@ -86,10 +86,13 @@ class Sweep:
 
     def __init__(self, pipe, prompts: list[str], seed: int, cache_dir: str | Path, batch_size: int = 100,
                  identity: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
-                 call: Callable | None = None, judge: Judge | None = None):
+                 call: Callable | None = None, judge: Judge | None = None, images_from: str | Path | None = None):
         """``call(indices, prompts, **kwargs)`` replaces ``pipe(prompts, **kwargs)`` for the prompts of those
         indices, e.g. to pass their control images or to edit their inputs (``pipe.edit``); whatever it
-        binds belongs in ``identity``. ``judge`` scores each image (default: ShapesWorld's exact checker)."""
+        binds belongs in ``identity``. ``judge`` scores each image (default: ShapesWorld's exact checker).
+        ``images_from``: another sweep's cache, made with the same prompts, seed, models and judge but perhaps
+        another oracle; a configuration cached there is taken from it and re-scored by this pipeline's oracle
+        (no configuration a sweep runs involves the oracle, so its images are this sweep's own)."""
         self.pipe, self.prompts, self.seed, self.batch_size = pipe, list(prompts), seed, batch_size
         self.judge = judge or ExactJudge()
         self.call = call or (lambda _indices, prompts, **kwargs: pipe(prompts, **kwargs))
@@ -109,6 +112,15 @@ class Sweep:
             from ..outputs import atomic_write_text
 
             atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
+        self.images_from = None if images_from is None else Path(images_from)
+        if self.images_from is not None:
+            source = self.images_from / "identity.json"
+            if not source.is_file():
+                raise ValueError(f"{self.images_from} holds no cached sweep (no identity.json)")
+            made = json.loads(source.read_text())
+            if _without_oracle(made) != _without_oracle(self.identity):
+                raise ValueError(f"{self.images_from} caches images of other prompts, seed, models or judge "
+                                 f"({made}); only the oracle may differ")
 
     def run(self, config: SamplerConfig, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
         """Per-image arrays: ``images`` (uint8 [N, H, W, 3]), ``score`` and (exact judge) ``satisfied``,
@@ -120,10 +132,14 @@ class Sweep:
         goes to process c mod P; the main process merges the chunks. Image i always draws from the
         generator of ``(seed, i)``, so neither chunking nor sharding changes a result."""
         path = self.dir / f"{config.name}.npz"
+        rank, world, barrier = _processes()
+        if not path.exists() and self.images_from is not None and (self.images_from / path.name).exists():
+            if rank == 0:
+                self._rescore(self.images_from / path.name, path, log)
+            barrier()
         if path.exists():
             with np.load(path) as data:
                 return dict(data)
-        rank, world, barrier = _processes()
         n = len(self.prompts)
         starts = list(range(0, n, self.batch_size))
         for c, start in enumerate(starts):
@@ -149,6 +165,20 @@ class Sweep:
         barrier()
         with np.load(path) as data:
             return dict(data)
+
+    def _rescore(self, source: Path, path: Path, log: Callable[[str], None] | None) -> None:
+        """``source``'s results with the oracle column scored again by this pipeline's oracle."""
+        with np.load(source) as cached:
+            data = dict(cached)
+        if self.pipe.scorer is None:
+            data["oracle"] = np.full(len(self.prompts), np.nan)
+        else:
+            data["oracle"] = np.concatenate([
+                self.pipe._score(list(data["images"][s:s + self.batch_size]), self.prompts[s:s + self.batch_size])
+                for s in range(0, len(self.prompts), self.batch_size)]).astype(np.float64)
+        _save_npz(path, data)
+        if log:
+            log(f"{path.stem}: the images of {source}, re-scored by this oracle")
 
     def _part(self, config: SamplerConfig, start: int) -> Path:
         return self.dir / f"{config.name}.part{start:06d}.npz"
@@ -179,6 +209,11 @@ class Sweep:
                          "oracle": oracle,
                          "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
                          "seconds": np.array(time.perf_counter() - t0)})
+
+
+def _without_oracle(identity: dict) -> dict:
+    """A sweep's identity less its oracle's fingerprint (what its cached images do not depend on)."""
+    return {**identity, "models": {k: v for k, v in identity.get("models", {}).items() if k != "scorer"}}
 
 
 def _save_npz(path: Path, data: dict) -> None:
