@@ -82,20 +82,24 @@ def test_composed_adaptive_results_equal_a_real_adaptive_run(pipe, strategy, tmp
     np.testing.assert_allclose(composed["score"], [r.score for r in judged], atol=0.02)
 
 
+class Counting:
+    """``pipe`` that notes the mode of each call in ``calls``."""
+
+    def __init__(self, pipe, calls: list):
+        self.pipe, self.calls = pipe, calls
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs["mode"])
+        return self.pipe(*args, **kwargs)
+
+
 def test_a_sweep_resumes_from_its_cache_and_refuses_other_prompts(pipe, tmp_path):
     calls = []
-    original = pipe.__call__
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(pipe, name)
-
-        def __call__(self, *args, **kwargs):
-            calls.append(kwargs["mode"])
-            return original(*args, **kwargs)
-
-    first = Sweep(Counting(), PROMPTS[:3], 0, tmp_path).run(SamplerConfig("student", 1))
-    again = Sweep(Counting(), PROMPTS[:3], 0, tmp_path).run(SamplerConfig("student", 1))
+    first = Sweep(Counting(pipe, calls), PROMPTS[:3], 0, tmp_path).run(SamplerConfig("student", 1))
+    again = Sweep(Counting(pipe, calls), PROMPTS[:3], 0, tmp_path).run(SamplerConfig("student", 1))
     assert calls == ["student"]
     for key in ("satisfied", "score", "oracle", "evals"):
         np.testing.assert_array_equal(first[key], again[key])
@@ -122,16 +126,7 @@ def test_a_sweep_takes_another_oracles_images_and_scores_them_with_its_own(pipe,
     pipe.scorer = Redness()
     try:
         calls = []
-
-        class Counting:
-            def __getattr__(self, name):
-                return getattr(pipe, name)
-
-            def __call__(self, *args, **kwargs):
-                calls.append(kwargs["mode"])
-                return pipe(*args, **kwargs)
-
-        sweep = Sweep(Counting(), PROMPTS[:3], 0, tmp_path / "b", images_from=tmp_path / "a")
+        sweep = Sweep(Counting(pipe, calls), PROMPTS[:3], 0, tmp_path / "b", images_from=tmp_path / "a")
         for name, config in (("student1", SamplerConfig("student", 1)), ("dpm2", SamplerConfig("teacher", 2))):
             again = sweep.run(config)
             for key in ("images", "satisfied", "score", "evals"):

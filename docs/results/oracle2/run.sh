@@ -26,10 +26,12 @@ tandem eval budget --model world $S --calibration runs/oracle2/cal-world.json --
     --prompts test --n 500 --out runs/oracle2/eval_budget
 # Oracle II beside the first oracle on the same cached images, each operating point chosen on validation
 tandem eval budget --model world $S --calibration runs/oracle2/cal-world.json --prompts val --n 300 --out runs/oracle2/budget-val
-python docs/results/oracle2/side_by_side.py runs/oracle2/eval_budget docs/results/oracle2/side_by_side.json
+# side_by_side.json was made by this round's side_by_side.py, since generalised to three oracles
+# (docs/results/oracle3/side_by_side.py): its entries oracle_ii_first_release and first_oracle in
+# docs/results/oracle3/side_by_side.json are this file's two oracles, on the same images
 # (the first oracle's validation run is the one its route table came from: docs/results/routes_world/run.sh)
 
 # shipping: Oracle II as the world's oracle/ (the first as oracle-clip/), the world's calibrations and route table
 # re-made with it (the calibrate commands of the README's "Training the world", --overwrite)
 tandem eval routes runs/oracle2/budget-val --out src/tandem/assets/world/routes.json --overwrite
-bash docs/results/oracle2/routes_check.sh   # the route table's check on the test prompts (as in docs/results/routes_world)
+bash docs/results/oracle2/routes_check.sh runs/routes2   # the route table's check on the test prompts (as in docs/results/routes_world)

@@ -1,10 +1,11 @@
-"""Oracle II beside the first oracle on the very same images.
+"""The world's oracles side by side on the very same images: Oracle II as shipped now, Oracle II as first
+shipped (commit 6bff3ba) and the first oracle (oracle-clip).
 
-The adaptive points of the budget curves are composed from one `tandem eval budget` run's cached images
-(``runs/oracle2/eval_budget/cache``: the 500 test prompts, seed 0, the preset's student `pd` and teacher):
-each oracle scores the student's images, each takes tau from its own calibration on the 500 validation
-prompts, and the images it rejects take the teacher's (regeneration) or the refined (refine-all) images of
-the same seeds. Two readings:
+The adaptive points are composed from one `tandem eval budget` run's cached images (the 500 test prompts,
+seed 0, the preset's student `pd` and teacher; ``runs/oracle3/eval_budget``, whose images are those of
+``runs/oracle2/eval_budget``, re-scored with `--images-from`): each oracle scores the student's images and
+takes tau from its own calibration on the 500 validation prompts; the images it rejects take the
+teacher's (regeneration) or the refined (refine-all) images of the same seeds. Two readings:
 
 * *chosen on validation*: each oracle's operating point (improvement and k) is the cheapest adaptive point
   of its own budget run on 300 validation prompts that reaches the validation quality of the reference
@@ -12,7 +13,7 @@ the same seeds. Two readings:
 * *envelope on test*: the cheapest adaptive point over the k grid read on the test prompts themselves
   (what `tandem eval budget` reports as the acceleration factor; optimistic).
 
-    python docs/results/oracle2/side_by_side.py runs/oracle2/eval_budget docs/results/oracle2/side_by_side.json
+    python docs/results/oracle3/side_by_side.py runs/oracle3/eval_budget docs/results/oracle3/side_by_side.json
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +30,21 @@ REFERENCES = ("dpm25", "ddim50")
 REGENERATE = {"dpm": (10, 15, 25), "ddim": (10, 20)}  # BudgetConfig's regenerations and refinements
 REFINE_SIGMAS = (0.5, 0.7, 0.85)
 KS = tuple(range(0, 101, 10))
-VAL_RUNS = {"oracle_ii": "runs/oracle2/budget-val", "first_oracle": "runs/eval/budget-val-pd"}
+ORACLE_FILES = ("config.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+# name: (the oracle as of a commit, or None for the shipped one; its calibration's commit; its validation run)
+ORACLES = {"oracle_ii": (None, None, "runs/oracle3/budget-val"),
+           "oracle_ii_first_release": ("6bff3ba", "6bff3ba", "runs/oracle2/budget-val"),
+           "first_oracle": (None, "7fe7fcf", "runs/eval/budget-val-pd")}
+WORLD = "src/tandem/assets/world"
 
 
 def load(cache: Path, name: str) -> dict:
     with np.load(cache / f"{name}.npz") as z:
         return {k: z[k] for k in z.files}
+
+
+def git_bytes(commit: str, path: str) -> bytes:
+    return subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, check=True).stdout
 
 
 def families() -> list[tuple[str, str, bool]]:
@@ -60,18 +71,27 @@ def main(budget_dir: Path, out: Path) -> None:
     results = json.loads((budget_dir / "results.json").read_text())
     prompts = load_prompts("test")[: results["n_prompts"]]
     student = load(cache, "student4")
-    first_calibration = json.loads(subprocess.run(  # the first oracle's calibration, as shipped before Oracle II
-        ["git", "show", "7fe7fcf:src/tandem/assets/world/calibration.json"], capture_output=True, text=True,
-        check=True).stdout)
-    oracles = {"oracle_ii": (world_dir() / "oracle", Calibration.load(world_dir() / "calibration.json")),
-               "first_oracle": (world_dir() / "oracle-clip", Calibration(np.array(first_calibration["scores"]),
-                                                                          first_calibration["fingerprint"]))}
     refs = {name: summary(load(cache, name)) for name in REFERENCES}
-    report = {"command": f"python docs/results/oracle2/side_by_side.py {budget_dir} {out}",
+    report = {"command": f"python docs/results/oracle3/side_by_side.py {budget_dir} {out}",
               "test_prompts": len(prompts), "references": refs, "oracles": {}}
-    for name, (path, calibration) in oracles.items():
+    scratch = Path(tempfile.mkdtemp())
+    for name, (weights_commit, calibration_commit, val_run) in ORACLES.items():
+        if name == "first_oracle":
+            path = world_dir() / "oracle-clip"
+        elif weights_commit is None:
+            path = world_dir() / "oracle"
+        else:  # an earlier release, read from git
+            path = scratch / name
+            for file in ORACLE_FILES:
+                (path / file).parent.mkdir(parents=True, exist_ok=True)
+                (path / file).write_bytes(git_bytes(weights_commit, f"{WORLD}/oracle/{file}"))
+        if calibration_commit is None:
+            calibration = Calibration.load(world_dir() / "calibration.json")
+        else:
+            made = json.loads(git_bytes(calibration_commit, f"{WORLD}/calibration.json"))
+            calibration = Calibration(np.array(made["scores"]), made["fingerprint"])
         scores = WorldOracleScorer.from_pretrained(path)(student["images"], prompts).numpy()
-        if name == "oracle_ii":  # the cached run scored with the same oracle: the same scores
+        if name == "oracle_ii":  # the cached run was scored by the shipped oracle: the same scores
             assert np.allclose(scores, student["oracle"], atol=1e-5), np.abs(scores - student["oracle"]).max()
         s = {**student, "oracle": scores}
         points = []
@@ -81,7 +101,7 @@ def main(budget_dir: Path, out: Path) -> None:
                 composed = compose_adaptive(s, improved, calibration.threshold(k), includes_student)
                 points.append({"family": family, "label": f"{family} k={k}", "k": k,
                                "share_improved": float(composed["rejected"].mean()), **summary(composed)})
-        val = json.loads((Path(VAL_RUNS[name]) / "results.json").read_text())
+        val = json.loads((Path(val_run) / "results.json").read_text())
         val_refs = {p["label"]: p for p in val["points"] if p["label"] in REFERENCES}
         chosen = {}
         for ref in REFERENCES:
@@ -92,11 +112,12 @@ def main(budget_dir: Path, out: Path) -> None:
                            "test": test, "test_reference": refs[ref],
                            "test_factor_if_reached": (refs[ref]["unet_evals_mean"] / test["unet_evals_mean"]
                                                       if test and test["accuracy"] >= refs[ref]["accuracy"] else None)}
-        teachers = [{"family": "teacher", "label": ref, **refs[ref]}
-                    for ref in REFERENCES]
+        teachers = [{"family": "teacher", "label": ref, **refs[ref]} for ref in REFERENCES]
         envelope = accelerations(points + teachers, refs)
         report["oracles"][name] = {
-            "oracle": str(path), "validation_run": VAL_RUNS[name], "chosen_on_validation": chosen,
+            "oracle": str(path) if weights_commit is None else f"{weights_commit}:{WORLD}/oracle",
+            "calibration": "shipped" if calibration_commit is None else f"{calibration_commit}:{WORLD}/calibration.json",
+            "validation_run": val_run, "chosen_on_validation": chosen,
             "envelope_on_test": {ref: {"factor": a["factor"], "point": a["adaptive"] and a["adaptive"]["label"],
                                        "best_adaptive_accuracy": a["best_adaptive_quality"]}
                                  for ref, a in envelope.items()},
