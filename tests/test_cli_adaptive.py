@@ -115,7 +115,8 @@ def test_every_generate_mode_writes_one_record_schema(adaptive_run, workdir, cap
             refined = ["rollback_sigma", "teacher_steps_run"] if r["path"] == "refined" else []
             assert list(r) == [*RECORD_FIELDS, *refined, *RUN_RECORD_FIELDS], mode
     oracle = {"student_score", "tau"}  # floats where the oracle scored, null where none ran
-    want = {k: v for k, v in shape(runs["adaptive"][0]).items() if k not in oracle}
+    refine = {"rollback_sigma", "teacher_steps_run"}  # a refined image's own (checked above)
+    want = {k: v for k, v in shape(runs["adaptive"][0]).items() if k not in oracle | refine}
     for mode, records in runs.items():
         for r in records:
             assert {k: v for k, v in shape(r).items() if k in want} == want, mode

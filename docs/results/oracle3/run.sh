@@ -3,7 +3,7 @@
 # smaller one side by side; then the pipeline measured with it on the very images of the first round's runs
 # (docs/results/oracle2/run.sh made them), re-scored with --images-from. 2 CPU cores, one thread per process.
 set -euo pipefail
-O=runs/oracle3/big/oracle
+O=runs/oracle3/small/oracle
 S="--scorer world-oracle:$O"
 
 # data: 40 training shards of the world stream 101 (124,219 images of 22,691 captions; the first 11 were
@@ -24,6 +24,8 @@ tandem eval budget --model world $S --calibration runs/oracle3/cal-world.json --
     --prompts test --n 500 --images-from runs/oracle2/eval_budget --out runs/oracle3/eval_budget
 tandem eval budget --model world $S --calibration runs/oracle3/cal-world.json --prompts val --n 300 \
     --images-from runs/oracle2/budget-val --out runs/oracle3/budget-val
+tandem eval budget --model world $S --calibration runs/oracle3/cal-world.json --cascade runs/oracle3/cascade.json \
+    --prompts val --n 300 --images-from runs/oracle3/budget-val --out runs/oracle3/budget-val-cascade
 tandem eval oracle --model world $S --calibration runs/oracle3/cal-world.json --prompts test \
     --images-from runs/oracle2/eval_oracle --out runs/oracle3/eval_oracle
 
@@ -34,14 +36,16 @@ cp -r $O/. src/tandem/assets/world/oracle/
 bash docs/results/oracle3/recalibrate.sh
 tandem eval routes runs/oracle3/budget-val --out src/tandem/assets/world/routes.json --overwrite
 bash docs/results/oracle2/routes_check.sh runs/routes3
-# cost, in one run: the shipped oracle beside the smaller one, the first release of Oracle II (from git) and the
+# cost, in one run: the shipped (smaller) oracle beside the larger one, the first release of Oracle II (from git) and the
 # first oracle
 mkdir -p /tmp/o-s5/tokenizer
 for f in config.json model.safetensors tokenizer/tokenizer.json tokenizer/tokenizer_config.json; do
   git show 6bff3ba:src/tandem/assets/world/oracle/$f > /tmp/o-s5/$f
 done
-python benchmarks/adaptive_overhead.py --threads 1 --also-scorer world-oracle:runs/oracle3/small/oracle \
+python benchmarks/adaptive_overhead.py --threads 1 --also-scorer world-oracle:runs/oracle3/big/oracle \
     --also-scorer world-oracle:/tmp/o-s5 --also-scorer world-oracle:src/tandem/assets/world/oracle-clip \
     --json docs/results/oracle3/overhead.json
 # the three oracles side by side on the very same images
 python docs/results/oracle3/side_by_side.py runs/oracle3/eval_budget docs/results/oracle3/side_by_side.json
+# the four oracles on one held-out set
+python docs/results/oracle3/held_out.py docs/results/oracle3/held_out.json
