@@ -45,7 +45,14 @@ done
 python benchmarks/adaptive_overhead.py --threads 1 --also-scorer world-oracle:runs/oracle3/big/oracle \
     --also-scorer world-oracle:/tmp/o-s5 --also-scorer world-oracle:src/tandem/assets/world/oracle-clip \
     --json docs/results/oracle3/overhead.json
+for i in 1 2; do   # repeats, the shipped oracle beside the width-64 one
+  python benchmarks/adaptive_overhead.py --threads 1 --also-scorer world-oracle:runs/oracle3/big/oracle \
+      --json docs/results/oracle3/overhead_repeat$i.json
+done
 # the three oracles side by side on the very same images
 python docs/results/oracle3/side_by_side.py runs/oracle3/eval_budget docs/results/oracle3/side_by_side.json
+# the edit experiment with the shipped oracle, and the mask-conditioned one
+tandem eval edit --model world --out runs/oracle3/eval_edit
+tandem eval control --model world --control mask --out runs/oracle3/eval_control_mask
 # the four oracles on one held-out set
 python docs/results/oracle3/held_out.py docs/results/oracle3/held_out.json
