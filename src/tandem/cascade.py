@@ -3,8 +3,8 @@
 A cascade puts cheaper student levels before the pipeline's own student: every image is drawn by the
 first level (e.g. the 1-step student); an image whose oracle score reaches that level's threshold is
 kept, the others are drawn again, from the same initial noise, by the next level (e.g. the 4-step
-student), and so on (a level whose threshold keeps no image is not drawn); after the pipeline's student the usual routing sends the images still below tau
-to the teacher (refinement or regeneration). With Oracle II the scores are calibrated P(satisfied), so
+student), and so on (a level whose threshold keeps no image is not drawn); after the pipeline's student
+the usual routing sends the images still below tau to the teacher (refinement or regeneration). With Oracle II the scores are calibrated P(satisfied), so
 the quality a set of thresholds buys can be estimated without a judge.
 
 ``CascadeTable`` holds what a cascade calibration measured on held-out prompts (``tandem calibrate

@@ -874,6 +874,7 @@ class TandemPipeline:
         drawn_levels = [] if cascade is None else [(n, t) for n, t in zip(cascade.steps, cascade.thresholds)
                                                    if np.isfinite(t)]
         levels = [(draw_at(n), gate_at(t)) for n, t in drawn_levels]
+        level_steps = [n for n, _ in drawn_levels] + [steps]  # the steps of each level run.levels lists
 
         def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
             if mode in ("teacher", "refine-all"):
@@ -919,8 +920,7 @@ class TandemPipeline:
                 rec["rollback_sigma"] = refine.sigma
                 rec["teacher_steps_run"] = refine.steps
             if cascade is not None:
-                rec["cascade_levels"] = [n for (n, _), members in zip([*drawn_levels, (steps, None)], level_sets)
-                                         if i in members]
+                rec["cascade_levels"] = [n for n, members in zip(level_steps, level_sets) if i in members]
             records.append(rec)
         settings = {
             "mode": mode, "num_inference_steps": steps, "guidance_scale": guidance, "teacher_steps": t_steps,

@@ -158,10 +158,6 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                           made_by=made_by, progress=progress, measures=measures, **extra)
         except CalibrationMismatch as e:
             raise UserError(f"--cascade: {e}") from None
-        except ValueError as e:
-            if images_from is None or "only the oracle may differ" not in str(e):
-                raise
-            raise UserError(f"--images-from: {e}") from None
     if experiment is Experiment.budget:
         from ..eval.judges import format_quality
 

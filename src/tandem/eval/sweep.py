@@ -170,15 +170,18 @@ class Sweep:
         """``source``'s results with the oracle column scored again by this pipeline's oracle."""
         with np.load(source) as cached:
             data = dict(cached)
-        if self.pipe.scorer is None:
-            data["oracle"] = np.full(len(self.prompts), np.nan)
-        else:
-            data["oracle"] = np.concatenate([
-                self.pipe._score(list(data["images"][s:s + self.batch_size]), self.prompts[s:s + self.batch_size])
-                for s in range(0, len(self.prompts), self.batch_size)]).astype(np.float64)
+        data["oracle"] = np.concatenate([
+            self._oracle(list(data["images"][s:s + self.batch_size]), self.prompts[s:s + self.batch_size])
+            for s in range(0, len(self.prompts), self.batch_size)])
         _save_npz(path, data)
         if log:
             log(f"{path.stem}: the images of {source}, re-scored by this oracle")
+
+    def _oracle(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        """The pipeline's oracle scores of final images (NaN without an oracle); the scorer batches internally."""
+        if self.pipe.scorer is None:
+            return np.full(len(prompts), np.nan)
+        return self.pipe._score(images, prompts).astype(np.float64)
 
     def _part(self, config: SamplerConfig, start: int) -> Path:
         return self.dir / f"{config.name}.part{start:06d}.npz"
@@ -197,10 +200,8 @@ class Sweep:
         judged = self.judge(out.images, prompts)
         if config.mode == "student":
             oracle = np.array([r["student_score"] for r in out.records], np.float64)
-        elif self.pipe.scorer is not None:  # the scorer batches internally
-            oracle = self.pipe._score(out.images, prompts).astype(np.float64)
         else:
-            oracle = np.full(len(prompts), np.nan)
+            oracle = self._oracle(out.images, prompts)
         extra = {}
         if config.mode == "mixed":  # the share of its transitions the teacher took, per image
             extra["teacher_share"] = np.array([np.mean([w == "teacher" for w in r["transitions"]])
@@ -262,7 +263,8 @@ def compose_cascade(levels: list[dict[str, np.ndarray]], improved: dict[str, np.
                     improved_includes_student: bool) -> dict[str, np.ndarray]:
     """A cascade's per-image results (``tandem.cascade``): every image drawn by ``levels[0]``; one scoring at
     least its level's threshold stays, the others go on to the next level's image (each level's run is drawn
-    from the same noise, so its cost adds up; a level whose threshold keeps no image is skipped); below the last level's threshold, the improved result.
+    from the same noise, so its cost adds up; a level whose threshold keeps no image is skipped); below the
+    last level's threshold, the improved result.
     ``improved_includes_student``: the improved run's ``evals`` count the last level's student (refine-all)."""
     from ..cascade import cascade_costs, final_levels, threshold_array
 
