@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,22 @@ def tandem_in_process(capsys, monkeypatch, *args) -> subprocess.CompletedProcess
         main()
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ``root``: file bytes, symlink targets, directories (to compare a workspace before and
+    after a command that must change nothing)."""
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                out[key] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                out[key] = "dir"
+            elif path.is_file():
+                out[key] = path.read_bytes()
+            else:
+                out[key] = "special"  # a FIFO or a device: never read
+    return out

@@ -18,6 +18,7 @@ import pytest
 from clitools import assert_user_error, ok, tandem, tandem_in_process
 from PIL import Image
 
+from tandem.outputs import RUN_RECORD
 from tandem.world.checker import check
 
 STEPS = 3  # DPM-Solver++ 2M takes a second-order step only from step 2 on
@@ -131,8 +132,11 @@ def reference_images(tiny_world):
 
 def test_generate_writes_numbered_pngs_records_and_config(runs, tiny_world):
     out = runs("base")
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png",
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "00000.png", "00001.png", "00002.png",
                                                      "config.json", "records.jsonl"]
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["kind"] == "tandem run" and record["command"] == "generate"
+    assert record["files"] == ["00000.png", "00001.png", "00002.png", "config.json", "records.jsonl"]
     for path in pngs(out):
         assert Image.open(path).format == "PNG"
         assert image(path).shape == (32, 32, 3)
@@ -203,7 +207,8 @@ def test_generate_same_seed_same_bytes_whatever_the_batch_and_its_other_prompts(
 
 def test_generate_overwrite_replaces_all_outputs_of_an_earlier_run(runs):
     out = runs("unipc")  # 2 prompts written over a copy of the 3-prompt base run
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "config.json", "records.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "00000.png", "00001.png", "config.json",
+                                                     "records.jsonl"]
     for i in range(2):
         assert (out / f"{i:05d}.png").read_bytes() != (runs("base") / f"{i:05d}.png").read_bytes()
 
@@ -277,7 +282,7 @@ def test_world_render_writes_the_output_contract(renders):
     prompts = _render_prompts()
     out = renders["seed0"]
     names = [f"{i:05d}.png" for i in range(len(prompts))]
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["config.json", "records.jsonl"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + [RUN_RECORD, "config.json", "records.jsonl"])
     recs = records(out)
     assert [(r["prompt"], r["file"], r["seed"]) for r in recs] == [(p, n, 0) for p, n in zip(prompts, names)]
     cfg = config(out)

@@ -44,8 +44,15 @@ def spec(tiny_world):
     return resolve_model(str(tiny_world))
 
 
+# the first release's ADD (a zero-SNR v-student, the mean over latent elements, logits averaged over tokens before
+# the hinge, no spectral norm, no augmentation): the formula tests below check it, every option at a time; the
+# fixes of the second release have tests of their own (tests/test_distill_adversarial_fixes.py)
+FIRST_RELEASE = dict(student_schedule="zero-snr", distill_reduction="mean", hinge="per-image", spectral_norm=False,
+                     augment="")
+
+
 def _method(teacher, spec, **kwargs) -> AdversarialDistillation:
-    cfg = AdversarialConfig(guidance_scale=3.0, features="world-clip", cmap_dim=8, **kwargs)
+    cfg = AdversarialConfig(guidance_scale=3.0, features="world-clip", cmap_dim=8, **{**FIRST_RELEASE, **kwargs})
     return AdversarialDistillation(teacher, cfg, load_feature_network("world-clip", spec))
 
 
@@ -100,7 +107,8 @@ def _raw_logits(method, pixels, head_cond):
     hidden = method.features.model(pixel_values=pixels, output_hidden_states=True).hidden_states
     blocks = method.features.model.config.num_hidden_layers
     layers = [round((k + 1) * blocks / len(method.discriminator.heads)) for k in range(len(method.discriminator.heads))]
-    return torch.stack([h(hidden[k], head_cond) for h, k in zip(method.discriminator.heads, layers)], 1), hidden
+    return torch.stack([h(hidden[k], head_cond).mean(-1) for h, k in zip(method.discriminator.heads, layers)],
+                       1), hidden
 
 
 # -- the student's schedule and sampler ----------------------------------------------------------------
@@ -206,7 +214,7 @@ def test_hinge_losses_and_r1_against_their_formulas():
     torch.testing.assert_close(hinge_g(fake), -fake.sum() / 5)
 
     torch.manual_seed(0)
-    disc = Discriminator(channels=8, layers=2, cond_dim=5, cmap_dim=4)
+    disc = Discriminator(channels=8, layers=2, cond_dim=5, cmap_dim=4, spectral_norm=False, hinge="per-image")
     features = [torch.randn(3, 6, 8, generator=g, requires_grad=True) for _ in range(2)]
     cond = torch.randn(3, 5, generator=g)
     r1 = r1_penalty(disc(features, cond), features)
@@ -214,7 +222,7 @@ def test_hinge_losses_and_r1_against_their_formulas():
     for b in range(3):  # one image and one head at a time: ||∇_{F_k} D_k(F_k)||², summed over heads
         for head, f in zip(disc.heads, features):
             x = f[b:b + 1].detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(head(x, cond[b:b + 1]).sum(), x)
+            (grad,) = torch.autograd.grad(head(x, cond[b:b + 1]).mean(), x)  # the image's logit: the tokens' mean
             expected += float(grad.double().pow(2).sum()) / 3
     torch.testing.assert_close(r1.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
     r1.backward()  # R1 trains the heads (a graph through the gradient)
@@ -264,7 +272,7 @@ def test_discriminator_loss_is_hinge_plus_gamma_r1_on_real_features(teacher, spe
     r1 = 0.0
     for b in range(2):
         x = hidden[1][b:b + 1].detach().requires_grad_(True)  # the one block of the tiny CLIP
-        (grad,) = torch.autograd.grad(method.discriminator.heads[0](x, head_cond[b:b + 1]).sum(), x)
+        (grad,) = torch.autograd.grad(method.discriminator.heads[0](x, head_cond[b:b + 1]).mean(), x)  # tokens' mean
         r1 += grad.pow(2).sum() / 2
     torch.testing.assert_close(losses["d_loss"], d_loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["r1"], r1, rtol=1e-4, atol=1e-8)
@@ -331,7 +339,8 @@ def _snapshot(module):
 
 
 def _sgd_method(teacher, spec, disc_every=1):
-    method = SGDAdversarial(teacher, AdversarialConfig(guidance_scale=3.0, features="world-clip", cmap_dim=8),
+    method = SGDAdversarial(teacher, AdversarialConfig(guidance_scale=3.0, features="world-clip", cmap_dim=8,
+                                                       **FIRST_RELEASE),
                             load_feature_network("world-clip", spec))
     method.disc_every = disc_every
     return method
@@ -496,7 +505,10 @@ def test_a_real_tier_teacher_distils_with_a_dinov2_discriminator(real_tier, one_
     ({"distill_weighting": "l1"}, "distill_weighting must be one of"),
     ({"distill_lambda": -1.0}, "distill_lambda"),
     ({"r1_gamma": -1e-5}, "r1_gamma"),
-    ({"prediction_type": "epsilon"}, "ε-prediction is undefined"),
+    ({"prediction_type": "epsilon", "student_schedule": "zero-snr"}, "ε-prediction is undefined"),
+    ({"prediction_type": "sample"}, "goes with student_schedule .zero-snr."),
+    ({"hinge": "per-batch"}, "hinge must be one of"), ({"augment": "color,blur"}, "unknown blur"),
+    ({"real_images": "renders"}, "real_images must be one of"), ({"distill_reduction": "max"}, "distill_reduction"),
     ({"student_steps": 0}, "student_steps"),
     ({"guidance_scale": 0.5}, "guidance_scale"),
     ({"feature_layers": 0}, "feature_layers"),

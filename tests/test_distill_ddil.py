@@ -459,10 +459,30 @@ def test_dynamic_reflection_is_diffusers_thresholding_scaled_to_the_latents_boun
     assert torch.equal(Reflection("static", -1.0, 2.0)(x), x.clamp(-1, 2))
 
 
+def test_per_channel_reflection_clips_each_channel_to_its_own_range():
+    x = 3 * _randn(3, 4, 8, 8, seed=8)
+    lo, hi = (-1.0, -2.0, -0.5, -3.0), (0.5, 2.0, 1.5, 0.25)
+    got = Reflection("static", lo, hi)(x)
+    for c in range(4):  # channel by channel, by hand
+        assert torch.equal(got[:, c], x[:, c].clamp(lo[c], hi[c]))
+    assert Reflection.from_json(Reflection("static", lo, hi).to_json()) == Reflection("static", lo, hi)
+    assert Reflection.from_json({"mode": "static", "lo": list(lo), "hi": list(hi)}) == Reflection("static", lo, hi)
+    with pytest.raises(ValueError, match="4 channels"):
+        Reflection("static", lo, hi)(x[:, :3])
+    with pytest.raises(ValueError, match="alike"):
+        Reflection("static", lo, hi[:3])
+    with pytest.raises(ValueError, match="lo < hi"):
+        Reflection("static", (0.0, 1.0), (1.0, 0.5))
+    assert Reflection.parse("static:global") == Reflection("static", scope="global")
+
+
 def test_the_world_ships_its_measured_latent_range(tiny_world, teacher):
     measured = json.loads((world_dir() / RANGE_FILE).read_text())
     assert measured["images"] == 4096 and "python -m tandem.reflect world" in measured["command"]
-    assert Reflection.parse("static").resolved(world_dir()) == Reflection("static", measured["lo"], measured["hi"])
+    per_channel = Reflection("static", tuple(measured["per_channel"]["lo"]), tuple(measured["per_channel"]["hi"]))
+    assert Reflection.parse("static").resolved(world_dir()) == per_channel
+    assert Reflection.parse("static:global").resolved(world_dir()) == Reflection("static", measured["lo"],
+                                                                                 measured["hi"])
     assert Reflection.parse("dynamic").resolved(world_dir()) == Reflection("dynamic", percentile=0.995,
                                                                            bound=measured["bound"])
     with pytest.raises(ValueError, match="latent_range.json"):
@@ -618,3 +638,52 @@ def test_cli_bad_ddil_or_reflect_is_one_line(args, needle, tiny_world, tmp_path,
                      "--max-steps", 1, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "run").exists()
+
+
+# -- the two phases -----------------------------------------------------------------------------------------------
+
+
+def test_the_two_phase_schedule_counted_over_a_run(schedule):
+    """Phase 1 (steps 0-99) at the first priors, phase 2 (100-299) at 0.8 student with half of every batch replayed
+    from the buffer: the sources and the replayed share, counted over 300 steps of batch 8 with stub denoisers, are
+    the schedule's; every replayed state is one the buffer held."""
+    spec = DDILSpec.parse("frwd=0.85,student=0.15,buffer=64,phase2=100,phase2_student=0.8,replay=0.5")
+    assert DDILSpec.parse(spec.describe()) == spec
+    assert spec.priors(99) == (0.85, 0.0, 0.15) and spec.priors(100) == pytest.approx((0.2, 0.0, 0.8))
+    sampler = DDILSampler(spec, schedule)
+    student = Denoiser(_linear(0.5), trailing_timesteps(4))
+    teacher = Denoiser(_linear(-0.25), trailing_timesteps(8))
+    grid = trailing_timesteps(4)
+    counts = {1: {"student": 0, "frwd": 0}, 2: {"student": 0, "frwd": 0}}
+    replayed_rows = fresh_rows = 0
+    for step in range(300):
+        g = torch.Generator().manual_seed(step)
+        held = sampler.buffer.state_dict() if len(sampler.buffer) else None
+        out = sampler.inputs(latents=_randn(8, 4, 2, 2, seed=1000 + step), noise=_randn(8, 4, 2, 2, seed=step),
+                             grid=grid, index=torch.randint(0, 4, (8,), generator=g), cond={}, teacher=teacher,
+                             student=student, generator=g, step=step)
+        phase = 1 if step < 100 else 2
+        counts[phase][out.source] += 1
+        k = round(float(out.log["ddil/replayed"]) * 8)
+        if phase == 1 or held is None:
+            assert k == 0
+        else:
+            assert k == 4
+            for j in range(k):  # a replayed row is a state the buffer held before this step
+                assert any(torch.equal(out.x[j], held["x"][i]) and int(held["index"][i]) == int(out.index[j])
+                           for i in range(held["size"]))
+        if phase == 2:
+            replayed_rows, fresh_rows = replayed_rows + k, fresh_rows + 8 - k
+    assert counts[1]["student"] / 100 == pytest.approx(0.15, abs=0.08)
+    assert counts[2]["student"] / 200 == pytest.approx(0.8, abs=0.08)
+    assert replayed_rows / (replayed_rows + fresh_rows) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("frwd=0.5,teacher=0.5,student=0,phase2=10,phase2_student=0.8", "at most 1"),
+    ("frwd=0.85,student=0.15,phase2=10", "replay draws from the DAgger buffer"),
+    ("frwd=0.85,student=0.15,buffer=8,phase2=10,replay=1.5", "replay"),
+])
+def test_bad_two_phase_specs_are_refused(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        DDILSpec.parse(text)

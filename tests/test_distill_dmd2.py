@@ -294,7 +294,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(teacher, tmp_path):
     with torch.no_grad():
         method.critic.unet.conv_out.bias.fill_(float("nan"))
     student_before = [p.detach().clone() for p in method.student.parameters()]
-    with pytest.raises(NonFiniteError, match=r"dmd2 diverged: the critic's loss is nan at step 17; .*critic-updates"):
+    with pytest.raises(NonFiniteError, match=r"dmd2 diverged: the critic.s loss is nan at step 17; .*no checkpoint.*--critic-lr"):
         trainer.train_step(17)
     assert all(torch.equal(a, b) for a, b in zip(method.student.parameters(), student_before))
 

@@ -352,3 +352,33 @@ def test_resume_is_bitwise_identical(tiny_world, one_thread, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_snapshots_are_the_students_a_shorter_run_exports(tiny_world, one_thread, tmp_path):
+    """A 4-step run with --snapshot-every 2 leaves snapshots/step-2, bit for bit the student that a 2-step run of
+    the same configuration exports (a constant schedule: step 2 of either run is the same state), recorded as
+    trained for 2 steps; the last step is the run's own student, not a snapshot."""
+    cfg = KnowledgeConfig(arch="half", warmup_steps=1)
+    long = distill_knowledge(str(tiny_world), tmp_path / "long", cfg,
+                             TrainerConfig(max_steps=4, batch_size=2, snapshot_every=2))
+    short = distill_knowledge(str(tiny_world), tmp_path / "short", cfg, TrainerConfig(max_steps=2, batch_size=2))
+    assert sorted(p.name for p in (tmp_path / "long" / "snapshots").iterdir()) == ["step-2"]
+    snap = tmp_path / "long" / "snapshots" / "step-2"
+    a = load_file(snap / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(short / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((snap / "student.json").read_text())["details"]["optimisation_steps"] == 2
+    assert json.loads((long / "student.json").read_text())["details"]["optimisation_steps"] == 4
+
+
+def test_a_staged_schedule_is_recorded_and_checked(tiny_world, tmp_path):
+    with pytest.raises(ValueError, match="warmup_steps must be 0"):
+        KnowledgeConfig(lr_stages="2:constant:1:1,2:cosine:0.5")
+    cfg = KnowledgeConfig(arch="half", warmup_steps=0, lr_stages="2:constant:1:1,2:cosine:0.5")
+    with pytest.raises(ValueError, match="add up to 4 steps"):
+        distill_knowledge(str(tiny_world), tmp_path / "bad", cfg, TrainerConfig(max_steps=3, batch_size=2))
+    distill_knowledge(str(tiny_world), tmp_path / "run", cfg, TrainerConfig(max_steps=4, batch_size=2))
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["knowledge"]["lr_stages"] == "2:constant:1:1,2:cosine:0.5"
+    lrs = [json.loads(line)["lr"]["student"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lrs[-1] == 0.0  # the cosine stage ends at 0

@@ -137,8 +137,12 @@ def test_a_sweep_takes_another_oracles_images_and_scores_them_with_its_own(pipe,
         assert calls == []  # nothing drawn again
         sweep.run(SamplerConfig("student", 2))  # not in the source: drawn
         assert calls == ["student"]
-        with pytest.raises(ValueError, match="only the oracle may differ"):
+        with pytest.raises(ValueError, match=r"\(n: saved 3, requested 2\); only the oracle may differ"):
             Sweep(pipe, PROMPTS[:2], 0, tmp_path / "c", images_from=tmp_path / "a")
+        assert not (tmp_path / "c").exists()  # refused before writing: the corrected run may use the same place
+        Sweep(pipe, PROMPTS[:3], 0, tmp_path / "c", images_from=tmp_path / "a")
+        with pytest.raises(ValueError, match=r"\(n: saved 3, requested 2\); use another --out"):
+            Sweep(pipe, PROMPTS[:2], 0, tmp_path / "c")  # names the key that differs, not the whole identity
     finally:
         pipe.scorer = own
 
@@ -168,6 +172,12 @@ def test_eval_oracle_command_writes_results_and_resumes(tmp_path, capsys, monkey
     assert json.loads((again / "results.json").read_text())["decisions"] == results["decisions"]
     assert_user_error(tandem_in_process(capsys, monkeypatch, *args[:-1], tmp_path / "z", "--images-from", tmp_path),
                       "--images-from", "cache/identity.json")
+    # refused for other prompts: nothing is left in --out, so the corrected run needs no --resume
+    fewer = ("eval", "oracle", "--prompts", "val", "--n", 5, "--batch-size", 6)
+    refused = tmp_path / "refused"
+    assert tandem_in_process(capsys, monkeypatch, *fewer, "--out", refused, "--images-from", out).returncode == 2
+    assert not refused.exists() or not any(refused.iterdir())
+    ok(tandem_in_process(capsys, monkeypatch, *args[:-1], refused, "--images-from", out))
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "threshold", "--images-from", out,
                                         "--out", tmp_path / "t"), "--images-from", "eval budget")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--model", "sd15-lcm",

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import assert_user_error, ok, tandem, tandem_in_process
+from clitools import assert_user_error, ok, snapshot, tandem, tandem_in_process
 from PIL import Image
 
-from tandem.outputs import INCOMPLETE, OutputDir, atomic_write_text
+from tandem.outputs import INCOMPLETE, RUN_RECORD, OutputDir, atomic_write_text
 
 A = "a red circle"
 
@@ -27,22 +27,6 @@ A = "a red circle"
 @pytest.fixture
 def run(capsys, monkeypatch):
     return lambda *args: tandem_in_process(capsys, monkeypatch, *args)
-
-
-def snapshot(root: Path) -> dict[str, bytes | str]:
-    """Every entry under ``root``: file bytes, symlink targets, directories."""
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            key = str(path.relative_to(root))
-            if path.is_symlink():
-                out[key] = "-> " + os.readlink(path)
-            elif path.is_dir():
-                out[key] = "dir"
-            else:
-                out[key] = path.read_bytes()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +138,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, workspace, tiny_world, run):
     args, needles = CASES[case]
-    fill = lambda a: a.replace("WS", str(workspace)).replace("TINY", str(tiny_world))  # noqa: E731
+    fill = lambda a: a.replace("WS", str(workspace)).replace("TINY", str(tiny_world))
     before = snapshot(workspace)
     result = run(*map(fill, args))
     assert_user_error(result, *map(fill, needles))
@@ -168,46 +152,132 @@ def test_overwrite_replaces_the_whole_earlier_run(workspace, tiny_world, run, tm
     for stale in ("judge.json", "grid.png", "00000_input.png", "00001.png"):
         (out / stale).write_text("from the earlier run\n")
     ok(run("generate", "a blue square", "--model", tiny_world, "--teacher-steps", 1, "--overwrite", "--out", out))
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "config.json", "records.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "00000.png", "config.json", "records.jsonl"]
     assert json.loads((out / "records.jsonl").read_text())["prompt"] == "a blue square"
-    assert not (tmp_path / "run.incomplete").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging or replaced run left beside it
 
 
-def test_a_failed_overwrite_keeps_the_earlier_run(workspace, run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(workspace / "prev", out)
+def _user_dir(root: Path) -> Path:
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "notes.txt").write_text("x\n")
+    return root / "d"
+
+
+# every command that writes a run directory, with --overwrite into a directory of the user's own
+OVERWRITE_USER_DIR = {
+    "generate": ["generate", A, "--mode", "teacher", "--model", "TINY"],
+    "generate adaptive": ["generate", A, "--mode", "adaptive"],
+    "edit": ["edit", "--edits", "val", "--n", "1", "--mode", "student"],
+    "world render": ["world", "render", "--prompts", "PROMPTS"],
+    "world evaluate": ["world", "evaluate", "--model", "TINY", "--prompts", "PROMPTS"],
+}
+
+
+@pytest.mark.parametrize("case", OVERWRITE_USER_DIR)
+def test_overwrite_never_replaces_a_directory_that_is_not_a_tandem_run(case, tiny_world, run, tmp_path):
+    user = _user_dir(tmp_path)
+    (tmp_path / "prompts.txt").write_text(A + "\n")
     before = snapshot(tmp_path)
-    corrupt = tmp_path / "corrupt-model"
-    corrupt.mkdir()
-    (corrupt / "model_index.json").write_text("{ not json")
-    for args in (["--model", corrupt], ["--mode", "adaptive", "--percentile", "150"]):
-        assert run("generate", A, *args, "--overwrite", "--out", out).returncode == 2
-        assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("corrupt-model")} == before
+    args = [str(a).replace("TINY", str(tiny_world)).replace("PROMPTS", str(tmp_path / "prompts.txt"))
+            for a in OVERWRITE_USER_DIR[case]]
+    assert_user_error(run(*args, "--out", user, "--overwrite"), str(user), "not a finished tandem run")
+    assert snapshot(tmp_path) == before
+
+
+def test_the_current_directory_is_never_a_run_directory(tiny_world, run, tmp_path, monkeypatch):
+    ok(run("generate", A, "--teacher-steps", 1, "--model", tiny_world, "--out", tmp_path / "done"))
+    monkeypatch.chdir(tmp_path / "done")  # even a finished run is not replaced while it is where the user stands
+    before = snapshot(tmp_path)
+    for out in ("", ".", ".."):
+        for overwrite in ([], ["--overwrite"]):
+            assert_user_error(run("generate", A, "--teacher-steps", 1, "--model", tiny_world, "--out", out,
+                                  *overwrite), "--out", "current directory")
+            assert snapshot(tmp_path) == before
+    monkeypatch.chdir(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path)
+    assert_user_error(run("generate", A, "--teacher-steps", 1, "--model", tiny_world, "--out", ""),
+                      "current directory")  # not even an empty one: the run would be renamed onto it
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_overwrite_refuses_a_run_whose_inputs_lie_inside_it(tiny_world, run, tmp_path):
+    out = tmp_path / "run"
+    ok(run("generate", A, "--teacher-steps", 1, "--model", tiny_world, "--out", out))
+    (out / "prompts.txt").write_text(A + "\n")
+    before = snapshot(tmp_path)
+    result = run("generate", "--prompts", out / "prompts.txt", "--teacher-steps", 1, "--model", tiny_world,
+                 "--out", out, "--overwrite")
+    assert_user_error(result, "--prompts", "lies inside --out")
+    result = run("world", "render", "--prompts", out / "prompts.txt", "--out", out, "--overwrite")
+    assert_user_error(result, "--prompts", "lies inside --out")
+    assert snapshot(tmp_path) == before
+
+
+def test_the_swap_never_touches_what_lies_beside_the_run(tiny_world, run, tmp_path):
+    """Directories and files by the names earlier releases used for the staging and the replaced run are the
+    user's: they stay as they were, and the run still lands."""
+    out = tmp_path / "run"
+    ok(run("generate", A, "--teacher-steps", 1, "--model", tiny_world, "--out", out))
+    (tmp_path / "run.replaced").mkdir()
+    (tmp_path / "run.replaced" / "mine.txt").write_text("user data\n")
+    (tmp_path / "run.incomplete").write_text("a file of the user's\n")
+    beside = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("run/") and k != "run"}
+    ok(run("generate", "a blue square", "--teacher-steps", 1, "--model", tiny_world, "--out", out, "--overwrite"))
+    assert json.loads((out / "records.jsonl").read_text())["prompt"] == "a blue square"
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("run/") and k != "run"} == beside
 
 
 def test_output_dir_is_complete_or_marked_unfinished(tmp_path):
     final = tmp_path / "run"
     output = OutputDir(final, info={"command": "test"})
-    assert not final.exists() and (tmp_path / "run.incomplete" / INCOMPLETE).is_file()
+    (staging,) = tmp_path.glob("run.incomplete-*")
+    assert not final.exists() and (staging / INCOMPLETE).is_file()
     output.save_image(0, np.zeros((4, 4, 3), np.uint8))
-    # a crash here leaves no `run/`; the next run clears the unfinished one and commits its own
+    # a crash here leaves no `run/`; this process is gone in a killed run: pretend so, and the next run clears it
+    marker = (staging / INCOMPLETE).read_text()
+    (staging / INCOMPLETE).write_text(marker.replace(f'"pid": {os.getpid()}', f'"pid": {_dead_pid()}'))
     with OutputDir(final) as again:
         again.write_records([{"index": 0}])
-    assert sorted(p.name for p in final.iterdir()) == ["records.jsonl"]
-    assert not (tmp_path / "run.incomplete").exists()
+    assert sorted(p.name for p in final.iterdir()) == [RUN_RECORD, "records.jsonl"]
+    assert json.loads((final / RUN_RECORD).read_text())["files"] == ["records.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     # an exception discards the new run and keeps the old one
     with pytest.raises(RuntimeError), OutputDir(final, overwrite=True) as failing:
         failing.write_records([{"index": 1}])
         raise RuntimeError("boom")
     assert json.loads((final / "records.jsonl").read_text()) == {"index": 0}
-    assert not (tmp_path / "run.incomplete").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert oct(final.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # a plain directory, not mkdtemp's 0700
 
 
-def test_output_dir_refuses_a_foreign_directory_by_the_staging_name(tmp_path):
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_two_runs_into_one_directory_at_once_keep_each_others_work(tmp_path):
+    """The second run leaves the first's live staging alone; the first to finish lands; the second, without
+    --overwrite, keeps its finished result in its staging directory and says where."""
+    final = tmp_path / "run"
+    first, second = OutputDir(final), OutputDir(final)
+    assert first.staging != second.staging and first.staging.is_dir() and second.staging.is_dir()
+    second.write_records([{"run": 2}])
+    first.write_records([{"run": 1}])
+    first.commit()
+    with pytest.raises(FileExistsError, match="filled by another run"):
+        second.commit()
+    assert json.loads((final / "records.jsonl").read_text()) == {"run": 1}
+    assert json.loads((second.staging / "records.jsonl").read_text()) == {"run": 2}
+
+
+def test_output_dir_leaves_a_foreign_directory_by_the_old_staging_name_alone(tmp_path):
     (tmp_path / "run.incomplete").mkdir()
     (tmp_path / "run.incomplete" / "mine.txt").write_text("user data\n")
-    with pytest.raises(ValueError, match="not an unfinished tandem run"):
-        OutputDir(tmp_path / "run")
+    with OutputDir(tmp_path / "run") as output:
+        output.write_records([])
     assert (tmp_path / "run.incomplete" / "mine.txt").read_text() == "user data\n"
 
 
@@ -298,13 +368,12 @@ def test_a_killed_image_run_leaves_the_earlier_run_or_the_finished_one(command, 
         out = tmp_path / f"trial{trial}"
         shutil.copytree(earlier, out)
         killed = _killed_at([*base, "--seed", 1, "--overwrite", "--out", out], rng.uniform(0.5, seconds))
-        staging = tmp_path / f"trial{trial}.incomplete"
-        if killed and staging.exists():
-            assert (staging / INCOMPLETE).is_file() or not out.exists()
+        for staging in tmp_path.glob(f"trial{trial}.incomplete-*"):
+            assert killed and (staging / INCOMPLETE).is_file()
         state = _run_files(out)
         assert state in (_run_files(earlier), _run_files(later)), f"trial {trial}: a mixed directory"
         ok(tandem(*base, "--seed", 1, "--overwrite", "--out", out))  # the next run clears what was left
-        assert _run_files(out) == _run_files(later) and not staging.exists()
+        assert _run_files(out) == _run_files(later) and not list(tmp_path.glob(f"trial{trial}.incomplete*"))
 
 
 @pytest.mark.slow

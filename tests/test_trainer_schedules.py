@@ -13,7 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from tandem.distill.trainer import Trainable, Trainer, TrainerConfig, lr_factor
+from tandem.distill.trainer import (
+    LRStage,
+    Trainable,
+    Trainer,
+    TrainerConfig,
+    lr_factor,
+    parse_lr_stages,
+    staged_lr_factor,
+)
 
 
 def test_the_cosine_schedule_against_its_closed_form():
@@ -133,3 +141,64 @@ def test_a_new_run_may_start_in_a_directory_holding_only_what_it_keeps(tmp_path)
     (tmp_path / "other" / "notes.txt").write_text("mine\n")
     with pytest.raises(FileExistsError, match="notes.txt"):
         Trainer(Slope(), None, TrainerConfig(max_steps=1), tmp_path / "other", keep=("data",))
+
+
+# -- staged schedules (a training in several stages, as the world's teacher was trained) ----------------------
+
+
+def test_a_staged_schedule_against_its_closed_form():
+    """Two stages written out by hand: 4 steps constant at 1 with a 2-step warm-up, then 5 steps of cosine from 0.5
+    after a 1-step warm-up; past the end the last stage's end value (0) holds."""
+    stages = parse_lr_stages("4:constant:1:2, 5:cosine:0.5:1")
+    assert stages == (LRStage(4, "constant", 1.0, 2), LRStage(5, "cosine", 0.5, 1))
+    factors = [staged_lr_factor(step, stages) for step in range(11)]
+    by_hand = [0.5, 1.0, 1.0, 1.0,  # stage 1
+               0.5,  # stage 2's warm-up: 0.5 * 1/1
+               0.5, 0.5 * (1 + math.cos(math.pi / 4)) / 2, 0.25, 0.5 * (1 + math.cos(3 * math.pi / 4)) / 2,
+               0.0, 0.0]
+    assert factors == pytest.approx(by_hand, abs=1e-15)
+    assert parse_lr_stages("3") == (LRStage(3),)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "stage 1"), ("5:cosine:1:5", "warm-up"), ("5:linear", "shape"), ("x", "integers"),
+    ("5:cosine:0", "peak"), ("5,0", "stage 2"), ("5:cosine:1:1:9", "STEPS"),
+])
+def test_a_bad_staged_schedule_is_refused_naming_the_stage(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_lr_stages(text)
+
+
+class StagedSlope(Slope):
+    def __init__(self, stages, **kwargs):
+        super().__init__(**kwargs)
+        self.stages = stages
+
+    def trainables(self):
+        return [Trainable("net", self.net, lr=self.lr, grad_clip=None, make_optimizer=self.make_optimizer,
+                          lr_stages=self.stages)]
+
+
+def test_the_trainer_follows_a_staged_schedule_and_resumes_it_bitwise(tmp_path):
+    stages = parse_lr_stages("3:constant:1:1,4:cosine:0.4:1")
+    method = StagedSlope(stages)
+    Trainer(method, None, TrainerConfig(max_steps=7, checkpoint_every=7), tmp_path / "run").train()
+    for step, (head, tower) in enumerate(_moves(method.seen)):
+        assert head == pytest.approx(0.1 * staged_lr_factor(step, stages), abs=1e-7), step
+        assert tower == pytest.approx(0.025 * staged_lr_factor(step, stages), abs=1e-7), step
+
+    whole = StagedSlope(stages, optimizer=torch.optim.AdamW)
+    Trainer(whole, None, TrainerConfig(max_steps=7, checkpoint_every=2), tmp_path / "whole").train()
+    killed = StagedSlope(stages, optimizer=torch.optim.AdamW, stop_at=5)
+    with pytest.raises(_Stop):
+        Trainer(killed, None, TrainerConfig(max_steps=7, checkpoint_every=2), tmp_path / "split").train()
+    resumed = StagedSlope(stages, optimizer=torch.optim.AdamW)
+    Trainer(resumed, None, TrainerConfig(max_steps=7, checkpoint_every=2), tmp_path / "split", resume=True).train()
+    assert resumed.seen == whole.seen[4:]
+
+
+def test_a_staged_schedule_must_fill_the_run_and_carry_its_own_warm_ups(tmp_path):
+    with pytest.raises(ValueError, match="add up to 7 steps, not the run's max_steps 8"):
+        Trainer(StagedSlope(parse_lr_stages("3,4")), None, TrainerConfig(max_steps=8), tmp_path / "run")
+    with pytest.raises(ValueError, match="own warm-ups"):
+        Trainable("net", nn.Linear(1, 1), warmup_steps=5, lr_stages=parse_lr_stages("3"))

@@ -237,7 +237,7 @@ def test_training_command_caches_data_resumes_exactly_and_evaluates(tiny_clip, t
     with pytest.raises(FileExistsError):
         train_oracle(split, cfg)
     with pytest.raises(ValueError, match="configuration differs"):
-        train_oracle(split, dataclasses.replace(cfg, lr=1.0), resume=True)
+        train_oracle(split, dataclasses.replace(cfg, warmup_steps=cfg.warmup_steps + 1), resume=True)
     resumed = train_oracle(split, cfg, resume=True)
     assert json.loads((split / "checkpoint" / "meta.json").read_text())["step"] == 2
     assert {p: p.stat().st_mtime_ns for p in (split / "data").rglob("*.npz")} == stamps

@@ -25,8 +25,26 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import CalibrationMismatch, diff_fingerprints
+from .checks import count, finite_number
 
 GRID = (*range(0, 101, 5),)  # the percentiles of each level's scores tried as its threshold
+
+
+def check_levels(levels, student_steps: int | None = None, what: str = "cascade levels") -> list[int]:
+    """The steps of a cascade's student levels, cheapest first: whole numbers >= 1, each level fewer steps than the
+    next (so no level twice), all before ``student_steps`` (the pipeline's own student, the last level) where given;
+    anything else is a ``ValueError`` that names ``what`` and the levels."""
+    levels = [count(n, what) for n in levels]
+    shown = ", ".join(map(str, levels))
+    if not levels:
+        raise ValueError(f"{what}: a cascade needs at least one student level")
+    if any(a >= b for a, b in itertools.pairwise(levels)):
+        raise ValueError(f"{what} must be cheapest first, each with fewer steps than the next and none twice; "
+                         f"got {shown}")
+    if student_steps is not None and levels[-1] >= student_steps:
+        raise ValueError(f"{what} must each run fewer steps than the student the cascade ends with ({student_steps} "
+                         f"steps); got {shown}")
+    return levels
 
 
 def threshold_array(thresholds) -> np.ndarray:
@@ -69,6 +87,7 @@ class Cascade:
         for n in self.steps:
             if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
                 raise ValueError(f"cascade steps must be integers >= 1, got {n!r}")
+        check_levels(self.steps, what="cascade steps")
         for t in self.thresholds:
             if not isinstance(t, int | float) or np.isnan(t):
                 raise ValueError(f"cascade thresholds must be numbers, got {t!r}")
@@ -96,11 +115,28 @@ class CascadeTable:
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, np.float64)
-        if self.scores.shape[0] != len(self.levels) + 1 or len(self.costs) != len(self.levels) + 1:
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of a table (made, loaded or saved): its levels cheapest first, every score and cost a
+        finite number, each student level's cost at most the next's; a ``ValueError`` names what is wrong."""
+        if not isinstance(self.levels, list | tuple):
+            raise ValueError(f"a cascade table's levels must be a list of steps, got {self.levels!r}")  # noqa: TRY004
+        self.levels = check_levels(self.levels, what="a cascade table's levels")
+        if self.scores.ndim != 2 or self.scores.shape[0] != len(self.levels) + 1 \
+                or len(self.costs) != len(self.levels) + 1:
             raise ValueError(f"a cascade table needs the scores and cost of each of its {len(self.levels)} student "
                              "levels and of the teacher level")
+        if self.scores.shape[1] == 0:
+            raise ValueError("a cascade table needs the scores of at least one prompt")
         if not np.isfinite(self.scores).all():
             raise ValueError("a cascade table's scores must be finite")
+        self.costs = [finite_number(c, f"a cascade table's cost of level {j}", low=0) for j, c in enumerate(self.costs)]
+        self.oracle_cost = finite_number(self.oracle_cost, "a cascade table's oracle_cost", low=0)
+        student = self.costs[:-1]
+        if any(a > b for a, b in itertools.pairwise(student)):
+            raise ValueError(f"a cascade table's student levels must be cheapest first: levels "
+                             f"{', '.join(map(str, self.levels))} cost {', '.join(f'{c:g}' for c in student)}")
 
     def simulate(self, thresholds) -> tuple[float, float]:
         """(mean final score, mean cost) of thresholds [t_0 .. t_L-1], one per student level (the last is tau)."""
@@ -131,10 +167,16 @@ class CascadeTable:
         return out
 
     def choose(self, budget: float) -> dict:
-        """The front point of highest quality with a mean cost within ``budget`` (the cheapest point if none is)."""
+        """The front point of highest quality with a mean cost within ``budget``; a budget below the cheapest
+        point (every image kept at the first level) is a ``ValueError``."""
+        budget = finite_number(budget, "budget", low=0, low_open=True)
         front = self.front()
         within = [p for p in front if p["cost"] <= budget + 1e-9]
-        return max(within, key=lambda p: p["quality"]) if within else front[0]
+        if not within:
+            raise ValueError(f"budget {budget:g} UNet evaluations per image is below this cascade's cheapest point "
+                             f"({front[0]['cost']:g}: every image kept by its first level, the {self.levels[0]}-step "
+                             "student)")
+        return max(within, key=lambda p: p["quality"])
 
     def cascade(self, point: dict) -> tuple[Cascade, float]:
         """The ``Cascade`` of the earlier levels and the last level's tau of a front point."""
@@ -150,6 +192,7 @@ class CascadeTable:
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         from .outputs import write_json_file
 
+        self.validate()
         write_json_file(path, overwrite=overwrite, data={"kind": "tandem cascade table", "levels": self.levels, "costs": self.costs,
                                "oracle_cost": self.oracle_cost, "teacher": self.teacher,
                                "scores": self.scores.tolist(), "fingerprint": self.fingerprint,
@@ -163,5 +206,10 @@ class CascadeTable:
             raise ValueError(f"cannot read cascade table {str(path)!r}: {error}") from error
         if not isinstance(data, dict) or data.get("kind") != "tandem cascade table":
             raise ValueError(f"{path} is not a cascade table (make one with `tandem calibrate --cascade STEPS`)")
-        return cls(data["levels"], np.array(data["scores"]), data["costs"], data["fingerprint"],
-                   data.get("teacher", {}), data.get("config", {}), data.get("oracle_cost", 0.0))
+        try:
+            return cls(data["levels"], np.array(data["scores"], np.float64), data["costs"], data["fingerprint"],
+                       data.get("teacher", {}), data.get("config", {}), data.get("oracle_cost", 0.0))
+        except KeyError as error:
+            raise ValueError(f"cascade table {path}: missing {error}") from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"cascade table {path}: {error}") from None

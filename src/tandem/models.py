@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import quote, read_json_file
+from .checks import load_pretrained, quote, read_json_file
 
 WORLD = "world"
 SCHEDULERS = ("dpm", "ddim", "unipc")
@@ -315,18 +315,20 @@ def hub_error(source: str, what: str, exc: BaseException, unreachable: str | Non
 
 def from_hub(load: Callable, source: str, what: str, **kwargs):
     """``load(source, **kwargs)`` (a diffusers or transformers ``from_pretrained``) for a local directory or
-    a hub id, failing with :func:`hub_error`'s one line. For a hub id the hub is asked first
-    (:func:`hub_unreachable`): if it does not answer, only the local cache is read (``local_files_only``),
-    so an unreachable hub costs one request, not huggingface_hub's ~25 s of retries per file."""
-    unreachable = None
-    if not _is_dir(Path(source)):
-        why_a_path = _written_as_path(source)
-        if why_a_path:
-            raise ValueError(f"{what} {quote(source)}: no such directory ({why_a_path}, so it is not read as a hub "
-                             "id 'org/name')")
-        unreachable = hub_unreachable()
-        if unreachable:
-            kwargs["local_files_only"] = True
+    a hub id, failing with one line: for a directory, :func:`tandem.checks.load_pretrained`'s (damaged or
+    pickled weights, a directory of another model class, missing weights, named); for a hub id,
+    :func:`hub_error`'s. The hub is asked first (:func:`hub_unreachable`): if it does not answer, only the
+    local cache is read (``local_files_only``), so an unreachable hub costs one request, not
+    huggingface_hub's ~25 s of retries per file."""
+    if _is_dir(Path(source)):
+        return load_pretrained(load, source, what, **kwargs)
+    why_a_path = _written_as_path(source)
+    if why_a_path:
+        raise ValueError(f"{what} {quote(source)}: no such directory ({why_a_path}, so it is not read as a hub "
+                         "id 'org/name')")
+    unreachable = hub_unreachable()
+    if unreachable:
+        kwargs["local_files_only"] = True
     try:
         return load(source, **kwargs)
     except Exception as e:

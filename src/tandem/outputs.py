@@ -1,26 +1,33 @@
-"""The output-directory contract shared by ``tandem generate``, ``tandem edit`` and ``tandem world render``:
+"""The output-directory contract shared by ``tandem generate``, ``tandem edit``, ``tandem world render`` and
+``tandem world evaluate``:
 
     DIR/00000.png, 00001.png, ...   one image per prompt, in input order
     DIR/records.jsonl               one JSON line per image (``tandem generate``, every mode:
                                     ``tandem.pipeline.RECORD_FIELDS``, then ``RUN_RECORD_FIELDS``)
     DIR/config.json                 the exact settings of the run
+    DIR/.tandem-run.json            the run record: says that DIR is a finished tandem run
 
-A run directory is written whole or not at all. Everything goes into ``DIR.incomplete/`` beside
-``DIR`` (with an ``INCOMPLETE`` marker file) and replaces ``DIR`` only when the run has finished:
-a run that fails or is killed leaves ``DIR`` exactly as it was, and at most a ``DIR.incomplete/``
-that says what it is (the next run into ``DIR`` clears it). A non-empty ``DIR`` is refused unless
-``overwrite=True``; with it, the whole earlier run is replaced (no stale file of it stays beside
-the new one).
+A run directory is written whole or not at all. Everything goes into a staging directory of its
+own beside ``DIR`` (``DIR.incomplete-XXXXXXXX/``, a new name for every run, with an ``INCOMPLETE``
+marker file naming the process) and replaces ``DIR`` only when the run has finished: a run that
+fails or is killed leaves ``DIR`` exactly as it was, and at most a staging directory that says
+what it is (the next run into ``DIR`` removes those whose process has ended; a live one, another
+run writing the same ``DIR`` at the same time, is left alone). A non-empty ``DIR`` is refused
+unless ``overwrite=True``, and even then it is replaced only if its run record says it is a
+finished tandem run: a directory of the user's own (or the current directory, or one holding an
+input of the run) is never replaced. The earlier run is moved aside under a new name of its own
+and removed only once the new run is in place.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 INCOMPLETE = "INCOMPLETE"  # marker file of a staging directory
+RUN_RECORD = ".tandem-run.json"  # the record of a finished run: what --overwrite may replace
+RUN_KIND = "tandem run"
 PROBE_PREFIX = ".tandem-write-probe."  # the hidden file make_writable_dir creates and removes
 
 
@@ -47,13 +56,17 @@ class OutputDir:
 
     Args:
         path: the run directory (``--out``); a symlink to a directory is followed.
-        overwrite: replace an earlier run in ``path`` (it stays in place until the new one is complete).
-        info: written into the ``INCOMPLETE`` marker (e.g. the command), for whoever finds a killed run.
+        overwrite: replace an earlier tandem run in ``path`` (it stays in place until the new one is complete);
+            a non-empty directory without a run record is refused all the same.
+        info: written into the ``INCOMPLETE`` marker and the run record (e.g. the command).
         flag: the option that named ``path``, for error messages.
+        inputs: ``(option, path)`` pairs of the files the run reads; with ``overwrite`` none may lie inside ``path``.
     """
 
     def __init__(self, path: str | Path, overwrite: bool = False, info: dict[str, Any] | None = None,
-                 flag: str = "--out"):
+                 flag: str = "--out", inputs: Iterable[tuple[str, str | Path | None]] = ()):
+        if not str(path).strip():
+            raise OutputError(f"{flag} is empty; name the run's directory")
         final = Path(path)
         if final.is_symlink():
             if not final.exists():
@@ -62,21 +75,26 @@ class OutputDir:
         final = Path(os.path.abspath(final))
         if final.exists() and not final.is_dir():
             raise OutputError(f"{flag} {final} exists and is not a directory")
-        if final.exists() and any(final.iterdir()) and not overwrite:
-            raise FileExistsError(f"{flag} {final} is not empty; pass --overwrite to replace its contents")
-        self.final = final
-        self.staging = final.with_name(final.name + ".incomplete")
-        _clear_staging(self.staging)
+        _check_not_cwd(final, flag)
+        if final.exists() and any(final.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{flag} {final} is not empty; pass --overwrite to replace its contents")
+            check_replaceable(final, flag, inputs)
+        self.final, self.flag, self.overwrite, self.info = final, flag, overwrite, dict(info or {})
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            self.staging.mkdir()
+            clear_stale_staging(final)
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.incomplete-", dir=final.parent))
+            os.chmod(self.staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; a run directory is a plain one
             marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(), "out": str(final),
-                      **(info or {})}
+                      **self.info}
             (self.staging / INCOMPLETE).write_text(
-                "This run did not finish (it failed or was killed); it is not a result. The next run into "
-                f"{final} removes it.\n" + json.dumps(marker, indent=1) + "\n")
+                "This run did not finish (it failed or was killed, or it is still running); it is not a result. "
+                f"The next run into {final} removes it once its process has ended.\n"
+                + json.dumps(marker, indent=1) + "\n")
         except OSError as e:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            if hasattr(self, "staging"):
+                shutil.rmtree(self.staging, ignore_errors=True)
             raise OutputError(f"{flag} {final} is not writable ({e.strerror or e})") from None
         self.path = self.staging
         self.committed = False
@@ -91,17 +109,27 @@ class OutputDir:
             self.discard()
 
     def commit(self) -> None:
-        """Swap the finished run in for ``path`` (the earlier run, if any, is removed after the swap)."""
+        """Swap the finished run in for ``path``: the earlier run (checked again to be a tandem run) is renamed
+        aside to a new name of its own, the new one renamed in, then the earlier one removed. If another process
+        filled ``path`` meanwhile and this run may not replace it, the finished run stays in its staging
+        directory (its marker removed, its run record written) and a FileExistsError says where."""
+        names = sorted(p.name for p in self.staging.iterdir() if p.name != INCOMPLETE)
+        record = {"kind": RUN_KIND, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.info, "files": names}
+        atomic_write_text(self.staging / RUN_RECORD, json.dumps(record, indent=1, default=str) + "\n")
         (self.staging / INCOMPLETE).unlink()
-        replaced = self.final.with_name(self.final.name + ".replaced")
-        if self.final.exists():
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(self.final, replaced)
-            os.rename(self.staging, self.final)
-            shutil.rmtree(replaced, ignore_errors=True)
+        final = self.final
+        if final.is_dir() and not final.is_symlink() and any(final.iterdir()):
+            if not self.overwrite:
+                raise FileExistsError(f"{self.flag} {final} was filled by another run while this one ran; "
+                                      f"this run's finished result is in {self.staging}")
+            check_replaceable(final, self.flag)
+            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.replaced-", dir=final.parent))
+            os.rename(final, aside)  # onto the new empty directory: rename(2) replaces an empty one
+            os.rename(self.staging, final)
+            shutil.rmtree(aside, ignore_errors=True)
         else:
-            os.rename(self.staging, self.final)
-        self.path, self.committed = self.final, True
+            os.rename(self.staging, final)  # absent or empty (rename replaces an empty directory)
+        self.path, self.committed = final, True
 
     def discard(self) -> None:
         """Remove the staging directory; ``path`` stays as it was."""
@@ -124,6 +152,79 @@ class OutputDir:
         atomic_write_text(self.path / "config.json", json.dumps(config, indent=2, allow_nan=False) + "\n")
 
 
+def is_finished_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run record (a regular file, not a link) that says it is a finished tandem run."""
+    record = Path(path) / RUN_RECORD
+    if record.is_symlink() or not record.is_file():
+        return False
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == RUN_KIND
+
+
+def check_replaceable(final: Path, flag: str = "--out", inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
+    """Refuse to replace ``final`` unless it is a finished tandem run that holds neither the current directory
+    nor any of ``inputs`` (``(option, path)`` pairs)."""
+    _check_not_cwd(final, flag)
+    if not is_finished_run(final):
+        raise OutputError(f"{flag} {final} is not a finished tandem run (it has no {RUN_RECORD}); --overwrite "
+                          "replaces only tandem's own runs: empty it yourself or choose another directory")
+    for option, where in inputs:
+        if where is None or not str(where):
+            continue
+        inside = Path(os.path.abspath(Path(where).resolve() if Path(where).exists() else where))
+        if inside == final or final in inside.parents:
+            raise OutputError(f"{option} {where} lies inside {flag} {final}, which --overwrite would replace; "
+                              "move it out first")
+
+
+def _check_not_cwd(final: Path, flag: str) -> None:
+    """A run lands by renaming its directory into place: never onto the current directory or one holding it."""
+    here = Path.cwd().resolve()
+    if final == here or final in here.parents:
+        raise OutputError(f"{flag} {final} is the current directory or holds it (an empty {flag} means the current "
+                          "directory): name a directory of the run's own")
+
+
+def clear_stale_staging(final: Path) -> None:
+    """Remove the staging directories beside ``final`` that killed runs into it left behind: directories (not
+    links) named ``NAME.incomplete-*`` (or ``NAME.incomplete``, an earlier release's) holding an ``INCOMPLETE``
+    marker whose process has ended. A live run's staging and anything else by such a name are left alone."""
+    for staging in final.parent.glob(f"{glob.escape(final.name)}.incomplete*"):
+        suffix = staging.name[len(final.name):]
+        if suffix != ".incomplete" and not suffix.startswith(".incomplete-"):
+            continue
+        if staging.is_symlink() or not staging.is_dir() or not (staging / INCOMPLETE).is_file():
+            continue
+        pid = _marker_pid(staging / INCOMPLETE)
+        if pid is not None and _alive(pid):
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _marker_pid(marker: Path) -> int | None:
+    """The process id an ``INCOMPLETE`` marker names (None when it names none)."""
+    try:
+        text = marker.read_text()
+        data = json.loads(text[text.index("{"):])
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    pid = data.get("pid") if isinstance(data, dict) else None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def make_writable_dir(path: str | Path, flag: str = "--out") -> None:
     """Create ``path`` (with its parents) and prove it writable with a probe file, before anything is
     loaded or computed; an :class:`OutputError` names ``flag`` and the problem."""
@@ -135,16 +236,6 @@ def make_writable_dir(path: str | Path, flag: str = "--out") -> None:
         os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{flag} {path} is not writable ({e.strerror or e})") from None
-
-
-def _clear_staging(staging: Path) -> None:
-    """Remove the staging directory a killed run left behind; refuse anything else by that name."""
-    if not (staging.exists() or staging.is_symlink()):
-        return
-    if staging.is_dir() and not staging.is_symlink() and (staging / INCOMPLETE).is_file():
-        shutil.rmtree(staging)
-        return
-    raise OutputError(f"{staging} exists and is not an unfinished tandem run; move it away first")
 
 
 def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:

@@ -876,9 +876,9 @@ class TandemPipeline:
         levels = [(draw_at(n), gate_at(t)) for n, t in drawn_levels]
         level_steps = [n for n, _ in drawn_levels] + [steps]  # the steps of each level run.levels lists
 
-        def to_teacher(scores: np.ndarray) -> list[int]:  # the images the teacher improves
+        def to_teacher(scores: np.ndarray) -> list[int]:  # of the last level's images (positions), those improved
             if mode in ("teacher", "refine-all"):
-                return list(range(n))
+                return list(range(len(scores)))
             return cut.improved(scores) if mode == "adaptive" else []
 
         def improve(idx: list[int], latents: list) -> torch.Tensor:  # regenerate from the noise, or refine
@@ -943,7 +943,7 @@ class TandemPipeline:
                  given: dict) -> tuple[object, dict | None]:
         """The cascade of a call: None, a ``Cascade`` as given, or a ``CascadeTable``'s best point at ``budget``
         (then also returned: its last tau and teacher settings, for a call that set none of them)."""
-        from .cascade import Cascade, CascadeTable
+        from .cascade import Cascade, CascadeTable, check_levels
 
         if cascade is None:
             return None, None
@@ -953,6 +953,7 @@ class TandemPipeline:
             if budget is not None:
                 raise ValueError("a budget needs a cascade table (tandem.cascade.CascadeTable: `tandem calibrate "
                                  "--cascade`), which knows what each level costs; a Cascade takes thresholds")
+            check_levels(cascade.steps, steps, "cascade steps")
             return cascade, None
         if not isinstance(cascade, CascadeTable):
             raise TypeError(f"cascade must be a Cascade or a CascadeTable, got {type(cascade).__name__}")
@@ -980,7 +981,9 @@ class TandemPipeline:
            the teacher alone), decoded, and scored by the oracle where ``do_score``; with a ``cascade`` of
            (draw, gate) levels, the first level's draw runs for every image and its gate passes the images
            the *next* level draws again (their scores replaced by the new ones), ``draw`` being the last level;
-        2. routing: ``route(scores)`` picks the images the teacher improves;
+        2. routing: ``route(scores)``, given the scores of the images the last level drew (all of them without a
+           cascade), picks the positions among them of the images the teacher improves: an image an earlier level
+           kept is final;
         3. the teacher phase: ``improve(idx, latents)`` gives the teacher's latents of those images (from
            each image's noise or student latent), decoded in place of the student's.
 
@@ -1020,14 +1023,15 @@ class TandemPipeline:
                     callback("student", min(start + batch_size, len(members)), len(members))
 
         with ledger.counting():
+            members = list(range(n))  # the images the current level draws; after the loop, those the last one drew
             if draw is not None:
-                members = list(range(n))
                 for level_draw, gate in [*cascade, (draw, None)]:
                     student_level(level_draw, members)
                     levels.append(members)
                     if gate is not None:  # gate(the level's scores) -> positions, in members, of those drawn again
                         members = sorted(members[j] for j in gate(scores[members]))
-            improved = route(scores)
+            # an image a cascade level kept is final: only the last level's images are routed (positions in members)
+            improved = [members[j] for j in route(scores[members])]
             for start in range(0, len(improved), batch_size):
                 idx = improved[start:start + batch_size]
                 t0 = time.perf_counter()
@@ -1080,13 +1084,11 @@ class TandemPipeline:
         image at each student level (``levels``: the earlier students' steps, then this pipeline's student) and
         at the teacher level (every image improved by this pipeline's strategy and teacher settings), with what
         each level costs in UNet evaluations per image."""
-        from .cascade import CascadeTable
+        from .cascade import CascadeTable, check_levels
 
         steps = count(self._setting("num_inference_steps", None, 4), "num_inference_steps")
         guidance = self.student_guidance(None)
-        levels = [count(n, "cascade level steps") for n in levels]
-        if not levels or steps in levels:
-            raise ValueError(f"cascade levels: give the earlier students' steps, other than this student's {steps}")
+        levels = check_levels(levels, steps)
         scores, costs = [], []
         for n in [*levels, steps]:
             out = self(prompts, mode="student", num_inference_steps=n, seed=seed, batch_size=batch_size, score=True,

@@ -128,40 +128,59 @@ for _name, _controlnet, _k in (("sd15-lcm-canny", "lllyasviel/control_v11p_sd15_
 # Guidance is left to the models: the teacher's default scale, which the student shares by default.
 COMPOSED_DEFAULTS = dict(num_inference_steps=4, teacher_steps=10, teacher_scheduler="dpm", strategy="refine",
                          rollback_sigma=0.7, percentile=50)
-def _choice(*options: str):
-    def parse(value: str) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return value
-    return parse
 
 
-def _finite(value: str) -> float:
-    import math
-
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return x
-
-
-def _steps(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"expected a whole number >= 1, got {value!r}")
-    return n
-
-
-# The settings a preset's ``defaults`` may hold (TandemPipeline call arguments), each with its parser
-# (the pipeline checks their ranges when it runs).
-PRESET_SETTINGS = {
-    "num_inference_steps": _steps, "guidance_scale": _finite, "teacher_steps": _steps,
-    "teacher_guidance_scale": _finite, "teacher_scheduler": _choice("dpm", "ddim", "unipc"),
-    "strategy": _choice("refine", "regenerate"), "rollback_sigma": _finite,
-    "rollback_convention": _choice("paper", "strength"), "percentile": _finite, "edit_strength": _finite,
-    "edit_num_inference_steps": _steps, "edit_teacher_steps": _steps, "edit_guidance_scale": _finite,
-    "controlnet_conditioning_scale": _finite,
+# The settings a preset's ``defaults`` may hold (TandemPipeline call arguments) and the values each takes:
+# ("whole", None) a whole number >= 1; ("number", bounds) a finite number within ``bounds`` (checks.finite_number's
+# keywords); ("choice", options) one of ``options``. :func:`check_setting` applies them to every preset file read or
+# written, and to each ``tandem preset save --set``.
+SETTING_RULES = {
+    "num_inference_steps": ("whole", None),
+    "guidance_scale": ("number", {"low": 0}),
+    "teacher_steps": ("whole", None),
+    "teacher_guidance_scale": ("number", {"low": 0}),
+    "teacher_scheduler": ("choice", ("dpm", "ddim", "unipc")),
+    "strategy": ("choice", ("refine", "regenerate")),
+    "rollback_sigma": ("number", {"low": 0, "low_open": True, "high": 1}),
+    "rollback_convention": ("choice", ("paper", "strength")),
+    "percentile": ("number", {"low": 0, "high": 100}),
+    "edit_strength": ("number", {"low": 0, "low_open": True, "high": 1}),
+    "edit_num_inference_steps": ("whole", None),
+    "edit_teacher_steps": ("whole", None),
+    "edit_guidance_scale": ("number", {"low": 0}),
+    "controlnet_conditioning_scale": ("number", {}),
 }
+
+
+def check_setting(key: str, value):
+    """``value`` of the default setting ``key``, checked against :data:`SETTING_RULES`; a ``ValueError`` names the
+    setting and the values it takes ("rollback_sigma must be in (0, 1], got 5")."""
+    from .checks import count, finite_number
+
+    if key not in SETTING_RULES:
+        raise ValueError(f"unknown default setting {key!r}; expected one of {', '.join(SETTING_RULES)}")
+    kind, rule = SETTING_RULES[key]
+    if kind == "whole":
+        return count(value, key)
+    if kind == "number":
+        return finite_number(value, key, **rule)
+    if not isinstance(value, str) or value not in rule:
+        raise ValueError(f"{key} must be one of {', '.join(rule)}, got {value!r}")
+    return value
+
+
+def parse_setting(key: str, text: str):
+    """The default setting ``key`` from command-line text (``--set KEY=VALUE``), checked by :func:`check_setting`."""
+    kind, _ = SETTING_RULES[key]
+    try:
+        value = int(text) if kind == "whole" else float(text) if kind == "number" else text
+    except ValueError:
+        raise ValueError(f"{key} must be {'a whole number' if kind == 'whole' else 'a number'}, got {text!r}") from None
+    return check_setting(key, value)
+
+
+# Each setting's parser from text, checked (``tandem preset save --set``).
+PRESET_SETTINGS = {key: (lambda text, key=key: parse_setting(key, text)) for key in SETTING_RULES}
 STUDENT_KINDS = ("world", "tandem", "unet", "pipeline")
 TEACHER_KINDS = ("text2img", "img2img")
 
@@ -315,19 +334,20 @@ def preset_to_json(preset: Preset) -> dict:
 
 
 def write_preset_file(preset: Preset, path: str | Path, overwrite: bool = False) -> Path:
-    """Save ``preset`` as a JSON preset file (``tandem preset save``)."""
+    """Save ``preset`` as a JSON preset file (``tandem preset save``), checked first (:func:`validate_preset`)."""
     from .outputs import atomic_write_text
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    validate_preset(preset, f"preset {preset.name} (not written to {path})")
     atomic_write_text(path, json.dumps(preset_to_json(preset), indent=2) + "\n")
     return path
 
 
 def read_preset_file(path: str | Path) -> Preset:
-    """A :class:`Preset` from a JSON preset file; relative paths in it are relative to the file. A
-    ``ValueError`` names the file and the field that is wrong."""
+    """A :class:`Preset` from a JSON preset file, checked (:func:`validate_preset`); relative paths in it are
+    relative to the file. A ``ValueError`` names the file and the field that is wrong."""
     from .checks import read_json_file
 
     path = Path(path)
@@ -343,26 +363,82 @@ def read_preset_file(path: str | Path) -> Preset:
     for key in ("teacher", "student", "student_kind"):
         if not isinstance(data.get(key), str):
             raise ValueError(f"preset file {path}: '{key}' must be a string")
-    if data["student_kind"] not in STUDENT_KINDS:
-        raise ValueError(f"preset file {path}: student_kind must be one of {', '.join(STUDENT_KINDS)}, "
-                         f"got {data['student_kind']!r}")
-    if data.get("teacher_kind", "text2img") not in TEACHER_KINDS:
-        raise ValueError(f"preset file {path}: teacher_kind must be one of {', '.join(TEACHER_KINDS)}")
     if not isinstance(data.get("defaults", {}), dict) or not isinstance(data.get("edit_calibrations", {}), dict):
         raise ValueError(f"preset file {path}: 'defaults' and 'edit_calibrations' must be objects")
-    unknown = sorted(set(data.get("defaults", {})) - set(PRESET_SETTINGS))
-    if unknown:
-        raise ValueError(f"preset file {path}: unknown default setting(s) {', '.join(unknown)}; expected some of "
-                         f"{', '.join(PRESET_SETTINGS)}")
-    for key in ("teacher", "student", "controlnet", "calibration", "edit_student", "routes"):
+    for key in ("teacher", "student", "controlnet", "edit_student"):  # a model: a local path, or a hub id
         value = data.get(key)
         if isinstance(value, str) and value not in ("world",) and not value.startswith("world:") and \
                 not Path(value).is_absolute() and (path.parent / value).exists():
             data[key] = str(path.parent / value)
-    data["edit_calibrations"] = {float(k): (str(path.parent / v) if not Path(v).is_absolute()
-                                            and (path.parent / v).exists() else v)
-                                 for k, v in data.get("edit_calibrations", {}).items()}
-    return Preset(**data)
+    for key in ("calibration", "routes"):  # a file: the world's, or one relative to the preset file
+        data[key] = _beside(path, data.get(key))
+    edit_calibrations = {}
+    for strength, spec in data.get("edit_calibrations", {}).items():
+        try:
+            strength = float(strength)
+        except ValueError:
+            raise ValueError(f"preset file {path}: edit_calibrations key {strength!r} is not an SDEdit strength "
+                             "(a number in (0, 1])") from None
+        edit_calibrations[strength] = _beside(path, spec)
+    data["edit_calibrations"] = edit_calibrations
+    return validate_preset(Preset(**data), f"preset file {path}")
+
+
+def _beside(preset_path: Path, spec):
+    """A file a preset file names: ``world``, ``world:NAME`` and absolute paths as they are, others relative to
+    the preset file."""
+    if not isinstance(spec, str) or spec == "world" or spec.startswith("world:") or Path(spec).is_absolute():
+        return spec
+    return str(preset_path.parent / spec)
+
+
+def preset_file_path(spec: str) -> Path:
+    """Where a preset's calibration, route table or edit calibration ``spec`` lies: ``world`` is the shipped
+    calibration, ``world:NAME`` the shipped world's file NAME, anything else a path."""
+    return world_calibration_path() if spec == "world" else _world_file(spec)
+
+
+def validate_preset(preset: Preset, where: str) -> Preset:
+    """The one check of a preset kept as a file, which :func:`read_preset_file` and :func:`write_preset_file`
+    both make: its kinds, each default setting in its range (:func:`check_setting`), and the calibration, route
+    table and edit calibrations it names, which must exist. A ``ValueError`` starts with ``where`` (the file) and
+    names the field; returns ``preset``."""
+    from .checks import finite_number
+
+    if preset.student_kind not in STUDENT_KINDS:
+        raise ValueError(f"{where}: student_kind must be one of {', '.join(STUDENT_KINDS)}, "
+                         f"got {preset.student_kind!r}")
+    if preset.teacher_kind not in TEACHER_KINDS:
+        raise ValueError(f"{where}: teacher_kind must be one of {', '.join(TEACHER_KINDS)}, "
+                         f"got {preset.teacher_kind!r}")
+    if not isinstance(preset.defaults, dict) or not isinstance(preset.edit_calibrations, dict):
+        raise ValueError(f"{where}: 'defaults' and 'edit_calibrations' must be objects")  # noqa: TRY004
+    unknown = sorted(set(preset.defaults) - set(SETTING_RULES))
+    if unknown:
+        raise ValueError(f"{where}: unknown default setting(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(SETTING_RULES)}")
+    for key, value in preset.defaults.items():
+        try:
+            check_setting(key, value)
+        except ValueError as e:
+            raise ValueError(f"{where}: default setting {e}") from None
+    files = {"calibration": preset.calibration, "routes": preset.routes}
+    for strength, spec in preset.edit_calibrations.items():
+        try:
+            finite_number(strength, "strength", low=0, low_open=True, high=1)
+        except ValueError as e:
+            raise ValueError(f"{where}: edit_calibrations key: SDEdit {e}") from None
+        files[f"edit_calibrations[{strength:g}]"] = spec
+    for key, spec in files.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, str):
+            raise ValueError(f"{where}: '{key}' must be a file path (a string), got {spec!r}")  # noqa: TRY004
+        found = preset_file_path(spec)
+        if not found.is_file():
+            looked = f" (looked for {found})" if str(found) != spec else ""
+            raise ValueError(f"{where}: '{key}' names {spec}, which does not exist{looked}")
+    return preset
 
 
 def world_calibration_path() -> Path:

@@ -8,8 +8,11 @@ reflected SDE is the limit that thresholding approximates). The paper gives no f
 space; tandem offers the two thresholdings of the literature, as :class:`Reflection`:
 
 * ``static``: clip to the data's range, ``x₀ ← clip(x₀, lo, hi)`` (diffusers' ``clip_sample`` when
-  ``lo = -hi``). The world's range is measured once on VAE latents of its training renderings
-  (``latent_range.json`` beside the model; ``python -m tandem.reflect world --write`` made it).
+  ``lo = -hi``), each latent channel to its own range (``static``, the default: the world's channels
+  span [-6.9, 2.2], [-5.2, 2.5], [-4.5, 4.1] and [-1.9, 0.4], far narrower than the one range
+  [-6.9, 4.1] they share) or every channel to the one range (``static:global``, or ``static:LO,HI``).
+  The world's ranges are measured once on VAE latents of its training renderings (``latent_range.json``
+  beside the model; ``python -m tandem.reflect world --write`` made it).
 * ``dynamic``: Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3) for data in
   ``[-R, R]``: per sample ``s = max(R, quantile(|x₀|, P))`` and ``x₀ ← clip(x₀, -s, s) / s · R``.
   With ``R = 1`` it is exactly diffusers' ``_threshold_sample`` (no ``sample_max_value`` cap); in
@@ -39,6 +42,7 @@ import torch
 
 RANGE_FILE = "latent_range.json"
 MODES = ("static", "dynamic")
+SCOPES = ("channel", "global")  # static: each latent channel to its own measured range, or all to one
 DEFAULT_PERCENTILE = 0.995  # Imagen's and diffusers' dynamic_thresholding_ratio
 
 
@@ -48,34 +52,47 @@ class Reflection:
 
     Attributes:
         mode: ``static`` or ``dynamic``.
-        lo, hi: static: the range clipped to [the model's measured range].
+        lo, hi: static: the range clipped to, one number for every channel or a tuple of one per channel [the
+            model's measured per-channel ranges; with ``scope="global"``, its one range].
+        scope: static, unresolved: ``"channel"`` or ``"global"``, which measured range :meth:`resolved` takes.
         percentile: dynamic: ``P`` of ``quantile(|x₀|, P)`` [0.995].
         bound: dynamic: the data's bound ``R`` [``max(|lo|, |hi|)`` of the model's measured range].
     """
 
     mode: str
-    lo: float | None = None
-    hi: float | None = None
+    lo: float | tuple[float, ...] | None = None
+    hi: float | tuple[float, ...] | None = None
     percentile: float | None = None
     bound: float | None = None
+    scope: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown reflection {self.mode!r}; expected one of {', '.join(MODES)} (or off)")
+        for name in ("lo", "hi"):  # a list (as JSON gives it) is a tuple of per-channel bounds
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("lo", "hi", "percentile", "bound"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value)):
-                raise ValueError(f"reflection {name} must be a finite number, got {value!r}")
+            for v in value if isinstance(value, tuple) and name in ("lo", "hi") else (value,):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                    raise ValueError(f"reflection {name} must be a finite number (or one per channel), got {value!r}")
         if self.mode == "static":
             if self.percentile is not None or self.bound is not None:
                 raise ValueError("static reflection takes a range lo,hi only")
             if (self.lo is None) != (self.hi is None):
                 raise ValueError("static reflection needs both lo and hi, or neither (the measured range)")
-            if self.lo is not None and not self.lo < self.hi:
-                raise ValueError(f"static reflection needs lo < hi, got {self.lo}, {self.hi}")
+            if self.scope not in (None, *SCOPES) or (self.scope is not None and self.lo is not None):
+                raise ValueError(f"static reflection's scope is one of {SCOPES}, for a range still to be measured")
+            if self.lo is not None:
+                lo, hi = (self.lo, self.hi) if isinstance(self.lo, tuple) else ((self.lo,), (self.hi,))
+                if isinstance(self.lo, tuple) != isinstance(self.hi, tuple) or len(lo) != len(hi) or not lo:
+                    raise ValueError(f"static reflection needs lo and hi alike: one number each, or one per channel "
+                                     f"for as many channels, got {self.lo}, {self.hi}")
+                if not all(a < b for a, b in zip(lo, hi)):
+                    raise ValueError(f"static reflection needs lo < hi, got {self.lo}, {self.hi}")
         else:
-            if self.lo is not None or self.hi is not None:
+            if self.lo is not None or self.hi is not None or self.scope is not None:
                 raise ValueError("dynamic reflection takes a percentile and a bound, not a range")
             if self.percentile is not None and not 0 < self.percentile <= 1:
                 raise ValueError(f"dynamic reflection's percentile must lie in (0, 1], got {self.percentile}")
@@ -84,12 +101,15 @@ class Reflection:
 
     @classmethod
     def parse(cls, text: str | None) -> Reflection | None:
-        """``static``, ``static:LO,HI``, ``dynamic``, ``dynamic:P`` or ``dynamic:P,BOUND``; ``off`` or None: None."""
+        """``static`` (each channel to its measured range), ``static:global`` (every channel to the one measured
+        range), ``static:LO,HI``, ``dynamic``, ``dynamic:P`` or ``dynamic:P,BOUND``; ``off`` or None: None."""
         if text is None or text.strip() == "off":
             return None
         mode, _, args = text.strip().partition(":")
         if mode not in MODES:
-            raise ValueError(f"--reflect {text!r}: expected static[:LO,HI], dynamic[:P[,BOUND]] or off")
+            raise ValueError(f"--reflect {text!r}: expected static[:global|:LO,HI], dynamic[:P[,BOUND]] or off")
+        if mode == "static" and args.strip() in ("global", "channel"):
+            return cls("static", scope=args.strip())
         try:
             numbers = [float(a) for a in args.split(",")] if args else []
         except ValueError:
@@ -111,7 +131,14 @@ class Reflection:
             return Reflection(self.mode, self.lo, self.hi, percentile, self.bound)
         measured = read_latent_range(model_dir)
         if self.mode == "static":
-            return Reflection("static", measured["lo"], measured["hi"])
+            if self.scope == "global":
+                return Reflection("static", measured["lo"], measured["hi"])
+            channels = measured.get("per_channel") or {}
+            lo, hi = channels.get("lo"), channels.get("hi")
+            if not (isinstance(lo, list) and isinstance(hi, list) and lo and len(lo) == len(hi)):
+                raise ValueError(f"{Path(model_dir) / RANGE_FILE} has no per-channel ranges (per_channel.lo, .hi): "
+                                 "measure it again, or give --reflect static:global")
+            return Reflection("static", tuple(lo), tuple(hi))
         return Reflection("dynamic", percentile=percentile, bound=measured["bound"])
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
@@ -119,7 +146,15 @@ class Reflection:
         if self.mode == "static":
             if self.lo is None:
                 raise ValueError("this reflection is not resolved (no range); call resolved(model_dir) first")
-            return x0.clamp(self.lo, self.hi)
+            if not isinstance(self.lo, tuple):
+                return x0.clamp(self.lo, self.hi)
+            if x0.ndim < 2 or x0.shape[1] != len(self.lo):
+                raise ValueError(f"per-channel reflection of {len(self.lo)} channels, given x0 of shape "
+                                 f"{list(x0.shape)}")
+            shape = (1, len(self.lo)) + (1,) * (x0.ndim - 2)
+            lo = torch.tensor(self.lo, dtype=x0.dtype, device=x0.device).reshape(shape)
+            hi = torch.tensor(self.hi, dtype=x0.dtype, device=x0.device).reshape(shape)
+            return torch.maximum(torch.minimum(x0, hi), lo)
         if self.percentile is None or self.bound is None:
             raise ValueError("this reflection is not resolved (no percentile or bound); call resolved(model_dir) first")
         dtype = x0.dtype
@@ -134,7 +169,7 @@ class Reflection:
     @classmethod
     def from_json(cls, data: dict) -> Reflection:
         """The reflection a ``student.json`` or run config records (a ValueError naming what is wrong)."""
-        if not isinstance(data, dict) or not set(data) <= {"mode", "lo", "hi", "percentile", "bound"}:
+        if not isinstance(data, dict) or not set(data) <= {"mode", "lo", "hi", "percentile", "bound", "scope"}:
             raise ValueError(f"not a reflection: {data!r} (expected mode and lo, hi or percentile, bound)")
         return cls(**data).resolved(None)
 

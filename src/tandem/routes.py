@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import diff_fingerprints
-from .checks import finite_number
+from .checks import count, finite_number
 
 FORMAT = "tandem-routes/1"
 _REGENERATE = re.compile(r"([a-z]+)(\d+)")
@@ -54,11 +54,57 @@ def calibration_digest(calibration) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(calibration.scores, np.float64).tobytes()).hexdigest()
 
 
+def check_route(route: Route) -> None:
+    """A route's fields: a known strategy (None: the student alone, at k = 0, without teacher settings), the
+    teacher's sampler and steps and, for a refinement, its rollback sigma in (0, 1]; k in [0, 100]; a cost and a
+    quality that are finite numbers, the cost >= 0. A ``ValueError`` names the field and its allowed values."""
+    from .models import SCHEDULERS
+
+    finite_number(route.cost, "cost", low=0)
+    finite_number(route.quality, "quality")
+    percentile = finite_number(route.percentile, "percentile", low=0, high=100)
+    teacher = {"teacher_scheduler": route.teacher_scheduler, "teacher_steps": route.teacher_steps,
+               "rollback_sigma": route.rollback_sigma}
+    if route.strategy is None:
+        given = [name for name, value in teacher.items() if value is not None]
+        if given or percentile != 0:
+            raise ValueError("the student alone (strategy null) takes percentile 0 and no teacher settings, got "
+                             + ", ".join(f"{name} {getattr(route, name)!r}" for name in [*given, "percentile"]))
+        return
+    if route.strategy not in ("refine", "regenerate"):
+        raise ValueError(f"strategy must be 'refine', 'regenerate' or null (the student alone), got {route.strategy!r}")
+    if route.teacher_scheduler not in SCHEDULERS:
+        raise ValueError(f"teacher_scheduler must be one of {', '.join(SCHEDULERS)}, got {route.teacher_scheduler!r}")
+    count(route.teacher_steps, "teacher_steps")
+    if route.strategy == "refine":
+        finite_number(route.rollback_sigma, "rollback_sigma", low=0, low_open=True, high=1)
+    elif route.rollback_sigma is not None:
+        raise ValueError(f"a regeneration has no rollback_sigma, got {route.rollback_sigma!r}")
+
+
 @dataclass
 class RouteTable:
     routes: list[Route]
     fingerprint: dict
     config: dict
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of a table, made, loaded or saved: at least one route, each valid (:func:`check_route`),
+        and a fingerprint and config that are JSON objects; a ``ValueError`` names the route and the field."""
+        if not isinstance(self.routes, list) or not self.routes:
+            raise ValueError("a route table needs at least one route")
+        if not isinstance(self.fingerprint, dict) or not isinstance(self.config, dict):
+            raise ValueError("a route table's fingerprint and config must be JSON objects")  # noqa: TRY004
+        for i, route in enumerate(self.routes):
+            if not isinstance(route, Route):
+                raise ValueError(f"route {i} is not a Route, got {type(route).__name__}")  # noqa: TRY004
+            try:
+                check_route(route)
+            except ValueError as e:
+                raise ValueError(f"route {i}: {e}") from None
 
     @classmethod
     def from_budget(cls, results: dict, pipe) -> RouteTable:
@@ -128,6 +174,10 @@ class RouteTable:
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         from .outputs import write_json_file
 
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ValueError(f"route table {path} not written: {e}") from None
         write_json_file(path, self.to_json(), overwrite)
 
     @classmethod
@@ -144,9 +194,10 @@ class RouteTable:
             raise ValueError(f"{path} is not a route table (expected format {FORMAT!r})")
         try:
             routes = [Route(**r) for r in data["routes"]]
-            table = cls(routes, dict(data["fingerprint"]), dict(data.get("config", {})))
-        except (KeyError, TypeError) as e:
+            fingerprint, config = dict(data["fingerprint"]), dict(data.get("config", {}))
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed route table ({e})") from None
-        if not routes:
-            raise ValueError(f"{path}: a route table without routes")
-        return table
+        try:
+            return cls(routes, fingerprint, config)
+        except ValueError as e:
+            raise ValueError(f"route table {path}: {e}") from None

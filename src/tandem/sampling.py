@@ -7,7 +7,14 @@ fresh noise (``stochastic``, the LCM sampler of the papers and of diffusers' ``L
 or with the noise implied by the last evaluation (``deterministic``, a DDIM-like variant).
 
 Formulas and the timestep choice follow diffusers' ``LCMScheduler`` so that a student saved by
-tandem works in ``LatentConsistencyModelPipeline`` unchanged (tested for parity).
+tandem works in ``LatentConsistencyModelPipeline`` unchanged (tested for parity). The stochastic
+sampler *is* ``LCMScheduler.step``, float for float: its x₀ and re-noising take ᾱ in the schedule's
+own dtype (``1 - ᾱ`` and the square roots in float32 for a float32 schedule), not the float64
+coefficients of :mod:`tandem.denoiser`, which move x_t by an ulp (~1e-6) and, through the VAE, a
+pixel by a grey level. So ``tandem generate --mode student`` and ``TandemPipeline(mode="student")``
+(which runs diffusers' pipeline) draw the same bytes. The deterministic sampler is tandem's own
+and keeps the float64 denoiser contract (the mixed sampler's consistency transitions are it, bit
+for bit).
 """
 
 from __future__ import annotations
@@ -102,21 +109,36 @@ def consistency_sample(
     b = latents.shape[0]
     w_emb = guidance_embedding(torch.full((b,), guidance_scale - 1.0), dim).to(latents.device, latents.dtype)
     schedule = NoiseSchedule(alphas_cumprod)
+    lcm = noise == "stochastic"  # LCMScheduler.step's own arithmetic (module docstring)
     x = latents
     denoised = x
     for i, t in enumerate(ts):
         eps = unet(x, t, encoder_hidden_states=text_embeddings, timestep_cond=w_emb).sample
-        x0 = schedule.to_x0(eps, x, t)
+        if lcm:
+            a_t = _lcm_alpha_bar(alphas_cumprod, schedule, t)
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        else:
+            x0 = schedule.to_x0(eps, x, t)
         if reflect is not None:
             x0 = reflect(x0)
         c_skip, c_out = boundary_scalings(t)
         denoised = c_out.to(x.dtype) * x0 + c_skip.to(x.dtype) * x
         if i == len(ts) - 1:
             break
-        if noise == "stochastic":
+        if lcm:
             z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)
                            for g in generators])
+            a_next = _lcm_alpha_bar(alphas_cumprod, schedule, ts[i + 1])
+            x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * z
         else:  # the noise that would put ``denoised`` at x_t
             z = schedule.to_eps(denoised, x, t, "sample")
-        x = schedule.add_noise(denoised, z, ts[i + 1])
+            x = schedule.add_noise(denoised, z, ts[i + 1])
     return denoised
+
+
+def _lcm_alpha_bar(alphas_cumprod: torch.Tensor, schedule: NoiseSchedule, t: int) -> torch.Tensor:
+    """ᾱ_t as ``LCMScheduler.step`` takes it: a 0-d tensor in ``alphas_cumprod``'s own dtype (the
+    arithmetic on it stays in that dtype); the timestep checked as :mod:`tandem.denoiser` checks it."""
+    if bool(schedule.alpha_bar(t) == 0):  # alpha_bar refuses a timestep outside the schedule
+        raise ValueError("an ε-prediction at zero SNR (ᾱ = 0) implies no x0; use a v- or x0-prediction")
+    return alphas_cumprod[t]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checks import quote
+from .checks import MissingPackageError, check_weights, load_pretrained, quote
 
 KINDS = ("world-oracle", "clip", "pickscore", "imagereward", "blip")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, transformers' defaults
@@ -187,7 +187,10 @@ class CLIPScorer:
         _check_source(cls.kind, processor)
         quiet_hub_libraries()
         try:
-            model = CLIPModel.from_pretrained(name_or_path, dtype=dtype)
+            if Path(name_or_path).is_dir():  # damaged, pickled or missing weights named (checks.load_pretrained)
+                model = load_pretrained(CLIPModel.from_pretrained, name_or_path, f"{cls.kind} scorer", dtype=dtype)
+            else:
+                model = CLIPModel.from_pretrained(name_or_path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(processor)
             config = _image_processor_config(processor)
         except OSError as e:
@@ -365,6 +368,8 @@ class BLIPScorer:
             if model_type != "blip":
                 raise ValueError(f"{cls.kind} scorer: {name_or_path!r} holds a {model_type} model, not a BLIP "
                                  "image-text matching model (BlipForImageTextRetrieval)")
+            if Path(name_or_path).is_dir():
+                check_weights(name_or_path, f"{cls.kind} scorer")  # cut short, or pickled: named, never unpickled
             model, info = BlipForImageTextRetrieval.from_pretrained(name_or_path, dtype=dtype,
                                                                     output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(processor)
@@ -430,13 +435,17 @@ class BLIPScorer:
 
 
 def _import_image_reward():
+    """The ImageReward package, or a one-line :class:`~tandem.checks.MissingPackageError` (an ``ImportError``
+    and a ``ValueError``) naming it and how to install it."""
     try:
         import ImageReward
     except ImportError as e:
         if e.name == "ImageReward":
-            raise ImportError("the imagereward scorer needs the ImageReward package: pip install image-reward") from None
-        raise ImportError(f"the ImageReward package is installed but fails to import: {e} (image-reward 1.5 "
-                          "imports helpers that transformers 5 removed)") from e
+            raise MissingPackageError("the imagereward scorer needs the ImageReward package, which is not installed: "
+                                      "pip install image-reward", name="ImageReward") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingPackageError(f"the ImageReward package is installed but fails to import: {why} (image-reward "
+                                  "1.5 imports helpers that transformers 5 removed)", name="ImageReward") from e
     return ImageReward
 
 

@@ -177,6 +177,28 @@ def _check_guidance(config, info: StudentInfo, where: str) -> None:
         raise ValueError(f"{where} {has} a w-embedding (time_cond_proj_dim), but its guidance is {info.guidance!r}")
 
 
+def load_student_parts(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """What the student directory ``path`` holds, loaded and checked against its ``student.json``:
+    ``(info, unet, scheduler)``. Damaged, pickled or foreign weights are a ``ValueError`` naming the file
+    (:func:`tandem.checks.load_pretrained`)."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    from .checks import load_pretrained
+
+    path = Path(path)
+    info = read_student_info(path)
+    unet = load_pretrained(UNet2DConditionModel.from_pretrained, path / "unet", "student UNet")
+    unet = unet.to(device=device, dtype=dtype)
+    _check_guidance(unet.config, info, f"{path / 'unet'}")
+    scheduler = load_pretrained(getattr(diffusers, info.scheduler).from_pretrained, path / "scheduler",
+                                "student scheduler")
+    if scheduler.config.get("prediction_type", "epsilon") != info.prediction_type:
+        raise ValueError(f"{path}: the scheduler predicts {scheduler.config.get('prediction_type')!r}, the student "
+                         f"{info.prediction_type!r}")
+    return info, unet, scheduler
+
+
 def load_student(path: str | Path, base, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A diffusers pipeline for the student in ``path`` with ``base``'s VAE, text encoder and tokenizer.
 
@@ -184,8 +206,7 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
         base: the teacher's pipeline (its components are shared, not copied), or a
             :class:`~tandem.models.ModelSpec` whose components are loaded (the teacher's UNet is not).
     """
-    import diffusers
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     from .models import ModelSpec, _is_dir, check_model_dir, from_hub, quiet_hub_libraries
     from .reflect import install as install_reflection
@@ -196,14 +217,8 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
         # the student brings its UNet and scheduler; the rest comes from the model
         check_model_dir(base.path, ("vae", "text_encoder", "tokenizer"))
     path = Path(path)
-    info = read_student_info(path)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device=device, dtype=dtype)
-    _check_guidance(unet.config, info, f"{path / 'unet'}")
-    scheduler = getattr(diffusers, info.scheduler).from_pretrained(path / "scheduler")
+    info, unet, scheduler = load_student_parts(path, device, dtype)
     install_reflection(scheduler, student_reflection(info))  # a reflected student thresholds its x₀ (DDIL section 3)
-    if scheduler.config.get("prediction_type", "epsilon") != info.prediction_type:
-        raise ValueError(f"{path}: the scheduler predicts {scheduler.config.get('prediction_type')!r}, the student "
-                         f"{info.prediction_type!r}")
     cls = LatentConsistencyModelPipeline if info.scheduler == "LCMScheduler" else StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False}
     if isinstance(base, ModelSpec):
@@ -258,6 +273,7 @@ def shipped_students(spec) -> list[dict]:
     from diffusers import UNet2DConditionModel
     from transformers import AutoTokenizer
 
+    from .checks import load_pretrained
     from .generate import unet_evals_per_step
 
     entries = dict(spec.students)
@@ -268,7 +284,7 @@ def shipped_students(spec) -> list[dict]:
     for name, entry in entries.items():
         path = Path(entry.path)
         info = read_student_info(path)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet").float()
+        unet = load_pretrained(UNet2DConditionModel.from_pretrained, path / "unet", "student UNet").float()
         cost = unet_cost(unet, context_length=context)
         calls = entry.steps * unet_evals_per_step(unet, entry.guidance_scale)
         row = {"name": name, "method": info.method, "dir": str(path), "steps": entry.steps,

@@ -9,20 +9,20 @@ T="tandem distill"
 # progressive: guidance stage 300 steps, then rounds 32 -> 16 -> 8 -> 4 of 200 steps each (batch 32)
 PD="--guidance-steps 300 --round-steps 200 --start-steps 32 --end-steps 4 --batch-size 32 --threads 1 --checkpoint-every 100"
 $T progressive --out runs/study/pd-base $PD
-$T progressive --out runs/study/pd-refl $PD --reflect static
-$T progressive --out runs/study/pd-refl-ddil $PD --reflect static --ddil "frwd=0.75,student=0.25,mixed=0.15,buffer=1024"
+$T progressive --out runs/study/pd-refl $PD --reflect static:global
+$T progressive --out runs/study/pd-refl-ddil $PD --reflect static:global --ddil "frwd=0.75,student=0.25,mixed=0.15,buffer=1024"
 
 # consistency: 800 steps of batch 32 at lr 1e-4, exporting an EMA (0.99): the shipped cd's recipe
 CD="--max-steps 800 --batch-size 32 --lr 1e-4 --sampling-ema 0.99 --threads 1 --checkpoint-every 100"
 $T consistency --out runs/study/cd-base $CD
-$T consistency --out runs/study/cd-refl $CD --reflect static
-$T consistency --out runs/study/cd-refl-ddil $CD --reflect static --ddil "frwd=0.5,student=0.5"
+$T consistency --out runs/study/cd-refl $CD --reflect static:global
+$T consistency --out runs/study/cd-refl-ddil $CD --reflect static:global --ddil "frwd=0.5,student=0.5"
 
 # DMD2 at batch 7 (the paper's small-batch experiment): 500 critic steps (100 student updates)
 DS="--max-steps 500 --batch-size 7 --threads 1 --checkpoint-every 100"
 $T dmd2 --out runs/study/dmd2-b7-base $DS
-$T dmd2 --out runs/study/dmd2-b7-refl $DS --reflect static
-$T dmd2 --out runs/study/dmd2-b7-refl-ddil $DS --reflect static --ddil "frwd=0.25,teacher=0.25,student=0.5,mixed=0.5"
+$T dmd2 --out runs/study/dmd2-b7-refl $DS --reflect static:global
+$T dmd2 --out runs/study/dmd2-b7-refl-ddil $DS --reflect static:global --ddil "frwd=0.25,teacher=0.25,student=0.5,mixed=0.5"
 # (DMD2 at batch 32 and 1000 steps was started for the three variants and stopped: at 5-9 s per step on the
 # shared cores it would not finish in the session.)
 

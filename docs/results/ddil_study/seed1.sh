@@ -13,8 +13,8 @@ ev() { r=$1; g=$2
   tandem world evaluate --mode student --no-vae --student runs/study/$r/student --student-steps 4 --guidance-scale $g --seed 1 --out runs/study/eval/$r-test-s1; }
 $T progressive --out runs/study/pd-base-t1 $PD; ev pd-base-t1 4.5
 $T consistency --out runs/study/cd-base-t1 $CD; ev cd-base-t1 6
-$T progressive --out runs/study/pd-refl-ddil-t1 $PD --reflect static --ddil "frwd=0.75,student=0.25,mixed=0.15,buffer=1024"; ev pd-refl-ddil-t1 4.5
-$T consistency --out runs/study/cd-refl-ddil-t1 $CD --reflect static --ddil "frwd=0.5,student=0.5"; ev cd-refl-ddil-t1 6
-$T progressive --out runs/study/pd-refl-t1 $PD --reflect static; ev pd-refl-t1 4.5
-$T consistency --out runs/study/cd-refl-t1 $CD --reflect static; ev cd-refl-t1 6
+$T progressive --out runs/study/pd-refl-ddil-t1 $PD --reflect static:global --ddil "frwd=0.75,student=0.25,mixed=0.15,buffer=1024"; ev pd-refl-ddil-t1 4.5
+$T consistency --out runs/study/cd-refl-ddil-t1 $CD --reflect static:global --ddil "frwd=0.5,student=0.5"; ev cd-refl-ddil-t1 6
+$T progressive --out runs/study/pd-refl-t1 $PD --reflect static:global; ev pd-refl-t1 4.5
+$T consistency --out runs/study/cd-refl-t1 $CD --reflect static:global; ev cd-refl-t1 6
 echo DONE-SEED1

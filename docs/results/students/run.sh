@@ -73,3 +73,11 @@ python docs/results/students/collect.py docs/results/students/evaluations docs/r
 # knowledge distillation at 48% of the teacher's FLOPs per call (stopped at 2500 steps; resume with the same
 # command plus --resume). Mid-run validation (kd-44-2250-val.json) from its checkpoint's EMA weights.
 tandem distill knowledge --out runs/kd-44 --arch custom --channels 44,88,88 --batch-size 64 --max-steps 12000 --threads 1 --checkpoint-every 250
+
+# -- session 7: KD to the teacher's sample budget (issue "Distillation fidelity"), in progress ----------------
+# kd-half and its DSM baseline at the teacher's 13,850 steps of batch 64 and its schedule's shape (three stages),
+# snapshots every 1000 steps for the accuracy-against-steps view. Each run resumes with the same command plus
+# --resume (a staged run keeps its --max-steps: the stages' sum).
+STAGES=7250:constant:1:500,3600:cosine:0.5:100,3000:cosine:0.2:100
+tandem distill knowledge --out runs/kd-half-long --arch half --batch-size 64 --lr-stages $STAGES --threads 1 --checkpoint-every 250 --snapshot-every 1000
+tandem distill knowledge --out runs/dsm-half-long --arch half --alpha 1 --batch-size 64 --lr-stages $STAGES --threads 1 --checkpoint-every 250 --snapshot-every 1000

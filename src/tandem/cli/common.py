@@ -4,11 +4,17 @@ checks and loaders every command calls before it computes."""
 from __future__ import annotations
 
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# the model libraries' own deprecation notices (e.g. huggingface_hub on arguments diffusers still passes) are for
+# their callers' developers, not for a user of the command line, whose stderr carries tandem's one-line errors
+for _library in ("huggingface_hub", "diffusers", "transformers"):
+    for _category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=_category, module=_library + r"(\.|$)")
 
 import typer
 from rich.console import Console
@@ -28,6 +34,9 @@ preset_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Presets: a teacher, a student, an oracle and their settings, kept as a file.")
 app.add_typer(preset_app, name="preset")
 console = Console(stderr=True)
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # the largest input image tandem decodes (--image, --control-image)
 
 
 class UserError(Exception):
@@ -82,6 +91,17 @@ class Split(str, Enum):
     test = "test"
 
 
+def run_inputs(**options) -> list[tuple[str, Path]]:
+    """``(--flag, path)`` for each option value that names an existing file or directory (lists flattened): what a
+    run reads, which ``--overwrite`` must not replace (``OutputDir(inputs=...)``)."""
+    pairs = []
+    for name, value in options.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and str(v) and Path(str(v)).exists():
+                pairs.append(("--" + name.replace("_", "-"), Path(str(v))))
+    return pairs
+
+
 def _progress(description: str, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -117,12 +137,26 @@ def _read_images(files: list[Path], flag: str) -> list:
 
     images = []
     for file in files:
+        if Path(file).exists() and not Path(file).is_file():
+            raise UserError(f"{flag} {file}: not a regular file")
         try:
-            with Image.open(file) as im:
+            with Image.open(file) as im:  # reads the header only: the size is known before any pixel is decoded
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{flag} {file}: {im.width}x{im.height} pixels is over tandem's limit of "
+                                    f"{MAX_IMAGE_PIXELS} pixels; give a smaller image")
                 images.append(_to_rgb8(im))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"{flag} {file}: cannot read the image ({e})") from None
     return images
+
+
+def _warn_resized(images: list, size: tuple[int, int], flag: str, files: list[Path] | None) -> None:
+    """Say (one stderr line each) which input images the pipeline will resize to its ``size`` (height, width)."""
+    for i, im in enumerate(images):
+        if im.size != (size[1], size[0]):
+            name = files[i] if files and i < len(files) else f"image {i}"
+            console.print(f"warning: {flag} {name} is {im.width}x{im.height}; it is resized to {size[1]}x{size[0]} "
+                          "(bicubic), the model's resolution", highlight=False, soft_wrap=True)
 
 
 def _to_rgb8(im):

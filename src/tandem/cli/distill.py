@@ -7,6 +7,7 @@ and added to each command by :func:`distill_command`; a command lists only its m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -36,13 +37,15 @@ class RunOptions:
     mixed_precision: str
     checkpoint_every: int
     threads: int | None
+    snapshot_every: int | None
 
     def trainer_config(self, max_steps: int):
         from ..distill.trainer import TrainerConfig
 
         return TrainerConfig(max_steps=max_steps, seed=self.seed, batch_size=self.batch_size,
                              grad_accum=self.grad_accum, mixed_precision=self.mixed_precision,
-                             checkpoint_every=self.checkpoint_every, threads=self.threads)
+                             checkpoint_every=self.checkpoint_every, threads=self.threads,
+                             snapshot_every=self.snapshot_every)
 
     def method_overrides(self) -> dict:
         """``lr`` and ``warmup_steps`` when given (each method has its own defaults)."""
@@ -68,6 +71,9 @@ RUN_OPTIONS: dict[str, tuple[object, object]] = {
                                                          "it).")], "no"),
     "checkpoint_every": (Annotated[int, typer.Option(help="Steps between checkpoints.")], 250),
     "threads": (Annotated[int | None, typer.Option(help="torch CPU threads per process [torch default].")], None),
+    "snapshot_every": (Annotated[int | None, typer.Option(help="Also export the student every N steps into "
+                                                               "--out/snapshots/step-N (accuracy against steps).")],
+                       None),
 }
 
 
@@ -79,8 +85,9 @@ DDILOption = Annotated[str | None, typer.Option(
                    "buffer=N (a DAgger buffer of N visited states; progressive, consistency), ramp=K (the student "
                    "share grows over K steps), teacher_steps=K. Off by default.")]
 ReflectOption = Annotated[str, typer.Option(
-    "--reflect", help="Reflected diffusion: threshold x0 estimates in training and at sampling: 'static' (clip to the "
-                      "teacher's measured latent range, latent_range.json) or 'static:LO,HI', 'dynamic' or "
+    "--reflect", help="Reflected diffusion: threshold x0 estimates in training and at sampling: 'static' (clip each "
+                      "latent channel to the teacher's measured range of it, latent_range.json), 'static:global' (every "
+                      "channel to the one measured range) or 'static:LO,HI', 'dynamic' or "
                       "'dynamic:P[,BOUND]' (Imagen's percentile thresholding for latents in [-BOUND, BOUND]), or "
                       "'off'.")]
 
@@ -203,6 +210,11 @@ def distill_knowledge_cmd(
     alpha: Annotated[float, typer.Option(help="Eq. 8's weight of the data term; 1 = plain denoising score "
                                               "matching (Eq. 3), the from-scratch baseline.")] = 0.0,
     ema: Annotated[float, typer.Option(help="EMA decay of the exported weights.")] = 0.995,
+    lr_stages: Annotated[str | None, typer.Option(help="A staged LR schedule instead of warm-up then constant: "
+                                                       "'STEPS[:SHAPE[:PEAK[:WARMUP]]],...' (SHAPE constant or cosine, "
+                                                       "PEAK a factor of --lr), adding up to --max-steps; e.g. the "
+                                                       "world teacher's '7250:constant:1:500,3600:cosine:0.5:100,"
+                                                       "3000:cosine:0.2:100'.")] = None,
 ) -> None:
     """Knowledge distillation into a smaller UNet (Dockhorn et al.), randomly initialised, trained at all
     noise levels against the teacher's denoiser (lr 5e-4, 200 warm-up steps, 3000 steps by default). The
@@ -215,8 +227,19 @@ def distill_knowledge_cmd(
             block = tuple(int(c) for c in channels.split(","))
         except ValueError:
             raise UserError(f"--channels must be integers separated by commas, got {channels!r}") from None
+    overrides = run.method_overrides()
+    if lr_stages is not None:
+        if "warmup_steps" in overrides:
+            raise UserError("--lr-stages carries its own warm-ups; drop --warmup-steps")
+        from ..distill.trainer import parse_lr_stages
+
+        total = sum(stage.steps for stage in parse_lr_stages(lr_stages))
+        if run.max_steps is not None and run.max_steps != total:
+            raise UserError(f"--lr-stages add up to {total} steps, not --max-steps {run.max_steps}")
+        run = dataclasses.replace(run, max_steps=total)
+        overrides["warmup_steps"] = 0
     cfg = KnowledgeConfig(arch=arch, block_out_channels=block, guidance=guidance, cond_dropout=cond_dropout,
-                          w_min=w_range[0], w_max=w_range[1], alpha=alpha, ema=ema, **run.method_overrides())
+                          w_min=w_range[0], w_max=w_range[1], alpha=alpha, ema=ema, lr_stages=lr_stages, **overrides)
     steps = run.max_steps or 3000
     t0 = time.time()
     student = distill_knowledge(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
@@ -278,13 +301,18 @@ def distill_dmd2_cmd(
 @distill_command("adversarial")
 def distill_adversarial_cmd(
     run: RunOptions,
-    steps: Annotated[int, typer.Option(help="N student timesteps (trailing grid on a zero-terminal-SNR schedule: "
-                                            "4 = 999/749/499/249); the student samples in 1..N steps.")] = 4,
+    steps: Annotated[int, typer.Option(help="N student timesteps (trailing grid: 4 = 999/749/499/249); the student "
+                                            "samples in 1..N steps.")] = 4,
+    student_schedule: Annotated[str, typer.Option(help="'teacher' (the teacher's schedule and parametrisation: the "
+                                                       "student starts as its teacher's denoiser) or 'zero-snr' (the "
+                                                       "first release's: zero terminal SNR, v or sample).")] = "teacher",
     guidance_scale: Annotated[float | None, typer.Option(help="The teacher's classifier-free guidance in the "
                                                               "distillation loss [the teacher's default].")] = None,
     distill_weighting: Annotated[str, typer.Option(help="c(t) of the distillation loss: 'exponential' (alpha_t), "
                                                         "'sds' or 'nfsd'.")] = "exponential",
     distill_lambda: Annotated[float, typer.Option(help="Weight of the distillation loss (lambda).")] = 2.5,
+    distill_reduction: Annotated[str, typer.Option(help="The distillation loss's squared norm over latent elements: "
+                                                        "'sum' or 'mean' (the first release's).")] = "sum",
     r1_gamma: Annotated[float, typer.Option(help="R1 penalty on the discriminator heads' inputs (gamma).")] = 1e-5,
     features: Annotated[str | None, typer.Option(help="The discriminator's frozen feature network: 'world-clip' "
                                                       "or a DINOv2 hub id or path [world-clip for a world teacher, "
@@ -293,8 +321,16 @@ def distill_adversarial_cmd(
                                                             "feature network [min(4, its blocks)].")] = None,
     feature_resolution: Annotated[int | None, typer.Option(help="Image size the feature network sees [its own, "
                                                                 "at most 224].")] = None,
-    prediction_type: Annotated[str, typer.Option(help="What the student predicts: 'v_prediction' or "
-                                                      "'sample'.")] = "v_prediction",
+    prediction_type: Annotated[str | None, typer.Option(help="--student-schedule zero-snr: what the student "
+                                                             "predicts, 'v_prediction' or 'sample' [v_prediction]."
+                                                             )] = None,
+    hinge: Annotated[str, typer.Option(help="'per-token' (StyleGAN-T: the hinge on each token's logit, averaged) or "
+                                            "'per-image' (on the tokens' average logit).")] = "per-token",
+    spectral_norm: Annotated[bool, typer.Option(help="Spectral normalisation in the discriminator heads.")] = True,
+    augment: Annotated[str, typer.Option(help="DiffAugment before the feature network: any of color,translation,"
+                                              "cutout, or 'none'.")] = "color,translation,cutout",
+    real_images: Annotated[str, typer.Option(help="The discriminator's real images: 'pixels' (the data) or 'vae' "
+                                                  "(their VAE reconstruction, as the fakes are decoded).")] = "pixels",
     disc_lr: Annotated[float, typer.Option(help="The discriminator heads' learning rate.")] = 1e-4,
     ema: Annotated[float | None, typer.Option(help="Export this EMA of the student [the student itself].")] = None,
 ) -> None:
@@ -303,10 +339,13 @@ def distill_adversarial_cmd(
     score-distillation loss; it samples in 1-4 DDIM steps without guidance (lr 2e-5, 2000 steps by default)."""
     from ..distill.adversarial import AdversarialConfig, distill_adversarial
 
-    cfg = AdversarialConfig(student_steps=steps, guidance_scale=guidance_scale, distill_weighting=distill_weighting,
-                            distill_lambda=distill_lambda, r1_gamma=r1_gamma, features=features,
+    cfg = AdversarialConfig(student_steps=steps, student_schedule=student_schedule, guidance_scale=guidance_scale,
+                            distill_weighting=distill_weighting, distill_lambda=distill_lambda,
+                            distill_reduction=distill_reduction, r1_gamma=r1_gamma, features=features,
                             feature_layers=feature_layers, feature_resolution=feature_resolution,
-                            prediction_type=prediction_type, disc_lr=disc_lr, ema=ema, **run.method_overrides())
+                            prediction_type=prediction_type, hinge=hinge, spectral_norm=spectral_norm,
+                            augment="" if augment == "none" else augment, real_images=real_images, disc_lr=disc_lr,
+                            ema=ema, **run.method_overrides())
     max_steps = run.max_steps or 2000
     t0 = time.time()
     student = distill_adversarial(run.teacher, run.out, cfg, run.trainer_config(max_steps), data=run.data,

@@ -426,14 +426,13 @@ def eval_routes(
 ) -> None:
     """A route table from a budget run on held-out prompts: `tandem generate --mode adaptive --budget B`
     alone then takes the settings that were best there at that cost (--routes FILE, or ship it in a preset)."""
-    import json
-
+    from ..checks import read_json_file
     from ..routes import RouteTable
 
     results_path = budget_run / "results.json"
     if not results_path.is_file():
         raise UserError(f"{budget_run} has no results.json (run `tandem eval budget --prompts val --out DIR`)")
-    results = json.loads(results_path.read_text())
+    results = read_json_file(results_path, "eval budget results")
     if results.get("made_by", {}).get("prompts") == "test":
         raise UserError(f"{budget_run} was run on the world's test prompts, which only report: choose routes on "
                         "held-out prompts (--prompts val)")

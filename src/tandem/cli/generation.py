@@ -30,8 +30,10 @@ from .common import (
     _progress,
     _read_images,
     _tandem_pipeline,
+    _warn_resized,
     app,
     console,
+    run_inputs,
 )
 
 
@@ -119,6 +121,14 @@ def generate(
         raise UserError("--cascade goes with --mode adaptive and --budget (without --budget-exact or --routes)")
     if cascade is not None and not cascade.is_file():
         raise UserError(f"--cascade {cascade}: no such file (make one with `tandem calibrate --cascade STEPS`)")
+    explicit = [flag for flag, value in (("--strategy", strategy), ("--teacher-steps", teacher_steps),
+                                         ("--scheduler", scheduler), ("--rollback-sigma", rollback_sigma),
+                                         ("--rollback-convention", rollback_convention), ("--percentile", percentile),
+                                         ("--threshold", threshold)) if value is not None]
+    for flag, table in (("--routes", routes), ("--cascade", cascade)):
+        if table is not None and explicit:  # the table would be ignored (routes) or refused later (cascade)
+            raise UserError(f"{flag} chooses the adaptive settings for --budget alone; it does not go with "
+                            f"{', '.join(explicit)}")
     if mode not in (Mode.adaptive, Mode.refine_all):
         tandem_only = {"--strategy": strategy, "--rollback-sigma": rollback_sigma, "--calibration": calibration,
                        "--rollback-convention": rollback_convention}
@@ -165,7 +175,8 @@ def generate(
             noise=student_noise,
         )
     t0 = time.time()
-    with OutputDir(out, overwrite, info={"command": "generate"}) as output:
+    with OutputDir(out, overwrite, info={"command": "generate"},
+                   inputs=run_inputs(prompts=prompts_file, model=model, student=student)) as output:
         with _progress("generating", len(prompts)) as bar:
             task = bar.add_task("generate", total=len(prompts))
             def done(n: int) -> None:
@@ -188,8 +199,6 @@ def generate(
 
 def _calibrate_cascade(pipe, preset, prompts, levels: list[int], seed: int, batch_size: int, out: Path,
                        overwrite: bool, prompts_file: Path | None) -> None:
-    if any(n < 1 for n in levels):
-        raise UserError(f"--cascade takes student steps >= 1, got {levels}")
     with _progress("cascade", len(prompts)) as bar:
         try:
             table = pipe.calibrate_cascade(prompts, levels, seed, batch_size, callback=_phase_bars(bar),
@@ -258,7 +267,10 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
     if controls is not None and len(controls) not in (1, len(prompts)):
         raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
                         "(one per prompt, or one for all)")
-    output = OutputDir(out, overwrite, info={"command": f"generate --mode {mode.value}"})
+    output = OutputDir(out, overwrite, info={"command": f"generate --mode {mode.value}"},
+                       inputs=run_inputs(prompts=prompts_file, calibration=calibration, routes=routes, cascade=cascade,
+                                         control_image=control_image, model=preset.teacher,
+                                         student=preset.student, scorer=preset.scorer))
     with output:  # a failure anywhere below leaves --out as it was
         if routes is not None and not routes.is_file():
             raise UserError(f"--routes {routes}: no such file (make one with `tandem eval routes`)")
@@ -280,6 +292,8 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                 kwargs["cascade"] = CascadeTable.load(cascade)
             except ValueError as e:
                 raise UserError(str(e)) from None
+        if controls is not None:
+            _warn_resized(controls, pipe.resolution(), "--control-image", control_image)
         t0 = time.time()
         with _progress("tandem", len(prompts)) as bar:
             progress = _phase_bars(bar)
@@ -297,7 +311,8 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
         output.write_config({
             "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
             "calibration": str(calibration) if calibration else preset.calibration,
-            "routes": str(routes) if routes else (preset.routes if pipe.routes is not None else None),
+            # the route table only where a budget alone took its route (explicit settings opt out of the preset's)
+            "routes": (str(routes) if routes else preset.routes) if summary["settings"].get("route") else None,
             "cascade_table": str(cascade) if cascade else None,
             "control_images": [str(c) for c in control_image or []] or None,
             **summary["settings"], "seed": seed, "batch_size": batch_size,
@@ -363,6 +378,8 @@ def calibrate(
         raise UserError("--strength applies to --edits")
     if edits is not None and control is not None:
         raise UserError("--edits and --control do not go together")
+    if edits is not None and prompts_file is not None:
+        raise UserError("--edits and --prompts do not go together (an edit list holds its own prompts)")
     if cascade and (edits is not None or control is not None or controlnet is not None or student_steps is not None
                     or guidance_scale is not None):
         raise UserError("--cascade calibrates the preset's own student and teacher settings; it does not go with "
@@ -371,6 +388,10 @@ def calibrate(
         raise UserError("--controlnet and --control-image go together")
     preset = _compose(model, preset_file, student, scorer, controlnet, control)
     _check_composition(preset, "calibrate", None)
+    if cascade:
+        from ..cascade import check_levels
+
+        check_levels(cascade, preset.defaults.get("num_inference_steps"), "--cascade")  # before any model loads
     if edits is not None:
         return _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
                                 overwrite, device)
@@ -385,6 +406,8 @@ def calibrate(
         raise UserError(f"--control-image: got {len(controls)} images for {len(prompts)} prompts "
                         "(one per prompt, or one for all)")
     pipe = _tandem_pipeline(preset, device)
+    if controls is not None:
+        _warn_resized(controls, pipe.resolution(), "--control-image", control_image)
     if preset.teacher == "world":
         _check_world_prompts(prompts)
         if control is not None:
@@ -515,8 +538,12 @@ def edit(
             inputs = inputs * len(prompts)
         if len(inputs) != len(prompts):
             raise UserError(f"got {len(inputs)} images and {len(prompts)} prompts (one each, or one for all)")
-    with OutputDir(out, overwrite, info={"command": "edit"}) as output:  # a failure leaves --out as it was
+    with OutputDir(out, overwrite, info={"command": "edit"},  # a failure leaves --out as it was
+                   inputs=run_inputs(image=image, edits=edits, calibration=calibration, preset=preset_file,
+                                     model=preset.teacher, student=preset.student, scorer=preset.scorer)) as output:
         pipe = _tandem_pipeline(preset, device)
+        if image:
+            _warn_resized(inputs[:len(image)], pipe.resolution(), "--image", image)
         if preset.teacher == "world":
             _check_world_prompts(prompts)
         t0 = time.time()

@@ -47,6 +47,8 @@ def preset_save(
         key, sep, value = item.partition("=")
         if not sep or key not in PRESET_SETTINGS:
             raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(PRESET_SETTINGS)}")
+        if key in defaults:
+            raise UserError(f"--set {key} given twice ({key}={defaults[key]!r} and {item!r}); give each setting once")
         try:
             defaults[key] = PRESET_SETTINGS[key](value)
         except ValueError as e:

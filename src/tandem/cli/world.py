@@ -20,6 +20,7 @@ from .common import (
     _collect_prompts,
     _progress,
     console,
+    run_inputs,
     world_app,
 )
 
@@ -39,7 +40,8 @@ def world_render(
 
     prompts = _collect_prompts(None, prompts_file)
     _check_world_prompts(prompts)
-    with OutputDir(out, overwrite, info={"command": "world render"}) as output:
+    with OutputDir(out, overwrite, info={"command": "world render"},
+                   inputs=run_inputs(prompts=prompts_file)) as output:
         records = []
         for i, (p, scene) in enumerate(zip(prompts, scenes_for_captions(prompts, seed))):
             output.save_image(i, render(scene))
@@ -86,7 +88,8 @@ def world_edits(
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
     _check_out_file(out, overwrite)
-    folder = OutputDir(images, overwrite, info={"command": "world edits"}, flag="--images") if images else None
+    folder = (OutputDir(images, overwrite, info={"command": "world edits"}, flag="--images",
+                        inputs=[("--out", out)]) if images else None)
     cases = generate_edits(split.value, n)
     if folder is not None:
         with folder:
@@ -251,6 +254,9 @@ def world_oracle_data(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if world is not None and not (world / "model_index.json").exists():
         raise UserError(f"--world {world} is not a world directory (no model_index.json)")
+    from ..outputs import make_writable_dir
+
+    make_writable_dir(out)  # an unwritable --out fails before any shard is drawn
     torch.set_num_threads(threads)
     for split in ("eval", "cal", "train"):
         if counts[split]:
@@ -482,7 +488,8 @@ def world_evaluate(
         default_steps = [1, 2, 4, 8] if info.base_method == "consistency" else [defaults.steps]
         runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
                 for g in (guidance_scale or [defaults.guidance_scale]) for n in (student_steps or default_steps)]
-    with OutputDir(out, overwrite, info={"command": "world evaluate"}) as output:
+    with OutputDir(out, overwrite, info={"command": "world evaluate"},
+                   inputs=run_inputs(prompts=prompts_file, model=model, student=student)) as output:
         if mode is Mode.teacher:
             pipe, generate = load_teacher_pipeline(spec), generate_teacher
         else:

@@ -126,22 +126,27 @@ def uniform(generator: torch.Generator, n: int, low: float, high: float) -> torc
 
 def run_method(*, method_name: str, teacher: str, out_dir: str | Path, trainer_cfg, data: str, resume: bool,
                make_method: Callable, run_config: Callable[[object, object], dict],
-               export: Callable[[object, object, object, Path], None]) -> Path:
+               export: Callable[[object, object, object, Path], None], snapshots: bool = True) -> Path:
     """Train one distillation method end to end; returns ``out_dir/student``.
 
     Args:
         make_method: ``(teacher_pipe, spec, out_dir) -> method``.
         run_config: ``(spec, source) -> dict`` saved as the run's configuration (beside the trainer's).
-        export: ``(trainer, method, spec, student_dir) -> None`` writes the student (main process only).
+        export: ``(trainer, method, spec, student_dir) -> None`` writes the student (main process only); also
+            the snapshots of ``trainer_cfg.snapshot_every`` into ``out_dir/snapshots/step-N``.
+        snapshots: False for a method whose export cannot be taken mid-run (``snapshot_every`` is then refused).
     """
     from ..models import load_teacher_pipeline, resolve_model
     from .data import WorldSource, open_source
-    from .trainer import Trainer, check_run_dir
+    from .trainer import Trainer, check_precision, check_run_dir
 
     spec = resolve_model(teacher)
     if data == "world" and not spec.is_world:
         raise ValueError(f"--data world (ShapesWorld renderings) only fits a world teacher, not {teacher!r}; "
                          "give --data a folder, webdataset shards or a saved HF dataset")
+    if trainer_cfg.snapshot_every is not None and not snapshots:
+        raise ValueError(f"{method_name} takes no snapshot_every (--snapshot-every)")
+    check_precision(trainer_cfg.mixed_precision)  # before the teacher loads, as a bad --out
     check_run_dir(out_dir, resume, trainer_cfg.max_steps)  # a bad --out fails before the teacher loads
     pipe = load_teacher_pipeline(spec)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -149,7 +154,12 @@ def run_method(*, method_name: str, teacher: str, out_dir: str | Path, trainer_c
     method = make_method(pipe, spec, Path(out_dir))
     config = {"teacher": teacher_record(spec), **run_config(spec, source),
               "data": source.describe()}
-    trainer = Trainer(method, source, trainer_cfg, out_dir, resume=resume, run_config=config)
+
+    def snapshot(where: Path) -> None:
+        export(trainer, method, spec, where)
+
+    trainer = Trainer(method, source, trainer_cfg, out_dir, resume=resume, run_config=config,
+                      snapshot=snapshot if snapshots else None)
     trainer.train()
     student_dir = Path(out_dir) / "student"
     if trainer.is_main:

@@ -259,7 +259,7 @@ def distill_consistency(teacher: str, out_dir: str | Path, cfg: ConsistencyConfi
 
     def export(trainer, method, spec, student_dir: Path) -> None:
         unet = trainer.export("student", "sampling" if cfg.sampling_ema is not None else None)
-        export_student(unet, student_dir, method, spec, exported, trainer_cfg.max_steps)
+        export_student(unet, student_dir, method, spec, exported, trainer.steps_done)
 
     return run_method(method_name="consistency", teacher=teacher, out_dir=out_dir, trainer_cfg=trainer_cfg,
                       data=data, resume=resume,

@@ -27,6 +27,12 @@ buffer size, [0: none]), ``ramp=K`` (the student share grows linearly from 0 ove
 of the run, or of each halving round in progressive distillation; forward diffusion takes the
 rest) and ``teacher_steps=K`` (the teacher's rollouts on the trailing K-step grid [the method's]).
 The paper's progressive setting is ``frwd=0.75,student=0.25,mixed=0.15,buffer=...`` (appendix A).
+
+**Two phases** (the paper's schedule): from step ``phase2=K`` on, the student's share becomes
+``phase2_student`` (about 0.8 in the paper; forward diffusion takes what the teacher leaves) and a share
+``replay`` of every batch (half in the paper) is drawn again from the DAgger buffer (Algorithm 2's aggregated
+dataset), the rest from the source drawn as before. Before step K the priors above hold (about 15% student).
+``phase2=0`` (the default) is one phase.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ..denoiser import NoiseSchedule, trailing_timesteps
 from ..world.runs import require_number
 
 SOURCES = ("frwd", "teacher", "student")
-_INTEGERS = ("buffer", "ramp", "teacher_steps")
+_INTEGERS = ("buffer", "ramp", "teacher_steps", "phase2")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,9 @@ class DDILSpec:
     buffer: int = 0  # DAgger buffer size (0: student rollouts are used as they are drawn)
     ramp: int = 0  # steps over which the student share grows from 0 to `student`
     teacher_steps: int | None = None  # the teacher's rollout grid (trailing spacing) [the method's]
+    phase2: int = 0  # the step the second phase starts at (0: one phase)
+    phase2_student: float = 0.8  # the student's prior in the second phase
+    replay: float = 0.5  # the share of each second-phase batch drawn again from the DAgger buffer
 
     def __post_init__(self):
         for name in SOURCES + ("mixed",):
@@ -72,6 +81,15 @@ class DDILSpec:
                 raise ValueError(f"--ddil {name} applies to the student's rollouts: give student > 0")
         if self.teacher_steps is not None and self.teacher == 0 and self.mixed == 1:
             raise ValueError("--ddil teacher_steps: no rollout uses the teacher (give teacher > 0 or mixed < 1)")
+        require_number(self.phase2, "--ddil phase2", integer=True, at_least=0)
+        require_number(self.phase2_student, "--ddil phase2_student", at_least=0.0, at_most=1.0)
+        require_number(self.replay, "--ddil replay", at_least=0.0, at_most=1.0)
+        if self.phase2:
+            if self.teacher + self.phase2_student > 1 + 1e-9:
+                raise ValueError(f"--ddil: in the second phase the priors teacher + phase2_student must be at most 1, "
+                                 f"got {self.teacher:g} + {self.phase2_student:g}")
+            if self.replay > 0 and self.buffer == 0:
+                raise ValueError("--ddil replay draws from the DAgger buffer: give buffer=N (or replay=0)")
 
     @classmethod
     def parse(cls, text: str) -> DDILSpec:
@@ -105,8 +123,14 @@ class DDILSpec:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def in_phase2(self, step: int) -> bool:
+        return bool(self.phase2) and step >= self.phase2
+
     def priors(self, step: int) -> tuple[float, float, float]:
-        """``(β_frwd, β_teacher, β_student)`` at ``step`` (the ramp's linear growth of the student share)."""
+        """``(β_frwd, β_teacher, β_student)`` at ``step`` (the ramp's linear growth of the student share; in the
+        second phase, ``phase2_student`` with forward diffusion taking the rest)."""
+        if self.in_phase2(step):
+            return max(0.0, 1.0 - self.teacher - self.phase2_student), self.teacher, self.phase2_student
         student = self.student * min(1.0, step / self.ramp) if self.ramp else self.student
         return self.frwd + (self.student - student), self.teacher, student
 
@@ -319,6 +343,8 @@ class DDILSampler:
         """The log of a mini-batch that drew nothing (a method that needs no DDIL input this time)."""
         self.last_log = {f"ddil/{s}": torch.tensor(0.0) for s in SOURCES}
         self.last_log |= {f"ddil/{who}_unet_calls": torch.tensor(0.0) for who in ("student", "teacher")}
+        if self.spec.phase2:
+            self.last_log["ddil/replayed"] = torch.tensor(0.0)
         return dict(self.last_log)
 
     def source(self, generator: torch.Generator, step: int) -> str:
@@ -337,7 +363,7 @@ class DDILSampler:
 
     def inputs(self, *, latents: torch.Tensor | Callable[[], torch.Tensor], noise: torch.Tensor, grid: list[int],
                index: torch.Tensor, cond: dict[str, torch.Tensor], teacher: Denoiser, student: Denoiser,
-               generator: torch.Generator, step: int) -> DDILInputs:
+               generator: torch.Generator, step: int, replay: bool = True) -> DDILInputs:
         """The mini-batch's noisy latents at ``grid[index]``.
 
         Args:
@@ -346,8 +372,21 @@ class DDILSampler:
             grid: the method's training timesteps; ``index`` [B] picks each sample's.
             cond: conditioning rows (each [B, ...]) the denoisers take; kept with buffered states.
             teacher, student: the two models (the teacher's grid may be replaced by ``teacher_steps``).
-            step: the training step the priors' ramp counts.
+            step: the training step the priors' ramp and the phases count.
+            replay: draw the second phase's replayed share (False: this call makes the rest of such a batch).
         """
+        replayed = self._replay_count(noise.shape[0], step) if replay else 0
+        if replayed:  # the second phase: part of the batch drawn again from the buffer, the rest as below
+            x, old_index, old_cond = self.buffer.draw(replayed, generator, noise.device)  # before the rest adds more
+            rest = torch.arange(replayed, noise.shape[0])
+            fresh = self.inputs(latents=(lambda: (latents() if callable(latents) else latents)[rest.to(noise.device)]),
+                                noise=noise[rest.to(noise.device)], grid=grid, index=index.cpu()[rest],
+                                cond=_rows(cond, rest), teacher=teacher, student=student, generator=generator,
+                                step=step, replay=False)
+            self.last_log["ddil/replayed"] = torch.tensor(replayed / noise.shape[0])
+            return DDILInputs(torch.cat([x, fresh.x]), torch.cat([old_index, fresh.index]),
+                              {k: torch.cat([old_cond[k], v]) for k, v in fresh.cond.items()}, fresh.source,
+                              dict(self.last_log))
         source = self.source(generator, step)
         targets = torch.tensor(grid, dtype=torch.long)[index.cpu()]
         calls = {"student": 0, "teacher": 0}
@@ -365,7 +404,16 @@ class DDILSampler:
         self.last_log |= {f"ddil/{who}_unet_calls": torch.tensor(float(n)) for who, n in calls.items()}
         if self.buffer is not None:
             self.last_log["ddil/buffer"] = torch.tensor(float(len(self.buffer)))
+        if self.spec.phase2:
+            self.last_log["ddil/replayed"] = torch.tensor(0.0)
         return DDILInputs(x, index.cpu(), cond, source, dict(self.last_log))
+
+    def _replay_count(self, batch: int, step: int) -> int:
+        """How many of a second-phase batch come from the buffer (none before the second phase, or while the buffer
+        is empty: the first batches then fill it)."""
+        if not (self.spec.in_phase2(step) and self.spec.replay and self.buffer is not None and len(self.buffer)):
+            return 0
+        return min(batch - 1, round(batch * self.spec.replay)) if batch > 1 else 0
 
     def _student_states(self, noise, grid, index, targets, cond, teacher, student, generator, calls):
         """The student source: its (mixed) rollout to the targets, or, with a buffer, the whole rollout's

@@ -137,7 +137,7 @@ class DMD2Distillation:
     """
 
     name = "dmd2"
-    divergence_hint = "resume from the last checkpoint with a lower --lr, fewer --critic-updates or a lower --gan-weight"
+    divergence_hint = "a lower --lr or --critic-lr"  # what a resumed run may lower (trainer.RESUMABLE_CHANGES)
     uses_data = True
 
     def __init__(self, teacher, cfg: DMD2Config, default_guidance: float | None = None, seed: int = 0,
@@ -387,7 +387,7 @@ def distill_dmd2(teacher: str, out_dir: str | Path, cfg: DMD2Config, trainer_cfg
     def export(trainer, method, spec, student_dir: Path) -> None:
         weights = "ema" if cfg.ema is not None else "student"
         unet = trainer.export("student", "sampling" if cfg.ema is not None else None)
-        export_student(unet, student_dir, method, spec, trainer_cfg.max_steps, weights)
+        export_student(unet, student_dir, method, spec, trainer.steps_done, weights)
 
     return run_method(method_name="dmd2", teacher=teacher, out_dir=out_dir, trainer_cfg=trainer_cfg, data=data,
                       resume=resume, make_method=make, run_config=config, export=export)

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import MAX_DEPTH, MAX_WIDTH
 from ..sampling import guidance_embedding
 from ..world.runs import require_number, require_probability
 from .common import TeacherParts, run_method, teacher_record, uniform
-from .trainer import StepContext, Trainable
+from .trainer import StepContext, Trainable, parse_lr_stages
 
 ARCHS = {"half": 0.5, "quarter": 0.25, "three-quarter": 0.75}
 GUIDANCE_MODES = ("classifier-free", "w-embedding")
@@ -55,13 +56,18 @@ class KnowledgeConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema: float = 0.995  # the exported weights are this EMA of the student's
+    # a staged LR schedule, "STEPS[:SHAPE[:PEAK[:WARMUP]]],..." (trainer.parse_lr_stages; PEAK scales lr), with
+    # warmup_steps 0: e.g. the world teacher's three stages. None: warm-up, then constant
+    lr_stages: str | None = None
 
     def __post_init__(self):
         if self.arch == "custom":
             if not self.block_out_channels:
                 raise ValueError("arch 'custom' needs block_out_channels")
-            for c in self.block_out_channels:
-                require_number(c, "block_out_channels", integer=True, at_least=1)
+            if len(self.block_out_channels) > MAX_DEPTH:
+                raise ValueError(f"block_out_channels: at most {MAX_DEPTH} blocks, got {len(self.block_out_channels)}")
+            for c in self.block_out_channels:  # bounded before the UNet is built: 10**8 channels would fill the memory
+                require_number(c, "block_out_channels", integer=True, at_least=1, at_most=MAX_WIDTH)
         elif self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join([*ARCHS, 'custom'])}, got {self.arch!r}")
         elif self.block_out_channels is not None:
@@ -83,6 +89,10 @@ class KnowledgeConfig:
         require_number(self.weight_decay, "weight_decay", at_least=0.0)
         require_number(self.grad_clip, "grad_clip", above=0.0)
         require_number(self.ema, "ema (EMA decay)", above=0.0, below=1.0)
+        if self.lr_stages is not None:
+            parse_lr_stages(self.lr_stages)
+            if self.warmup_steps:
+                raise ValueError(f"lr_stages carry their own warm-ups: warmup_steps must be 0, got {self.warmup_steps}")
 
     @property
     def uses_teacher(self) -> bool:
@@ -156,7 +166,8 @@ class KnowledgeDistillation:
     def trainables(self) -> list[Trainable]:
         return [Trainable("student", self.student, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                           warmup_steps=self.cfg.warmup_steps, grad_clip=self.cfg.grad_clip,
-                          emas={"sampling": self.cfg.ema})]
+                          emas={"sampling": self.cfg.ema},
+                          lr_stages=parse_lr_stages(self.cfg.lr_stages) if self.cfg.lr_stages else ())]
 
     def frozen(self) -> dict[str, nn.Module]:
         frozen = self.parts.frozen()
@@ -238,7 +249,7 @@ def distill_knowledge(teacher: str, out_dir: str | Path, cfg: KnowledgeConfig, t
             guidance=cfg.guidance, steps=spec.teacher.steps, guidance_scale=float(spec.teacher.guidance_scale),
             teacher=teacher_record(spec),
             details={"arch": cfg.arch, "block_out_channels": list(unet.config.block_out_channels),
-                     "baseline": cfg.alpha == 1.0, "alpha": cfg.alpha, "optimisation_steps": trainer_cfg.max_steps,
+                     "baseline": cfg.alpha == 1.0, "alpha": cfg.alpha, "optimisation_steps": trainer.steps_done,
                      "weights": "ema", **cost, "teacher_params": teacher_cost["params"],
                      "teacher_flops_per_call": teacher_cost["flops_per_call"], "config": asdict(cfg)})
         scheduler = make_scheduler("dpm", {**method.parts.scheduler_config, "prediction_type": "epsilon"})

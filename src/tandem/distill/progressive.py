@@ -343,6 +343,7 @@ def distill_progressive(teacher: str, out_dir: str | Path, cfg: ProgressiveConfi
         for where in (Path(out_dir) / "rounds" / f"{cfg.stages[stage][2]}-steps", student_dir):
             export_student(unet, where, method, stage, spec, state["guidance"], trainer_cfg.max_steps)
 
+    # no snapshots: rounds/ already holds each round's student
     return run_method(method_name="progressive", teacher=teacher, out_dir=out_dir, trainer_cfg=trainer_cfg,
-                      data=data, resume=resume, make_method=make, run_config=config, export=export)
+                      data=data, resume=resume, make_method=make, run_config=config, export=export, snapshots=False)
 

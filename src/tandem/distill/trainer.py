@@ -8,10 +8,13 @@ and how a loss is computed; the Trainer owns everything else:
   launch`` over many; DDP via ``accelerate``; FSDP through an accelerate config),
 - mixed precision (``bf16``/``fp16`` where the device supports it),
 - one optimizer per trainable network, each with its own update ratio (``every``) and LR
-  schedule (linear warm-up, then constant or a cosine decay to 0 at ``max_steps``),
+  schedule (linear warm-up, then constant or a cosine decay to 0 at ``max_steps``; or stages, each
+  with its own length, peak, warm-up and shape, as a training in several warm-started stages has),
 - gradient accumulation and clipping, EMA copies (kept per network, by name),
 - JSONL logs (every loss the method returns, the gradient norm and the LR) and a progress bar
   on the main process,
+- snapshots of what the method exports at chosen steps (``snapshot_every``: accuracy against training
+  steps from one run),
 - periodic atomic checkpoints and exact resume: weights, optimizers, LR schedules, EMAs,
   every process's RNG states and the data position (the step). Checkpoints hold tensors and
   plain data only and are read with ``torch.load(weights_only=True)``: resuming never runs code
@@ -53,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import read_json_file
+from ..checks import first_difference, read_json_file
 from ..generate import derive_seed
 from ..outputs import atomic_write_text, make_writable_dir
 from ..world.runs import (
@@ -70,6 +73,51 @@ CHECKPOINT_DIR = "checkpoint"
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 _STATE_PARTS = ("models", "optimizers", "schedulers", "emas")  # of checkpoint/state.pt
+SNAPSHOT_DIR = "snapshots"
+
+
+@dataclass(frozen=True)
+class LRStage:
+    """One stage of a staged LR schedule: ``steps`` long, a linear warm-up of ``warmup`` steps to ``peak``
+    (a factor of the trainable's ``lr``), then ``shape``: ``"constant"`` or ``"cosine"`` (to 0 at the
+    stage's end)."""
+
+    steps: int
+    shape: str = "constant"
+    peak: float = 1.0
+    warmup: int = 0
+
+    def __post_init__(self):
+        require_number(self.steps, "LR stage: steps", integer=True, at_least=1)
+        if self.shape not in LR_SCHEDULES:
+            raise ValueError(f"LR stage: shape must be one of {LR_SCHEDULES}, got {self.shape!r}")
+        require_number(self.peak, "LR stage: peak (a factor of the learning rate)", above=0.0)
+        require_number(self.warmup, "LR stage: warmup", integer=True, at_least=0)
+        if self.warmup >= self.steps:
+            raise ValueError(f"LR stage: the warm-up ({self.warmup} steps) must be shorter than the stage "
+                             f"({self.steps} steps)")
+
+
+def parse_lr_stages(text: str) -> tuple[LRStage, ...]:
+    """``"STEPS[:SHAPE[:PEAK[:WARMUP]]],..."`` as :class:`LRStage` s; e.g. the world teacher's three stages,
+    ``"7250:constant:1:500,3600:cosine:0.5:100,3000:cosine:0.2:100"``. A ValueError names the bad stage."""
+    stages = []
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        fields = part.split(":")
+        if not part or len(fields) > 4:
+            raise ValueError(f"LR stage {i + 1} {part!r}: expected STEPS[:SHAPE[:PEAK[:WARMUP]]]")
+        try:
+            steps = int(fields[0])
+            shape = fields[1] if len(fields) > 1 else "constant"
+            peak = float(fields[2]) if len(fields) > 2 else 1.0
+            warmup = int(fields[3]) if len(fields) > 3 else 0
+        except ValueError:
+            raise ValueError(f"LR stage {i + 1} {part!r}: STEPS and WARMUP must be integers, PEAK a number") from None
+        try:
+            stages.append(LRStage(steps, shape, peak, warmup))
+        except ValueError as e:
+            raise ValueError(f"LR stage {i + 1} {part!r}: {e}") from None
+    return tuple(stages)
 
 
 @dataclass
@@ -86,6 +134,8 @@ class Trainable:
         emas: EMA copies to keep, ``{ema_name: decay}``; reach them with ``ctx.ema(name, ema_name)``.
         make_optimizer: ``params -> Optimizer`` [AdamW(lr, betas, weight_decay)]; it may build parameter groups
             with learning rates of their own (the LR schedule scales every group's).
+        lr_stages: a staged schedule instead (its lengths add up to the run's ``max_steps``; each stage has its
+            own warm-up, so ``warmup_steps`` must be 0 and ``lr_schedule`` constant).
     """
 
     name: str
@@ -99,6 +149,7 @@ class Trainable:
     every: int = 1
     emas: dict[str, float] = field(default_factory=dict)
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    lr_stages: tuple[LRStage, ...] = ()
 
     def __post_init__(self):
         if not self.name:
@@ -117,6 +168,28 @@ class Trainable:
         require_number(self.every, f"{self.name}: every", integer=True, at_least=1)
         for ema_name, decay in self.emas.items():
             require_decay(decay, f"{self.name}: EMA {ema_name!r} decay")
+        if self.lr_stages and (self.warmup_steps or self.lr_schedule != "constant"):
+            raise ValueError(f"{self.name}: a staged LR schedule carries its own warm-ups and shapes; "
+                             f"warmup_steps ({self.warmup_steps}) and lr_schedule ({self.lr_schedule!r}) do not apply")
+
+
+def staged_lr_factor(step: int, stages: tuple[LRStage, ...]) -> float:
+    """The LR factor at ``step`` of a staged schedule: within stage ``s`` starting at ``start``, with
+    ``k = step - start``, ``peak (k + 1) / warmup`` during the warm-up, then ``peak`` (constant) or
+    ``peak (1 + cos(pi p)) / 2`` with ``p = (k - warmup) / (steps - warmup)`` (cosine). Past the last stage
+    the last stage's end value holds."""
+    start = 0
+    for stage in stages:
+        k = step - start
+        if k < stage.steps or stage is stages[-1]:
+            k = min(k, stage.steps)
+            if k < stage.warmup:
+                return stage.peak * (k + 1) / stage.warmup
+            if stage.shape == "constant":
+                return stage.peak
+            return stage.peak * 0.5 * (1 + math.cos(math.pi * (k - stage.warmup) / (stage.steps - stage.warmup)))
+        start += stage.steps
+    raise ValueError("a staged LR schedule needs at least one stage")
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "constant") -> float:
@@ -170,6 +243,7 @@ class TrainerConfig:
     checkpoint_every: int = 250
     log_every: int = 25
     threads: int | None = None  # torch intra-op threads per process [torch's default]
+    snapshot_every: int | None = None  # export the method's result every N steps into snapshots/step-N
 
     def __post_init__(self):
         require_number(self.max_steps, "max_steps", integer=True, at_least=1)
@@ -182,6 +256,18 @@ class TrainerConfig:
         require_number(self.log_every, "log_every", integer=True, at_least=1)
         if self.threads is not None:
             require_number(self.threads, "threads", integer=True, at_least=1)
+        if self.snapshot_every is not None:
+            require_number(self.snapshot_every, "snapshot_every", integer=True, at_least=1)
+
+
+def check_precision(mixed_precision: str, cpu: bool | None = None) -> None:
+    """Refuse a precision the device would not compute in: fp16 autocast needs a GPU (on the CPU accelerate
+    computes in fp32 while the run would record fp16). ``cpu``: the run is on the CPU [when no GPU is here]."""
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if mixed_precision == "fp16" and cpu:
+        raise ValueError("mixed_precision fp16 needs a GPU (on the CPU it would compute in fp32 and record fp16); "
+                         "use 'bf16' or 'no' (--mixed-precision)")
 
 
 class EMACopy:
@@ -310,17 +396,20 @@ class Trainer:
 
     def __init__(self, method: Method, source, cfg: TrainerConfig, out_dir: str | Path,
                  resume: bool = False, run_config: dict | None = None, cpu: bool | None = None,
-                 keep: tuple[str, ...] = ()):
+                 keep: tuple[str, ...] = (), snapshot: Callable[[Path], None] | None = None):
         from accelerate import Accelerator
 
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.method, self.source, self.cfg = method, source, cfg
         self.dir = Path(out_dir)
-        self.resume, self.keep = resume, keep
+        self.resume, self.keep, self.snapshot = resume, keep, snapshot
+        if cfg.snapshot_every is not None and snapshot is None:
+            raise ValueError(f"method {method.name}: snapshot_every is set but nothing exports a snapshot")
         self.run_config = {"method": method.name, "trainer": dataclasses.asdict(cfg), **(run_config or {})}
         if cpu is None:
             cpu = not torch.cuda.is_available()
+        check_precision(cfg.mixed_precision, cpu)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
         checkpoint = self._check_run_dir()
         torch.manual_seed(cfg.seed)
@@ -336,15 +425,20 @@ class Trainer:
                       for t in self.trainables.values()}
         self._optimizers, self._schedulers, self._prepared = {}, {}, {}
         for t in self.trainables.values():
+            if t.lr_stages and sum(stage.steps for stage in t.lr_stages) != cfg.max_steps:
+                raise ValueError(f"{t.name}: the LR stages add up to {sum(s.steps for s in t.lr_stages)} steps, "
+                                 f"not the run's max_steps {cfg.max_steps}")
             params = [p for p in t.module.parameters() if p.requires_grad]
             opt = (t.make_optimizer(params) if t.make_optimizer is not None
                    else torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, cfg.max_steps, t.lr_schedule))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, cfg.max_steps, t.lr_schedule,
+                                                                    t.lr_stages))
             # the LR schedule stays unprepared: accelerate would step it once per process
             module, opt = self.accelerator.prepare(t.module, opt)
             self._prepared[t.name], self._optimizers[t.name], self._schedulers[t.name] = module, opt, sched
         self.ctx = StepContext(self)
         self.start_step = self._load(checkpoint) if checkpoint is not None else 0
+        self.steps_done = self.start_step  # what an export records as the steps trained
         self._open_run()
 
     # -- run directory -------------------------------------------------------------------------------
@@ -361,8 +455,9 @@ class Trainer:
             saved = _without_resumable_changes(read_json_file(cfg_path, "run config"))
             requested = _without_resumable_changes(_jsonable(self.run_config))
             if saved != requested:
-                raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path}: "
-                                 f"saved {saved}, requested {requested}")
+                raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path} "
+                                 f"({first_difference(saved, requested)}); a resumed run may change only "
+                                 f"{', '.join(RESUMABLE_CHANGES)}")
         self.accelerator.wait_for_everyone()
         return ckpt
 
@@ -425,7 +520,11 @@ class Trainer:
         for n, o in self._optimizers.items():
             restore_entry(o, state, ("optimizers", n), state_path)
         for n, s in self._schedulers.items():
+            configured = list(s.base_lrs)  # this run's peak LRs: a resume may lower them (a run that diverged)
             restore_entry(s, state, ("schedulers", n), state_path)
+            s.base_lrs = configured
+            for group, base_lr in zip(s.optimizer.param_groups, configured):
+                group["initial_lr"] = base_lr
             # the next step's LR under this run's schedule, not the one saved with the optimizer: they differ
             # when a run resumes with another max_steps (a cosine decays to the new end); else the same bits
             for group, base_lr, factor in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
@@ -497,7 +596,13 @@ class Trainer:
 
         for key, value in losses.items():
             if not bool(torch.isfinite(value.detach()).all()):
-                hint = getattr(self.method, "divergence_hint", "resume from the last checkpoint with a lower --lr")
+                lower = getattr(self.method, "divergence_hint", "a lower --lr")
+                ckpt = _checkpoint_dir(self.dir)
+                if ckpt is not None:
+                    hint = (f"resume from its last checkpoint (step {_checkpoint_meta(ckpt)['step']}) with --resume "
+                            f"and {lower}")
+                else:
+                    hint = f"it wrote no checkpoint yet, so nothing of it is kept: start it again with {lower}"
                 raise NonFiniteError(f"{self.method.name} diverged: the {name}'s {key} is {float(value.detach())} at "
                                      f"step {step}; {hint}")
 
@@ -517,7 +622,24 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     def train(self) -> int:
-        """Run from the start (or the resumed) step to ``max_steps``; returns the final step."""
+        """Run from the start (or the resumed) step to ``max_steps``; returns the final step. A new run that fails
+        before its first checkpoint removes what it wrote (:meth:`_forget_unsaved_run`)."""
+        try:
+            self._train_loop()
+        except Exception:
+            self._forget_unsaved_run()
+            raise
+        return self.cfg.max_steps
+
+    def _forget_unsaved_run(self) -> None:
+        """A new run that fails before its first checkpoint (bad data, divergence) keeps nothing to resume: remove
+        what it wrote (its config, log and snapshots), so that the corrected run may start in the same ``--out``."""
+        if self.resume or not self.is_main or _checkpoint_dir(self.dir) is not None:
+            return
+        for name in (RUN_CONFIG, "log.jsonl", SNAPSHOT_DIR):
+            _remove(self.dir / name)
+
+    def _train_loop(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         cfg = self.cfg
@@ -530,17 +652,32 @@ class Trainer:
             task = bar.add_task(self.method.name, total=cfg.max_steps, completed=self.start_step, info="")
             for step in range(self.start_step, cfg.max_steps):
                 losses = self.train_step(step)
-                done = step + 1
+                done = self.steps_done = step + 1
                 if self.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
                     record = {"step": done, "time": round(time.time() - t0, 2), **losses,
                               "lr": {n: s.get_last_lr()[0] for n, s in self._schedulers.items()}}
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.update(task, info=" ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+                if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.max_steps:
+                    self.save_snapshot(done)
                 if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                     self.save_checkpoint(done)
                 bar.update(task, completed=done)
-        return cfg.max_steps
+
+    def save_snapshot(self, step: int) -> None:
+        """Export the method's result as it stands into ``snapshots/step-<step>`` (main process; written
+        beside it and renamed into place, so a snapshot is whole or absent; one a crashed run wrote before
+        its checkpoint is replaced by the resumed run's, which is the same)."""
+        if self.is_main:
+            root = self.dir / SNAPSHOT_DIR
+            root.mkdir(exist_ok=True)
+            final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+            _remove(tmp)
+            self.snapshot(tmp)
+            _remove(final)
+            os.replace(tmp, final)
+        self.accelerator.wait_for_everyone()
 
     def export(self, name: str, ema: str | None = None) -> nn.Module:
         """The trained network ``name`` (or its EMA copy ``ema``), unwrapped, on the training device."""
@@ -552,10 +689,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
 
-def _lr_lambda(warmup_steps: int, max_steps: int, schedule: str) -> Callable[[int], float]:
-    """``lr_factor`` as ``LambdaLR`` calls it (a plain function: ``LambdaLR`` keeps no state of it in checkpoints,
-    so a run resumed with a new ``max_steps`` decays to the new one)."""
+def _lr_lambda(warmup_steps: int, max_steps: int, schedule: str,
+               stages: tuple[LRStage, ...] = ()) -> Callable[[int], float]:
+    """``lr_factor`` (or ``staged_lr_factor``) as ``LambdaLR`` calls it (a plain function: ``LambdaLR`` keeps no
+    state of it in checkpoints, so a run resumed with a new ``max_steps`` decays to the new one)."""
     def factor(step: int) -> float:
+        if stages:
+            return staged_lr_factor(step, stages)
         return lr_factor(step, warmup_steps, max_steps, schedule)
     return factor
 
@@ -600,7 +740,8 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-RESUMABLE_CHANGES = ("max_steps", "threads")  # what a resume may change: how long, and on how many threads
+# what a resume may change: how long, on how many threads, how often it snapshots, and its learning rates (lower ones, after a divergence)
+RESUMABLE_CHANGES = ("max_steps", "threads", "snapshot_every", "lr", "disc_lr", "critic_lr")
 
 
 def _without_resumable_changes(cfg: dict) -> dict:

@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from ..checks import read_json_file
+
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
 
 
@@ -90,7 +92,7 @@ def combined_report(experiments: list[Path], title: str = "tandem evaluation") -
         report, results = d / "report.md", d / "results.json"
         if not report.is_file() or not results.is_file():
             raise FileNotFoundError(f"{d} is not a finished `tandem eval` experiment (no report.md/results.json)")
-        made = json.loads(results.read_text())
+        made = read_json_file(results, "experiment results")
         config = {k: made.get(k) for k in ("experiment", "made_by", "config") if k in made}
         sections.append(f'<section id="{html.escape(d.name)}">' + markdown_to_html(report.read_text(), d)
                         + "<details><summary>configuration</summary><pre>"

@@ -17,6 +17,8 @@ each student's acceleration factor, read off the reported curves as in the budge
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +52,15 @@ def _teacher_identity(pipe) -> dict:
     return {"teacher": models["teacher"], "scorer": models["scorer"]}
 
 
+def cache_name(student: str) -> str:
+    """The cache directory's name for ``student`` (a shipped name or a path): the name itself when it is a plain
+    name, else (a path, or the teacher's own ``teacher``) ``student-`` and a digest of it, so that every file an
+    experiment writes stays under its ``--out``."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", student) and student != "teacher" and ".." not in student:
+        return student
+    return "student-" + hashlib.sha256(student.encode()).hexdigest()[:16]
+
+
 def curves(pipes: dict, prompts: list[str], cache: Path, seed: int, cfg: StudentsConfig, batch_size: int,
            log: Callable[[str], None], progress=None, judge=None) -> tuple[list[dict], dict[str, list[dict]]]:
     """``(teacher points, {student: its points})`` on ``prompts``: each point a ``summary`` with its
@@ -63,7 +74,7 @@ def curves(pipes: dict, prompts: list[str], cache: Path, seed: int, cfg: Student
     teacher_points = [{"config": f"teacher dpm{n}", **summary(r)} for n, r in teacher_runs.items()]
     students = {}
     for name, pipe in pipes.items():
-        sweep = Sweep(pipe, prompts, seed, cache / name, batch_size, progress=progress, judge=judge,
+        sweep = Sweep(pipe, prompts, seed, cache / cache_name(name), batch_size, progress=progress, judge=judge,
                       identity={"student": name})
         steps = int(pipe._setting("num_inference_steps", None, 4))
         alone = sweep.run(SamplerConfig("student", steps), log)

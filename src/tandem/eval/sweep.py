@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import first_difference, read_json_file
 from .judges import ExactJudge, Judge
 
 
@@ -98,29 +99,31 @@ class Sweep:
         self.call = call or (lambda _indices, prompts, **kwargs: pipe(prompts, **kwargs))
         self.progress = progress  # progress(task, done, total) after each batch
         self.dir = Path(cache_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         identity = {"prompts": prompts_digest(self.prompts), "n": len(self.prompts), "seed": seed,
                     "models": pipe.fingerprint(), "judge": self.judge.describe(), **(identity or {})}
         self.identity = json.loads(json.dumps(identity))  # as it reads back from identity.json
-        marker = self.dir / "identity.json"
-        if marker.exists():
-            made = json.loads(marker.read_text())
-            if made != self.identity:
-                raise ValueError(f"{self.dir} caches results of other prompts or settings ({made}); "
-                                 "use another --out")
-        else:
-            from ..outputs import atomic_write_text
-
-            atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
+        # every check before anything is written: a refused run leaves --out as it was
         self.images_from = None if images_from is None else Path(images_from)
         if self.images_from is not None:
             source = self.images_from / "identity.json"
             if not source.is_file():
                 raise ValueError(f"{self.images_from} holds no cached sweep (no identity.json)")
-            made = json.loads(source.read_text())
+            made = read_json_file(source, "cached sweep identity")
             if _without_oracle(made) != _without_oracle(self.identity):
                 raise ValueError(f"{self.images_from} caches images of other prompts, seed, models or judge "
-                                 f"({made}); only the oracle may differ")
+                                 f"({first_difference(_without_oracle(made), _without_oracle(self.identity))}); "
+                                 "only the oracle may differ")
+        marker = self.dir / "identity.json"
+        if marker.exists():
+            made = read_json_file(marker, "cached sweep identity")
+            if made != self.identity:
+                raise ValueError(f"{self.dir} caches results of other prompts or settings "
+                                 f"({first_difference(made, self.identity)}); use another --out")
+        else:
+            from ..outputs import atomic_write_text
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
 
     def run(self, config: SamplerConfig, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
         """Per-image arrays: ``images`` (uint8 [N, H, W, 3]), ``score`` and (exact judge) ``satisfied``,
@@ -138,8 +141,7 @@ class Sweep:
                 self._rescore(self.images_from / path.name, path, log)
             barrier()
         if path.exists():
-            with np.load(path) as data:
-                return dict(data)
+            return _load_npz(path)
         n = len(self.prompts)
         starts = list(range(0, n, self.batch_size))
         for c, start in enumerate(starts):
@@ -150,8 +152,7 @@ class Sweep:
         if rank == 0:
             parts = []
             for start in starts:
-                with np.load(self._part(config, start)) as chunk:
-                    parts.append(dict(chunk))
+                parts.append(_load_npz(self._part(config, start)))
             data = {key: np.concatenate([c[key] for c in parts]) for key in parts[0] if key != "seconds"}
             data["seconds"] = np.array(sum(float(c["seconds"]) for c in parts))
             _save_npz(path, data)
@@ -163,13 +164,11 @@ class Sweep:
                 log(f"{config.name}: {quality}, {data['evals'].mean():.1f} UNet evals/image, "
                     f"{float(data['seconds']):.0f}s")
         barrier()
-        with np.load(path) as data:
-            return dict(data)
+        return _load_npz(path)
 
     def _rescore(self, source: Path, path: Path, log: Callable[[str], None] | None) -> None:
         """``source``'s results with the oracle column scored again by this pipeline's oracle."""
-        with np.load(source) as cached:
-            data = dict(cached)
+        data = _load_npz(source)
         data["oracle"] = np.concatenate([
             self._oracle(list(data["images"][s:s + self.batch_size]), self.prompts[s:s + self.batch_size])
             for s in range(0, len(self.prompts), self.batch_size)])
@@ -210,6 +209,19 @@ class Sweep:
                          "oracle": oracle,
                          "evals": np.array([r["unet_evals"]["total"] for r in out.records], np.float64),
                          "seconds": np.array(time.perf_counter() - t0)})
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """A cached result (arrays only: ``allow_pickle`` stays off); a damaged file is a ValueError naming it and
+    what to do."""
+    import zipfile
+
+    try:
+        with np.load(path) as data:
+            return dict(data)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cached result {path} is damaged ({e}); delete it and run again with --resume to draw "
+                         "it anew") from None
 
 
 def _without_oracle(identity: dict) -> dict:

@@ -8,12 +8,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from ..checks import load_pretrained, read_json_file
+from ..outputs import atomic_write_text
 from .models import build_noise_scheduler
 
 
@@ -43,10 +49,8 @@ def write_world(
 
     quiet_hub_libraries()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
     scheduler = DPMSolverMultistepScheduler.from_config(build_noise_scheduler().config, algorithm_type="dpmsolver++")
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -58,15 +62,55 @@ def write_world(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out)
-    clip.save_pretrained(out / "clip")
     meta = {
         "world": True,
         "spec": "ShapesWorld v1",
         "teacher": {"steps": 25, "scheduler": "dpm", "guidance_scale": guidance_scale},
     }
-    (out / "tandem.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with _staged(out) as staging:  # an earlier world in ``out`` is replaced only once this one is whole
+        pipe.save_pretrained(staging)
+        clip.save_pretrained(staging / "clip")
+        (staging / "tandem.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+@contextlib.contextmanager
+def _staged(target: Path) -> Iterator[Path]:
+    """``with _staged(target) as staging:`` a new directory beside ``target`` (a unique name of its own, made
+    here) to write into; when the block ends without an error it takes ``target``'s place (:func:`_swap_in`),
+    and when it raises it is removed (with the folder made for it, if any) and ``target`` stays as it was."""
+    parent = Path(target).parent
+    made_parent = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.incoming-", dir=parent))
+    try:
+        os.chmod(staging, parent.stat().st_mode & 0o777)  # mkdtemp makes it private: take the folder's mode
+        yield staging
+        _swap_in(staging, Path(target))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made_parent:  # a world's students/, made for this one, if nothing else came into it
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the directory ``staging`` in ``target``'s place: an existing ``target`` (a directory, file or symlink,
+    never followed) is first renamed into a new directory of its own beside it, ``staging`` renamed in, and only
+    then the old one removed; if the second rename fails, the old one is put back."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(staging, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside / target.name, target)
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)  # the replaced one, and the directory made for it here
 
 
 def assemble_world(
@@ -86,10 +130,10 @@ def assemble_world(
     clip_run_dir = Path(clip_run_dir)
     out = write_world(
         out,
-        vae=AutoencoderKL.from_pretrained(vae_dir),
-        clip=CLIPModel.from_pretrained(clip_run_dir / "clip"),
-        tokenizer=CLIPTokenizer.from_pretrained(clip_run_dir / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(unet_dir),
+        vae=load_pretrained(AutoencoderKL.from_pretrained, vae_dir, "VAE"),
+        clip=load_pretrained(CLIPModel.from_pretrained, clip_run_dir / "clip", "CLIP"),
+        tokenizer=load_pretrained(CLIPTokenizer.from_pretrained, clip_run_dir / "tokenizer", "tokenizer"),
+        unet=load_pretrained(UNet2DConditionModel.from_pretrained, unet_dir, "teacher UNet"),
         guidance_scale=guidance_scale,
         unet_dtype=unet_dtype,
         overwrite=overwrite,
@@ -122,44 +166,45 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     """
     import re
 
-    from diffusers import UNet2DConditionModel
-
-    from ..students import read_student_info
+    from ..students import load_student_parts
 
     world, student_dir = Path(world), Path(student_dir)
     meta_path = world / "tandem.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{world} is not a world directory (no tandem.json)")
+    meta = read_json_file(meta_path, "model metadata")
     for sub in ("unet", "scheduler"):
         if not (student_dir / sub).is_dir():
             raise FileNotFoundError(f"{student_dir} lacks {sub}/ (expected the student/ of a `tandem distill` run)")
-    read_student_info(student_dir)  # a student tandem can load, or a clear error now
     if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", name):
         raise ValueError(f"student name {name!r}: use lower-case letters, digits, '.', '+' and '-'")
     preset = name is None if preset is None else preset
     relative = "student" if name is None else f"students/{name}"
     target = world / relative
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace that student")
-        shutil.rmtree(target)
-    unet = UNet2DConditionModel.from_pretrained(student_dir / "unet")
-    unet.to(torch.float16 if fp16 else torch.float32).save_pretrained(target / "unet")
-    shutil.copytree(student_dir / "scheduler", target / "scheduler")
-    if (student_dir / "student.json").exists():
-        shutil.copy(student_dir / "student.json", target / "student.json")
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace that student")
+    for source in (evaluations or {}).values():
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"evaluation {source} does not exist")
+    # the new student loads whole (weights included) before anything in the world changes: a damaged one is
+    # refused, naming its file, and the student it would replace stays as it was
+    _, unet, _ = load_student_parts(student_dir)
     run_dir = student_dir.parent.parent if student_dir.parent.name == "rounds" else student_dir.parent
-    if (run_dir / "train_config.json").exists():
-        shutil.copy(run_dir / "train_config.json", target / "train_config.json")
-    for file_name, source in (evaluations or {}).items():
-        shutil.copy(source, target / file_name)
-    meta = json.loads(meta_path.read_text())
+    with _staged(target) as staging:
+        unet.to(torch.float16 if fp16 else torch.float32).save_pretrained(staging / "unet")
+        shutil.copytree(student_dir / "scheduler", staging / "scheduler")
+        if (student_dir / "student.json").exists():
+            shutil.copy(student_dir / "student.json", staging / "student.json")
+        if (run_dir / "train_config.json").exists():
+            shutil.copy(run_dir / "train_config.json", staging / "train_config.json")
+        for file_name, source in (evaluations or {}).items():
+            shutil.copy(source, staging / file_name)
     entry = {"path": relative, "steps": steps, "guidance_scale": guidance_scale}
     if name is not None:
         meta.setdefault("students", {})[name] = entry
     if preset:
         meta["student"] = entry
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return target
 
 

@@ -149,8 +149,11 @@ def generate_edits(split: str, n: int) -> list[EditCase]:
 
 def read_edit_file(path: str | Path) -> list[EditCase]:
     """Edit cases from a JSON-lines file (one ``EditCase`` per line)."""
+    from ..checks import read_text_input
+
+    text = read_text_input(path, "edit file")  # a regular file of bounded size, else a one-line error
     try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
         cases = [EditCase(**json.loads(line)) for line in lines]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
         raise ValueError(f"cannot read edit file {str(path)!r}: {error}") from error

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import MAX_DEPTH, MAX_WIDTH, load_pretrained, load_safetensors, read_json_file
 from ..outputs import atomic_path, atomic_write_text
 from .runs import config_dict, require_number, require_training_fields
 from .stream import sample_batch
@@ -51,8 +52,9 @@ class OracleArch:
     head_hidden: int = 128
 
     def __post_init__(self):
-        for name in ("fusion_layers", "heads", "ff", "head_hidden"):
-            require_number(getattr(self, name), f"oracle arch {name}", integer=True, at_least=1)
+        for name, most in (("fusion_layers", MAX_DEPTH), ("heads", MAX_WIDTH), ("ff", 4 * MAX_WIDTH),
+                           ("head_hidden", MAX_WIDTH)):
+            require_number(getattr(self, name), f"oracle arch {name}", integer=True, at_least=1, at_most=most)
 
 
 class WorldOracle(nn.Module):
@@ -118,7 +120,7 @@ class WorldOracle(nn.Module):
         from ..models import quiet_hub_libraries
 
         quiet_hub_libraries()
-        clip = CLIPModel.from_pretrained(clip_dir)
+        clip = load_pretrained(CLIPModel.from_pretrained, clip_dir, "CLIP")
         model = cls(clip.config.to_dict(), arch)
         model.vision.load_state_dict(clip.vision_model.state_dict())
         model.text.load_state_dict(clip.text_model.state_dict())
@@ -138,14 +140,51 @@ class WorldOracle(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> WorldOracle:
-        """A saved oracle in float32, in eval mode."""
-        from safetensors.torch import load_file
+        """A saved oracle in float32, in eval mode; a damaged ``config.json`` or weights file is a ``ValueError``
+        naming the file and what is wrong with it, before anything is allocated."""
+        from .oracle_net import load_oracle_state, read_oracle_config
 
         path = Path(path)
-        config = json.loads((path / "config.json").read_text())
-        model = cls(config["clip"], OracleArch(**config["arch"]))
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path / WEIGHTS)).items()})
+        file = path / "config.json"
+        config = read_oracle_config(path, MODEL, ("arch", "clip"))
+        try:
+            for key in ("arch", "clip"):
+                if not isinstance(config[key], dict):
+                    raise ValueError(f"{key!r} must be an object, got {type(config[key]).__name__}")  # noqa: TRY004
+            try:
+                arch = OracleArch(**config["arch"])
+            except TypeError as e:  # a key OracleArch does not have
+                raise ValueError(f"'arch': {e}") from None
+            _check_clip_sizes(config["clip"])
+        except ValueError as e:
+            raise ValueError(f"oracle config {file}: {e}") from None
+        try:
+            model = cls(config["clip"], arch)
+        except (TypeError, ValueError, KeyError, AssertionError) as e:  # transformers' and torch's own checks
+            raise ValueError(f"oracle config {file}: 'clip' is not a CLIP configuration ({e})") from None
+        state = {k: v.float() for k, v in load_safetensors(path / WEIGHTS, "oracle weights").items()}
+        load_oracle_state(model, state, path)
         return model.eval()
+
+
+# What a CLIP configuration in an oracle's config.json may ask for (checked before the towers are built).
+CLIP_SIZES = {"hidden_size": MAX_WIDTH, "intermediate_size": 4 * MAX_WIDTH, "num_hidden_layers": MAX_DEPTH,
+              "num_attention_heads": MAX_WIDTH, "vocab_size": 2**20, "max_position_embeddings": 4096,
+              "image_size": 1024, "patch_size": 1024, "projection_dim": MAX_WIDTH}
+
+
+def _check_clip_sizes(clip: dict) -> None:
+    """The sizes in a CLIP configuration (``text_config``, ``vision_config``) within ``CLIP_SIZES``'s bounds."""
+    for tower in ("text_config", "vision_config"):
+        sub = clip.get(tower, {})
+        if not isinstance(sub, dict):
+            raise ValueError(f"'clip' {tower!r} must be an object, got {type(sub).__name__}")  # noqa: TRY004
+        for key, most in CLIP_SIZES.items():
+            if key in sub:
+                require_number(sub[key], f"'clip' {tower} {key!r}", integer=True, at_least=1, at_most=most)
+    if "projection_dim" in clip:
+        require_number(clip["projection_dim"], "'clip' 'projection_dim'", integer=True, at_least=1,
+                       at_most=CLIP_SIZES["projection_dim"])
 
 
 def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,14 +219,16 @@ class WorldOracleScorer:
         quiet_hub_libraries()
         from . import oracle_net
 
-        model = json.loads((path / "config.json").read_text()).get("model")
+        model = read_json_file(path / "config.json", "oracle config").get("model")
         if model == oracle_net.MODEL:  # Oracle II
             net = oracle_net.CompositionalOracle.from_pretrained(path)
         elif model == MODEL:
             net = WorldOracle.from_pretrained(path)
         else:
-            raise ValueError(f"{path / 'config.json'} names no world oracle model (got {model!r})")
-        return cls(net, CLIPTokenizer.from_pretrained(path / "tokenizer"), path, device)
+            raise ValueError(f"oracle config {path / 'config.json'}: 'model' names no world oracle "
+                             f"({oracle_net.MODEL!r} or {MODEL!r}), got {model!r}")
+        return cls(net, load_pretrained(CLIPTokenizer.from_pretrained, path / "tokenizer", "oracle tokenizer"), path,
+                   device)
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:

@@ -26,11 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import MAX_DEPTH, MAX_WIDTH, load_safetensors, read_json_file
 from ..outputs import atomic_path, atomic_write_text
 from .runs import config_dict, require_number
 
 WEIGHTS = "model.safetensors"
 MODEL = "tandem.world.oracle_net.CompositionalOracle"
+# Bounds of what a saved oracle's config.json may ask for, checked before anything is allocated.
+MAX_VOCAB = 2**20  # tokens in the caption vocabulary (the world's has 135)
+MAX_TOKENS = 4096  # caption length
+MAX_IMAGE_SIZE = 1024  # pixels on a side (the world's images have 32)
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,13 @@ class NetArch:
     def __post_init__(self):
         if not self.channels:
             raise ValueError("oracle arch channels: give at least one level")
+        if len(self.channels) > MAX_DEPTH:
+            raise ValueError(f"oracle arch channels: at most {MAX_DEPTH} levels, got {len(self.channels)}")
         for c in self.channels:
-            require_number(c, "oracle arch channels", integer=True, at_least=8)
-        for name in ("blocks", "width", "text_layers", "fusion_layers", "heads", "patch"):
-            require_number(getattr(self, name), f"oracle arch {name}", integer=True, at_least=1)
+            require_number(c, "oracle arch channels", integer=True, at_least=8, at_most=MAX_WIDTH)
+        for name, most in (("blocks", MAX_DEPTH), ("width", MAX_WIDTH), ("text_layers", MAX_DEPTH),
+                           ("fusion_layers", MAX_DEPTH), ("heads", MAX_WIDTH), ("patch", 32)):  # patch: of 32 px
+            require_number(getattr(self, name), f"oracle arch {name}", integer=True, at_least=1, at_most=most)
         if self.width % self.heads:
             raise ValueError(f"oracle arch width {self.width} must be a multiple of heads {self.heads}")
 
@@ -153,15 +161,57 @@ class CompositionalOracle(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> CompositionalOracle:
-        from safetensors.torch import load_file
-
+        """A saved oracle in float32, in eval mode; a damaged ``config.json`` or weights file is a ``ValueError``
+        naming the file and what is wrong with it, before anything is allocated."""
         path = Path(path)
-        config = json.loads((path / "config.json").read_text())
-        arch = NetArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["arch"].items()})
-        model = cls(config["vocab_size"], config["max_length"], arch, config["image_size"], tuple(config["platt"]))
-        state = {k: v.float() for k, v in load_file(str(path / WEIGHTS)).items()}
-        model.load_state_dict({**state, "platt": model.platt, "colors": model.colors})
+        file = path / "config.json"
+        config = read_oracle_config(path, MODEL, ("arch", "vocab_size", "max_length", "image_size", "platt"))
+        try:
+            if not isinstance(config["arch"], dict):
+                raise ValueError(f"'arch' must be an object, got {type(config['arch']).__name__}")  # noqa: TRY004
+            try:
+                arch = NetArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["arch"].items()})
+            except TypeError as e:  # a key NetArch does not have, or channels that are not a list
+                raise ValueError(f"'arch': {e}") from None
+            require_number(config["vocab_size"], "'vocab_size'", integer=True, at_least=1, at_most=MAX_VOCAB)
+            require_number(config["max_length"], "'max_length'", integer=True, at_least=1, at_most=MAX_TOKENS)
+            require_number(config["image_size"], "'image_size'", integer=True, at_least=1, at_most=MAX_IMAGE_SIZE)
+            platt = config["platt"]
+            if not isinstance(platt, list) or len(platt) != 2:
+                raise ValueError(f"'platt' must be two numbers [a, b], got {platt!r}")
+            for v in platt:
+                require_number(v, "'platt'")
+        except ValueError as e:
+            raise ValueError(f"oracle config {file}: {e}") from None
+        model = cls(config["vocab_size"], config["max_length"], arch, config["image_size"], tuple(platt))
+        state = {k: v.float() for k, v in load_safetensors(path / WEIGHTS, "oracle weights").items()}
+        load_oracle_state(model, {**state, "platt": model.platt, "colors": model.colors}, path)
         return model.eval()
+
+
+def read_oracle_config(path: Path, model: str, keys: tuple[str, ...]) -> dict:
+    """The ``config.json`` of the oracle saved in ``path``, a ``model`` holding ``keys``, or a ``ValueError``
+    naming the file and the key that is missing or wrong (not only the JSON parser's words)."""
+    file = Path(path) / "config.json"
+    config = read_json_file(file, "oracle config")
+    if config.get("model") != model:
+        raise ValueError(f"oracle config {file}: 'model' must be {model!r}, got {config.get('model')!r}")
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"oracle config {file} lacks {', '.join(map(repr, missing))}; it is damaged, or not "
+                         "tandem's")
+    return config
+
+
+def load_oracle_state(model: nn.Module, state: dict, path: Path) -> None:
+    """``model.load_state_dict(state)``, or a ``ValueError`` saying that the weights in ``path`` do not fit its
+    ``config.json``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" and, on the next line, the first error
+        why = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])
+        raise ValueError(f"oracle weights {Path(path) / WEIGHTS} do not fit {Path(path) / 'config.json'}: "
+                         f"{why[:200] + '…' if len(why) > 200 else why}") from None
 
 
 def fit_platt(logit: np.ndarray, satisfied: np.ndarray, steps: int = 500) -> tuple[float, float]:

@@ -51,10 +51,9 @@ def load_prompts(split: str) -> list[str]:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a text file: one per line, stripped, blank lines skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read prompt file {str(path)!r}: {error}") from error
+    from ..checks import read_text_input
+
+    text = read_text_input(path, "prompt file")  # a regular file of bounded size, else a one-line error
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..calibration import module_digest
+from ..checks import check_model_class, check_weights, load_pretrained
 from ..distill.trainer import LR_SCHEDULES, Trainable, Trainer, TrainerConfig, check_run_dir
 from ..models import encode_captions, quiet_hub_libraries
 from ..outputs import atomic_write_text
@@ -283,10 +284,20 @@ def edge_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _require_vae(vae_dir: str | Path) -> Path:
+    from diffusers import AutoencoderKL
+
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").exists():
         raise FileNotFoundError(f"no VAE in {vae_dir} (expected a save_pretrained directory)")
+    _require_weights(AutoencoderKL, vae_dir, "VAE")
     return vae_dir
+
+
+def _require_weights(cls, path: Path, what: str) -> None:
+    """Before the run directory is made: ``path`` holds whole safetensors weights of a ``cls`` (headers only
+    are read; :func:`tandem.checks.check_weights`), or a ``ValueError`` naming the file."""
+    check_weights(path, what)
+    check_model_class(path, cls, what)
 
 
 class DecoderTraining(_VAEMethod):
@@ -300,7 +311,7 @@ class DecoderTraining(_VAEMethod):
         from diffusers import AutoencoderKL
 
         self.cfg = cfg
-        self.vae = AutoencoderKL.from_pretrained(vae_dir)
+        self.vae = load_pretrained(AutoencoderKL.from_pretrained, vae_dir, "VAE")
         self.vae.encoder.requires_grad_(False)
         self.vae.quant_conv.requires_grad_(False)
 
@@ -395,9 +406,10 @@ class TeacherTraining:
         from diffusers import AutoencoderKL
 
         self.cfg = cfg
-        self.vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(text_dir / "tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(text_dir / "text_encoder").eval().requires_grad_(False)
+        self.vae = load_pretrained(AutoencoderKL.from_pretrained, vae_dir, "VAE").eval().requires_grad_(False)
+        self.tokenizer = load_pretrained(CLIPTokenizer.from_pretrained, text_dir / "tokenizer", "tokenizer")
+        self.text_encoder = load_pretrained(CLIPTextModel.from_pretrained, text_dir / "text_encoder",
+                                            "text encoder").eval().requires_grad_(False)
         self.noise_scheduler = build_noise_scheduler()
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float64)
         self.unet = build_unet(cfg.arch)
@@ -405,7 +417,7 @@ class TeacherTraining:
         if cfg.init_from is not None:
             from diffusers import UNet2DConditionModel
 
-            warm = UNet2DConditionModel.from_pretrained(cfg.init_from)
+            warm = load_pretrained(UNet2DConditionModel.from_pretrained, cfg.init_from, "init_from UNet")
             if _arch(warm.config) != _arch(self.unet.config):
                 raise ValueError(f"init_from {cfg.init_from}: its UNet config differs from the teacher arch {cfg.arch}")
             self.unet.load_state_dict({k: v.float() for k, v in warm.state_dict().items()})
@@ -445,6 +457,11 @@ def train_teacher(out: str | Path, vae_dir: str | Path, text_dir: str | Path,
     missing = [d for d in ("text_encoder", "tokenizer") if not (text_dir / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"{text_dir} lacks {', '.join(missing)}/ (the teacher's text encoder)")
+    _require_weights(CLIPTextModel, text_dir / "text_encoder", "text encoder")
+    if cfg.init_from is not None:
+        from diffusers import UNet2DConditionModel
+
+        _require_weights(UNet2DConditionModel, Path(cfg.init_from), "init_from UNet")
     method, trainer = run_world_training(out, cfg, resume, lambda: TeacherTraining(cfg, vae_dir, text_dir))
     target = trainer.dir / "unet"
     trainer.export("unet", "ema").save_pretrained(target)  # the exported teacher is the EMA of the weights
