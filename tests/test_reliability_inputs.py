@@ -55,6 +55,21 @@ CASES = {
                             ["stage 1", "sawtooth"]),
     "snapshots of progressive": (["distill", "progressive", "--snapshot-every", "1", "--max-steps", "2",
                                   "--out", "WS/new"], ["progressive", "snapshot"]),
+    "snapshots every 0 steps": (["distill", "knowledge", "--snapshot-every", "0", "--out", "WS/new"],
+                                ["snapshot_every"]),
+    # the second release's ADD and DDIL options
+    "add hinge": (["distill", "adversarial", "--hinge", "per-batch", "--out", "WS/new"], ["hinge", "per-batch"]),
+    "add augment": (["distill", "adversarial", "--augment", "color,blur", "--out", "WS/new"], ["augment", "blur"]),
+    "add schedule": (["distill", "adversarial", "--student-schedule", "cosine", "--out", "WS/new"],
+                     ["student_schedule", "cosine"]),
+    "add prediction on the teacher's schedule": (["distill", "adversarial", "--prediction-type", "sample",
+                                                  "--out", "WS/new"], ["prediction_type", "zero-snr"]),
+    "add real images": (["distill", "adversarial", "--real-images", "renders", "--out", "WS/new"],
+                        ["real_images", "renders"]),
+    "ddil replay without a buffer": (["distill", "progressive", "--ddil", "frwd=0.85,student=0.15,phase2=10",
+                                      "--out", "WS/new"], ["replay", "buffer"]),
+    "reflect static scope": (["distill", "consistency", "--reflect", "static:sideways", "--out", "WS/new"],
+                             ["--reflect", "static:sideways"]),
 }
 
 

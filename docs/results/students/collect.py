@@ -34,9 +34,9 @@ ROWS = [
     ("dmd2", "dmd2", "dmd2-test", "steps4_g1.0", 4),
     ("dmd2", "dmd2", "dmd2-test", "steps2_g1.0", 2),
     ("dmd2", "dmd2", "dmd2-test", "steps1_g1.0", 1),
-    ("add", "adversarial", "add-test", "steps4_g1.0", 4),
-    ("add", "adversarial", "add-test", "steps2_g1.0", 2),
-    ("add", "adversarial", "add-test", "steps1_g1.0", 1),
+    ("add", "adversarial", "add-fixed-test", "steps4_g1.0", 4),
+    ("add", "adversarial", "add-fixed-test", "steps2_g1.0", 2),
+    ("add", "adversarial", "add-fixed-test", "steps1_g1.0", 1),
 ]
 CD_RESULTS = Path("src/tandem/assets/world/student/eval_test.json")  # the shipped consistency student's
 

@@ -74,6 +74,17 @@ python docs/results/students/collect.py docs/results/students/evaluations docs/r
 # command plus --resume). Mid-run validation (kd-44-2250-val.json) from its checkpoint's EMA weights.
 tandem distill knowledge --out runs/kd-44 --arch custom --channels 44,88,88 --batch-size 64 --max-steps 12000 --threads 1 --checkpoint-every 250
 
+# -- session 7: ADD as the paper builds it (issue "Distillation fidelity"): the first release's command, the fixed
+# method's defaults, 750 steps at two threads; shipped as add (the first release's evaluations stay as add-test.json
+# and add-750-val.json)
+tandem distill adversarial --out runs/add-fixed --batch-size 32 --max-steps 750 --lr 5e-5 --threads 2 --checkpoint-every 250
+$E --student runs/add-fixed/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-fixed-750-val
+$E --student runs/add-fixed/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --out runs/eval/add-fixed-750-test
+tandem world add-student --student runs/add-fixed/student --name add --steps 4 --guidance-scale 1 --evaluation runs/eval/add-fixed-750-test/results.json --evaluation runs/eval/add-fixed-750-val/results.json --overwrite
+tandem calibrate --model world --student add --out /tmp/calibration-add.json
+tandem world add-calibration --student add --calibration /tmp/calibration-add.json --overwrite
+python docs/results/students/collect.py docs/results/students/evaluations docs/results/students
+
 # -- session 7: KD to the teacher's sample budget (issue "Distillation fidelity"), in progress ----------------
 # kd-half and its DSM baseline at the teacher's 13,850 steps of batch 64 and its schedule's shape (three stages),
 # snapshots every 1000 steps for the accuracy-against-steps view. Each run resumes with the same command plus
