@@ -62,3 +62,21 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
             else:
                 out[key] = "special"  # a FIFO or a device: never read
     return out
+
+
+def assert_refused_changing_nothing(run, workspace: Path, args: list, needles: list,
+                                    **fill) -> subprocess.CompletedProcess:
+    """Run ``args`` (each "WS" standing for ``workspace``, each key of ``fill`` for its value) with ``run``: exit 2, one
+    stderr line holding every needle (filled alike), and every byte of ``workspace`` as it was."""
+    fill = {"WS": str(workspace), **{k: str(v) for k, v in fill.items()}}
+
+    def filled(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text
+
+    before = snapshot(workspace)
+    result = run(*map(filled, args))
+    assert_user_error(result, *map(filled, needles))
+    assert snapshot(workspace) == before
+    return result

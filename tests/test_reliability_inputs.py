@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-from clitools import assert_user_error, ok, snapshot, tandem_in_process
+from clitools import assert_refused_changing_nothing, assert_user_error, ok, snapshot, tandem_in_process
 from PIL import Image
 
 A = "a red circle"
@@ -75,12 +75,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_input_is_one_line_exit_2_and_changes_nothing(case, hostile, run):
-    args, needles = CASES[case]
-    fill = lambda a: a.replace("WS", str(hostile))
-    before = snapshot(hostile)
-    result = run(*map(fill, args))
-    assert_user_error(result, *map(fill, needles))
-    assert snapshot(hostile) == before
+    assert_refused_changing_nothing(run, hostile, *CASES[case])
 
 
 def test_a_control_image_of_another_size_is_used_and_the_user_is_told(hostile, run, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_user_error, ok, snapshot, tandem_in_process
+from clitools import assert_refused_changing_nothing, assert_user_error, ok, snapshot, tandem_in_process
 from PIL import Image
 
 A = "a red circle"
@@ -165,12 +165,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_damaged_models_are_one_line_exit_2_and_change_nothing(case, workspace, run):
-    args, needles = CASES[case]
-    fill = lambda a: a.replace("WS", str(workspace))
-    before = snapshot(workspace)
-    result = run(*map(fill, args))
-    assert_user_error(result, *map(fill, needles))
-    assert snapshot(workspace) == before
+    assert_refused_changing_nothing(run, workspace, *CASES[case])
 
 
 def test_a_missing_scorer_package_names_it_and_its_install(workspace, run, monkeypatch):
