@@ -84,6 +84,9 @@ tandem world add-student --student runs/add-fixed/student --name add --steps 4 -
 tandem calibrate --model world --student add --out /tmp/calibration-add.json
 tandem world add-calibration --student add --calibration /tmp/calibration-add.json --overwrite
 python docs/results/students/collect.py docs/results/students/evaluations docs/results/students
+# ablation: the fixed ADD on the first release's zero-SNR v-schedule (validation only)
+tandem distill adversarial --out runs/add-fixed-zero-snr --student-schedule zero-snr --batch-size 32 --max-steps 750 --lr 5e-5 --threads 2 --checkpoint-every 250
+$E --student runs/add-fixed-zero-snr/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-fixed-zero-snr-750-val
 
 # -- session 7: KD to the teacher's sample budget (issue "Distillation fidelity"), in progress ----------------
 # kd-half and its DSM baseline at the teacher's 13,850 steps of batch 64 and its schedule's shape (three stages),
