@@ -95,3 +95,6 @@ $E --student runs/add-fixed-zero-snr/student --student-steps 1 --student-steps 2
 STAGES=7250:constant:1:500,3600:cosine:0.5:100,3000:cosine:0.2:100
 tandem distill knowledge --out runs/kd-half-long --arch half --batch-size 64 --lr-stages $STAGES --threads 1 --checkpoint-every 250 --snapshot-every 1000
 tandem distill knowledge --out runs/dsm-half-long --arch half --alpha 1 --batch-size 64 --lr-stages $STAGES --threads 1 --checkpoint-every 250 --snapshot-every 1000
+# mid-run validation of kd-half-long's snapshots (25 steps, guidance 4, kd-half's): step 1000 0.2%, step 2000 19.4%
+$E --student runs/kd-half-long/snapshots/step-1000 --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-1000-val
+$E --student runs/kd-half-long/snapshots/step-2000 --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-2000-val
