@@ -115,6 +115,9 @@ def test_spec_reads_the_documented_forms():
     ("frwd=1,buffer=16", "buffer applies to the student's rollouts"),
     ("frwd=0.5,student=0.5,teacher_steps=8", "no rollout uses the teacher"),
     ("mixed=0.5", "give the priors"),
+    ("frwd=0.5,teacher=0.5,student=0,phase2=10,phase2_student=0.8", "at most 1"),
+    ("frwd=0.85,student=0.15,phase2=10", "replay draws from the DAgger buffer"),
+    ("frwd=0.85,student=0.15,buffer=8,phase2=10,replay=1.5", "replay"),
 ])
 def test_bad_specs_are_refused(text, needle):
     with pytest.raises(ValueError, match=needle):
@@ -677,13 +680,3 @@ def test_the_two_phase_schedule_counted_over_a_run(schedule):
     assert counts[1]["student"] / 100 == pytest.approx(0.15, abs=0.08)
     assert counts[2]["student"] / 200 == pytest.approx(0.8, abs=0.08)
     assert replayed_rows / (replayed_rows + fresh_rows) == pytest.approx(0.5, abs=0.01)
-
-
-@pytest.mark.parametrize("text, needle", [
-    ("frwd=0.5,teacher=0.5,student=0,phase2=10,phase2_student=0.8", "at most 1"),
-    ("frwd=0.85,student=0.15,phase2=10", "replay draws from the DAgger buffer"),
-    ("frwd=0.85,student=0.15,buffer=8,phase2=10,replay=1.5", "replay"),
-])
-def test_bad_two_phase_specs_are_refused(text, needle):
-    with pytest.raises(ValueError, match=needle):
-        DDILSpec.parse(text)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import MAX_TEXT_BYTES, finite_number
+from .checks import cannot_read, finite_number, read_file_bytes
 
 FORMAT = "tandem-calibration/1"
 PERCENTILES = tuple(range(101))
@@ -195,17 +195,11 @@ class Calibration:
         match its own percentile table)."""
         path = Path(path)
         try:
-            if path.exists() and not path.is_file():
-                raise ValueError(f"cannot read calibration {path}: not a regular file")
-            with path.open("rb") as f:
-                raw = f.read(MAX_TEXT_BYTES + 1)
+            raw = read_file_bytes(path, "calibration")  # a regular file of bounded size
         except FileNotFoundError:
             raise FileNotFoundError(f"calibration file {path} does not exist; make one with `tandem calibrate`") from None
-        except OSError as e:
-            raise ValueError(f"cannot read calibration {path}: {e.strerror or e}") from None
-        if len(raw) > MAX_TEXT_BYTES:
-            raise ValueError(f"cannot read calibration {path}: larger than {MAX_TEXT_BYTES // 2**20} MB, which no "
-                             "calibration is")
+        except ValueError as e:
+            raise cannot_read(e, path, "calibration") from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:

@@ -163,10 +163,10 @@ def sampler_steps(value, scheduler, name: str, who: str = "the sampler") -> int:
 MAX_TEXT_BYTES = 64 * 2**20  # the largest text input tandem reads (prompt lists, calibrations, configs)
 
 
-def read_text_file(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
-    """The text of ``path``, a regular file of at most ``limit`` bytes (a device, a FIFO or a file without end is
+def read_file_bytes(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes (a device, a FIFO or a file without end is
     refused without reading it whole); a missing file is a ``FileNotFoundError``, anything else a ``ValueError``,
-    each naming ``what`` and the file."""
+    each reading ``<what> <path> <why>``."""
     path = Path(path)
     try:
         if not path.exists():
@@ -181,20 +181,31 @@ def read_text_file(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> 
         raise ValueError(f"{what} {path} is unreadable ({e.strerror or e})") from None
     if len(data) > limit:
         raise ValueError(f"{what} {path} is larger than {limit // 2**20} MB; it is not a text input of tandem's")
+    return data
+
+
+def read_text_file(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """:func:`read_file_bytes` as UTF-8 text (other bytes are a ``ValueError`` naming ``what`` and the file)."""
+    data = read_file_bytes(path, what, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not UTF-8 text; it is damaged, or it is not tandem's") from None
 
 
+def cannot_read(error: Exception, path: str | Path, what: str) -> ValueError:
+    """A :func:`read_file_bytes` failure reworded for a user's input: ``cannot read <what> '<path>': it <why>``."""
+    reason = str(error).replace(f"{what} {path} ", "")
+    return ValueError(f"cannot read {what} {str(path)!r}: it {reason}")
+
+
 def read_text_input(path: str | Path, what: str) -> str:
     """:func:`read_text_file` for a user's input list (prompts, edits): every failure, a missing file included, is a
-    ``ValueError`` that reads ``cannot read <what> '<path>': it ...``."""
+    ``ValueError`` that reads ``cannot read <what> '<path>': it ...`` (:func:`cannot_read`)."""
     try:
         return read_text_file(path, what)
     except (FileNotFoundError, ValueError) as error:
-        reason = str(error).replace(f"{what} {path} ", "")
-        raise ValueError(f"cannot read {what} {str(path)!r}: it {reason}") from None
+        raise cannot_read(error, path, what) from None
 
 
 def read_json_file(path: Path, what: str) -> dict:

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,7 @@ class OutputDir:
 
     def __init__(self, path: str | Path, overwrite: bool = False, info: dict[str, Any] | None = None,
                  flag: str = "--out", inputs: Iterable[tuple[str, str | Path | None]] = ()):
-        if not str(path).strip():
-            raise OutputError(f"{flag} is empty; name the run's directory")
-        final = Path(path)
+        final = Path(path)  # an empty path is the current directory, refused below
         if final.is_symlink():
             if not final.exists():
                 raise OutputError(f"{flag} {final} is a symlink to {os.readlink(final)}, which does not exist")
@@ -84,8 +82,7 @@ class OutputDir:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             clear_stale_staging(final)
-            self.staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.incomplete-", dir=final.parent))
-            os.chmod(self.staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; a run directory is a plain one
+            self.staging = new_staging_dir(final, f"{final.name}.incomplete-")
             marker = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(), "out": str(final),
                       **self.info}
             (self.staging / INCOMPLETE).write_text(
@@ -109,8 +106,8 @@ class OutputDir:
             self.discard()
 
     def commit(self) -> None:
-        """Swap the finished run in for ``path``: the earlier run (checked again to be a tandem run) is renamed
-        aside to a new name of its own, the new one renamed in, then the earlier one removed. If another process
+        """Swap the finished run in for ``path``: an earlier run (checked again to be a tandem run) is replaced by
+        :func:`swap_in` (renamed aside, the new one renamed in, then the earlier one removed). If another process
         filled ``path`` meanwhile and this run may not replace it, the finished run stays in its staging
         directory (its marker removed, its run record written) and a FileExistsError says where."""
         names = sorted(p.name for p in self.staging.iterdir() if p.name != INCOMPLETE)
@@ -123,10 +120,7 @@ class OutputDir:
                 raise FileExistsError(f"{self.flag} {final} was filled by another run while this one ran; "
                                       f"this run's finished result is in {self.staging}")
             check_replaceable(final, self.flag)
-            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.replaced-", dir=final.parent))
-            os.rename(final, aside)  # onto the new empty directory: rename(2) replaces an empty one
-            os.rename(self.staging, final)
-            shutil.rmtree(aside, ignore_errors=True)
+            swap_in(self.staging, final)
         else:
             os.rename(self.staging, final)  # absent or empty (rename replaces an empty directory)
         self.path, self.committed = final, True
@@ -223,6 +217,53 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def new_staging_dir(target: Path, prefix: str) -> Path:
+    """A new directory beside ``target`` to build its replacement in, named ``prefix`` and a suffix of its own (so
+    it never meets another's), with the permissions a plain ``mkdir`` gives (``mkdtemp`` makes it private)."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)
+    return staging
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Put the directory ``staging`` in ``target``'s place: an existing ``target`` (a directory, file or symlink,
+    never followed) is first renamed into a new directory of its own beside it, ``staging`` renamed in, and only
+    then the old one removed; if the second rename fails, the old one is put back."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(staging, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside / target.name, target)
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)  # the replaced one, and the directory made for it here
+
+
+@contextmanager
+def staged_dir(target: str | Path) -> Iterator[Path]:
+    """``with staged_dir(target) as staging:`` a new directory beside ``target`` (:func:`new_staging_dir`) to write
+    into; when the block ends without an error it takes ``target``'s place (:func:`swap_in`), and when it raises
+    it is removed (with the folder made for it, if any) and ``target`` stays as it was."""
+    target = Path(target)
+    parent = target.parent
+    made_parent = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = new_staging_dir(target, f".{target.name}.incoming-")
+    try:
+        yield staging
+        swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made_parent:  # e.g. a world's students/, made for this one, if nothing else came into it
+            with suppress(OSError):
+                parent.rmdir()
+        raise
 
 
 def make_writable_dir(path: str | Path, flag: str = "--out") -> None:

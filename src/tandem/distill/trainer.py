@@ -58,7 +58,7 @@ from torch import nn
 
 from ..checks import first_difference, read_json_file
 from ..generate import derive_seed
-from ..outputs import atomic_write_text, make_writable_dir
+from ..outputs import atomic_write_text, make_writable_dir, staged_dir
 from ..world.runs import (
     RUN_CONFIG,
     check_new_run_dir,
@@ -666,17 +666,12 @@ class Trainer:
                 bar.update(task, completed=done)
 
     def save_snapshot(self, step: int) -> None:
-        """Export the method's result as it stands into ``snapshots/step-<step>`` (main process; written
-        beside it and renamed into place, so a snapshot is whole or absent; one a crashed run wrote before
-        its checkpoint is replaced by the resumed run's, which is the same)."""
+        """Export the method's result as it stands into ``snapshots/step-<step>`` (main process; written beside it
+        and swapped into place by :func:`tandem.outputs.staged_dir`, so a snapshot is whole or absent; one a crashed
+        run wrote before its checkpoint is replaced by the resumed run's, which is the same)."""
         if self.is_main:
-            root = self.dir / SNAPSHOT_DIR
-            root.mkdir(exist_ok=True)
-            final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-            _remove(tmp)
-            self.snapshot(tmp)
-            _remove(final)
-            os.replace(tmp, final)
+            with staged_dir(self.dir / SNAPSHOT_DIR / f"step-{step}") as staging:
+                self.snapshot(staging)
         self.accelerator.wait_for_everyone()
 
     def export(self, name: str, ema: str | None = None) -> nn.Module:
@@ -740,7 +735,8 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-# what a resume may change: how long, on how many threads, how often it snapshots, and its learning rates (lower ones, after a divergence)
+# what a resume may change: how long, on how many threads, how often it snapshots, and its learning rates (lower
+# ones, after a divergence)
 RESUMABLE_CHANGES = ("max_steps", "threads", "snapshot_every", "lr", "disc_lr", "critic_lr")
 
 

@@ -8,18 +8,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..checks import load_pretrained, read_json_file
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, staged_dir
 from .models import build_noise_scheduler
 
 
@@ -67,50 +63,11 @@ def write_world(
         "spec": "ShapesWorld v1",
         "teacher": {"steps": 25, "scheduler": "dpm", "guidance_scale": guidance_scale},
     }
-    with _staged(out) as staging:  # an earlier world in ``out`` is replaced only once this one is whole
+    with staged_dir(out) as staging:  # an earlier world in ``out`` is replaced only once this one is whole
         pipe.save_pretrained(staging)
         clip.save_pretrained(staging / "clip")
         (staging / "tandem.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-@contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """``with _staged(target) as staging:`` a new directory beside ``target`` (a unique name of its own, made
-    here) to write into; when the block ends without an error it takes ``target``'s place (:func:`_swap_in`),
-    and when it raises it is removed (with the folder made for it, if any) and ``target`` stays as it was."""
-    parent = Path(target).parent
-    made_parent = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.incoming-", dir=parent))
-    try:
-        os.chmod(staging, parent.stat().st_mode & 0o777)  # mkdtemp makes it private: take the folder's mode
-        yield staging
-        _swap_in(staging, Path(target))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if made_parent:  # a world's students/, made for this one, if nothing else came into it
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Put the directory ``staging`` in ``target``'s place: an existing ``target`` (a directory, file or symlink,
-    never followed) is first renamed into a new directory of its own beside it, ``staging`` renamed in, and only
-    then the old one removed; if the second rename fails, the old one is put back."""
-    if not (target.exists() or target.is_symlink()):
-        os.rename(staging, target)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
-    os.rename(target, aside / target.name)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(aside / target.name, target)
-        os.rmdir(aside)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)  # the replaced one, and the directory made for it here
 
 
 def assemble_world(
@@ -190,7 +147,7 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     # refused, naming its file, and the student it would replace stays as it was
     _, unet, _ = load_student_parts(student_dir)
     run_dir = student_dir.parent.parent if student_dir.parent.name == "rounds" else student_dir.parent
-    with _staged(target) as staging:
+    with staged_dir(target) as staging:
         unet.to(torch.float16 if fp16 else torch.float32).save_pretrained(staging / "unet")
         shutil.copytree(student_dir / "scheduler", staging / "scheduler")
         if (student_dir / "student.json").exists():

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import first_difference, read_json_file, read_text_file
+from ..checks import first_difference, read_text_file
 from ..outputs import atomic_path, atomic_write_text
 from .runs import config_dict, require_number
 
@@ -254,10 +254,12 @@ def build_shards(out: str | Path, split_seed: int, shards: int, recipe: DataReci
     identity = json.dumps({"stream_seed": split_seed, "recipe": config_dict(recipe), "kinds": list(KINDS),
                            "world": str(Path(world).resolve()) if world else "shipped"}, indent=1) + "\n"
     made = out / "recipe.json"
-    if made.exists() and read_text_file(made, "oracle data recipe") != identity:
-        raise ValueError(f"{made} was made with another recipe, stream or world "
-                         f"({first_difference(read_json_file(made, 'oracle data recipe'), json.loads(identity))}); "
-                         "use another directory")
+    if made.exists() and (text := read_text_file(made, "oracle data recipe")) != identity:
+        try:
+            differs = first_difference(json.loads(text), json.loads(identity))
+        except json.JSONDecodeError:
+            differs = "not JSON"
+        raise ValueError(f"{made} was made with another recipe, stream or world ({differs}); use another directory")
     atomic_write_text(made, identity)
     exclude = set(load_prompts("val")) | set(load_prompts("test"))
     paths = [out / f"shard-{k:05d}.npz" for k in range(shards)]
