@@ -47,8 +47,8 @@ def spec(tiny_world):
 # the first release's ADD (a zero-SNR v-student, the mean over latent elements, logits averaged over tokens before
 # the hinge, no spectral norm, no augmentation): the formula tests below check it, every option at a time; the
 # fixes of the second release have tests of their own (tests/test_distill_adversarial_fixes.py)
-FIRST_RELEASE = dict(student_schedule="zero-snr", distill_reduction="mean", hinge="per-image", spectral_norm=False,
-                     augment="")
+FIRST_RELEASE = {"student_schedule": "zero-snr", "distill_reduction": "mean", "hinge": "per-image",
+                 "spectral_norm": False, "augment": ""}
 
 
 def _method(teacher, spec, **kwargs) -> AdversarialDistillation:
