@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tandem.distill.consistency import ConsistencyConfig, ConsistencyDistillation
     from tandem.distill.data import WorldSource
-    from tandem.distill.trainer import Trainer, TrainerConfig
     from tandem.models import load_teacher_pipeline, resolve_model
+    from tandem.training.config import TrainerConfig
+    from tandem.training.trainer import Trainer
 
     pipe = load_teacher_pipeline(resolve_model(args.teacher))
     method = ConsistencyDistillation(pipe, ConsistencyConfig())

@@ -4,9 +4,9 @@
 import sys
 
 import torch
+from worldtools import PROMPTS, world_pipeline
 
 from tandem.eval.sweep import SamplerConfig, Sweep
-from test_tandem_pipeline import PROMPTS, world_pipeline
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

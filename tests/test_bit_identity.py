@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from bit_identity import CASES, DIGESTS, run_case
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from test_tandem_pipeline import PROMPTS, world_pipeline
+from worldtools import PROMPTS, world_pipeline
 
 from tandem.cascade import Cascade, CascadeTable
 from tandem.eval.sweep import compose_cascade
@@ -107,7 +107,7 @@ def test_a_table_at_a_budget_reaches_its_recorded_cost_and_quality_on_its_own_pr
         point = table.choose(budget)
         out = pipe(PROMPTS, cascade=table, budget=budget, seed=2)
         assert out.summary["unet_evals_mean"] == pytest.approx(point["cost"])
-        assert pipe._score(list(out.images), PROMPTS).mean() == pytest.approx(point["quality"], abs=1e-6)
+        assert pipe.score(list(out.images), PROMPTS).mean() == pytest.approx(point["quality"], abs=1e-6)
     with pytest.raises(ValueError, match="budget alone"):
         pipe(PROMPTS, cascade=table, budget=6.0, percentile=50)
 

@@ -16,11 +16,12 @@ from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedule
 
 from tandem.distill.consistency import ConsistencyConfig, ConsistencyDistillation, make_student_unet
 from tandem.distill.data import WorldSource
-from tandem.distill.trainer import Trainer, TrainerConfig
 from tandem.generate import StudentSettings, generate_student
 from tandem.models import load_student_pipeline, resolve_model
 from tandem.sampling import boundary_scalings, consistency_timesteps, guidance_embedding
 from tandem.students import StudentInfo, save_student
+from tandem.training.config import TrainerConfig
+from tandem.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ class _TwoNetMethod:
         self.gen_before: list[torch.Tensor] = []  # generator weights before each of its updates
 
     def trainables(self):
-        from tandem.distill.trainer import Trainable
+        from tandem.training.config import Trainable
 
         return [Trainable("gen", self.gen, lr=0.1, every=2, emas={"slow": 0.5}),
                 Trainable("critic", self.critic, lr=0.1, grad_clip=None)]

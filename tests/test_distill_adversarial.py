@@ -31,10 +31,11 @@ from tandem.distill.adversarial import (
     r1_penalty,
 )
 from tandem.distill.data import WorldSource
-from tandem.distill.trainer import Trainer, TrainerConfig, _name_key
 from tandem.generate import derive_seed
 from tandem.models import resolve_model
 from tandem.students import load_student, read_student_info
+from tandem.training.config import TrainerConfig
+from tandem.training.trainer import Trainer, _name_key
 
 LR = 0.05
 

@@ -15,8 +15,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tandem.distill.adversarial import AdversarialConfig, AdversarialDistillation, load_feature_network
 from tandem.distill.data import WorldSource
 from tandem.distill.discriminator import Discriminator, diff_augment, hinge_d, hinge_g, parse_augment
-from tandem.distill.trainer import Trainer, TrainerConfig
 from tandem.models import resolve_model, world_dir
+from tandem.training.config import TrainerConfig
+from tandem.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

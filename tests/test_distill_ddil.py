@@ -33,13 +33,14 @@ from tandem.distill.consistency import (
 from tandem.distill.consistency import export_student as export_consistency
 from tandem.distill.ddil import DAggerBuffer, DDILSampler, DDILSpec, Denoiser, mixed_roll, roll
 from tandem.distill.dmd2 import DMD2Config, DMD2Distillation, distill_dmd2
+from tandem.distill.latent_range import measure_latent_range
 from tandem.distill.progressive import ProgressiveConfig, ProgressiveDistillation, distill_progressive
 from tandem.distill.progressive import export_student as export_progressive
-from tandem.distill.trainer import TrainerConfig
 from tandem.models import world_dir
-from tandem.reflect import RANGE_FILE, Reflection, measure_latent_range
+from tandem.reflect import RANGE_FILE, Reflection
 from tandem.sampling import consistency_sample
 from tandem.students import load_student, read_student_info
+from tandem.training.config import TrainerConfig
 
 W_DIM = 16
 CAPTIONS = ["a red circle", "two blue squares at the top", "a small green triangle", "a yellow star"]

@@ -24,9 +24,10 @@ from tandem.checks import NonFiniteError
 from tandem.distill.critic import Critic, bottleneck_features, check_bottleneck_unet
 from tandem.distill.data import WorldSource
 from tandem.distill.dmd2 import DMD2Config, DMD2Distillation, distill_dmd2, export_student
-from tandem.distill.trainer import Trainer, TrainerConfig, _name_key
 from tandem.generate import derive_seed
 from tandem.students import load_student, read_student_info
+from tandem.training.config import TrainerConfig
+from tandem.training.trainer import Trainer, _name_key
 
 CAPTIONS = ["a red circle", "two blue squares at the top", "a small green triangle", "a yellow square"]
 GUIDANCE = 3.0

@@ -21,8 +21,8 @@ from tandem.distill.knowledge import (
     make_student,
     student_config,
 )
-from tandem.distill.trainer import TrainerConfig
 from tandem.students import load_student, unet_cost
+from tandem.training.config import TrainerConfig
 
 GAMMA = 5.0
 

@@ -46,7 +46,7 @@ def students(real_tier, tmp_path_factory):
     """A progressive and a knowledge-distilled student of the real-tier teacher, each from a short run."""
     from tandem.distill.knowledge import KnowledgeConfig, distill_knowledge
     from tandem.distill.progressive import ProgressiveConfig, distill_progressive
-    from tandem.distill.trainer import TrainerConfig
+    from tandem.training.config import TrainerConfig
 
     sd, data = real_tier
     root = tmp_path_factory.mktemp("students")

@@ -25,9 +25,9 @@ from tandem.distill.progressive import (
     distill_progressive,
     export_student,
 )
-from tandem.distill.trainer import TrainerConfig
 from tandem.sampling import guidance_embedding
 from tandem.students import load_student, read_student_info
+from tandem.training.config import TrainerConfig
 
 W_DIM = 16
 CAPTIONS = ["a red circle", "two blue squares at the top", "a small green triangle", "a yellow star"]

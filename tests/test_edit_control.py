@@ -12,6 +12,7 @@ from diffusers import (
     LatentConsistencyModelImg2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
 )
+from worldtools import world_pipeline
 
 from tandem.calibration import CalibrationMismatch
 from tandem.generate import prompt_generator
@@ -23,8 +24,6 @@ from tandem.world.control import (
     control_image,
 )
 from tandem.world.scene import make_example, object_mask
-
-from test_tandem_pipeline import world_pipeline
 
 EXAMPLES = [make_example(s) for s in (3, 5, 11)]
 CAPTIONS = [c for c, _, _ in EXAMPLES]

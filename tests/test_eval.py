@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from clitools import assert_user_error, ok, tandem_in_process
-from test_tandem_pipeline import PROMPTS, world_pipeline
+from worldtools import PROMPTS, world_pipeline
 
 from tandem.calibration import Calibration
 from tandem.eval.metrics import decision_accuracy, synthetic_oracle, win_rate

@@ -11,7 +11,7 @@ import pytest
 import torch
 from clitools import assert_user_error, ok, tandem_in_process
 from PIL import Image
-from test_tandem_pipeline import PROMPTS, world_pipeline
+from worldtools import PROMPTS, world_pipeline
 
 from tandem.eval.experiments import BudgetConfig, OracleConfig, budget, oracle
 from tandem.eval.features import ImageFeatures, renderings

@@ -40,8 +40,9 @@ def test_two_processes_split_a_sweep_and_match_one(tmp_path):
 
 
 def test_a_stopped_sweep_resumes_at_its_first_unfinished_chunk(tmp_path, monkeypatch):
+    from worldtools import PROMPTS, world_pipeline
+
     from tandem.eval.sweep import SamplerConfig, Sweep
-    from test_tandem_pipeline import PROMPTS, world_pipeline
 
     pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, teacher_steps=3, teacher_guidance_scale=4.5)
     calls = []

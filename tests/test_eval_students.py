@@ -59,7 +59,8 @@ def small_lists(tmp_path_factory):
 
 def test_eval_students_shares_the_teacher_runs_and_matches_real_adaptive_runs(small_lists, tmp_path, capsys,
                                                                                monkeypatch):
-    from tandem.presets import compose, load_preset
+    from tandem.pipeline import load_preset
+    from tandem.presets import compose
 
     choice, report = small_lists
     out = tmp_path / "students"

@@ -1,4 +1,4 @@
-"""DDIL's mixed sampler (tandem.mixed; `tandem generate --mode mixed`) on the shipped world, against
+"""DDIL's mixed sampler (tandem.pipeline.mixed; `tandem generate --mode mixed`) on the shipped world, against
 independent references: the student alone through its own pipeline (progressive student) or tandem's
 consistency sampler (consistency student), the teacher through diffusers' DDIMScheduler with
 classifier-free guidance done by hand, and the draws' law; plus records, costs, the command line and the
@@ -19,7 +19,9 @@ from PIL import Image
 
 from tandem.denoiser import NoiseSchedule
 from tandem.generate import initial_latents, prompt_generator
-from tandem.mixed import (
+from tandem.loaders import load_preset_student, load_preset_teacher
+from tandem.pipeline import RECORD_FIELDS, TandemPipeline
+from tandem.pipeline.mixed import (
     mixed_grid,
     mixed_sample,
     mixing_obstacle,
@@ -27,8 +29,7 @@ from tandem.mixed import (
     teacher_choices,
     teacher_denoiser,
 )
-from tandem.pipeline import RECORD_FIELDS, TandemPipeline
-from tandem.presets import PRESETS, compose, load_student, load_teacher
+from tandem.presets import PRESETS, compose
 from tandem.sampling import consistency_sample
 
 PROMPTS = ["a red circle", "a small blue square at the top left", "a green triangle",
@@ -38,20 +39,20 @@ WORLD = PRESETS["world"].defaults  # pd student, 4 steps at guidance 4.5; teache
 
 @pytest.fixture(scope="module")
 def teacher(one_thread):
-    return load_teacher(PRESETS["world"], "cpu", torch.float32)
+    return load_preset_teacher(PRESETS["world"], "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
 def pd(teacher):
     """The world preset's progressive student (w-embedding, DPM-Solver++(1) on trailing timesteps)."""
-    student = load_student(PRESETS["world"], teacher, "cpu", torch.float32)
+    student = load_preset_student(PRESETS["world"], teacher, "cpu", torch.float32)
     return TandemPipeline(student, teacher, None, defaults=WORLD)
 
 
 @pytest.fixture(scope="module")
 def cd(teacher):
     """The world's consistency student (LCMScheduler, w-embedding)."""
-    student = load_student(compose("world", student="cd"), teacher, "cpu", torch.float32)
+    student = load_preset_student(compose("world", student="cd"), teacher, "cpu", torch.float32)
     return TandemPipeline(student, teacher, None, defaults={**WORLD, "guidance_scale": 6.0})
 
 
@@ -69,12 +70,12 @@ def test_the_student_grid_lies_on_the_teacher_grid():
 
 
 def test_p0_is_the_student_alone(pd, cd):
-    mixed = pd(PROMPTS, mode="mixed", teacher_prob=0.0, seed=3, output_type="latent")
+    mixed = pd.mixed(PROMPTS, teacher_prob=0.0, seed=3, output_type="latent")
     alone = pd(PROMPTS, mode="student", seed=3, output_type="latent")
     # the student's own sampler (DPM-Solver++ of order 1 on 999/749/499/249) is DDIM in another float order
     for a, b in zip(mixed.images, alone.images):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    images = pd(PROMPTS, mode="mixed", teacher_prob=0.0, seed=3).images
+    images = pd.mixed(PROMPTS, teacher_prob=0.0, seed=3).images
     assert all(np.array_equal(a, b) for a, b in zip(images, pd(PROMPTS, mode="student", seed=3).images))
     assert all(r["transitions"] == ["student"] * 4 and r["unet_evals"] == {"student": 4.0, "teacher": 0.0, "total": 4.0}
                for r in mixed.records)
@@ -85,14 +86,14 @@ def test_p0_is_the_student_alone(pd, cd):
     student = type(pd.student)(**{**pd.student.components, "scheduler": scheduler})
     student.student_info = pd.student.student_info
     reflected = TandemPipeline(student, pd.teacher, None, defaults=WORLD)
-    mixed_r = reflected(PROMPTS[:3], mode="mixed", teacher_prob=0.0, seed=3, output_type="latent")
+    mixed_r = reflected.mixed(PROMPTS[:3], teacher_prob=0.0, seed=3, output_type="latent")
     alone_r = reflected(PROMPTS[:3], mode="student", seed=3, output_type="latent")
     for a, b, plain in zip(mixed_r.images, alone_r.images, alone.images):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         assert not torch.allclose(a, plain, atol=1e-3)
 
     # the consistency student: tandem's deterministic consistency sampler on the shared grid, bit for bit
-    out = cd(PROMPTS[:3], mode="mixed", teacher_prob=0.0, seed=3, output_type="latent")
+    out = cd.mixed(PROMPTS[:3], teacher_prob=0.0, seed=3, output_type="latent")
     gens = [prompt_generator(3, i) for i in range(3)]
     latents = initial_latents(cd.student, 3, [0, 1, 2], gens)
     embeds = cd.student.encode_prompt(PROMPTS[:3], "cpu", 1, False)[0]
@@ -104,7 +105,7 @@ def test_p0_is_the_student_alone(pd, cd):
 
 def test_p1_is_the_teachers_ddim_on_the_fine_grid(pd, teacher):
     # 8 teacher steps: diffusers' trailing DDIM steps t -> t - 1000 // N, on the grid only where N divides 1000
-    out = pd(PROMPTS[:3], mode="mixed", teacher_prob=1.0, teacher_steps=8, seed=3, output_type="latent")
+    out = pd.mixed(PROMPTS[:3], teacher_prob=1.0, teacher_steps=8, seed=3, output_type="latent")
     scheduler = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
                                           set_alpha_to_one=True, clip_sample=False)
     scheduler.set_timesteps(8)
@@ -154,7 +155,7 @@ def test_teacher_at_takes_exactly_that_transition(pd):
     assert torch.equal(teacher[0][1], alone[499])  # the teacher takes over the student's state at 499
     assert not torch.allclose(student[249], alone[249], atol=1e-3)  # and hands the student another one at 249
 
-    out = pd(PROMPTS[:2], mode="mixed", teacher_at=[499], seed=3)
+    out = pd.mixed(PROMPTS[:2], teacher_at=[499], seed=3)
     assert all(r["transitions"] == ["student", "student", "teacher", "student"] for r in out.records)
     assert all(r["unet_evals"] == {"student": 3.0, "teacher": 16.0, "total": 19.0} for r in out.records)
     assert out.summary["teacher_share_by_timestep"] == {"999": 0.0, "749": 0.0, "499": 1.0, "249": 0.0}
@@ -174,7 +175,7 @@ def test_choices_follow_p_and_each_images_generator():
 
 
 def test_records_costs_and_batch_independence(pd):
-    out = pd(PROMPTS, mode="mixed", teacher_prob=0.5, teacher_steps=16, seed=3, batch_size=5)
+    out = pd.mixed(PROMPTS, teacher_prob=0.5, teacher_steps=16, seed=3, batch_size=5)
     m = 16 // 4
     for i, r in enumerate(out.records):
         assert list(r)[:len(RECORD_FIELDS)] == list(RECORD_FIELDS) and r["path"] == "mixed" and r["index"] == i
@@ -191,15 +192,15 @@ def test_records_costs_and_batch_independence(pd):
 
     # other batches, or the last prompts alone with their own generators: the same choices and costs, pixels
     # within float rounding of the batch's shape
-    for other in (pd(PROMPTS, mode="mixed", teacher_prob=0.5, teacher_steps=16, seed=3, batch_size=2),
-                  pd(PROMPTS[2:], mode="mixed", teacher_prob=0.5, teacher_steps=16,
+    for other in (pd.mixed(PROMPTS, teacher_prob=0.5, teacher_steps=16, seed=3, batch_size=2),
+                  pd.mixed(PROMPTS[2:], teacher_prob=0.5, teacher_steps=16,
                      generator=[prompt_generator(3, i) for i in range(2, 5)])):
         skip = len(PROMPTS) - len(other.records)
         assert [r["transitions"] for r in other.records] == taken[skip:]
         assert [r["unet_evals"] for r in other.records] == [r["unet_evals"] for r in out.records[skip:]]
         for a, b in zip(other.images, out.images[skip:]):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    reseeded = pd(PROMPTS, mode="mixed", teacher_prob=0.5, teacher_steps=16, seed=4)
+    reseeded = pd.mixed(PROMPTS, teacher_prob=0.5, teacher_steps=16, seed=4)
     assert [r["transitions"] for r in reseeded.records] != taken
 
 
@@ -211,13 +212,13 @@ def test_errors_name_the_bad_value(pd):
         ({"teacher_prob": 0.5, "teacher_steps": 30}, "not a multiple of the student's 4 steps"),
         ({"teacher_prob": 0.5, "teacher_at": [999]}, "exactly one of teacher_prob .* got both"),
         ({}, "exactly one of teacher_prob .* got neither"),
-        ({"teacher_prob": 0.5, "strategy": "refine"}, "strategy do not apply to mode='mixed'"),
-        ({"teacher_prob": 0.5, "percentile": 50}, "apply to mode='adaptive'"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            pd(PROMPTS[:1], mode="mixed", **kwargs)
-    with pytest.raises(ValueError, match="apply to mode='mixed'"):
+            pd.mixed(PROMPTS[:1], **kwargs)
+    with pytest.raises(ValueError, match=r"own entry point: pipe\.mixed"):
+        pd(PROMPTS[:1], mode="mixed")
+    with pytest.raises(TypeError, match="teacher_prob"):  # the other modes take no mixed arguments
         pd(PROMPTS[:1], mode="student", teacher_prob=0.5)
     assert "image-to-image" in mixing_obstacle(SimpleNamespace(teacher=None))
 
@@ -233,7 +234,7 @@ def test_generate_mixed_end_to_end(pd, tmp_path, capsys, monkeypatch):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     config = json.loads((out / "config.json").read_text())
     assert config["mode"] == "mixed" and config["teacher_prob"] == 0.5 and config["teacher_steps"] == 8
-    ref = pd(PROMPTS[:3], mode="mixed", teacher_prob=0.5, teacher_steps=8, seed=3)  # the preset's pipeline
+    ref = pd.mixed(PROMPTS[:3], teacher_prob=0.5, teacher_steps=8, seed=3)  # the preset's pipeline
     for record, expected, image in zip(records, ref.records, ref.images):
         assert record["transitions"] == expected["transitions"] and record["unet_evals"] == expected["unet_evals"]
         assert record["path"] == "mixed" and record["seed"] == 3 and record["model"] == "world"
@@ -259,6 +260,7 @@ def test_generate_mixed_refuses_bad_options(tmp_path, capsys, monkeypatch):
         (("--mode", "student", "--teacher-prob", 0.5), "apply to --mode mixed"),
         (("--mode", "mixed", "--teacher-at", 500), "500 not on the student's grid"),
         (("--mode", "mixed", "--teacher-prob", 0.5, "--teacher-steps", 30), "not a multiple"),
+        (("--mode", "mixed", "--teacher-prob", 0.5, "--handoff", "pixel"), "--handoff do not apply"),
     ]
     for args, *needles in cases:
         assert_user_error(run(capsys, monkeypatch, *base, *args), *needles)
@@ -282,7 +284,7 @@ def test_budget_points_of_the_mixed_sampler(pd, tmp_path):
 
     config = SamplerConfig("mixed", 4, teacher_steps=8, teacher_prob=0.5)
     data = Sweep(pd, PROMPTS[:3], 3, tmp_path, batch_size=2).run(config)
-    ref = pd(PROMPTS[:3], mode="mixed", teacher_prob=0.5, teacher_steps=8, seed=3)  # Sweep seeds image i from (3, i)
+    ref = pd.mixed(PROMPTS[:3], teacher_prob=0.5, teacher_steps=8, seed=3)  # Sweep seeds image i from (3, i)
     assert data["evals"].tolist() == [r["unet_evals"]["total"] for r in ref.records]
     assert data["teacher_share"].tolist() == [r["transitions"].count("teacher") / 4 for r in ref.records]
     assert (tmp_path / f"{config.name}.npz").exists() and config.name == "mixed4_ddim8_p0.5"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tandem.models import resolve_model
-from tandem.pipeline import TandemPipeline
-from tandem.presets import PRESETS, compose, load_preset, read_preset_file, write_preset_file
+from tandem.pipeline import TandemPipeline, load_preset
+from tandem.presets import PRESETS, compose, read_preset_file, write_preset_file
 from tandem.world.scene import make_example
 
 PROMPTS = ["a red circle", "a small blue square at the top left"]

@@ -9,9 +9,11 @@ import dataclasses
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from worldtools import Brightness
 
 from tandem.distill.consistency import make_student_unet
-from tandem.presets import PRESETS, Preset, load_preset
+from tandem.pipeline import load_preset
+from tandem.presets import PRESETS, Preset
 from tandem.scorers import CLIPScorer
 
 PROMPTS = ["a red circle", "a green triangle", "a small blue square"]
@@ -64,9 +66,60 @@ def test_a_plain_unet_is_refused_as_a_consistency_student(parts):
         load_preset(preset(world, world / "unet"), scorer=scorer)
 
 
-def test_real_tier_presets_carry_the_papers_settings():
-    assert PRESETS["sdxl-lcm"].defaults["rollback_sigma"] == 0.85 and PRESETS["sdxl-lcm"].defaults["percentile"] == 70
-    assert PRESETS["sdxl-turbo"].teacher_kind == "img2img" and PRESETS["sdxl-turbo"].defaults["teacher_steps"] == 4
+# The settings of the adaptive teacher-student paper, each preset's reference: the student (``lcm``: consistency
+# distilled, guidance embedded; ``add``: adversarially distilled, sampled without guidance) and its steps, the
+# teacher (``base``: a text-to-image model; ``refiner``: image-to-image only) and its refinement steps, the
+# rollback sigma, the percentile k sent to the teacher. Table 4: SD1.5 (CD 5 + 10 steps, sigma 0.7, k 50);
+# Table 5: CD-SDXL 4 + SDXL-Base 12 UniPC steps, sigma 0.85, k 70, and ADD-XL 2 + SDXL-Refiner 4 steps, sigma 0.4,
+# k 50; appendix D.6: ControlNet, CD 5 + UniPC 10 steps, sigma 0.5, k 50 for Canny edges and 70 for segmentation.
+PAPER = {
+    "sd15-lcm": ("lcm", 5, "base", 10, 0.7, 50),
+    "sdxl-lcm": ("lcm", 4, "base", 12, 0.85, 70),
+    "sdxl-turbo": ("add", 2, "refiner", 4, 0.4, 50),
+    "sd15-lcm-canny": ("lcm", 5, "base", 10, 0.5, 50),
+    "sd15-lcm-seg": ("lcm", 5, "base", 10, 0.5, 70),
+}
+HELD_OUT = ["a red circle", "a green triangle", "a small blue square", "a large purple circle at the bottom",
+            "a yellow square above a small red triangle", "an orange triangle", "a white circle at the top left",
+            "a small green square", "a blue triangle to the left of a red circle", "a large orange circle"]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_real_tier_presets_run_the_papers_settings(parts, name):
+    """A real-tier preset's settings, run with tiny stand-ins for its models (the LCM UNet for a consistency
+    student, a plain pipeline for the ADD student; the tiny teacher) and a brightness oracle calibrated on
+    held-out prompts: a call that names no setting samples the student with the paper's steps at one UNet
+    evaluation each, sends the paper's k% to the teacher, and refines each of them from the paper's rollback
+    sigma in the paper's number of guided teacher steps; a refiner teacher cannot regenerate."""
+    world, unet_dir, _ = parts
+    student, student_steps, teacher, teacher_steps, sigma, k = PAPER[name]
+    stand_in = dataclasses.replace(PRESETS[name], teacher=str(world), controlnet=None, calibration=None,
+                                   **({"student": str(world), "student_kind": "pipeline"} if student == "add" else
+                                      {"student": str(unet_dir), "student_kind": "unet"}))
+    pipe = load_preset(stand_in, scorer=Brightness())
+    assert (pipe.teacher is None) == (teacher == "refiner")
+    if teacher == "refiner":
+        with pytest.raises(ValueError, match="only refine"):
+            pipe(HELD_OUT[:1], strategy="regenerate", accept_threshold=0.0)
+    pipe.calibration = pipe.calibrate(HELD_OUT, seed=1)
+    out = pipe(HELD_OUT, seed=1)
+    refined = [r for r in out.records if r["path"] == "refined"]
+    assert len(refined) == round(k / 100 * len(HELD_OUT)), out.summary["paths"]
+    assert {r["path"] for r in out.records} == {"refined", "accepted"}
+    for r in out.records:  # no classifier-free guidance doubling: one UNet evaluation per student step
+        assert r["unet_evals"]["student"] == student_steps
+        assert (r["student_score"] < r["tau"]) == (r["path"] == "refined")
+    for r in refined:  # the paper counts a refinement's steps from sigma; each is guided (two evaluations)
+        assert r["teacher_steps_run"] == teacher_steps and r["unet_evals"]["teacher"] == 2 * teacher_steps
+        assert r["rollback_sigma"] == pytest.approx(sigma, abs=0.02)  # the nearest of the sampler's timesteps
+
+
+def test_controlnet_presets_are_the_sd15_pair_with_a_controlnet_and_unknown_presets_are_named():
+    for name in ("sd15-lcm-canny", "sd15-lcm-seg"):
+        preset, pair = PRESETS[name], PRESETS["sd15-lcm"]
+        assert (preset.teacher, preset.student, preset.student_kind, preset.scorer) == (
+            pair.teacher, pair.student, pair.student_kind, pair.scorer)
+        assert preset.controlnet is not None and pair.controlnet is None
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("sd3-turbo")
 
@@ -91,11 +144,3 @@ def test_a_controlnet_preset_plugs_one_controlnet_into_student_and_teacher(parts
     assert all(r["controlnet_evals"] == r["unet_evals"]["total"] for r in out.records)
     with pytest.raises(ValueError, match="ControlNet .*missing.*: no such directory"):
         load_preset(preset(world, unet_dir, controlnet=str(tmp_path / "missing")), scorer=scorer)
-
-
-def test_controlnet_presets_carry_the_papers_d6_settings():
-    for name, k in (("sd15-lcm-canny", 50), ("sd15-lcm-seg", 70)):
-        d = PRESETS[name].defaults
-        assert (d["num_inference_steps"], d["teacher_steps"], d["teacher_scheduler"], d["rollback_sigma"],
-                d["percentile"]) == (5, 10, "unipc", 0.5, k)
-        assert PRESETS[name].controlnet.startswith("lllyasviel/")

@@ -124,7 +124,8 @@ def test_adaptive_generation_at_a_budget(parts, calibration, run, tmp_path):
 
 
 def test_the_command_line_draws_what_the_python_api_draws(parts, run, tmp_path):
-    from tandem.presets import compose, load_preset
+    from tandem.pipeline import load_preset
+    from tandem.presets import compose
     from tandem.scorers import load_scorer
 
     out = tmp_path / "cli"
@@ -141,7 +142,8 @@ def test_a_students_default_guidance_is_one_whichever_way_it_runs(parts, run, tm
     directly; the Python API runs it inside TandemPipeline. Both default to the teacher's guidance."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from tandem.presets import compose, load_preset
+    from tandem.pipeline import load_preset
+    from tandem.presets import compose
 
     student = tmp_path / "student"
     shutil.copytree(parts / "lcm-unet", student / "unet")

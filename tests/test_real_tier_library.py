@@ -21,12 +21,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-import tandem.models
+import tandem.hub
 from tandem.calibration import Calibration, CalibrationMismatch, CalibrationTieWarning
 from tandem.distill.consistency import make_student_unet
 from tandem.eval.experiments import accelerations, budget_report
 from tandem.generate import StudentSettings, generate_student
-from tandem.models import from_hub, hub_error, load_teacher_pipeline, resolve_model
+from tandem.hub import from_hub, hub_error
+from tandem.models import load_teacher_pipeline, resolve_model
 from tandem.pipeline import TandemPipeline
 
 PROMPTS = ["a red circle", "a green triangle", "a small blue square"]
@@ -117,7 +118,7 @@ def hub_refuses(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(tandem.models, "_hub_probes", {})
+    monkeypatch.setattr(tandem.hub, "_hub_probes", {})
 
 
 @pytest.mark.parametrize("hub", ["offline", "hub_refuses"])
@@ -172,7 +173,8 @@ def test_hub_error_tells_a_network_failure_from_another():
 
 
 def test_a_calibration_whose_scores_are_all_equal_is_refused(student, teacher, tmp_path):
-    with pytest.raises(ValueError, match=r"all 500 oracle scores are equal \(0\).*check the scorer \(--scorer\)"):
+    with pytest.raises(ValueError, match=r"all 500 oracle scores are equal \(0\).*check the scorer "
+                                         r"\(scorer=\.\.\.\)$"):
         Calibration(np.zeros(500), {})
     pipe = TandemPipeline(student, teacher, Clamped(), defaults={"num_inference_steps": 2})
     with pytest.raises(ValueError, match="all 3 oracle scores are equal"):
@@ -237,16 +239,15 @@ def test_calibration_messages_point_to_the_api_and_the_command_line(student, tea
     pipe = TandemPipeline(student, teacher, Brightness(), defaults={"num_inference_steps": 2, "teacher_steps": 2})
     with pytest.raises(ValueError) as e:
         pipe(PROMPTS, percentile=50)
-    assert str(e.value) == ("percentile (--percentile) needs a calibration: make one with pipe.calibration = "
-                            "pipe.calibrate(prompts) (command line: tandem calibrate, then --calibration FILE), "
-                            "or pass accept_threshold (--threshold)")
-    with pytest.raises(ValueError, match=r"got percentile \(--percentile\), budget \(--budget\)$"):
+    assert str(e.value) == ("percentile needs a calibration: make one with pipe.calibration = "
+                            "pipe.calibrate(prompts), or pass accept_threshold")
+    with pytest.raises(ValueError, match=r"got percentile, budget$"):
         pipe(PROMPTS, percentile=50, budget=3)
     with pytest.raises(ValueError, match=r"pipe\.calibrate_edits\(images, prompts, strength=0\.6\)"):
         pipe.edit(np.zeros((32, 32, 3), np.uint8), PROMPTS[:1], percentile=50)
     pipe.calibration = Calibration(np.linspace(0, 1, 10), {"student_steps": 99})
-    with pytest.raises(CalibrationMismatch, match=r"recalibrate with pipe\.calibrate\(prompts\) \(command line: "
-                                                  r"`tandem calibrate`\) \(.*student_steps: calibration has 99"):
+    with pytest.raises(CalibrationMismatch, match=r"recalibrate with pipe\.calibrate\(prompts\) "
+                                                  r"\(.*student_steps: calibration has 99"):
         pipe(PROMPTS, percentile=50)
 
 
@@ -282,7 +283,7 @@ def test_a_student_with_its_own_latent_space_hands_off_in_pixels(teacher):
     pipe = TandemPipeline(own, teacher, Brightness(), defaults={"num_inference_steps": 2, "teacher_steps": 2})
     assert pipe.student_own_components == ("vae",)
     with pytest.raises(ValueError, match=r"student UNet takes 8-channel latents and the teacher's 4 .*"
-                                         r"handoff='pixel' \(--handoff pixel\)"):
+                                         r"handoff='pixel'$"):
         pipe(PROMPTS[:1], mode="refine-all")
     with pytest.raises(ValueError, match="regeneration starts the teacher from the student's initial noise"):
         pipe(PROMPTS[:1], strategy="regenerate", accept_threshold=float("inf"))

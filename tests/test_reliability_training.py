@@ -29,7 +29,7 @@ from clitools import ENV, assert_user_error, tandem_in_process
 from safetensors.torch import load_file
 
 from tandem.distill.consistency import ConsistencyConfig
-from tandem.distill.trainer import TrainerConfig
+from tandem.training.config import TrainerConfig
 from tandem.world.control import ControlNetTrainConfig
 from tandem.world.oracle import OracleTrainConfig, SampleRecipe
 from tandem.world.train import CLIPTrainConfig, DecoderTrainConfig, TeacherTrainConfig, VAETrainConfig
@@ -198,7 +198,7 @@ def victim(tmp_path):
 
 
 def _write_world_checkpoint(tmp_path: Path, victim: Path) -> None:
-    from tandem.world.runs import load_checkpoint_file
+    from tandem.training.checkpoints import load_checkpoint_file
 
     trainer = _world_trainer(tmp_path / "run", max_steps=3)
     (trainer.dir / "checkpoint.tmp").symlink_to(victim)
@@ -381,7 +381,8 @@ def test_every_config_refuses_bad_values_when_made(config, field, value):
 
 
 def test_a_trainable_with_a_bad_ema_fails_before_the_run_config_is_written(tmp_path):
-    from tandem.distill.trainer import Trainable, Trainer, TrainerConfig
+    from tandem.training.config import Trainable, TrainerConfig
+    from tandem.training.trainer import Trainer
 
     class BadEMA:
         name, uses_data = "bad-ema", False

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from clitools import assert_user_error, tandem_in_process
-from test_tandem_pipeline import PROMPTS, world_pipeline
+from worldtools import PROMPTS, world_pipeline
 
 from tandem.eval.experiments import BudgetConfig, budget
 from tandem.eval.judges import ExactJudge, Measures
@@ -107,7 +107,8 @@ def test_eval_routes_refuses_the_test_prompts(tmp_path, capsys, monkeypatch):
 
 
 def test_the_world_ships_a_route_table_for_its_preset(tmp_path, capsys, monkeypatch):
-    from tandem.presets import compose, load_preset
+    from tandem.pipeline import load_preset
+    from tandem.presets import compose
 
     pipe = load_preset("world")
     assert pipe.routes is not None and pipe.routes.config["prompts"] == "val"

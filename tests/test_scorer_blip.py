@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_scorers import save_tiny_clip
+from scorertools import save_tiny_clip
 from transformers import (
     AutoProcessor,
     BertTokenizer,

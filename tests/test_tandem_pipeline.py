@@ -14,6 +14,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     UniPCMultistepScheduler,
 )
+from worldtools import PROMPTS, world_pipeline
 
 from tandem.calibration import Calibration, CalibrationMismatch, percentile_k_for_budget
 from tandem.generate import (
@@ -25,37 +26,7 @@ from tandem.generate import (
     initial_latents,
     prompt_generator,
 )
-from tandem.pipeline import RECORD_FIELDS, TandemPipeline, generate_alone, refine_schedule
-from tandem.presets import PRESETS, load_student, load_teacher
-
-PROMPTS = ["a red circle", "a small blue square at the top left", "a green triangle",
-           "an orange triangle to the left of a large green circle", "a large purple circle at the bottom",
-           "a yellow square above a small red triangle"]
-
-
-class Brightness:
-    """A stand-in oracle: mean pixel value (independent of the prompt)."""
-
-    name = "brightness"
-
-    def __call__(self, images, prompts):
-        assert images.ndim == 4 and images.shape[1] == 3 and len(prompts) == len(images)
-        return images.mean(dim=(1, 2, 3))
-
-    def fingerprint(self):
-        return {"kind": "brightness"}
-
-
-def world_pipeline(student: str | None = None, **defaults) -> TandemPipeline:
-    """The shipped world's student (the preset's, or ``student``: a shipped name) and teacher with the
-    stand-in oracle."""
-    from tandem.presets import compose
-
-    torch.set_num_threads(2)
-    preset = compose("world", student=student) if student else PRESETS["world"]
-    teacher = load_teacher(preset, "cpu", torch.float32)
-    student = load_student(preset, teacher, "cpu", torch.float32)
-    return TandemPipeline(student, teacher, Brightness(), defaults=defaults)
+from tandem.pipeline import RECORD_FIELDS, generate_alone, refine_schedule
 
 
 @pytest.fixture(scope="module")
@@ -270,8 +241,8 @@ def test_budget_exact_routing_refuses_what_it_cannot_do(pipe):
         pipe(PROMPTS, mode="student", routing="budget-exact")
     with pytest.raises(ValueError, match="unknown routing"):
         pipe(PROMPTS, routing="cheapest")
-    with pytest.raises(ValueError, match="routing do not apply to mode='mixed'"):
-        pipe(PROMPTS, mode="mixed", teacher_prob=0.5, routing="threshold")
+    with pytest.raises(TypeError, match="routing"):  # mixed rollouts route nothing: pipe.mixed takes no routing
+        pipe.mixed(PROMPTS, teacher_prob=0.5, routing="threshold")
 
 
 def test_budget_formula_matches_the_paper():

@@ -14,7 +14,8 @@ import copy
 import torch
 from torch import nn
 
-from tandem.distill.trainer import Trainable, Trainer, TrainerConfig
+from tandem.training.config import Trainable, TrainerConfig
+from tandem.training.trainer import Trainer
 
 LR = 0.1
 
@@ -72,8 +73,8 @@ def test_a_critics_update_is_the_gradient_of_its_own_loss_alone(tmp_path):
 
 
 def _seed_of(trainer: Trainer, step: int, name: str) -> int:
-    from tandem.distill.trainer import _name_key
     from tandem.generate import derive_seed
+    from tandem.training.trainer import _name_key
 
     return derive_seed(trainer.cfg.seed, step, _name_key(name))
 

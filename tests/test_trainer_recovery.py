@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tandem.checks import NonFiniteError, first_difference
-from tandem.distill.trainer import Trainable, Trainer, TrainerConfig
+from tandem.training.config import Trainable, TrainerConfig
+from tandem.training.trainer import Trainer
 
 
 class Toy:

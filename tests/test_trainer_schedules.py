@@ -13,15 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from tandem.distill.trainer import (
-    LRStage,
-    Trainable,
-    Trainer,
-    TrainerConfig,
-    lr_factor,
-    parse_lr_stages,
-    staged_lr_factor,
-)
+from tandem.training.config import Trainable, TrainerConfig
+from tandem.training.schedules import LRStage, lr_factor, parse_lr_stages, staged_lr_factor
+from tandem.training.trainer import Trainer
 
 
 def test_the_cosine_schedule_against_its_closed_form():

@@ -15,9 +15,9 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from tandem.training.checkpoints import load_checkpoint_file
 from tandem.world.control import ControlNetTrainConfig, ControlNetTraining, train_controlnet
 from tandem.world.models import CLIPArchConfig, UNetConfig, VAEConfig
-from tandem.world.runs import load_checkpoint_file
 from tandem.world.train import (
     CLIPTrainConfig,
     CLIPTraining,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .checks import cannot_read, finite_number, read_file_bytes
+from .outputs import write_json_file
 
 FORMAT = "tandem-calibration/1"
 PERCENTILES = tuple(range(101))
@@ -72,10 +73,9 @@ def percentile_k_for_budget(budget: float, student_cost: float, improve_cost: fl
     return float(min(100.0, 100.0 * (budget - student_cost) / improve_cost))
 
 
-# How to make a calibration, in the Python API's words and the command line's.
-RECALIBRATE = "pipe.calibrate(prompts) (command line: `tandem calibrate`)"
-RECALIBRATE_EDITS = ("pipe.calibrate_edits(images, prompts, strength) (command line: "
-                     "`tandem calibrate --edits`)")
+# How to make a calibration, in the Python API's words (the command line shows its own command instead).
+RECALIBRATE = "pipe.calibrate(prompts)"
+RECALIBRATE_EDITS = "pipe.calibrate_edits(images, prompts, strength)"
 TIE_TOLERANCE = 0.02  # a routed share this far (beyond one image) from k is worth a note
 
 
@@ -116,8 +116,8 @@ class Calibration:
             raise ValueError("calibration scores must be finite")
         if len(self.scores) > 1 and self.scores[0] == self.scores[-1]:
             raise ValueError(f"all {len(self.scores)} oracle scores are equal ({self.scores[0]:g}): the scorer does "
-                             "not tell these student images apart, so no percentile can route them; check the "
-                             "scorer (--scorer)")
+                             "not tell these student images apart, so no cut-off can route them; check the "
+                             "scorer (scorer=...)")
 
     def threshold(self, k: float) -> float:
         """tau = the k-th percentile (linear interpolation) of the calibration scores."""
@@ -141,7 +141,7 @@ class Calibration:
         tied = int(np.count_nonzero(self.scores == tau))
         return (f"only {100 * share:.1f}% of the calibration's images score below tau ({tau:g}), not {k:g}%: "
                 f"{tied} of its {len(self.scores)} scores equal tau, and only images scoring below it go to the "
-                "teacher; a scorer with fewer ties (--scorer) routes the share asked for")
+                "teacher; a scorer with fewer ties routes the share asked for")
 
     def check(self, fingerprint: dict, remake: str = RECALIBRATE) -> None:
         """Raise ``CalibrationMismatch`` naming every difference from a call's fingerprint; ``remake`` says
@@ -184,8 +184,6 @@ class Calibration:
         }
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        from .outputs import write_json_file
-
         write_json_file(path, self.to_json(), overwrite)
 
     @classmethod

@@ -26,6 +26,7 @@ import numpy as np
 
 from .calibration import CalibrationMismatch, diff_fingerprints
 from .checks import count, finite_number
+from .outputs import write_json_file
 
 GRID = (*range(0, 101, 5),)  # the percentiles of each level's scores tried as its threshold
 
@@ -190,8 +191,6 @@ class CascadeTable:
                                       + "; ".join(diffs))
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        from .outputs import write_json_file
-
         self.validate()
         write_json_file(path, overwrite=overwrite, data={"kind": "tandem cascade table", "levels": self.levels, "costs": self.costs,
                                "oracle_cost": self.oracle_cost, "teacher": self.teacher,
@@ -205,7 +204,7 @@ class CascadeTable:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read cascade table {str(path)!r}: {error}") from error
         if not isinstance(data, dict) or data.get("kind") != "tandem cascade table":
-            raise ValueError(f"{path} is not a cascade table (make one with `tandem calibrate --cascade STEPS`)")
+            raise ValueError(f"{path} is not a cascade table (make one with pipe.calibrate_cascade(prompts, levels))")
         try:
             return cls(data["levels"], np.array(data["scores"], np.float64), data["costs"], data["fingerprint"],
                        data.get("teacher", {}), data.get("config", {}), data.get("oracle_cost", 0.0))

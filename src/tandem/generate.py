@@ -17,6 +17,9 @@ import torch
 
 from .checks import check_finite, count, finite_number, sampler_steps
 from .models import SCHEDULERS, make_scheduler
+from .reflect import student_reflection
+from .sampling import NOISE_MODES, student_kind
+from .students import check_student_guidance, student_info_of
 
 
 def derive_seed(*keys: int) -> int:
@@ -121,8 +124,6 @@ class StudentSettings:
     noise: str = "stochastic"  # or "deterministic" (see tandem.sampling)
 
     def __post_init__(self):
-        from .sampling import NOISE_MODES
-
         count(self.steps, "student steps")
         if finite_number(self.guidance_scale, "student guidance scale") < 1:
             raise ValueError(f"student guidance scale must be >= 1 (its w-embedding takes w - 1), "
@@ -134,14 +135,6 @@ class StudentSettings:
     def unet_evals_per_image(self) -> int:
         """One student call per step for a w-embedded student (any student: :func:`unet_evals_per_step`)."""
         return self.steps
-
-
-def unet_evals_per_step(pipe, guidance_scale: float) -> int:
-    """UNet rows per image and step of ``pipe`` (a pipeline, or its UNet): 2 with classifier-free guidance
-    (a doubled batch), 1 for a guidance-embedded (LCM) UNet or guidance <= 1."""
-    unet = getattr(pipe, "unet", pipe)
-    embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
-    return 1 if embedded or guidance_scale <= 1 else 2
 
 
 def decode_latents(pipe, latents: torch.Tensor, indices: Sequence[int] | None = None) -> list[np.ndarray]:
@@ -183,10 +176,11 @@ def generate_student(
     """Generate one image per prompt with a student.
 
     Args:
-        pipe: a student pipeline (``tandem.models.load_student_pipeline``): a consistency student
-            (``LCMScheduler``) samples with :func:`tandem.sampling.consistency_sample` and ``settings.noise``;
-            any other with its own scheduler through the pipeline (``noise`` does not apply).
-        original_steps: the student's distillation grid size [its scheduler's ``original_inference_steps``].
+        pipe: a student pipeline (``tandem.load_student``): a student whose kind brings its own sampler
+            (:class:`tandem.sampling.StudentKind`: a consistency student's is
+            :func:`tandem.sampling.consistency_sample`) samples with it and ``settings.noise``; any other with
+            its own scheduler through the pipeline (``noise`` does not apply).
+        original_steps: the student's distillation grid size [its kind's ``max_steps``].
     Returns:
         B uint8 images [H, W, 3]. Image i uses only the generator of ``(seed, i)``: first its initial
         noise, then the fresh noise of each stochastic step, as diffusers' LCM pipeline does.
@@ -195,15 +189,10 @@ def generate_student(
             seed or a batch size below 1.
         NonFiniteError: where the student or the VAE produced NaN/inf (no image is returned).
     """
-    from diffusers import LCMScheduler
-
-    from .reflect import student_reflection
-    from .sampling import consistency_sample
-    from .students import check_student_guidance, student_info_of
-
     _check_run(seed, batch_size)
     check_student_guidance(pipe, settings.guidance_scale)
-    if not isinstance(pipe.scheduler, LCMScheduler):  # any other student samples with its own scheduler
+    kind = student_kind(pipe)
+    if kind.sample is None:  # the student samples with its own scheduler, through its pipeline
         sampler_steps(settings.steps, pipe.scheduler, "student steps", "the student")
 
         def draw_pipeline(chunk: list[int]) -> list[np.ndarray]:
@@ -216,7 +205,7 @@ def generate_student(
 
         return _in_batches(len(prompts), batch_size, draw_pipeline, on_batch)
 
-    original = count(original_steps or pipe.scheduler.config.original_inference_steps, "original_steps")
+    original = count(original_steps or kind.max_steps(pipe.scheduler), "original_steps")
     if settings.steps > original:
         raise ValueError(f"student steps must be at most {original} for this student (its distillation grid "
                          f"has {original} timesteps), got {settings.steps}")
@@ -225,7 +214,7 @@ def generate_student(
         gens = [prompt_generator(seed, i) for i in chunk]
         latents = initial_latents(pipe, seed, chunk, gens)
         embeds = pipe.encode_prompt([prompts[i] for i in chunk], pipe.device, 1, False)[0]
-        x0 = consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
+        x0 = kind.sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
                                 steps=settings.steps, guidance_scale=settings.guidance_scale,
                                 noise=settings.noise, original_steps=original,
                                 reflect=student_reflection(student_info_of(pipe)))

@@ -32,9 +32,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .calibration import Calibration
+from .checks import count, finite_number, read_json_file
+from .models import resolve_model, student_dir, world_dir
+from .outputs import atomic_write_text
+from .students import has_description, read_student_info
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,6 @@ SETTING_RULES = {
 def check_setting(key: str, value):
     """``value`` of the default setting ``key``, checked against :data:`SETTING_RULES`; a ``ValueError`` names the
     setting and the values it takes ("rollback_sigma must be in (0, 1], got 5")."""
-    from .checks import count, finite_number
-
     if key not in SETTING_RULES:
         raise ValueError(f"unknown default setting {key!r}; expected one of {', '.join(SETTING_RULES)}")
     kind, rule = SETTING_RULES[key]
@@ -191,14 +190,12 @@ def student_kind(source: str) -> str:
     ``tandem distill`` student with ``unet/`` and ``scheduler/``, whose loader names what is missing).
     A hub id cannot be looked at offline: it is a ``pipeline`` unless it says ``unet:ID``
     (:func:`parse_student`)."""
-    from .models import resolve_model
-
     path = Path(source)
     if not path.is_dir():
         try:
             resolve_model(source)  # a mistyped path is an error, not a hub id
         except ValueError as e:
-            raise ValueError(f"--student: {e}") from None
+            raise ValueError(f"student: {e}") from None
         return "pipeline"
     if (path / "model_index.json").is_file():
         return "pipeline"
@@ -221,7 +218,7 @@ def parse_student(spec: str, teacher: str | None = None) -> tuple[str, str]:
     if spec in shipped:
         return "tandem", shipped[spec].path
     if shipped and "/" not in spec and ":" not in spec and not Path(spec).is_dir():
-        raise ValueError(f"--student: no student {spec!r}: not a directory, nor a student {teacher} ships "
+        raise ValueError(f"student: no student {spec!r}: not a directory, nor a student {teacher} ships "
                          f"({', '.join(shipped)})")
     kind, sep, rest = spec.partition(":")
     if sep and kind in STUDENT_KINDS:
@@ -245,8 +242,6 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         controlnet: ``--controlnet``: a ``ControlNetModel`` directory or hub id.
         teacher_kind: ``text2img`` (default) or ``img2img`` (a teacher that can only refine).
     """
-    from .models import resolve_model
-
     if isinstance(model, Preset):
         base = model
     elif model in PRESETS:
@@ -271,8 +266,6 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         changes.update(student=source, student_kind=kind, edit_student=None)  # --student edits as well
         own = None
         if kind == "tandem":  # the student's own defaults (a shipped one's, or its student.json's)
-            from .students import has_description, read_student_info
-
             path = _tandem_student_path(base.teacher, source)
             own = shipped or (read_student_info(path) if has_description(path) else None)
         if own is not None:
@@ -284,7 +277,7 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         changes["controlnet"] = controlnet
     if teacher_kind is not None:
         if teacher_kind not in TEACHER_KINDS:
-            raise ValueError(f"--teacher-kind must be one of {', '.join(TEACHER_KINDS)}, got {teacher_kind!r}")
+            raise ValueError(f"teacher_kind must be one of {', '.join(TEACHER_KINDS)}, got {teacher_kind!r}")
         changes["teacher_kind"] = teacher_kind
     if not changes:
         return base
@@ -303,8 +296,6 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
 def _shipped(teacher: str) -> dict:
     """The students ``teacher`` ships, by name (``tandem world students``); none for a teacher that does not
     resolve here (a hub id is only looked at when it loads)."""
-    from .models import resolve_model
-
     try:
         return resolve_model(teacher).students
     except (ValueError, FileNotFoundError):
@@ -312,8 +303,6 @@ def _shipped(teacher: str) -> dict:
 
 
 def _tandem_student_path(teacher: str, source: str) -> Path:
-    from .models import resolve_model, student_dir
-
     return student_dir(resolve_model(teacher), None if source == "world" else source)
 
 
@@ -335,11 +324,9 @@ def preset_to_json(preset: Preset) -> dict:
 
 def write_preset_file(preset: Preset, path: str | Path, overwrite: bool = False) -> Path:
     """Save ``preset`` as a JSON preset file (``tandem preset save``), checked first (:func:`validate_preset`)."""
-    from .outputs import atomic_write_text
-
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     validate_preset(preset, f"preset {preset.name} (not written to {path})")
     atomic_write_text(path, json.dumps(preset_to_json(preset), indent=2) + "\n")
     return path
@@ -348,8 +335,6 @@ def write_preset_file(preset: Preset, path: str | Path, overwrite: bool = False)
 def read_preset_file(path: str | Path) -> Preset:
     """A :class:`Preset` from a JSON preset file, checked (:func:`validate_preset`); relative paths in it are
     relative to the file. A ``ValueError`` names the file and the field that is wrong."""
-    from .checks import read_json_file
-
     path = Path(path)
     data = read_json_file(path, "preset file")
     names = {f.name for f in dataclasses.fields(Preset)}
@@ -403,8 +388,6 @@ def validate_preset(preset: Preset, where: str) -> Preset:
     both make: its kinds, each default setting in its range (:func:`check_setting`), and the calibration, route
     table and edit calibrations it names, which must exist. A ``ValueError`` starts with ``where`` (the file) and
     names the field; returns ``preset``."""
-    from .checks import finite_number
-
     if preset.student_kind not in STUDENT_KINDS:
         raise ValueError(f"{where}: student_kind must be one of {', '.join(STUDENT_KINDS)}, "
                          f"got {preset.student_kind!r}")
@@ -442,137 +425,11 @@ def validate_preset(preset: Preset, where: str) -> Preset:
 
 
 def world_calibration_path() -> Path:
-    from .models import world_dir
-
     return world_dir() / "calibration.json"
 
 
 def _world_file(spec: str) -> Path:
     """``world:NAME`` -> the shipped world's file or directory NAME; anything else is a path."""
-    from .models import world_dir
-
     return world_dir() / spec.split(":", 1)[1] if spec.startswith("world:") else Path(spec)
 
 
-def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A ``diffusers.ControlNetModel`` from a hub id, a directory, or ``world:KIND`` (shipped)."""
-    from diffusers import ControlNetModel
-
-    from .models import from_hub, quiet_hub_libraries
-
-    quiet_hub_libraries()
-    source = str(_world_file(f"world:controlnet-{spec.split(':', 1)[1]}")) if spec.startswith("world:") else spec
-    return from_hub(ControlNetModel.from_pretrained, source, "ControlNet", torch_dtype=dtype).to(device=device,
-                                                                                                dtype=dtype)
-
-
-def load_preset(name: str | Preset, device: str = "cpu", dtype: torch.dtype = torch.float32, scorer=None,
-                calibration: Calibration | str | Path | None = None, routes=None):
-    """Build a ``TandemPipeline`` from a preset name (or a ``Preset``). ``scorer``/``calibration``/``routes``
-    override the preset's (a calibration or route table may be given as a file path; a calibration given
-    without a route table drops the preset's, whose percentiles refer to the preset's calibration)."""
-    from .pipeline import TandemPipeline
-    from .scorers import load_scorer
-
-    given_calibration = calibration
-
-    preset = name if isinstance(name, Preset) else PRESETS.get(name)
-    if preset is None:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    teacher = load_teacher(preset, device, dtype)
-    student = load_student(preset, teacher, device, dtype)
-    if scorer is None and preset.scorer is not None:
-        scorer = load_scorer(preset.scorer, device=device)
-    if calibration is None and preset.calibration == "world":
-        path = world_calibration_path()
-        calibration = Calibration.load(path) if path.exists() else None
-    elif calibration is None and preset.calibration:
-        path = _world_file(preset.calibration)
-        shipped = preset.calibration.startswith("world:")
-        calibration = Calibration.load(path) if path.exists() or not shipped else None
-    elif isinstance(calibration, str | Path):
-        calibration = Calibration.load(calibration)
-    edit_student = None
-    if preset.edit_student is not None:
-        kind, source = parse_student(preset.edit_student, preset.teacher)
-        edit_student = load_student(dataclasses.replace(preset, student=source, student_kind=kind), teacher,
-                                    device, dtype)
-    pipe = TandemPipeline(student, teacher, scorer, None if preset.controlnet else calibration,
-                          defaults=preset.defaults, name=preset.name, edit_student=edit_student)
-    if preset.controlnet:
-        pipe = pipe.with_controlnet(load_controlnet(preset.controlnet, device, dtype), calibration=calibration,
-                                    name=preset.name)
-    for strength, spec in preset.edit_calibrations.items():
-        path = _world_file(spec)
-        if path.exists():
-            pipe.edit_calibrations[float(strength)] = Calibration.load(path)
-    # the preset's route table refers to the preset's calibration: a calibration given here drops it
-    if routes is None and preset.routes and not preset.controlnet and given_calibration is None:
-        path = _world_file(preset.routes)
-        routes = path if path.exists() or not preset.routes.startswith("world:") else None
-    if routes is not None:
-        from .routes import RouteTable
-
-        pipe.routes = routes if isinstance(routes, RouteTable) else RouteTable.load(routes)
-    return pipe
-
-
-def load_teacher(preset: Preset, device: str, dtype: torch.dtype):
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
-
-    from .models import from_hub, load_teacher_pipeline, quiet_hub_libraries, resolve_model
-
-    if preset.teacher == "world" or Path(preset.teacher).is_dir() and preset.teacher_kind == "text2img":
-        return load_teacher_pipeline(resolve_model(preset.teacher), device=device, dtype=dtype)
-    resolve_model(preset.teacher)  # a mistyped path is an error, not a hub id
-    quiet_hub_libraries()
-    cls = AutoPipelineForText2Image if preset.teacher_kind == "text2img" else AutoPipelineForImage2Image
-    return from_hub(cls.from_pretrained, preset.teacher, "teacher", dtype=dtype).to(device)
-
-
-def _check_student_dir(preset: Preset) -> None:
-    """A local student directory of the layout its kind needs (diffusers would say only "no file named ...")."""
-    from .checks import quote
-
-    path = Path(preset.student)
-    if preset.student_kind not in ("unet", "pipeline") or not path.is_dir():
-        return
-    needed, layout = (("config.json", "a diffusers UNet2DConditionModel directory") if preset.student_kind == "unet"
-                      else ("model_index.json", "a diffusers pipeline directory"))
-    if not (path / needed).is_file():
-        raise ValueError(f"student {quote(preset.student)} has no {needed} (expected {layout})")
-
-
-def load_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
-    from diffusers import (
-        AutoPipelineForText2Image,
-        LCMScheduler,
-        UNet2DConditionModel,
-    )
-
-    from .models import from_hub, quiet_hub_libraries, resolve_model, student_dir
-
-    quiet_hub_libraries()
-    if preset.student is None:
-        raise ValueError(f"{preset.name} has no student: give --student (a `tandem distill` student directory, "
-                         "a diffusers pipeline or UNet directory, or a hub id)")
-    _check_student_dir(preset)
-    try:
-        if preset.student_kind in ("world", "tandem"):
-            from .students import load_student as load_tandem_student
-
-            path = student_dir(resolve_model(preset.teacher), None if preset.student == "world" else preset.student)
-            return load_tandem_student(path, teacher, device=device, dtype=dtype)
-        if preset.student_kind == "unet":
-            unet = from_hub(UNet2DConditionModel.from_pretrained, preset.student, "student", dtype=dtype).to(device)
-            if unet.config.time_cond_proj_dim is None:
-                raise ValueError(f"student UNet {preset.student!r} has no guidance embedding "
-                                 "(time_cond_proj_dim): not a consistency-distilled UNet")
-            return AutoPipelineForText2Image.from_pipe(
-                teacher, unet=unet, scheduler=LCMScheduler.from_config(teacher.scheduler.config))
-        if preset.student_kind == "pipeline":
-            return from_hub(AutoPipelineForText2Image.from_pretrained, preset.student, "student",
-                            dtype=dtype).to(device)
-    except OSError as e:
-        raise ValueError(f"cannot load student {preset.student!r}: {str(e).splitlines()[0]}") from e
-    raise ValueError(f"unknown student kind {preset.student_kind!r}; expected one of {', '.join(STUDENT_KINDS)}")

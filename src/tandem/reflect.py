@@ -12,7 +12,8 @@ space; tandem offers the two thresholdings of the literature, as :class:`Reflect
   span [-6.9, 2.2], [-5.2, 2.5], [-4.5, 4.1] and [-1.9, 0.4], far narrower than the one range
   [-6.9, 4.1] they share) or every channel to the one range (``static:global``, or ``static:LO,HI``).
   The world's ranges are measured once on VAE latents of its training renderings (``latent_range.json``
-  beside the model; ``python -m tandem.reflect world --write`` made it).
+  beside the model; :mod:`tandem.distill.latent_range` measures it: ``python -m tandem.distill.latent_range
+  world --write``).
 * ``dynamic``: Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3) for data in
   ``[-R, R]``: per sample ``s = max(R, quantile(|x₀|, P))`` and ``x₀ ← clip(x₀, -s, s) / s · R``.
   With ``R = 1`` it is exactly diffusers' ``_threshold_sample`` (no ``sample_max_value`` cap); in
@@ -33,12 +34,13 @@ pixel data); :func:`tandem.students.load_student` installs the student's ``detai
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .checks import read_json_file
 
 RANGE_FILE = "latent_range.json"
 MODES = ("static", "dynamic")
@@ -210,84 +212,12 @@ def student_reflection(info) -> Reflection | None:
 
 def read_latent_range(model_dir: str | Path | None) -> dict:
     """The measured latent range of a model (``lo``, ``hi``, ``bound``) from ``model_dir/latent_range.json``."""
-    from .checks import read_json_file
-
     path = Path(model_dir) / RANGE_FILE if model_dir is not None else None
     if path is None or not path.is_file():
         raise ValueError(f"--reflect needs the data's latent range, and {path or 'this teacher'} does not exist: give "
-                         f"it (static:LO,HI or dynamic:P,BOUND), or measure it with `python -m tandem.reflect MODEL "
-                         "--write [--data IMAGES]`")
+                         f"it (static:LO,HI or dynamic:P,BOUND), or measure it with `python -m "
+                         "tandem.distill.latent_range MODEL --write [--data IMAGES]`")
     data = read_json_file(path, "latent range")
     if not all(isinstance(data.get(k), int | float) for k in ("lo", "hi", "bound")):
         raise ValueError(f"{path} lacks numbers lo, hi and bound")
     return data
-
-
-@torch.no_grad()
-def measure_latent_range(model: str = "world", images: int = 4096, seed: int = 0, batch_size: int = 256,
-                         data: str = "world") -> dict:
-    """The range of a model's scaled VAE latents of its training data (posterior samples times the
-    VAE's ``scaling_factor``, as distillation encodes them): min, max and the bound ``max(|min|, |max|)``,
-    with per-channel extremes and a few quantiles for reference.
-
-    Args:
-        model: ``world`` or a model directory (its ``vae/``).
-        images: how many images, drawn as batches ``0, 1, ...`` of ``data``'s stream with ``seed``.
-        data: ``world`` (the world's renderings) or any ``--data`` source of ``tandem distill``.
-    """
-    from diffusers import AutoencoderKL
-
-    from .distill.data import open_source
-    from .models import resolve_model
-
-    spec = resolve_model(model)
-    vae = AutoencoderKL.from_pretrained(Path(spec.path) / "vae").float().eval()
-    resolution = vae.config.sample_size
-    source = open_source(data, resolution, seed)
-    generator = torch.Generator().manual_seed(seed)
-    latents, seen, index = [], 0, 0
-    while seen < images:
-        pixels = source.batch(index, min(batch_size, images - seen))["pixels"]
-        dist = vae.encode(pixels).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator)
-        latents.append((dist.mean + dist.std * eps) * vae.config.scaling_factor)
-        seen, index = seen + pixels.shape[0], index + 1
-    x = torch.cat(latents)
-    flat = x.flatten()
-    sample = flat[torch.randperm(flat.numel(), generator=generator)[:1_000_000]]  # torch.quantile's size limit
-    lo, hi = float(flat.min()), float(flat.max())
-    return {"what": "range of the scaled VAE latents (posterior samples x scaling_factor) of the training data: "
-                    "the default of --reflect static and of dynamic's bound",
-            "lo": lo, "hi": hi, "bound": max(abs(lo), abs(hi)),
-            "per_channel": {"lo": x.amin(dim=(0, 2, 3)).tolist(), "hi": x.amax(dim=(0, 2, 3)).tolist()},
-            "quantiles": {str(q): float(torch.quantile(sample, q)) for q in (1e-4, 1e-3, 0.5, 0.999, 0.9999)},
-            "std": float(flat.std()), "images": seen, "seed": seed, "data": data,
-            "command": f"python -m tandem.reflect {model} --images {images} --seed {seed} --data {data} --write"}
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from .models import resolve_model
-    from .outputs import atomic_write_text
-
-    parser = argparse.ArgumentParser(prog="python -m tandem.reflect",
-                                     description="Measure a model's latent range for --reflect (static / dynamic).")
-    parser.add_argument("model", help="'world' or a model directory")
-    parser.add_argument("--images", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default="world")
-    parser.add_argument("--write", action="store_true", help=f"write MODEL/{RANGE_FILE}")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    result = measure_latent_range(args.model, args.images, args.seed, data=args.data)
-    text = json.dumps(result, indent=2) + "\n"
-    if args.write:
-        path = Path(resolve_model(args.model).path) / RANGE_FILE
-        atomic_write_text(path, text)
-        print(f"wrote {path}")
-    print(text, end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,6 +22,8 @@ import numpy as np
 
 from .calibration import diff_fingerprints
 from .checks import count, finite_number
+from .models import SCHEDULERS
+from .outputs import write_json_file
 
 FORMAT = "tandem-routes/1"
 _REGENERATE = re.compile(r"([a-z]+)(\d+)")
@@ -49,6 +51,12 @@ class Route:
                 "percentile": self.percentile}
 
 
+def quality(summary: dict) -> float:
+    """The headline quality of a judged summary (an experiment's, a budget point's; what a route records): the
+    share satisfied under an exact judge, else the mean score."""
+    return summary["accuracy"] if "accuracy" in summary else summary["mean_score"]
+
+
 def calibration_digest(calibration) -> str:
     """A digest of a calibration's scores: the percentiles a route's k refers to."""
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(calibration.scores, np.float64).tobytes()).hexdigest()
@@ -58,8 +66,6 @@ def check_route(route: Route) -> None:
     """A route's fields: a known strategy (None: the student alone, at k = 0, without teacher settings), the
     teacher's sampler and steps and, for a refinement, its rollback sigma in (0, 1]; k in [0, 100]; a cost and a
     quality that are finite numbers, the cost >= 0. A ``ValueError`` names the field and its allowed values."""
-    from .models import SCHEDULERS
-
     finite_number(route.cost, "cost", low=0)
     finite_number(route.quality, "quality")
     percentile = finite_number(route.percentile, "percentile", low=0, high=100)
@@ -111,8 +117,6 @@ class RouteTable:
         """The routes of a ``tandem eval budget`` ``results`` (its adaptive points and the student alone),
         made with ``pipe``'s models and calibration: checked against them (weights digests, and each
         point's tau against the calibration's percentile)."""
-        from .eval.judges import quality
-
         if results.get("experiment") != "budget":
             raise ValueError(f"expected the results.json of `tandem eval budget`, got {results.get('experiment')!r}")
         made = diff_fingerprints(results["models"], pipe.fingerprint())
@@ -164,7 +168,7 @@ class RouteTable:
         diffs = diff_fingerprints(self.fingerprint, fingerprint)
         if diffs:
             raise RoutesMismatch("the route table was made for other settings; give the adaptive settings "
-                                 "yourself (--strategy, --teacher-steps, ...) or make a table for these ("
+                                 "yourself (strategy, teacher_steps, ...) or make a table for these ("
                                  + "; ".join(d.replace("calibration has", "routes have") for d in diffs) + ")")
 
     def to_json(self) -> dict:
@@ -172,8 +176,6 @@ class RouteTable:
                 "routes": [asdict(r) for r in self.routes]}
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        from .outputs import write_json_file
-
         try:
             self.validate()
         except ValueError as e:

@@ -19,6 +19,9 @@ for bit).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -142,3 +145,55 @@ def _lcm_alpha_bar(alphas_cumprod: torch.Tensor, schedule: NoiseSchedule, t: int
     if bool(schedule.alpha_bar(t) == 0):  # alpha_bar refuses a timestep outside the schedule
         raise ValueError("an ε-prediction at zero SNR (ᾱ = 0) implies no x0; use a v- or x0-prediction")
     return alphas_cumprod[t]
+
+
+def unet_evals_per_step(pipe, guidance_scale: float) -> int:
+    """UNet rows per image and step of ``pipe`` (a pipeline, or its UNet): 2 with classifier-free guidance
+    (a doubled batch), 1 for a guidance-embedded (LCM) UNet or guidance <= 1."""
+    unet = getattr(pipe, "unet", pipe)
+    embedded = getattr(unet.config, "time_cond_proj_dim", None) is not None
+    return 1 if embedded or guidance_scale <= 1 else 2
+
+
+# -- student kinds ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudentKind:
+    """How the students of one sampler are built and sampled. A student's kind follows from its scheduler
+    (``student.json``'s ``scheduler``, or a pipeline's own): :data:`STUDENT_KINDS` by scheduler class name, and
+    :data:`SCHEDULED` for any other scheduler, which samples through the pipeline itself.
+
+    Attributes:
+        scheduler: the diffusers scheduler class name (None: any other).
+        pipeline: the diffusers text-to-image pipeline class a loaded student of this kind is.
+        sample: tandem's own sampler for the student alone, with ``consistency_sample``'s signature (None:
+            the pipeline samples).
+        max_steps: the most steps its distillation grid takes, from its scheduler (None: the scheduler's limit).
+        consistency_scaling: the timestep scaling of its consistency function ``c_skip x_t + c_out x0``, from
+            its scheduler, for a sampler that takes x0 from the student (None: x0 is the prediction itself).
+    """
+
+    scheduler: str | None
+    pipeline: str = "StableDiffusionPipeline"
+    sample: Callable | None = None
+    max_steps: Callable | None = None
+    consistency_scaling: Callable | None = None
+
+
+SCHEDULED = StudentKind(None)
+CONSISTENCY = StudentKind(
+    "LCMScheduler", "LatentConsistencyModelPipeline", sample=consistency_sample,
+    max_steps=lambda scheduler: scheduler.config.original_inference_steps,
+    consistency_scaling=lambda scheduler: scheduler.config.get("timestep_scaling", 10.0))
+STUDENT_KINDS = {kind.scheduler: kind for kind in (CONSISTENCY,)}
+
+
+def kind_of_scheduler(name: str) -> StudentKind:
+    """The kind of a student sampled by the diffusers scheduler class ``name``."""
+    return STUDENT_KINDS.get(name, SCHEDULED)
+
+
+def student_kind(pipe) -> StudentKind:
+    """The kind of the student ``pipe`` (a pipeline), from its scheduler."""
+    return kind_of_scheduler(type(pipe.scheduler).__name__)

@@ -11,14 +11,20 @@ scores (kind, source, weight digests or hub revision, constants); calibrations c
     load_scorer("imagereward")                         # ImageReward-v1.0 (pip install image-reward)
     load_scorer("blip")                                # BLIP's image-text matching: P(match), in [0, 1]
     load_scorer("world-oracle")                        # ShapesWorld's learned oracle (tandem.world.oracle)
+
+A scorer kind is a factory in a registry (:func:`register_scorer`): the kinds above are this module's, and a module
+outside the core registers its own when it is imported (:data:`SCORER_PLUGINS` names which module provides which
+kind, so that naming the kind is enough to load it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -27,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .calibration import file_digest
 from .checks import MissingPackageError, check_weights, load_pretrained, quote
+from .hub import quiet_hub_libraries
 
-KINDS = ("world-oracle", "clip", "pickscore", "imagereward", "blip")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, transformers' defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -103,8 +110,6 @@ def source_fingerprint(source: str | Path, suffixes: tuple[str, ...] = WEIGHT_SU
     """``{"path": resolved path, key: {file: sha256}}`` for a local file or directory (its files with
     these suffixes; ``calibration.file_digest``; the path itself is not compared, see
     ``calibration.INFORMATIONAL``); ``{"source": id, "revision": commit or None}`` for a hub id."""
-    from .calibration import file_digest
-
     path = Path(source)
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
@@ -179,8 +184,6 @@ class CLIPScorer:
             kwargs: constructor arguments (``scale``).
         """
         from transformers import AutoTokenizer, CLIPModel
-
-        from .models import quiet_hub_libraries
 
         processor = processor or name_or_path
         _check_source(cls.kind, name_or_path)
@@ -354,8 +357,6 @@ class BLIPScorer:
         """
         from transformers import AutoTokenizer, BlipForImageTextRetrieval, PretrainedConfig
 
-        from .models import quiet_hub_libraries
-
         processor = processor or name_or_path
         _check_source(cls.kind, name_or_path)
         _check_source(cls.kind, processor)
@@ -528,8 +529,6 @@ class ImageRewardScorer:
         return torch.cat(out)
 
     def fingerprint(self) -> dict:
-        from .calibration import file_digest
-
         local = self.source != self.DEFAULT and Path(self.source).exists()
         where = {"path": str(Path(self.source).resolve())} if local else {"source": self.source}
         return {"kind": self.kind, **where,
@@ -541,6 +540,31 @@ class ImageRewardScorer:
 
 # -- registry ----------------------------------------------------------------------------------------
 
+ScorerFactory = Callable[[str, str | torch.device], Scorer]  # (source, "" when the spec names none; device)
+_FACTORIES: dict[str, ScorerFactory] = {}
+# The scorer kinds that modules outside the core provide, and the module that registers each (its
+# register_scorer call runs when it is imported): what a package's entry points would say, kept here, in one
+# place, because tandem's own outer layers are the only providers. load_scorer imports the module the first
+# time its kind is named; the core imports nothing from it otherwise.
+SCORER_PLUGINS = {"world-oracle": "tandem.world.oracle"}
+
+
+def register_scorer(kind: str, factory: ScorerFactory) -> None:
+    """Make ``load_scorer("KIND[:SOURCE]")`` return ``factory(source, device)`` (``source`` is ``""`` when the
+    spec names none). A kind holds one factory: registering another under a taken kind is a ``ValueError``
+    (registering the same function again, as a reloaded module does, replaces it)."""
+    if not kind or not isinstance(kind, str) or ":" in kind:
+        raise ValueError(f"a scorer kind is a non-empty name without ':', got {kind!r}")
+    known = _FACTORIES.get(kind)
+    if known is not None and (known.__module__, known.__qualname__) != (factory.__module__, factory.__qualname__):
+        raise ValueError(f"scorer kind {kind!r} is already registered (by {known.__module__}.{known.__qualname__})")
+    _FACTORIES[kind] = factory
+
+
+def scorer_kinds() -> list[str]:
+    """Every kind ``load_scorer`` knows: the plugins' (loaded or not) and this module's."""
+    return [*SCORER_PLUGINS, *(kind for kind in _FACTORIES if kind not in SCORER_PLUGINS)]
+
 
 def load_scorer(spec: str, device: str | torch.device = "cpu") -> Scorer:
     """A scorer from ``kind[:source]``.
@@ -548,21 +572,40 @@ def load_scorer(spec: str, device: str | torch.device = "cpu") -> Scorer:
     Args:
         spec: ``world-oracle[:DIR]``, ``clip:ID_OR_DIR``, ``pickscore[:ID_OR_DIR]`` (default
             ``yuvalkirstain/PickScore_v1``), ``imagereward[:NAME_OR_PATH]`` (default ``ImageReward-v1.0``) or
-            ``blip[:ID_OR_DIR]`` (default ``Salesforce/blip-itm-base-coco``).
+            ``blip[:ID_OR_DIR]`` (default ``Salesforce/blip-itm-base-coco``), or a kind another module registered
+            (:func:`register_scorer`).
         device: where the model runs.
     """
     kind, _, source = spec.partition(":")
-    if kind == "world-oracle":
-        from .world.oracle import WorldOracleScorer
+    if kind not in _FACTORIES and kind in SCORER_PLUGINS:
+        importlib.import_module(SCORER_PLUGINS[kind])  # registers the kind (see SCORER_PLUGINS)
+        if kind not in _FACTORIES:
+            raise ValueError(f"{SCORER_PLUGINS[kind]} was imported for scorer kind {kind!r} but registered no such "
+                             "kind (register_scorer)")
+    factory = _FACTORIES.get(kind)
+    if factory is None:
+        raise ValueError(f"unknown scorer kind {quote(kind)} in {quote(spec)}; expected one of "
+                         f"{', '.join(scorer_kinds())} (as kind:source)")
+    return factory(source, device)
 
-        return WorldOracleScorer.from_pretrained(source or None, device=device)
-    if kind == "clip":
-        return CLIPScorer.from_pretrained(source, device=device)
-    if kind == "pickscore":
-        return PickScoreScorer.from_pretrained(source or PickScoreScorer.DEFAULT, device=device)
-    if kind == "imagereward":
-        return ImageRewardScorer.from_pretrained(source or ImageRewardScorer.DEFAULT, device=device)
-    if kind == "blip":
-        return BLIPScorer.from_pretrained(source or BLIPScorer.DEFAULT, device=device)
-    raise ValueError(f"unknown scorer kind {quote(kind)} in {quote(spec)}; expected one of {', '.join(KINDS)} "
-                     "(as kind:source)")
+
+def _clip(source: str, device: str | torch.device) -> CLIPScorer:
+    return CLIPScorer.from_pretrained(source, device=device)
+
+
+def _pickscore(source: str, device: str | torch.device) -> PickScoreScorer:
+    return PickScoreScorer.from_pretrained(source or PickScoreScorer.DEFAULT, device=device)
+
+
+def _imagereward(source: str, device: str | torch.device) -> ImageRewardScorer:
+    return ImageRewardScorer.from_pretrained(source or ImageRewardScorer.DEFAULT, device=device)
+
+
+def _blip(source: str, device: str | torch.device) -> BLIPScorer:
+    return BLIPScorer.from_pretrained(source or BLIPScorer.DEFAULT, device=device)
+
+
+register_scorer("clip", _clip)
+register_scorer("pickscore", _pickscore)
+register_scorer("imagereward", _imagereward)
+register_scorer("blip", _blip)

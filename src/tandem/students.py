@@ -31,8 +31,13 @@ from pathlib import Path
 
 import torch
 
-from .checks import quote, read_json_file
+from .checks import load_pretrained, quote, read_json_file
+from .denoiser import PREDICTION_TYPES
+from .hub import check_model_dir, from_hub, is_dir, quiet_hub_libraries
 from .outputs import atomic_write_text
+from .reflect import install as install_reflection
+from .reflect import student_reflection
+from .sampling import CONSISTENCY, kind_of_scheduler, unet_evals_per_step
 
 STUDENT_FILE = "student.json"
 FORMAT = "tandem-student/1"
@@ -78,8 +83,6 @@ class StudentInfo:
                              f"optionally with {', '.join('+' + v for v in VARIANTS)}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unsupported student scheduler {self.scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
-        from .denoiser import PREDICTION_TYPES
-
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {self.prediction_type!r}; expected one of "
                              f"{', '.join(PREDICTION_TYPES)}")
@@ -105,7 +108,7 @@ def read_student_info(path: str | Path) -> StudentInfo:
     meta_path = path / STUDENT_FILE
     if not meta_path.is_file():
         scheduler = read_json_file(path / "scheduler" / "scheduler_config.json", "scheduler config")
-        if scheduler.get("_class_name") != "LCMScheduler":
+        if scheduler.get("_class_name") != CONSISTENCY.scheduler:
             raise ValueError(f"student directory {quote(path)} has no {STUDENT_FILE} (expected the student/ "
                              "directory written by `tandem distill`)")
         meta = {"method": "consistency"}  # an LCM student written by hand or before the contract
@@ -114,7 +117,7 @@ def read_student_info(path: str | Path) -> StudentInfo:
     if "format" not in meta:  # a consistency student saved before the contract
         if meta.get("method") != "consistency":
             raise ValueError(f"{meta_path} is not a tandem student description (no 'format')")
-        return StudentInfo(method="consistency", scheduler="LCMScheduler", guidance="w-embedding",
+        return StudentInfo(method="consistency", scheduler=CONSISTENCY.scheduler, guidance="w-embedding",
                            teacher=dict(meta.get("teacher") or {}),
                            details={k: v for k, v in meta.items() if k not in ("method", "teacher")})
     if meta["format"] != FORMAT:
@@ -137,8 +140,6 @@ def has_description(path: str | Path) -> bool:
 
 def check_student_dir(path: str | Path) -> Path:
     """``path`` if it is a student directory (``unet/config.json``, ``scheduler/scheduler_config.json``)."""
-    from .models import check_model_dir
-
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"student directory {quote(path)} does not exist or is not a directory "
@@ -184,7 +185,6 @@ def load_student_parts(path: str | Path, device: str | torch.device = "cpu", dty
     import diffusers
     from diffusers import UNet2DConditionModel
 
-    from .checks import load_pretrained
 
     path = Path(path)
     info = read_student_info(path)
@@ -203,26 +203,23 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
     """A diffusers pipeline for the student in ``path`` with ``base``'s VAE, text encoder and tokenizer.
 
     Args:
-        base: the teacher's pipeline (its components are shared, not copied), or a
-            :class:`~tandem.models.ModelSpec` whose components are loaded (the teacher's UNet is not).
+        base: the teacher's pipeline (its components are shared, not copied), or the directory or hub id of
+            a model whose components are loaded (its UNet is not).
     """
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
-
-    from .models import ModelSpec, _is_dir, check_model_dir, from_hub, quiet_hub_libraries
-    from .reflect import install as install_reflection
-    from .reflect import student_reflection
+    import diffusers
 
     quiet_hub_libraries()
-    if isinstance(base, ModelSpec) and _is_dir(Path(base.path)):
+    from_model = isinstance(base, str | Path)
+    if from_model and is_dir(Path(base)):
         # the student brings its UNet and scheduler; the rest comes from the model
-        check_model_dir(base.path, ("vae", "text_encoder", "tokenizer"))
+        check_model_dir(base, ("vae", "text_encoder", "tokenizer"))
     path = Path(path)
     info, unet, scheduler = load_student_parts(path, device, dtype)
     install_reflection(scheduler, student_reflection(info))  # a reflected student thresholds its x₀ (DDIL section 3)
-    cls = LatentConsistencyModelPipeline if info.scheduler == "LCMScheduler" else StableDiffusionPipeline
+    cls = getattr(diffusers, kind_of_scheduler(info.scheduler).pipeline)
     extra = {"safety_checker": None, "requires_safety_checker": False}
-    if isinstance(base, ModelSpec):
-        pipe = from_hub(cls.from_pretrained, base.path, "model", unet=unet, scheduler=scheduler, dtype=dtype, **extra)
+    if from_model:
+        pipe = from_hub(cls.from_pretrained, str(base), "model", unet=unet, scheduler=scheduler, dtype=dtype, **extra)
     else:
         pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
                    scheduler=scheduler, feature_extractor=None, **extra)
@@ -273,8 +270,6 @@ def shipped_students(spec) -> list[dict]:
     from diffusers import UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    from .checks import load_pretrained
-    from .generate import unet_evals_per_step
 
     entries = dict(spec.students)
     if spec.student is not None and all(e.path != spec.student.path for e in entries.values()):

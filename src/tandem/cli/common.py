@@ -4,6 +4,7 @@ checks and loaders every command calls before it computes."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -41,6 +42,57 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # the largest input image tandem decodes (--imag
 
 class UserError(Exception):
     """Bad input: reported as one line on stderr with exit status 2."""
+
+
+# The library's messages name its Python arguments; the command line shows its options instead. Each key is
+# the Python spelling (a regular expression, matched as whole words outside a `backticked command`, a 'quoted
+# value' and a path), each value what a user of the command line types for it; the rules apply in this order.
+CLI_SPELLINGS = {
+    r"pipe\.calibration = pipe\.calibrate\(prompts\)": "`tandem calibrate`, then --calibration FILE",
+    r"pipe\.calibrate\(prompts\)": "`tandem calibrate`",
+    r"pipe\.edit_calibrations\[([\d.]+)\] = pipe\.calibrate_edits\(images, prompts, strength=[\d.]+\)":
+        r"`tandem calibrate --edits val --strength \1`, then --calibration FILE",
+    r"pipe\.calibrate_edits\(images, prompts, strength\)": "`tandem calibrate --edits`",
+    r"pipe\.calibrate_cascade\(prompts, levels\)": "`tandem calibrate --cascade STEPS`",
+    r"TandemPipeline\.with_controlnet\(\.\.\.\)": "--controlnet",
+    r"routing='budget-exact'": "--budget-exact",
+    r"mode='([\w-]+)'": r"--mode \1",
+    r"strategy='(\w+)'": r"--strategy \1",
+    r"handoff='(\w+)'": r"--handoff \1",
+    r"reference='([^']*)'": r"--reference \1",
+    r"reference=\.\.\.": "--reference",
+    r"scorer=\.\.\.": "--scorer",
+    r"overwrite=True": "--overwrite",
+    r"student:": "--student:",
+    r"accept_threshold": "--threshold",
+    r"percentile": "--percentile",
+    r"budget": "--budget",
+    r"strategy": "--strategy",
+    r"teacher_steps": "--teacher-steps",
+    r"teacher_prob": "--teacher-prob",
+    r"teacher_at": "--teacher-at",
+    r"teacher_kind": "--teacher-kind",
+    r"control_image": "--control-image",
+}
+_SPELLINGS = [(re.compile(rf"(?<![\w/.-]){key}(?![\w/-]|\.\w)"), flag) for key, flag in CLI_SPELLINGS.items()]
+_VERBATIM = re.compile(r"(`[^`]*`|(?<![\w=])'[^']*'(?!\w))")  # a command, a repr'd value: never translated
+# a message that still gives the option itself, "control_image (--control-image)", shows it once
+_SAID_TWICE = re.compile(r"(--[\w-]+(?: [\w-]+)?) \((?:command line: )?\1\)")
+
+
+def cli_message(message: str) -> str:
+    """A library message in the command line's words: its Python spellings (:data:`CLI_SPELLINGS`) become the
+    options; commands in backticks, quoted values and paths stay as they are."""
+    for pattern, flag in _SPELLINGS:
+        parts = _VERBATIM.split(message)  # text, verbatim, text, ...: split again after each rule, which may
+        message = "".join(part if i % 2 else pattern.sub(flag, part) for i, part in enumerate(parts))  # quote
+    return _SAID_TWICE.sub(r"\1", message)
+
+
+def cli_error(error: Exception) -> UserError:
+    """The one-line error a library error (a ValueError) becomes, in the command line's words
+    (:func:`cli_message`)."""
+    return UserError(cli_message(str(error)))
 
 
 STUDENT_HELP = ("The student: a `tandem distill` student directory, a diffusers pipeline or UNet directory (e.g. "
@@ -247,7 +299,10 @@ def _compose(model: str, preset_file: Path | None = None, student: str | None = 
         if control is not None and controlnet is not None:
             raise UserError("--control (a preset's ControlNet) and --controlnet (your own) do not go together")
         base = _control_preset(model, control)
-    return compose(base, student=student, scorer=scorer, controlnet=controlnet)
+    try:
+        return compose(base, student=student, scorer=scorer, controlnet=controlnet)
+    except ValueError as e:
+        raise cli_error(e) from None
 
 
 def _check_composition(preset, mode: str, calibration: Path | None, threshold: float | None = None,
@@ -295,7 +350,7 @@ def _tandem_pipeline(preset, device: str, calibration: Path | None = None, route
     """Load the TandemPipeline of ``preset`` (with ``--calibration`` and ``--routes``; a calibration of your
     own drops the preset's route table, whose percentiles refer to the preset's); says which VAE and text
     encoder a student that brings its own uses."""
-    from ..presets import load_preset
+    from ..pipeline import load_preset
 
     pipe = load_preset(preset, device=device, calibration=calibration, routes=routes)
     own = [name.replace("_", " ") for name in pipe.student_own_components]
@@ -306,27 +361,13 @@ def _tandem_pipeline(preset, device: str, calibration: Path | None = None, route
     return pipe
 
 
-def _preset_record(preset, pipe, edit: bool = False) -> dict:
-    """What a run's config.json says about its models: the preset's fields and the scorer's fingerprint
-    (``edit``: a run of edits, made by the preset's edit student where it has one)."""
-    from ..presets import preset_to_json
-
-    student = preset.edit_student if edit and preset.edit_student else preset.student
-    return {"preset": preset.name, "teacher": preset.teacher, "student": student, "scorer": preset.scorer,
-            "scorer_fingerprint": pipe.scorer.fingerprint() if pipe.scorer is not None else None,
-            "controlnet": preset.controlnet,
-            "student_own_components": list(pipe.editor().student_own_components if edit else
-                                           pipe.student_own_components) or None,
-            "preset_fields": preset_to_json(preset)}
-
-
 def _load_edit_cases(edits: str):
     from ..world.edits import EDIT_SEEDS, load_edits, read_edit_file
 
     try:
         return load_edits(edits) if edits in EDIT_SEEDS else read_edit_file(edits)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise cli_error(e) from None
 
 
 def _check_device(device: str) -> None:

@@ -40,7 +40,7 @@ class RunOptions:
     snapshot_every: int | None
 
     def trainer_config(self, max_steps: int):
-        from ..distill.trainer import TrainerConfig
+        from ..training.config import TrainerConfig
 
         return TrainerConfig(max_steps=max_steps, seed=self.seed, batch_size=self.batch_size,
                              grad_accum=self.grad_accum, mixed_precision=self.mixed_precision,
@@ -231,7 +231,7 @@ def distill_knowledge_cmd(
     if lr_stages is not None:
         if "warmup_steps" in overrides:
             raise UserError("--lr-stages carries its own warm-ups; drop --warmup-steps")
-        from ..distill.trainer import parse_lr_stages
+        from ..training.schedules import parse_lr_stages
 
         total = sum(stage.steps for stage in parse_lr_stages(lr_stages))
         if run.max_steps is not None and run.max_steps != total:

@@ -11,6 +11,7 @@ import typer
 
 from .. import __version__
 from ..calibration import CalibrationMismatch
+from ..pipeline.records import run_record
 from .common import (
     PRESET_HELP,
     SCORER_HELP,
@@ -24,9 +25,9 @@ from .common import (
     _load_edit_cases,
     _parts_args,
     _phase_bars,
-    _preset_record,
     _progress,
     _tandem_pipeline,
+    cli_message,
     console,
     eval_app,
 )
@@ -96,7 +97,7 @@ def _load(make, what: str):
     try:
         return make()
     except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"{what}: {e}") from e
+        raise UserError(f"{what}: {cli_message(str(e))}") from e
 
 
 def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, seed: int, out: Path, resume: bool,
@@ -107,7 +108,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     import time
 
     from ..eval import experiments
-    from ..eval.judges import quality
+    from ..routes import quality
 
     if n is not None and n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
@@ -143,7 +144,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         raise UserError("tandem eval needs the pipeline's oracle: give --scorer (e.g. clip:DIR, imagereward)")
     pipe = _tandem_pipeline(preset, device, calibration)
     made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
-               **_preset_record(preset, pipe),
+               **run_record(pipe),
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
                "calibration": str(calibration) if calibration else None,
                "cascade": str(cascade) if cascade else None,

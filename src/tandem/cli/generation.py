@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from ..pipeline.records import run_record
 from .common import (
     CONTROLNET_HELP,
     PRESET_HELP,
@@ -26,12 +27,12 @@ from .common import (
     _direct,
     _load_edit_cases,
     _phase_bars,
-    _preset_record,
     _progress,
     _read_images,
     _tandem_pipeline,
     _warn_resized,
     app,
+    cli_error,
     console,
     run_inputs,
 )
@@ -197,21 +198,35 @@ def generate(
     console.print(f"{len(prompts)} images in {time.time() - t0:.1f}s -> {out}")
 
 
-def _calibrate_cascade(pipe, preset, prompts, levels: list[int], seed: int, batch_size: int, out: Path,
+def _calibrate_cascade(pipe, prompts, levels: list[int], seed: int, batch_size: int, out: Path,
                        overwrite: bool, prompts_file: Path | None) -> None:
     with _progress("cascade", len(prompts)) as bar:
         try:
             table = pipe.calibrate_cascade(prompts, levels, seed, batch_size, callback=_phase_bars(bar),
                                            config={"command": "calibrate --cascade", "tandem_version": __version__,
-                                                   **_preset_record(preset, pipe),
+                                                   **run_record(pipe),
                                                    "prompts_file": str(prompts_file) if prompts_file else "val"})
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise cli_error(e) from None
     table.save(out, overwrite=overwrite)
     front = table.front()
     console.print(f"cascade {' -> '.join(f'student{n}' for n in table.levels)} -> teacher "
                   f"({table.teacher['strategy']}): {len(front)} front points from {front[0]['cost']:.1f} to "
                   f"{front[-1]['cost']:.1f} UNet evaluations per image -> {out}")
+
+
+MIXED_REFUSED = {"strategy": "--strategy", "rollback_sigma": "--rollback-sigma",
+                 "rollback_convention": "--rollback-convention", "threshold": "--threshold",
+                 "percentile": "--percentile", "budget": "--budget", "routing": "--budget-exact",
+                 "cascade": "--cascade", "control_image": "--control", "handoff": "--handoff"}
+
+
+def _refuse_in_mixed(**given) -> None:
+    """Refuse, for --mode mixed, the options of the other modes that were given."""
+    unused = [MIXED_REFUSED[name] for name, value in given.items() if value]
+    if unused:
+        raise UserError(f"{', '.join(unused)} do not apply to --mode mixed (the teacher takes whole transitions by "
+                        "DDIM; no oracle or ControlNet takes part)")
 
 
 def _mixed_options(mode, teacher_prob: float | None, teacher_at: list[str] | None, scheduler) -> list[int] | None:
@@ -277,12 +292,20 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
         pipe = _tandem_pipeline(preset, device, calibration, routes)
         if preset.teacher == "world":
             _check_world_prompts(prompts)
-        kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
-                      teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
-                      teacher_scheduler=scheduler.value if scheduler is not None else None,
-                      strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
-                      rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
-                      percentile=percentile, budget=budget, seed=seed, batch_size=batch_size, **(mixed or {}))
+        if mode is Mode.mixed:
+            _refuse_in_mixed(strategy=strategy, rollback_sigma=rollback_sigma, rollback_convention=rollback_convention,
+                             threshold=threshold, percentile=percentile, budget=budget, routing=routing,
+                             cascade=cascade, control_image=control_image, handoff=handoff != "latent")
+            kwargs = dict(num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                          teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale, seed=seed,
+                          batch_size=batch_size, **(mixed or {}))
+        else:
+            kwargs = dict(mode=mode.value, num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                          teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
+                          teacher_scheduler=scheduler.value if scheduler is not None else None,
+                          strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
+                          rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
+                          percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
         if routing is not None:
             kwargs["routing"] = routing
         if cascade is not None:
@@ -291,7 +314,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
             try:
                 kwargs["cascade"] = CascadeTable.load(cascade)
             except ValueError as e:
-                raise UserError(str(e)) from None
+                raise cli_error(e) from None
         if controls is not None:
             _warn_resized(controls, pipe.resolution(), "--control-image", control_image)
         t0 = time.time()
@@ -299,9 +322,12 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
             progress = _phase_bars(bar)
 
             try:
-                result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
+                if mode is Mode.mixed:
+                    result = pipe.mixed(prompts, callback=progress, **kwargs)
+                else:
+                    result = pipe(prompts, callback=progress, control_image=controls, **kwargs)
             except ValueError as e:
-                raise UserError(str(e)) from None
+                raise cli_error(e) from None
         _save_run(output, result, seed, preset.name, control_image)
         summary = result.summary
         firsts = result.student_images if result.student_images is not None else result.images
@@ -309,7 +335,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                      else list(result.images))  # mixed: no student image to set beside the final one
         save_png(output.path / "grid.png", image_grid(grid_rows[:128], columns=8))
         output.write_config({
-            "command": "generate", "tandem_version": __version__, **_preset_record(preset, pipe),
+            "command": "generate", "tandem_version": __version__, **run_record(pipe),
             "calibration": str(calibration) if calibration else preset.calibration,
             # the route table only where a budget alone took its route (explicit settings opt out of the preset's)
             "routes": (str(routes) if routes else preset.routes) if summary["settings"].get("route") else None,
@@ -416,17 +442,20 @@ def calibrate(
 
             controls = [control_image(sc, control) for sc in scenes_for_captions(prompts, seed)]
     if cascade:
-        return _calibrate_cascade(pipe, preset, prompts, cascade, seed, batch_size, out, overwrite, prompts_file)
+        return _calibrate_cascade(pipe, prompts, cascade, seed, batch_size, out, overwrite, prompts_file)
     with _progress("calibrating", len(prompts)) as bar:
         task = bar.add_task("student", total=len(prompts))
-        calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,
-                               callback=lambda _p, done, _t: bar.update(task, completed=done),
-                               config={"command": "calibrate", "tandem_version": __version__,
-                                       **_preset_record(preset, pipe), "control": control,
-                                       "control_images": "scenes_for_captions(prompts, seed)" if control else
-                                       [str(c) for c in control_image or []] or None,
-                                       "prompts_file": str(prompts_file) if prompts_file else "val"},
-                               control_image=controls)
+        try:
+            calib = pipe.calibrate(prompts, student_steps, guidance_scale, seed, batch_size,
+                                   callback=lambda _p, done, _t: bar.update(task, completed=done),
+                                   config={"command": "calibrate", "tandem_version": __version__,
+                                           **run_record(pipe), "control": control,
+                                           "control_images": "scenes_for_captions(prompts, seed)" if control else
+                                           [str(c) for c in control_image or []] or None,
+                                           "prompts_file": str(prompts_file) if prompts_file else "val"},
+                                   control_image=controls)
+        except ValueError as e:
+            raise cli_error(e) from None
     calib.save(out, overwrite=overwrite)
     taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
     console.print(f"{len(prompts)} student samples scored; tau {taus} -> {out}")
@@ -448,9 +477,9 @@ def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale
                 [c.image() for c in cases], [c.prompt for c in cases], strength, student_steps, guidance_scale,
                 seed, batch_size, callback=lambda _p, done, _t: bar.update(task, completed=done),
                 config={"command": "calibrate --edits", "tandem_version": __version__,
-                        **_preset_record(preset, pipe, edit=True), "edits": edits})
+                        **run_record(pipe, edit=True), "edits": edits})
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise cli_error(e) from None
     calib.save(out, overwrite=overwrite)
     taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
     console.print(f"{len(cases)} student edits scored at strength {calib.fingerprint['task']['edit_strength']}; "
@@ -560,7 +589,7 @@ def edit(
                                    calibration=Calibration.load(calibration) if calibration else None, seed=seed,
                                    batch_size=batch_size, callback=progress)
             except ValueError as e:
-                raise UserError(str(e)) from None
+                raise cli_error(e) from None
         size = pipe.resolution()
         for i, (record, result_image) in enumerate(zip(result.records, result.images)):
             output.save_image(i, result_image)
@@ -581,7 +610,7 @@ def edit(
             (size[1], size[0])), result.images[i])]
         save_png(output.path / "grid.png", image_grid(rows[:128], columns=8))
         output.write_config({
-            "command": "edit", "tandem_version": __version__, **_preset_record(preset, pipe, edit=True),
+            "command": "edit", "tandem_version": __version__, **run_record(pipe, edit=True),
             "calibration": str(calibration) if calibration else (
                 preset.edit_calibrations.get(summary["settings"]["edit_strength"]) if mode is EditMode.adaptive
                 else None),

@@ -12,6 +12,7 @@ from .common import (
     STUDENT_HELP,
     UserError,
     _check_out_file,
+    cli_error,
     console,
     preset_app,
 )
@@ -53,14 +54,20 @@ def preset_save(
             defaults[key] = PRESET_SETTINGS[key](value)
         except ValueError as e:
             raise UserError(f"--set {item!r}: {e}") from None
-    preset = compose(model, student=student, scorer=scorer, controlnet=controlnet, teacher_kind=teacher_kind)
+    try:
+        preset = compose(model, student=student, scorer=scorer, controlnet=controlnet, teacher_kind=teacher_kind)
+    except ValueError as e:
+        raise cli_error(e) from None
     if calibration is not None:
         from ..calibration import Calibration
 
         Calibration.load(calibration)  # a damaged file is refused now, not at the first run
     preset = dataclasses.replace(preset, name=name or out.stem, defaults={**preset.defaults, **defaults},
                                  calibration=str(calibration) if calibration else preset.calibration)
-    write_preset_file(preset, out, overwrite=overwrite)
+    try:
+        write_preset_file(preset, out, overwrite=overwrite)
+    except FileExistsError as e:  # another process wrote it since the check above
+        raise cli_error(e) from None
     console.print(f"preset {preset.name} -> {out}; use it with --preset {out}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,9 @@ from .common import (
     _check_out_file,
     _check_world_prompts,
     _collect_prompts,
+    _phase_bars,
     _progress,
+    cli_error,
     console,
     run_inputs,
     world_app,
@@ -142,8 +145,6 @@ def world_train(
     (a CLIP-initialised fusion network on a single cached sample set). A controlnet (--control mask or
     edges) trains for the teacher of --world, which stays frozen.
     """
-    import dataclasses
-
     from ..models import world_dir
     from ..world import control as world_control
     from ..world import oracle, oracle_train, train
@@ -388,11 +389,14 @@ def world_students(
 ) -> None:
     """The students the world ships: name, method, directory, default steps and guidance, parameters and
     FLOPs per UNet call, and accuracy on the test prompts with the command that measured it."""
-    from ..models import resolve_model
+    from ..models import STUDY_STUDENTS, resolve_model
     from ..students import shipped_students
 
     spec = resolve_model(model)
-    rows = shipped_students(spec)
+    # a study student whose folder is absent (an installed wheel carries none: they live in a checkout's study/)
+    absent = [n for n, s in spec.students.items() if s.study and not Path(s.path).is_dir()]
+    rows = shipped_students(dataclasses.replace(spec, students={
+        n: s for n, s in spec.students.items() if n not in absent}))
     root = Path(spec.path)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -406,7 +410,8 @@ def world_students(
     for r in rows:
         acc = r.get("accuracy")
         where = Path(r["dir"])
-        shown = where.relative_to(root) if where.is_relative_to(root) else where
+        base = next((b for b in (root, STUDY_STUDENTS.parents[1]) if where.is_relative_to(b)), None)
+        shown = where if base is None else where.relative_to(base)  # study/world-students/NAME from a checkout
         method = r["method"] + (" (baseline: no teacher)" if r["baseline"] else "")
         table.add_row(("* " if r["preset"] else "") + r["name"], method, str(r["steps"]),
                       f"{r['guidance_scale']:g}", f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_call'] / 1e6:.1f}",
@@ -414,6 +419,9 @@ def world_students(
     Console(width=None if sys.stdout.isatty() else 120).print(table)
     console.print("* the preset's default student; accuracy: exact checker on the 1000 test prompts, measured by "
                   "the command in --json's 'measured_by'")
+    if absent:
+        console.print(f"study students not installed (they live in a checkout's study/world-students/): "
+                      f"{', '.join(absent)}")
 
 
 @world_app.command("evaluate")
@@ -439,96 +447,20 @@ def world_evaluate(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier results directory.")] = False,
 ) -> None:
     """Judge the world teacher (or student) on a prompt list with the exact checker (and its VAE's reconstructions)."""
-    import json
-
-    import numpy as np
-
-    from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher, unet_evals_per_step
-    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_defaults
-    from ..outputs import OutputDir, atomic_write_text
-    from ..students import read_student_info, unet_cost
-    from ..world.evaluate import judge, vae_reconstructions
-    from ..world.prompts import load_prompts
+    from ..world.evaluate import evaluate_world
 
     if mode not in (Mode.teacher, Mode.student):
         raise UserError(f"--mode {mode.value}: world evaluate judges the teacher or the student (--mode teacher|student)")
-    spec = resolve_model(model)
-    if not spec.is_world:
-        raise UserError(f"model {model!r} is not a ShapesWorld model; the exact checker judges world images only")
-    ref = None
-    if reference is not None:
-        if mode is not Mode.student:
-            raise UserError("--reference applies to --mode student")
+    with _progress("{task.description}", 1) as bar:  # a bar per run, named like its images
         try:
-            ref_results = json.loads(reference.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"--reference {reference}: cannot read a results.json ({e})") from None
-        if "teacher" not in ref_results:
-            raise UserError(f"--reference {reference}: no teacher results in it")
-        best_key = max(ref_results["teacher"], key=lambda k: ref_results["teacher"][k]["accuracy"])
-        best_ref = ref_results["teacher"][best_key]
-        steps = ref_results["config"].get("teacher_steps")
-        ref = {f"teacher, {steps} steps, guidance {best_key}":
-               (best_ref["accuracy"], best_ref.get("unet_evals_per_image", 2 * steps if steps else "?"))}
-    prompts = _collect_prompts(None, prompts_file) if prompts_file else load_prompts("test")
-    _check_world_prompts(prompts)
-    config = {"command": "world evaluate", "tandem_version": __version__, "model": spec.name,
-              "model_path": spec.path, "mode": mode.value, "prompts_file": str(prompts_file) if prompts_file else "test",
-              "n_prompts": len(prompts), "seed": seed}
-    if mode is Mode.teacher:
-        config.update(teacher_steps=teacher_steps, scheduler=scheduler.value)
-        scales = guidance_scale or [spec.teacher.guidance_scale]
-        runs = [(str(g), f"teacher_g{g}", TeacherSettings(teacher_steps, scheduler.value, g)) for g in scales]
-    else:
-        defaults = student_defaults(spec, student)
-        path = Path(defaults.path)
-        info = read_student_info(path)
-        config.update(student=str(path), student_name=student, student_method=info.method,
-                      student_noise=student_noise)
-        default_steps = [1, 2, 4, 8] if info.base_method == "consistency" else [defaults.steps]
-        runs = [(f"steps{n}_g{g}", f"student_s{n}_g{g}", StudentSettings(n, g, student_noise))
-                for g in (guidance_scale or [defaults.guidance_scale]) for n in (student_steps or default_steps)]
-    with OutputDir(out, overwrite, info={"command": "world evaluate"},
-                   inputs=run_inputs(prompts=prompts_file, model=model, student=student)) as output:
-        if mode is Mode.teacher:
-            pipe, generate = load_teacher_pipeline(spec), generate_teacher
-        else:
-            pipe, generate = load_student_pipeline(spec, path), generate_student
-        results = {"config": config, mode.value: {},
-                   "unet": unet_cost(pipe.unet, context_length=pipe.tokenizer.model_max_length)}
-        for key, name, settings in runs:
-            with _progress(name, len(prompts)) as bar:
-                task = bar.add_task("generate", total=len(prompts))
-
-                def done(n: int, bar=bar, task=task) -> None:
-                    bar.update(task, completed=n)
-
-                images = generate(pipe, prompts, settings, seed, batch_size, on_batch=done)
-            evals = settings.steps * unet_evals_per_step(pipe, settings.guidance_scale)
-            summary = {**judge(images, prompts), "settings": settings.__dict__, "unet_evals_per_image": evals,
-                       "unet_flops_per_image": evals * results["unet"]["flops_per_call"]}
-            results[mode.value][key] = summary
-            np.savez_compressed(output.path / f"{name}.npz", images=np.stack(images))
-            console.print(f"{name}: accuracy {summary['accuracy']:.3f}, "
-                          f"1 object {summary['by_objects'].get('1', {}).get('accuracy', float('nan')):.3f}, "
-                          f"score {summary['mean_score']:.3f}")
-        best = max(results[mode.value], key=lambda k: results[mode.value][k]["accuracy"])
-        if mode is Mode.teacher:
-            results["best_guidance_scale"] = float(best)
-        else:
-            from ..plots import plot_quality_vs_steps
-
-            results["best"] = best
-            if ref is not None:
-                results["reference"] = {"file": str(reference), **{k: v[0] for k, v in ref.items()}}
-            plot = plot_quality_vs_steps(results["student"], output.path / "quality_vs_steps.png", ref,
-                                         title=f"{spec.name} student on {config['prompts_file']} prompts")
-            console.print(f"plot -> {output.final / plot.name}")
-        if vae:
-            results["vae_reconstruction"] = vae_reconstructions(pipe.vae)
-            console.print(f"vae reconstructions: accuracy {results['vae_reconstruction']['accuracy']:.3f}")
-        atomic_write_text(output.path / "results.json", json.dumps(results, indent=2) + "\n")
-    console.print(f"best {best} -> {output.path / 'results.json'}")
+            evaluation = evaluate_world(
+                out, model, mode.value, prompts_file or "test", guidance_scales=guidance_scale,
+                teacher_steps=teacher_steps, scheduler=scheduler.value, student=student, student_steps=student_steps,
+                student_noise=student_noise, seed=seed, batch_size=batch_size, vae=vae, reference=reference,
+                overwrite=overwrite, progress=_phase_bars(bar), log=console.print)
+        except ValueError as e:
+            raise cli_error(e) from None
+    console.print(f"best {evaluation.best} -> {evaluation.path / 'results.json'}")
 
 
 def _mean_unet_evals(records: list[dict]) -> float | None:

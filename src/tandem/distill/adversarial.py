@@ -58,7 +58,11 @@ import torch
 from torch import nn
 
 from ..denoiser import NoiseSchedule, trailing_timesteps
-from ..world.runs import require_decay, require_number
+from ..models import resolve_model
+from ..students import StudentInfo, save_student
+from ..training.checks import require_decay, require_number
+from ..training.config import Trainable
+from ..training.trainer import StepContext
 from .common import TeacherParts, run_method, teacher_record
 from .discriminator import (
     DEFAULT_DINOV2,
@@ -73,7 +77,7 @@ from .discriminator import (
     parse_augment,
     r1_penalty,
 )
-from .trainer import StepContext, Trainable
+from .progressive import student_scheduler as dpm_student_scheduler
 
 WEIGHTINGS = ("exponential", "sds", "nfsd")
 STUDENT_SCHEDULES = ("teacher", "zero-snr")
@@ -161,7 +165,7 @@ def student_scheduler(teacher_scheduler_config: dict, prediction_type: str = "v_
 
 
 class AdversarialDistillation:
-    """ADD for :class:`~tandem.distill.trainer.Trainer`: trainables ``student`` and ``discriminator`` (the heads).
+    """ADD for :class:`~tandem.training.trainer.Trainer`: trainables ``student`` and ``discriminator`` (the heads).
 
     Args:
         teacher: a ``StableDiffusionPipeline``-like teacher (ε-, v- or x₀-predicting).
@@ -171,7 +175,7 @@ class AdversarialDistillation:
     """
 
     name = "adversarial"
-    divergence_hint = "a lower --lr or --disc-lr"  # what a resumed run may lower (trainer.RESUMABLE_CHANGES)
+    divergence_hint = "a lower --lr or --disc-lr"  # what a resumed run may lower (training.checkpoints.RESUMABLE_CHANGES)
     uses_data = True
 
     def __init__(self, teacher, cfg: AdversarialConfig, features: FeatureNetwork, seed: int = 0):
@@ -320,9 +324,6 @@ class AdversarialDistillation:
 
 def export_student(unet, out_dir: Path, method: AdversarialDistillation, teacher_spec, optimisation_steps: int,
                    weights: str = "student") -> Path:
-    from ..students import StudentInfo, save_student
-    from .progressive import student_scheduler
-
     cfg = method.cfg
     info = StudentInfo(
         method="adversarial", scheduler="DPMSolverMultistepScheduler", prediction_type=method.prediction_type,
@@ -333,15 +334,13 @@ def export_student(unet, out_dir: Path, method: AdversarialDistillation, teacher
                  "teacher_guidance_scale": cfg.guidance_scale, "features": method.features.name,
                  "feature_blocks": method.features.layers, "feature_resolution": method.features.resolution,
                  "config": asdict(cfg)})
-    return save_student(copy.deepcopy(unet).float(), out_dir, student_scheduler(method.sampler_config), info)
+    return save_student(copy.deepcopy(unet).float(), out_dir, dpm_student_scheduler(method.sampler_config), info)
 
 
 def distill_adversarial(teacher: str, out_dir: str | Path, cfg: AdversarialConfig, trainer_cfg,
                         data: str = "world", resume: bool = False) -> Path:
     """Adversarial diffusion distillation of ``teacher`` into ``out_dir/student`` (a student sampled by DDIM in
     ``cfg.student_steps`` steps, or fewer, without guidance)."""
-    from ..models import resolve_model
-
     spec = resolve_model(teacher)
     features = cfg.features or (WORLD_CLIP if spec.is_world else DEFAULT_DINOV2)
     if features == WORLD_CLIP and not spec.is_world:

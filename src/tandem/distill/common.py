@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from ..denoiser import NoiseSchedule
-from ..models import encode_captions
+from ..models import WORLD, encode_captions, resolve_model
+from ..training.checkpoints import check_run_dir
+from ..training.config import check_precision
+from ..training.trainer import Trainer
+from .data import WorldSource, open_source
 
 
 class TeacherParts:
@@ -85,8 +89,6 @@ class TeacherParts:
 def teacher_record(spec) -> dict:
     """How a run and its student name their teacher: ``world`` for the shipped world (wherever tandem is
     installed, so a run resumes and a student loads after a reinstall), else its name and path."""
-    from ..models import WORLD
-
     if spec.name == WORLD:
         return {"name": WORLD, "path": WORLD}
     return {"name": spec.name, "path": spec.path}
@@ -107,8 +109,6 @@ def variants(method: str, ddil=None, reflect=None) -> tuple[str, dict]:
 def resolve_reflection(teacher: str, reflect):
     """``reflect`` (a :class:`tandem.reflect.Reflection` or None) with its defaults from the teacher's measured
     latent range, before any model loads (an error naming the missing ``latent_range.json``)."""
-    from ..models import resolve_model
-
     return reflect.resolved(resolve_model(teacher).path) if reflect is not None else None
 
 
@@ -136,9 +136,7 @@ def run_method(*, method_name: str, teacher: str, out_dir: str | Path, trainer_c
             the snapshots of ``trainer_cfg.snapshot_every`` into ``out_dir/snapshots/step-N``.
         snapshots: False for a method whose export cannot be taken mid-run (``snapshot_every`` is then refused).
     """
-    from ..models import load_teacher_pipeline, resolve_model
-    from .data import WorldSource, open_source
-    from .trainer import Trainer, check_precision, check_run_dir
+    from ..models import load_teacher_pipeline  # looked up at call time: tests replace it
 
     spec = resolve_model(teacher)
     if data == "world" and not spec.is_world:

@@ -37,10 +37,12 @@ from torch import nn
 
 from ..reflect import Reflection, reflected
 from ..sampling import boundary_scalings, consistency_timesteps, distillation_grid, guidance_embedding
-from ..world.runs import require_decay, require_number
-from .common import TeacherParts, options_config, teacher_record, variants
+from ..students import StudentInfo, save_student
+from ..training.checks import require_decay, require_number
+from ..training.config import Trainable
+from ..training.trainer import StepContext
+from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, variants
 from .ddil import DDILSampler, DDILSpec, Denoiser
-from .trainer import StepContext, Trainable
 
 LOSSES = ("l2", "huber")
 
@@ -95,7 +97,7 @@ def make_student_unet(teacher_unet, w_embedding_dim: int):
 
 
 class ConsistencyDistillation:
-    """The consistency distillation method for :class:`~tandem.distill.trainer.Trainer`.
+    """The consistency distillation method for :class:`~tandem.training.trainer.Trainer`.
 
     Args:
         teacher: a ``StableDiffusionPipeline``-like object with ``unet``, ``vae``, ``text_encoder``,
@@ -230,8 +232,6 @@ def export_student(unet, out_dir: str | Path, method: ConsistencyDistillation, t
     guidance through the w-embedding. It also loads in diffusers' ``LatentConsistencyModelPipeline``."""
     from diffusers import LCMScheduler
 
-    from ..students import StudentInfo, save_student
-
     cfg = method.cfg
     scheduler = LCMScheduler.from_config(method.parts.scheduler_config, original_inference_steps=cfg.num_ddim_timesteps)
     steps = method.student_steps
@@ -252,8 +252,6 @@ def distill_consistency(teacher: str, out_dir: str | Path, cfg: ConsistencyConfi
     """Train a consistency student of ``teacher`` (``world``, a model directory or a hub id) into
     ``out_dir``; the student is exported to ``out_dir/student``. Returns that directory. ``ddil``,
     ``reflect``: the DDIL options (``reflect``'s defaults from the teacher's ``latent_range.json``)."""
-    from .common import resolve_reflection, run_method
-
     exported = "sampling_ema" if cfg.sampling_ema is not None else "student"
     reflection = resolve_reflection(teacher, reflect)
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from ..world.stream import images_to_tensor
+from ..world.stream import images_to_tensor, sample_batch
 
 
 class BatchSource(Protocol):
@@ -31,8 +31,6 @@ class WorldSource:
         self.seed = seed
 
     def batch(self, index: int, size: int) -> dict:
-        from ..world.stream import sample_batch
-
         captions, images = sample_batch(self.seed, index, size)
         return {"captions": captions, "pixels": images_to_tensor(images)}
 

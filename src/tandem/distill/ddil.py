@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..denoiser import NoiseSchedule, trailing_timesteps
-from ..world.runs import require_number
+from ..training.checks import require_number
 
 SOURCES = ("frwd", "teacher", "student")
 _INTEGERS = ("buffer", "ramp", "teacher_steps", "phase2")

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hub import from_hub, quiet_hub_libraries
+
 WORLD_CLIP = "world-clip"
 DEFAULT_DINOV2 = "facebook/dinov2-small"  # ViT-S DINOv2: Table 1a's best feature network
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's input normalisation
@@ -63,8 +65,6 @@ def load_feature_network(features: str, teacher_spec, layers: int | None = None,
     """``F`` by name: ``world-clip`` (the vision tower of ``<world>/clip``, seeing pixels in [-1, 1]) for a world
     teacher, or a ``Dinov2Model`` by hub id or path (ImageNet normalisation)."""
     from transformers import AutoConfig, CLIPVisionModel, Dinov2Model
-
-    from ..models import from_hub, quiet_hub_libraries
 
     quiet_hub_libraries()
     if features == WORLD_CLIP:

@@ -53,12 +53,14 @@ from torch import nn
 
 from ..denoiser import trailing_timesteps
 from ..reflect import Reflection, reflected
-from ..world.runs import require_decay, require_number
+from ..students import StudentInfo, save_student
+from ..training.checks import require_decay, require_number
+from ..training.config import Trainable
+from ..training.trainer import StepContext
 from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, variants
 from .critic import Critic, parameters_frozen
 from .ddil import DDILSampler, DDILSpec, Denoiser
 from .progressive import student_scheduler
-from .trainer import StepContext, Trainable
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def check_ddil(cfg: DMD2Config, ddil: DDILSpec | None) -> None:
 
 
 class DMD2Distillation:
-    """DMD2 for :class:`~tandem.distill.trainer.Trainer`: trainables ``student`` and ``critic``.
+    """DMD2 for :class:`~tandem.training.trainer.Trainer`: trainables ``student`` and ``critic``.
 
     Args:
         teacher: a ``StableDiffusionPipeline``-like teacher (ε-, v- or x₀-predicting, guided classifier-free).
@@ -137,7 +139,7 @@ class DMD2Distillation:
     """
 
     name = "dmd2"
-    divergence_hint = "a lower --lr or --critic-lr"  # what a resumed run may lower (trainer.RESUMABLE_CHANGES)
+    divergence_hint = "a lower --lr or --critic-lr"  # what a resumed run may lower (training.checkpoints.RESUMABLE_CHANGES)
     uses_data = True
 
     def __init__(self, teacher, cfg: DMD2Config, default_guidance: float | None = None, seed: int = 0,
@@ -351,8 +353,6 @@ class DMD2Distillation:
 def export_student(unet, out_dir: str | Path, method: DMD2Distillation, teacher_spec, optimisation_steps: int,
                    weights: str = "student") -> Path:
     """Save a DMD2 student by the one student contract: DDIM on its trailing grid, no guidance."""
-    from ..students import StudentInfo, save_student
-
     cfg = method.cfg
     method_name, options = variants("dmd2", method.ddil.spec if method.ddil else None, method.reflect)
     info = StudentInfo(

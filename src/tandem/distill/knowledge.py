@@ -31,10 +31,14 @@ import torch
 from torch import nn
 
 from ..checks import MAX_DEPTH, MAX_WIDTH
+from ..models import make_scheduler
 from ..sampling import guidance_embedding
-from ..world.runs import require_number, require_probability
+from ..students import StudentInfo, save_student, unet_cost
+from ..training.checks import require_number, require_probability
+from ..training.config import Trainable
+from ..training.schedules import parse_lr_stages
+from ..training.trainer import StepContext
 from .common import TeacherParts, run_method, teacher_record, uniform
-from .trainer import StepContext, Trainable, parse_lr_stages
 
 ARCHS = {"half": 0.5, "quarter": 0.25, "three-quarter": 0.75}
 GUIDANCE_MODES = ("classifier-free", "w-embedding")
@@ -152,7 +156,7 @@ def make_student(teacher_unet, cfg: KnowledgeConfig, seed: int):
 
 
 class KnowledgeDistillation:
-    """Knowledge distillation (Eq. 5/6/8) for :class:`~tandem.distill.trainer.Trainer`."""
+    """Knowledge distillation (Eq. 5/6/8) for :class:`~tandem.training.trainer.Trainer`."""
 
     name = "knowledge"
     uses_data = True
@@ -231,9 +235,6 @@ class KnowledgeDistillation:
 def distill_knowledge(teacher: str, out_dir: str | Path, cfg: KnowledgeConfig, trainer_cfg,
                       data: str = "world", resume: bool = False) -> Path:
     """Distil ``teacher`` into a smaller student in ``out_dir/student`` (the EMA of its weights)."""
-    from ..models import make_scheduler
-    from ..students import StudentInfo, save_student, unet_cost
-
     def make(pipe, spec, out: Path):
         return KnowledgeDistillation(pipe, cfg, seed=trainer_cfg.seed)
 

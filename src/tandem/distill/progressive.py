@@ -43,11 +43,13 @@ from torch import nn
 from ..denoiser import trailing_timesteps
 from ..reflect import Reflection, reflected
 from ..sampling import guidance_embedding
-from ..world.runs import require_number
+from ..students import StudentInfo, save_student
+from ..training.checks import require_number
+from ..training.config import Trainable
+from ..training.trainer import StepContext
 from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, uniform, variants
 from .consistency import make_student_unet
 from .ddil import DDILSampler, DDILSpec, Denoiser
-from .trainer import StepContext, Trainable
 
 TARGETS = ("x0", "v")
 
@@ -126,7 +128,7 @@ class ProgressiveConfig:
 
 
 class ProgressiveDistillation:
-    """Progressive distillation for :class:`~tandem.distill.trainer.Trainer`.
+    """Progressive distillation for :class:`~tandem.training.trainer.Trainer`.
 
     Args:
         teacher: a ``StableDiffusionPipeline``-like teacher (ε-, v- or x₀-predicting).
@@ -293,8 +295,6 @@ def student_scheduler(scheduler_config: dict):
 
 def export_student(unet, out_dir: Path, method: ProgressiveDistillation, stage: int, teacher_spec,
                    guidance_scale: float, optimisation_steps: int) -> Path:
-    from ..students import StudentInfo, save_student
-
     cfg = method.cfg
     name, _, steps = cfg.stages[stage]
     ddil = method.ddil.spec if method.ddil is not None and name != "guidance" else None  # rounds only

@@ -2,7 +2,7 @@
 
 * ``budget``: quality against cost (UNet evaluations per image) for the teacher's samplers, the
   student, refine-all, DDIL's mixed sampler (the teacher taking a share of the student's transitions,
-  ``tandem.mixed``) and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
+  ``tandem.pipeline.mixed``) and the adaptive pipeline over a grid of k (paper Fig. 9-10), and the
   acceleration factor: the teacher's cost over the lowest adaptive cost that reaches its quality (a
   point that sent no image to the teacher is the student alone, reported as such, not as an acceleration).
 * ``winners``: where the student's image beats the teacher's (section 3.1): win rate against the
@@ -28,7 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from ..calibration import Calibration
-from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality, quality_label
+from ..outputs import atomic_write_text
+from ..pipeline.mixed import mixed_grid, mixing_obstacle
+from ..routes import quality
+from ..world.grammar import parse_caption
+from .features import diversity as feature_diversity
+from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality_label
 from .metrics import decision_accuracy, synthetic_oracle, win_rate
 from .sweep import (
     SamplerConfig,
@@ -41,6 +46,7 @@ from .sweep import (
     provenance,
     summary,
 )
+from .winners import by_bins, edge_density, student_text_influence, teacher_with_curvature
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class BudgetConfig:
     regenerate: dict = field(default_factory=lambda: {"dpm": (10, 15, 25), "ddim": (10, 20)})
     ks: tuple[int, ...] = tuple(range(0, 101, 10))
     references: tuple[str, ...] = ("ddim50", "dpm25")  # teacher runs the acceleration factor is measured against
-    # DDIL's mixed sampler (tandem.mixed) at the preset's student steps: the teacher takes each transition with
+    # DDIL's mixed sampler (tandem.pipeline.mixed) at the preset's student steps: the teacher takes each transition with
     # these probabilities p_T, and (mixed_teacher_first) the first transition only; mixed_substeps teacher DDIM
     # steps per student step (the paper's 32-step teacher for a 4-step student)
     mixed_teacher_probs: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -199,8 +205,6 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
 def _mixed_configs(cfg: BudgetConfig, student_steps: int, pipe, log: Callable[[str], None]) -> list[SamplerConfig]:
     """The mixed sampler's points of the budget curves (:class:`BudgetConfig`); none, said in ``log``, where the
     pipeline's student and teacher cannot share a trajectory."""
-    from ..mixed import mixed_grid, mixing_obstacle
-
     obstacle = mixing_obstacle(pipe)
     if obstacle is not None:
         if cfg.mixed_teacher_probs or cfg.mixed_teacher_first:
@@ -303,8 +307,6 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
     with features, the objects in the caption ShapesWorld's captions."""
     from scipy.stats import spearmanr
 
-    from .winners import by_bins, edge_density, student_text_influence, teacher_with_curvature
-
     measures = measures or Measures.for_world()
     if measures.features is None:
         raise ValueError("the winners experiment needs a feature network for the student-teacher distance "
@@ -353,8 +355,6 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
                      "distance_vs_text_influence": float(spearmanr(distance, influence).statistic)},
     }
     if measures.world:
-        from ..world.grammar import parse_caption
-
         objects = np.array([len(parse_caption(p).objects) for p in prompts])
         results["by_objects"] = by_bins(objects, s, teacher, None, factors)
         results["spearman"]["distance_vs_objects"] = float(spearmanr(distance, objects).statistic)
@@ -415,8 +415,6 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
     world CLIP's): the mean pairwise feature distance between the images of one prompt over
     ``cfg.seeds``, for the student, the teacher and the adaptive pipeline, beside their quality.
     ``seed`` offsets every run seed."""
-    from .features import diversity as feature_diversity
-
     measures = measures or Measures.for_world()
     if measures.features is None:
         raise ValueError("the diversity experiment needs a feature network (e.g. a CLIP or DINOv2: --features)")
@@ -457,8 +455,6 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
 
 
 def _write(out: Path, results: dict, plot: Path, report: str) -> None:
-    from ..outputs import atomic_write_text
-
     if not is_main_process():
         return
 

@@ -16,6 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hub import quiet_hub_libraries
+from ..models import world_dir
+from ..scorers import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    CLIPScorer,
+    _image_processor_config,
+    clip_preprocess,
+    to_image_tensor,
+)
+from ..world.conditional import scenes_for_captions
+from ..world.scene import render
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -33,8 +46,6 @@ class ImageFeatures:
     @classmethod
     def world(cls) -> ImageFeatures:
         """The shipped world CLIP (it sees pixels in [-1, 1]: mean and std 0.5)."""
-        from ..models import world_dir
-
         return cls.from_pretrained(str(world_dir() / "clip"), image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
 
     @classmethod
@@ -42,9 +53,6 @@ class ImageFeatures:
         """A transformers ``CLIPModel`` or ``Dinov2Model`` by hub id or directory; mean, std and (DINOv2)
         crop size from its preprocessor config."""
         from transformers import AutoConfig, CLIPModel, Dinov2Model
-
-        from ..models import quiet_hub_libraries
-        from ..scorers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _image_processor_config
 
         quiet_hub_libraries()
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
@@ -62,8 +70,6 @@ class ImageFeatures:
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        from ..scorers import clip_preprocess, to_image_tensor
-
         x = to_image_tensor(list(images) if isinstance(images, np.ndarray) else images)
         out = []
         for s in range(0, len(x), self.batch_size):
@@ -155,18 +161,12 @@ def diversity(features: np.ndarray) -> float:
 
 def renderings(prompts: list[str], seed: int) -> np.ndarray:
     """Exact ShapesWorld renderings uint8 [N, 32, 32, 3] of prompts (as ``tandem world render``)."""
-    from ..world.conditional import scenes_for_captions
-    from ..world.scene import render
-
     return np.stack([render(scene) for scene in scenes_for_captions(prompts, seed)])
 
 
 def world_clip_scorer():
     """The CLIP score (``tandem.scorers.CLIPScorer``) under the world CLIP, which sees pixels in [-1, 1]."""
     from transformers import CLIPModel, CLIPTokenizer
-
-    from ..models import quiet_hub_libraries, world_dir
-    from ..scorers import CLIPScorer
 
     quiet_hub_libraries()
     return CLIPScorer(CLIPModel.from_pretrained(world_dir() / "clip"),

@@ -16,6 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
+from ..scorers import CLIPScorer, load_scorer
+from .features import ImageFeatures, InceptionFeatures, renderings, world_clip_scorer
+
 
 class Judge(Protocol):
     exact: bool  # True: per-image "satisfied" beside the score (quality = share satisfied)
@@ -33,7 +36,7 @@ class ExactJudge:
     exact = True
 
     def __call__(self, images, prompts: list[str]) -> dict[str, np.ndarray]:
-        from ..world.checker import check_batch
+        from ..world.checker import check_batch  # defers scipy (world.checker)
 
         results = check_batch(list(images), prompts)
         return {"satisfied": np.array([r.satisfied for r in results]),
@@ -65,14 +68,8 @@ def load_judge(spec: str, device: str = "cpu") -> ExactJudge | ScorerJudge:
     (``imagereward[:PATH]``, ``pickscore[:ID_OR_DIR]``, ``clip:ID_OR_DIR``, ``world-oracle[:DIR]``)."""
     if spec == "world":
         return ExactJudge()
-    from ..scorers import load_scorer
 
     return ScorerJudge(load_scorer(spec, device=device), spec)
-
-
-def quality(summary: dict) -> float:
-    """An experiment's headline quality: the share satisfied under an exact judge, else the mean score."""
-    return summary["accuracy"] if "accuracy" in summary else summary["mean_score"]
 
 
 def _exact(results: dict) -> bool:
@@ -114,8 +111,6 @@ class Measures:
     def for_world(cls, judge: Judge | None = None, judge_spec: str = "world") -> Measures:
         """The exact checker (or ``judge``), the world CLIP's features and CLIP score, and exact
         renderings of the same prompts as the Fréchet reference."""
-        from .features import ImageFeatures, renderings, world_clip_scorer
-
         return cls(judge or ExactJudge(), ImageFeatures.world(), world_clip_scorer(), renderings, world=True,
                    spec={"judge": judge_spec, "features": "world clip", "clip_score": "world clip",
                          "reference": "renderings of the same prompts"})
@@ -126,8 +121,6 @@ class Measures:
         """Real tier: a judge spec (``load_judge``), a CLIP or DINOv2 for features (hub id or directory),
         a CLIP for the CLIP score, a directory of reference images for the Fréchet distance, and ``fid``
         ('inception' or 'inception:WEIGHTS_FILE') for the Inception FID against the same reference."""
-        from .features import ImageFeatures, InceptionFeatures
-
         if reference is not None and features is None and fid is None:
             raise ValueError("a Fréchet reference needs a feature network (features=... or fid=...)")
         if fid is not None and reference is None:
@@ -141,8 +134,6 @@ class Measures:
         feats = ImageFeatures.from_pretrained(features) if features is not None else None
         clip = None
         if clip_score is not None:
-            from ..scorers import CLIPScorer
-
             clip = CLIPScorer.from_pretrained(clip_score, device=device)
         images = fid_images = None
         if reference is not None and feats is not None:

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .judges import Measures, format_quality, plotted_quality, quality, quality_label
+from ..routes import quality
+from .experiments import _figure, _save_figure, _thresholds, _write
+from .judges import Measures, format_quality, plotted_quality, quality_label
 from .sweep import SamplerConfig, Sweep, compose_adaptive, provenance, summary
 
 
@@ -65,8 +67,6 @@ def curves(pipes: dict, prompts: list[str], cache: Path, seed: int, cfg: Student
            log: Callable[[str], None], progress=None, judge=None) -> tuple[list[dict], dict[str, list[dict]]]:
     """``(teacher points, {student: its points})`` on ``prompts``: each point a ``summary`` with its
     ``config`` (``"student"``, ``"regenerate dpmN k=K"`` or ``"refine sigma S k=K"``)."""
-    from .experiments import _thresholds
-
     first = next(iter(pipes.values()))
     teacher_sweep = Sweep(first, prompts, seed, cache / "teacher", batch_size, progress=progress, judge=judge,
                           identity={"runs": "teacher", "models": _teacher_identity(first)})
@@ -129,8 +129,6 @@ def students(pipes: dict, prompts: list[str], out: str | Path, seed: int = 0, cf
              made_by: dict | None = None, progress=None, measures: Measures | None = None) -> dict:
     """Run the comparison (module docstring) for ``pipes`` (name -> a calibrated ``TandemPipeline``; one
     teacher and one oracle for all) and write ``results.json``, ``students.png`` and ``report.md`` to ``out``."""
-    from .experiments import _write
-
     if not pipes:
         raise ValueError("no students to compare")
     teachers = {name: _teacher_identity(pipe) for name, pipe in pipes.items()}
@@ -158,8 +156,6 @@ def students(pipes: dict, prompts: list[str], out: str | Path, seed: int = 0, cf
 
 
 def plot_students(results: dict, path: Path) -> Path:
-    from .experiments import _figure, _save_figure
-
     y = lambda p: plotted_quality(quality(p), results)
     fig, ax = _figure(size=(8, 4.4))
     ax.set_title("the adaptive pipeline on each student: quality vs cost", fontsize=10)

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cascade import cascade_costs, final_levels, threshold_array
 from ..checks import first_difference, read_json_file
+from ..generate import prompt_generator
+from ..outputs import atomic_path, atomic_write_text
+from .features import frechet_distance
 from .judges import ExactJudge, Judge
 
 
@@ -31,7 +35,7 @@ class SamplerConfig:
     steps: int                   # teacher steps (teacher, refine-all) or student steps (student, mixed)
     scheduler: str = "dpm"       # the teacher's sampler
     rollback_sigma: float | None = None  # refine-all
-    # mixed (tandem.mixed): the teacher's DDIM grid, and p_T or the student timesteps where the teacher steps in
+    # mixed (tandem.pipeline.mixed): the teacher's DDIM grid, and p_T or the student timesteps where the teacher steps in
     teacher_steps: int | None = None
     teacher_prob: float | None = None
     teacher_at: tuple[int, ...] | None = None
@@ -78,6 +82,11 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+def run_config(pipe, prompts: list[str], *, mode: str, **kwargs):
+    """One sampler configuration's call: ``pipe.mixed`` for mixed rollouts, else ``pipe(mode=...)``."""
+    return pipe.mixed(prompts, **kwargs) if mode == "mixed" else pipe(prompts, mode=mode, **kwargs)
+
+
 class Sweep:
     """Runs configurations of one pipeline on one prompt list and seed; caches each in ``cache_dir``.
 
@@ -96,7 +105,7 @@ class Sweep:
         (no configuration a sweep runs involves the oracle, so its images are this sweep's own)."""
         self.pipe, self.prompts, self.seed, self.batch_size = pipe, list(prompts), seed, batch_size
         self.judge = judge or ExactJudge()
-        self.call = call or (lambda _indices, prompts, **kwargs: pipe(prompts, **kwargs))
+        self.call = call or (lambda _indices, prompts, **kwargs: run_config(pipe, prompts, **kwargs))
         self.progress = progress  # progress(task, done, total) after each batch
         self.dir = Path(cache_dir)
         identity = {"prompts": prompts_digest(self.prompts), "n": len(self.prompts), "seed": seed,
@@ -120,8 +129,6 @@ class Sweep:
                 raise ValueError(f"{self.dir} caches results of other prompts or settings "
                                  f"({first_difference(made, self.identity)}); use another --out")
         else:
-            from ..outputs import atomic_write_text
-
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
 
@@ -180,14 +187,12 @@ class Sweep:
         """The pipeline's oracle scores of final images (NaN without an oracle); the scorer batches internally."""
         if self.pipe.scorer is None:
             return np.full(len(prompts), np.nan)
-        return self.pipe._score(images, prompts).astype(np.float64)
+        return self.pipe.score(images, prompts).astype(np.float64)
 
     def _part(self, config: SamplerConfig, start: int) -> Path:
         return self.dir / f"{config.name}.part{start:06d}.npz"
 
     def _run_chunk(self, config: SamplerConfig, idx: list[int], part: Path) -> None:
-        from ..generate import prompt_generator
-
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in idx]
         callback = None
@@ -231,8 +236,6 @@ def _without_oracle(identity: dict) -> dict:
 
 def _save_npz(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` atomically, through a fresh temporary file (nothing beside ``path`` is followed)."""
-    from ..outputs import atomic_path
-
     with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: np.savez adds no ".npz" suffix
         np.savez(f, **data)
 
@@ -278,8 +281,6 @@ def compose_cascade(levels: list[dict[str, np.ndarray]], improved: dict[str, np.
     from the same noise, so its cost adds up; a level whose threshold keeps no image is skipped); below the
     last level's threshold, the improved result.
     ``improved_includes_student``: the improved run's ``evals`` count the last level's student (refine-all)."""
-    from ..cascade import cascade_costs, final_levels, threshold_array
-
     n = len(levels[0]["evals"])
     thresholds = threshold_array(thresholds)[None]
     chosen = final_levels(np.stack([run["oracle"] for run in levels]), thresholds)
@@ -303,7 +304,6 @@ def summary(per_image: dict[str, np.ndarray], reference_features: np.ndarray | N
     out.update(mean_score=float(np.mean(per_image["score"])), unet_evals_mean=float(np.mean(per_image["evals"])))
     if "clip_score" in per_image:
         out["clip_score"] = float(np.mean(per_image["clip_score"]))
-    from .features import frechet_distance
 
     if "features" in per_image and reference_features is not None:
         out["frechet_distance"] = frechet_distance(per_image["features"], reference_features)

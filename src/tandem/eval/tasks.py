@@ -24,7 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from ..calibration import Calibration
-from .experiments import _figure, _number, _save_figure, _write
+from ..world.conditional import scenes_for_captions
+from ..world.control import control_fidelity, control_image
+from ..world.edits import load_edits
+from ..world.prompts import load_prompts
+from .experiments import _figure, _number, _save_figure, _write, is_adaptive
+from .features import ImageFeatures
 from .metrics import win_rate
 from .sweep import SamplerConfig, Sweep, compose_adaptive, config_dict, provenance, summary
 
@@ -78,8 +83,6 @@ def _summary(per_image: dict) -> dict:
 def _acceptance(points: list[dict], student: dict, teachers: dict[str, dict]) -> dict:
     """For each teacher: the cheapest adaptive point (0 < k < 100, some image sent to the teacher) at least
     as accurate, if any; and whether the adaptive pipeline beats the student there."""
-    from .experiments import is_adaptive
-
     adaptive = [p for p in points if is_adaptive(p)]  # a point that sent no image to the teacher is the student
     out = {}
     for name, t in teachers.items():
@@ -116,9 +119,6 @@ def edit(pipe, cases: list, out: str | Path, seed: int = 0, cfg: EditConfig = Ed
          log: Callable[[str], None] = print, made_by: dict | None = None,
          progress: Callable[[str, int, int], None] | None = None, calibration_cases: list | None = None) -> dict:
     """SDEdit in tandem over strengths (see the module docstring); ``cases`` are ``EditCase``s."""
-    from ..world.edits import load_edits
-    from .features import ImageFeatures
-
     out = Path(out)
     pipe = pipe.editor()  # the pipeline with its edit student, if it has one (caches name that student)
     if cfg.main_strength not in cfg.strengths:
@@ -271,10 +271,6 @@ def control(pipe, prompts: list[str], kind: str, out: str | Path, seed: int = 0,
             progress: Callable[[str, int, int], None] | None = None, calibration_prompts: list[str] | None = None
             ) -> dict:
     """ControlNet generation in tandem (see the module docstring); ``pipe`` carries the ``kind`` ControlNet."""
-    from ..world.conditional import scenes_for_captions
-    from ..world.control import control_fidelity, control_image
-    from ..world.prompts import load_prompts
-
     out = Path(out)
     held_out = calibration_prompts if calibration_prompts is not None else load_prompts("val")
 

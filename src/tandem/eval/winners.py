@@ -19,6 +19,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..generate import decode_latents, initial_latents, prompt_generator
+from ..models import make_scheduler
 from .metrics import win_rate
 
 
@@ -31,9 +33,6 @@ def teacher_with_curvature(pipe, prompts: list[str], seed: int, steps: int, guid
     Returns:
         uint8 images [N, H, W, 3], curvatures [N].
     """
-    from ..generate import decode_latents, initial_latents
-    from ..models import make_scheduler
-
     teacher = pipe.teacher
     images, curvature = [], []
     for start in range(0, len(prompts), batch_size):
@@ -77,8 +76,6 @@ def student_cross_attention(pipe, prompts: list[str], seed: int, steps: int, bat
     from the generator of ``(seed, i)``, as in the sweeps; under classifier-free guidance only the
     conditional half counts."""
     from diffusers.models.attention_processor import AttnProcessor
-
-    from ..generate import prompt_generator
 
     class Recording(AttnProcessor):
         """diffusers' plain attention, with its attention probabilities passed to ``sink``."""

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import Calibration
 from ..checks import load_pretrained, read_json_file
+from ..hub import quiet_hub_libraries
+from ..models import STUDY_STUDENTS, world_dir
 from ..outputs import atomic_write_text, staged_dir
+from ..pipeline import load_preset
+from ..presets import compose
+from ..students import load_student_parts
 from .models import build_noise_scheduler
 
 
@@ -40,8 +46,6 @@ def write_world(
 ) -> Path:
     """Write a world directory from in-memory components (``clip`` is the full ``CLIPModel``)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    from ..models import quiet_hub_libraries
 
     quiet_hub_libraries()
     out = Path(out)
@@ -123,8 +127,6 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     """
     import re
 
-    from ..students import load_student_parts
-
     world, student_dir = Path(world), Path(student_dir)
     meta_path = world / "tandem.json"
     if not meta_path.exists():
@@ -136,8 +138,12 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", name):
         raise ValueError(f"student name {name!r}: use lower-case letters, digits, '.', '+' and '-'")
     preset = name is None if preset is None else preset
-    relative = "student" if name is None else f"students/{name}"
-    target = world / relative
+    # the shipped world's study students (tandem.json says "study") are replaced where they live, in the checkout's
+    # study/ rather than the package; in any other world directory a student lives in that world
+    study = (name is not None and meta.get("students", {}).get(name, {}).get("study") is True
+             and world.resolve() == world_dir().resolve())
+    relative = "student" if name is None else name if study else f"students/{name}"
+    target = (STUDY_STUDENTS if study else world) / relative
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace that student")
     for source in (evaluations or {}).values():
@@ -156,7 +162,7 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
             shutil.copy(run_dir / "train_config.json", staging / "train_config.json")
         for file_name, source in (evaluations or {}).items():
             shutil.copy(source, staging / file_name)
-    entry = {"path": relative, "steps": steps, "guidance_scale": guidance_scale}
+    entry = {"path": relative, **({"study": True} if study else {}), "steps": steps, "guidance_scale": guidance_scale}
     if name is not None:
         meta.setdefault("students", {})[name] = entry
     if preset:
@@ -173,10 +179,6 @@ def add_calibration(world: str | Path, name: str, calibration: str | Path, overw
     The calibration must have been made for that very student at its shipped steps and guidance and with
     the world's oracle on generation (``Calibration.check`` against the pipeline ``--student NAME`` builds);
     anything else is refused, naming the difference."""
-    from ..calibration import Calibration
-    from ..models import world_dir
-    from ..presets import compose, load_preset
-
     world, calibration = Path(world), Path(calibration)
     meta_path = world / "tandem.json"
     if not meta_path.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..generate import prompt_seed
 from .grammar import ParsedCaption, parse_caption
 from .scene import (
     AXIS_CENTERS,
@@ -62,6 +63,4 @@ def scene_for_caption(caption: str | ParsedCaption, rng: np.random.Generator) ->
 
 def scenes_for_captions(captions: list[str], seed: int) -> list[Scene]:
     """``scene_for_caption`` of caption i drawn from the generator of ``(seed, i)`` (``tandem world render``)."""
-    from ..generate import prompt_seed
-
     return [scene_for_caption(c, np.random.default_rng(prompt_seed(seed, i))) for i, c in enumerate(captions)]

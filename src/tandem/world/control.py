@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hub import quiet_hub_libraries
+from ..models import world_dir
 from ..outputs import atomic_write_text
-from .runs import require_decay, require_number, require_probability, require_training_fields
+from ..training.checks import require_decay, require_number, require_probability, require_training_fields
+from ..training.config import Trainable
 from .scene import CANVAS, Scene, object_mask, render
 from .stream import sample_scenes
 
@@ -137,7 +140,7 @@ class ControlNetTraining:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from .models import build_noise_scheduler
+        from .models import build_noise_scheduler  # defers diffusers and transformers
 
         self.cfg, self.name = cfg, f"controlnet-{cfg.control}"
         self.vae = AutoencoderKL.from_pretrained(world / "vae").eval().requires_grad_(False)
@@ -150,8 +153,6 @@ class ControlNetTraining:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float64)
 
     def trainables(self):
-        from ..distill.trainer import Trainable
-
         cfg = self.cfg
         return [Trainable("controlnet", self.controlnet, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                           grad_clip=cfg.grad_clip, emas={"ema": cfg.ema_decay})]
@@ -160,7 +161,7 @@ class ControlNetTraining:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
 
     def step(self, batch, update: str, ctx) -> dict[str, torch.Tensor]:
-        from .train import min_snr_loss, noised_batch, step_generator
+        from .train import min_snr_loss, noised_batch, step_generator  # defers diffusers and transformers
 
         cfg, i = self.cfg, ctx.batch_index
         captions, images, controls = sample_control_batch(cfg.seed, i, cfg.batch_size, cfg.control)
@@ -177,8 +178,7 @@ def train_controlnet(out: str | Path, cfg: ControlNetTrainConfig | None = None,
     """Train a ``cfg.control`` ControlNet for the teacher of ``cfg.world``; export to ``out/controlnet``."""
     import copy
 
-    from ..models import quiet_hub_libraries, world_dir
-    from .train import finish_world_run, run_world_training
+    from .train import finish_world_run, run_world_training  # defers diffusers and transformers
 
     cfg = cfg if cfg is not None else ControlNetTrainConfig()
     if cfg.control not in CONTROLS:

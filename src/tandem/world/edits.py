@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import read_text_input
 from .scene import (
     AXIS_CENTERS,
     CANVAS,
+    CELL_TO_POSITION,
     COLORS,
     JITTER,
+    POSITIONS,
     RADII,
     SHAPES,
     SIZES,
@@ -74,8 +77,6 @@ def _edited_scene(scene: Scene, j: int, attribute: str, after: str, rng: np.rand
         new = replace(o, size=after, radius=r, says_size=True,
                       cx=min(max(o.cx, r), CANVAS - 1 - r), cy=min(max(o.cy, r), CANVAS - 1 - r))
     else:
-        from .scene import POSITIONS
-
         cell = POSITIONS[after]
         jx, jy = (int(v) for v in rng.integers(-JITTER, JITTER + 1, size=2))
         r = o.radius
@@ -101,8 +102,7 @@ def make_edit(split: str, index: int) -> EditCase | None:
 def draw_edit(family: int, index: int) -> tuple[Scene, int, str, str, str, str] | None:
     """Edit ``index`` of the seed family ``family`` (a split's is ``EDIT_SEEDS[split]``): (source scene, object,
     attribute, before, after, edited caption), or None when the draw is not a well-posed edit."""
-    from .checker import check
-    from .scene import CELL_TO_POSITION
+    from .checker import check  # defers scipy (world.checker)
 
     scene = sample_scene((family, index))
     rng = np.random.default_rng([family, index, 1])
@@ -149,8 +149,6 @@ def generate_edits(split: str, n: int) -> list[EditCase]:
 
 def read_edit_file(path: str | Path) -> list[EditCase]:
     """Edit cases from a JSON-lines file (one ``EditCase`` per line)."""
-    from ..checks import read_text_input
-
     text = read_text_input(path, "edit file")  # a regular file of bounded size, else a one-line error
     try:
         lines = [line for line in text.splitlines() if line.strip()]

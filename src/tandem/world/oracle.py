@@ -30,9 +30,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import file_digest
 from ..checks import MAX_DEPTH, MAX_WIDTH, load_pretrained, load_safetensors, read_json_file
+from ..generate import (
+    StudentSettings,
+    TeacherSettings,
+    decode_latents,
+    derive_seed,
+    generate_student,
+    generate_teacher,
+    initial_latents,
+    prompt_generator,
+)
+from ..hub import quiet_hub_libraries
+from ..models import load_student_pipeline, make_scheduler, resolve_model, world_dir
 from ..outputs import atomic_path, atomic_write_text
-from .runs import config_dict, require_number, require_training_fields
+from ..sampling import student_kind
+from ..scorers import register_scorer, to_image_tensor
+from ..training.checks import config_dict, require_number, require_training_fields
+from ..training.config import Trainable
+from . import oracle_net
+from .oracle_net import load_oracle_state, read_oracle_config
+from .prompts import load_prompts
 from .stream import sample_batch
 
 # Stream seeds no other world run uses (vae 1, clip 2, teacher 3, decoder 4; prompt lists 1 and 2
@@ -117,8 +136,6 @@ class WorldOracle(nn.Module):
         """Towers from a transformers ``CLIPModel`` directory; fusion and head freshly initialised."""
         from transformers import CLIPModel
 
-        from ..models import quiet_hub_libraries
-
         quiet_hub_libraries()
         clip = load_pretrained(CLIPModel.from_pretrained, clip_dir, "CLIP")
         model = cls(clip.config.to_dict(), arch)
@@ -142,8 +159,6 @@ class WorldOracle(nn.Module):
     def from_pretrained(cls, path: str | Path) -> WorldOracle:
         """A saved oracle in float32, in eval mode; a damaged ``config.json`` or weights file is a ``ValueError``
         naming the file and what is wrong with it, before anything is allocated."""
-        from .oracle_net import load_oracle_state, read_oracle_config
-
         path = Path(path)
         file = path / "config.json"
         config = read_oracle_config(path, MODEL, ("arch", "clip"))
@@ -210,14 +225,11 @@ class WorldOracleScorer:
         """Load ``path`` [the shipped world's ``oracle/``] (its ``tokenizer/`` beside the weights)."""
         from transformers import CLIPTokenizer
 
-        from ..models import quiet_hub_libraries, world_dir
-
         path = Path(path) if path is not None else world_dir() / "oracle"
         if not (path / WEIGHTS).exists():
             raise FileNotFoundError(f"no world oracle in {path} (no {WEIGHTS}); train one with "
                                     "`tandem world train oracle --out DIR` (it lands in DIR/oracle)")
         quiet_hub_libraries()
-        from . import oracle_net
 
         model = read_json_file(path / "config.json", "oracle config").get("model")
         if model == oracle_net.MODEL:  # Oracle II
@@ -240,8 +252,6 @@ class WorldOracleScorer:
         Returns:
             Tensor[B], float32 on the CPU; higher is better (Oracle II: the calibrated P(satisfied)).
         """
-        from ..scorers import to_image_tensor
-
         x = to_image_tensor(images)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(x):
@@ -262,8 +272,6 @@ class WorldOracleScorer:
 
     def fingerprint(self) -> dict:
         """What makes the scores: kind, resolved directory and sha256 of the weights file."""
-        from ..calibration import file_digest
-
         if self.path is None:  # an in-memory model: digest its parameters
             import hashlib
 
@@ -273,6 +281,14 @@ class WorldOracleScorer:
                 h.update(v.detach().float().cpu().numpy().tobytes())
             return {"kind": self.kind, "path": None, "weights": "sha256:" + h.hexdigest()}
         return {"kind": self.kind, "path": str(self.path.resolve()), "weights": file_digest(self.path / WEIGHTS)}
+
+
+def _world_oracle(source: str, device: str | torch.device) -> WorldOracleScorer:
+    """``load_scorer("world-oracle[:DIR]")``: the oracle in DIR [the shipped world's]."""
+    return WorldOracleScorer.from_pretrained(source or None, device=device)
+
+
+register_scorer(WorldOracleScorer.kind, _world_oracle)  # tandem.scorers.SCORER_PLUGINS names this module for it
 
 
 # -- training data: tandem's own samples, labelled by the judge --------------------------------------
@@ -350,15 +366,12 @@ def draw_prompts(stream_seed: int, n: int, exclude: set[str]) -> tuple[list[str]
 def _student_latents(pipe, prompts: list[str], indices: list[int], steps: int, guidance_scale: float,
                      seed: int) -> torch.Tensor:
     """The x0 latents [B, 4, h, w] that ``generate.generate_student`` decodes for these prompt indices."""
-    from ..generate import initial_latents, prompt_generator
-    from ..sampling import consistency_sample
-
+    kind = student_kind(pipe)  # the world's consistency student: its kind brings its own sampler
     gens = [prompt_generator(seed, i) for i in indices]
     latents = initial_latents(pipe, seed, indices, gens)
     embeds = pipe.encode_prompt([prompts[i] for i in indices], pipe.device, 1, False)[0]
-    return consistency_sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
-                              steps=steps, guidance_scale=guidance_scale,
-                              original_steps=pipe.scheduler.config.original_inference_steps)
+    return kind.sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
+                       steps=steps, guidance_scale=guidance_scale, original_steps=kind.max_steps(pipe.scheduler))
 
 
 @torch.no_grad()
@@ -371,16 +384,7 @@ def generate_kind(kind: str, prompts: list[str], seed: int, recipe: SampleRecipe
     """
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from ..generate import (
-        StudentSettings,
-        TeacherSettings,
-        decode_latents,
-        derive_seed,
-        generate_student,
-        generate_teacher,
-        prompt_generator,
-    )
-    from ..models import load_student_pipeline, load_teacher_pipeline, make_scheduler, resolve_model
+    from ..models import load_teacher_pipeline  # looked up at call time: tests replace it
 
     pipes = pipes if pipes is not None else {}
     spec = resolve_model(str(world))
@@ -426,7 +430,7 @@ def build_split(data_dir: Path, stream_seed: int, n: int, recipe: SampleRecipe, 
         prompts, and flat arrays over (kind, prompt): ``images`` uint8 [N, 32, 32, 3], ``prompt`` and
         ``kind`` indices, the judge's ``score`` and ``satisfied``.
     """
-    from .checker import check_batch
+    from .checker import check_batch  # defers scipy (world.checker)
 
     data_dir.mkdir(parents=True, exist_ok=True)
     prompts, renders = draw_prompts(stream_seed, n, exclude)
@@ -655,8 +659,6 @@ class OracleTraining:
         self.groups = trainable_groups(model, cfg)
 
     def trainables(self):
-        from ..distill.trainer import Trainable
-
         cfg = self.cfg
         # the trainable parameters (``params``) in two groups, each at its own peak LR
         return [Trainable("oracle", self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
@@ -686,9 +688,7 @@ def train_oracle(out: str | Path, cfg: OracleTrainConfig | None = None, resume: 
     """
     from transformers import CLIPTokenizer
 
-    from ..models import world_dir
-    from .prompts import load_prompts
-    from .train import finish_world_run, open_world_run, world_trainer
+    from .train import finish_world_run, open_world_run, world_trainer  # defers diffusers and transformers
 
     cfg = cfg if cfg is not None else OracleTrainConfig()
     world = Path(cfg.world) if cfg.world else world_dir()

@@ -34,8 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import first_difference, read_text_file
+from ..generate import derive_seed, prompt_generator
 from ..outputs import atomic_path, atomic_write_text
-from .runs import config_dict, require_number
+from ..pipeline import load_preset
+from ..presets import PRESETS
+from ..training.checks import config_dict, require_number
+from .conditional import scenes_for_captions
+from .control import control_image
+from .edits import _edited_scene, draw_edit
+from .prompts import load_prompts
+from .scene import CELL_TO_POSITION, COLORS, SHAPES, SIZES, Scene, _boxes_apart, _draw_object, render
+from .stream import sample_scenes
 
 EDIT_FAMILY = 17  # edit cases of the oracle's data: sample_scene((EDIT_FAMILY, stream_seed, index)); not 3 or 4 (the edit lists)
 CORRUPTIONS = ("color", "shape", "size", "move", "drop", "extra", "swap")
@@ -78,9 +87,6 @@ class DataRecipe:
 def corrupt_scene(scene, what: str, rng: np.random.Generator):
     """The scene with one near-miss defect ``what`` (one of ``CORRUPTIONS``), or None where it does not apply
     (a swap needs two objects, a drop or move a free place, ...). The caption stays the original's."""
-    from .edits import _edited_scene
-    from .scene import CELL_TO_POSITION, COLORS, SHAPES, SIZES, Scene, _boxes_apart, _draw_object
-
     objects = list(scene.objects)
     j = int(rng.integers(len(objects)))
     o = objects[j]
@@ -124,8 +130,6 @@ def corrupt_scene(scene, what: str, rng: np.random.Generator):
 
 def corruptions_of(scene, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
     """``n`` renderings of distinct corruptions of ``scene`` that apply (fewer where fewer apply)."""
-    from .scene import render
-
     out = []
     for what in rng.permutation(CORRUPTIONS):
         if len(out) == n:
@@ -143,8 +147,6 @@ class ShardDrawer:
     """Draws shards with the world's pipelines (loaded once): ``drawer(split_seed, k) -> dict of arrays``."""
 
     def __init__(self, recipe: DataRecipe, world: str | Path | None = None, batch_size: int = 250):
-        from ..presets import PRESETS, load_preset
-
         self.recipe, self.batch_size = recipe, batch_size
         presets = {"": "world", **{kind: f"world-{kind}" for kind in recipe.control}}
         self.pipes = {}
@@ -155,19 +157,12 @@ class ShardDrawer:
             self.pipes[kind] = load_preset(preset)
 
     def prompts(self, stream_seed: int, k: int, exclude: set[str]):
-        from .stream import sample_scenes
-
         scenes = [s for s in sample_scenes(stream_seed, k, self.recipe.shard_prompts) if s.caption not in exclude]
         return [s.caption for s in scenes], scenes
 
     def __call__(self, stream_seed: int, k: int, exclude: set[str],
                  progress: Callable[[str], None] = lambda what: None) -> dict[str, np.ndarray]:
-        from ..generate import derive_seed
-        from .checker import check_batch
-        from .conditional import scenes_for_captions
-        from .control import control_image
-        from .edits import draw_edit
-        from .scene import render
+        from .checker import check_batch  # defers scipy (world.checker)
 
         r, pipe, bs = self.recipe, self.pipes[""], self.batch_size
         captions, scenes = self.prompts(stream_seed, k, exclude)
@@ -238,8 +233,6 @@ def subsets_of(n: int, values) -> list[tuple[object, list[int]]]:
 
 
 def _generators(seed: int, idx: list[int]):
-    from ..generate import prompt_generator
-
     return [prompt_generator(seed, i) for i in idx]
 
 
@@ -247,8 +240,6 @@ def build_shards(out: str | Path, split_seed: int, shards: int, recipe: DataReci
                  world: str | Path | None = None, log: Callable[[str], None] = print) -> list[Path]:
     """Shards ``0 .. shards-1`` of the stream ``split_seed`` in ``out`` (``shard-00000.npz`` ...), drawing
     only the missing ones. Returns the shard paths."""
-    from .prompts import load_prompts
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     identity = json.dumps({"stream_seed": split_seed, "recipe": config_dict(recipe), "kinds": list(KINDS),

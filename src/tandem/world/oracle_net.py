@@ -28,7 +28,8 @@ from torch import nn
 
 from ..checks import MAX_DEPTH, MAX_WIDTH, load_safetensors, read_json_file
 from ..outputs import atomic_path, atomic_write_text
-from .runs import config_dict, require_number
+from ..training.checks import config_dict, require_number
+from .scene import COLORS, PALETTE
 
 WEIGHTS = "model.safetensors"
 MODEL = "tandem.world.oracle_net.CompositionalOracle"
@@ -89,7 +90,6 @@ class CompositionalOracle(nn.Module):
         super().__init__()
         self.vocab_size, self.max_length, self.arch, self.image_size = vocab_size, max_length, arch, image_size
         self.register_buffer("platt", torch.tensor(platt, dtype=torch.float32))
-        from .scene import COLORS, PALETTE
 
         self.register_buffer("colors", torch.tensor([(0, 0, 0)] + [PALETTE[c] for c in COLORS]).float() / 255)
         c_in = (3 + 2 * arch.coords + arch.palette * len(self.colors)) * arch.patch ** 2

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import world_dir
 from ..outputs import atomic_write_text
+from ..training.checks import require_number, require_training_fields
+from ..training.config import Trainable
 from .oracle import MODEL as FIRST_MODEL
-from .oracle import tokenize
+from .oracle import WorldOracleScorer, pairwise_agreement, tokenize
 from .oracle_data import KINDS, DataRecipe, build_shards, load_shards
 from .oracle_net import CompositionalOracle, NetArch, auc, expected_calibration_error, fit_platt
-from .runs import require_number, require_training_fields
 
 SPLITS = {"train": 101, "eval": 102, "cal": 103}  # stream seeds (the first oracle's train/eval were 101/102 too)
 
@@ -103,8 +105,6 @@ class OracleNetTraining:
         self.model, self.cfg, self.batches = model, cfg, batches
 
     def trainables(self):
-        from ..distill.trainer import Trainable
-
         cfg = self.cfg
         return [Trainable("oracle", self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                           lr_schedule="cosine", grad_clip=1.0)]
@@ -147,8 +147,6 @@ def evaluate(pred: np.ndarray, data: dict, keep: np.ndarray | None = None) -> di
     image" iff its prediction is >= tau, against the judge's preference between the student's and teacher's
     images, at tau = each 5th percentile of the student4 predictions (best reported, as `tandem eval oracle` does).
     """
-    from .oracle import pairwise_agreement
-
     keep = np.ones(len(pred), bool) if keep is None else keep
     kind, sat, score, group = data["kind"], data["satisfied"].astype(bool), data["score"], data["group"]
 
@@ -195,8 +193,7 @@ def train_oracle_net(out: str | Path, cfg: OracleNetTrainConfig | None = None, r
     (``eval.json``, with the world's first oracle, ``oracle-clip/``, beside it on the same images)."""
     from transformers import CLIPTokenizer
 
-    from ..models import world_dir
-    from .train import finish_world_run, open_world_run, world_trainer
+    from .train import finish_world_run, open_world_run, world_trainer  # defers diffusers and transformers
 
     cfg = cfg if cfg is not None else OracleNetTrainConfig()
     world = Path(cfg.world) if cfg.world else world_dir()
@@ -238,8 +235,6 @@ def evaluate_export(target: Path, data: dict, baseline: Path | None = None) -> d
     """The saved oracle (fp16 weights, as shipped) on the held-out split, and beside it the oracle in ``baseline``
     (a first world oracle, ``oracle.WorldOracle``) on the same images."""
     from transformers import CLIPTokenizer
-
-    from .oracle import WorldOracleScorer
 
     model = CompositionalOracle.from_pretrained(target)
     tokenizer = CLIPTokenizer.from_pretrained(target / "tokenizer")

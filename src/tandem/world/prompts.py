@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from tandem.checks import read_text_input
 from tandem.world.scene import sample_scene
 
 SPLIT_SEEDS = {"val": 1, "test": 2}  # scene i of a split is sample_scene((SPLIT_SEEDS[split], i))
@@ -51,8 +52,6 @@ def load_prompts(split: str) -> list[str]:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a text file: one per line, stripped, blank lines skipped."""
-    from ..checks import read_text_input
-
     text = read_text_input(path, "prompt file")  # a regular file of bounded size, else a one-line error
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:

@@ -1,6 +1,6 @@
 """``tandem world train vae|vae-decoder|clip|teacher``: reproduce ShapesWorld's components from scratch.
 
-Each component is a small method of the one :class:`~tandem.distill.trainer.Trainer` (which owns
+Each component is a small method of the one :class:`~tandem.training.trainer.Trainer` (which owns
 the run directory, checkpoints, exact resume, EMAs and logs). A world training is data-free from
 the Trainer's side: its method draws batch ``ctx.batch_index`` (the step: a world training runs in
 one CPU process) from the world's training stream itself. At the end each component exports its
@@ -25,9 +25,20 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..calibration import module_digest
 from ..checks import check_model_class, check_weights, load_pretrained
-from ..distill.trainer import LR_SCHEDULES, Trainable, Trainer, TrainerConfig, check_run_dir
-from ..models import encode_captions, quiet_hub_libraries
+from ..hub import quiet_hub_libraries
+from ..models import encode_captions
 from ..outputs import atomic_write_text
+from ..training.checkpoints import check_run_dir
+from ..training.checks import (
+    config_dict,
+    require_decay,
+    require_number,
+    require_probability,
+    require_training_fields,
+)
+from ..training.config import Trainable, TrainerConfig
+from ..training.schedules import LR_SCHEDULES
+from ..training.trainer import Trainer
 from .assemble import text_encoder_of
 from .models import (
     CLIPArchConfig,
@@ -37,13 +48,6 @@ from .models import (
     build_noise_scheduler,
     build_unet,
     build_vae,
-)
-from .runs import (
-    config_dict,
-    require_decay,
-    require_number,
-    require_probability,
-    require_training_fields,
 )
 from .stream import images_to_tensor, sample_batch
 from .tokenizer import build_tokenizer

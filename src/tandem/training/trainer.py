@@ -22,11 +22,8 @@ and how a loss is computed; the Trainer owns everything else:
 
 A run directory holds ``train_config.json`` (the run's configuration), ``log.jsonl``,
 ``checkpoint/`` (``state.pt``, ``rng-<process>.pt``, ``meta.json``), what the method exports and,
-once the run has finished, ``done.json``. A new run needs a new or empty ``--out`` (checked,
-created and probed for writability before any model is loaded; ``keep`` names entries it may
-already hold, such as a data cache), and ``--resume`` continues the run whose
-``train_config.json`` matches (except ``max_steps`` and ``threads``), from its last checkpoint
-(or step 0 when it stopped before its first one), never from a checkpoint past ``max_steps``.
+once the run has finished, ``done.json``; :mod:`tandem.training.checkpoints` checks it and reads
+its checkpoints.
 
 Data comes from a :class:`~tandem.distill.data.BatchSource`: batch ``i`` is a pure function
 of ``i``, so the data position is the step and a resumed run sees the batches an
@@ -41,171 +38,40 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..checks import first_difference, read_json_file
+from ..checks import NonFiniteError, first_difference, read_json_file
 from ..generate import derive_seed
-from ..outputs import atomic_write_text, make_writable_dir, staged_dir
-from ..world.runs import (
+from ..outputs import atomic_write_text, staged_dir
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    RESUMABLE_CHANGES,
     RUN_CONFIG,
-    check_new_run_dir,
+    check_run_dir,
+    find_checkpoint,
     load_checkpoint_file,
-    require_decay,
-    require_number,
+    read_checkpoint_meta,
+    remove_path,
     restore_entry,
+    rng_state,
+    set_rng_state,
     trim_log,
+    without_resumable_changes,
 )
+from .checks import require_decay
+from .config import Trainable, TrainerConfig, check_precision
+from .schedules import lr_lambda
 
-CHECKPOINT_DIR = "checkpoint"
-MIXED_PRECISION = ("no", "bf16", "fp16")
-LR_SCHEDULES = ("constant", "cosine")
 _STATE_PARTS = ("models", "optimizers", "schedulers", "emas")  # of checkpoint/state.pt
 SNAPSHOT_DIR = "snapshots"
-
-
-@dataclass(frozen=True)
-class LRStage:
-    """One stage of a staged LR schedule: ``steps`` long, a linear warm-up of ``warmup`` steps to ``peak``
-    (a factor of the trainable's ``lr``), then ``shape``: ``"constant"`` or ``"cosine"`` (to 0 at the
-    stage's end)."""
-
-    steps: int
-    shape: str = "constant"
-    peak: float = 1.0
-    warmup: int = 0
-
-    def __post_init__(self):
-        require_number(self.steps, "LR stage: steps", integer=True, at_least=1)
-        if self.shape not in LR_SCHEDULES:
-            raise ValueError(f"LR stage: shape must be one of {LR_SCHEDULES}, got {self.shape!r}")
-        require_number(self.peak, "LR stage: peak (a factor of the learning rate)", above=0.0)
-        require_number(self.warmup, "LR stage: warmup", integer=True, at_least=0)
-        if self.warmup >= self.steps:
-            raise ValueError(f"LR stage: the warm-up ({self.warmup} steps) must be shorter than the stage "
-                             f"({self.steps} steps)")
-
-
-def parse_lr_stages(text: str) -> tuple[LRStage, ...]:
-    """``"STEPS[:SHAPE[:PEAK[:WARMUP]]],..."`` as :class:`LRStage` s; e.g. the world teacher's three stages,
-    ``"7250:constant:1:500,3600:cosine:0.5:100,3000:cosine:0.2:100"``. A ValueError names the bad stage."""
-    stages = []
-    for i, part in enumerate(p.strip() for p in text.split(",")):
-        fields = part.split(":")
-        if not part or len(fields) > 4:
-            raise ValueError(f"LR stage {i + 1} {part!r}: expected STEPS[:SHAPE[:PEAK[:WARMUP]]]")
-        try:
-            steps = int(fields[0])
-            shape = fields[1] if len(fields) > 1 else "constant"
-            peak = float(fields[2]) if len(fields) > 2 else 1.0
-            warmup = int(fields[3]) if len(fields) > 3 else 0
-        except ValueError:
-            raise ValueError(f"LR stage {i + 1} {part!r}: STEPS and WARMUP must be integers, PEAK a number") from None
-        try:
-            stages.append(LRStage(steps, shape, peak, warmup))
-        except ValueError as e:
-            raise ValueError(f"LR stage {i + 1} {part!r}: {e}") from None
-    return tuple(stages)
-
-
-@dataclass
-class Trainable:
-    """A network the method trains.
-
-    Attributes:
-        name: key under which the method reaches it (``ctx.model(name)``) and its losses are logged.
-        module: the network (its parameters with ``requires_grad`` are optimised).
-        lr: peak learning rate, reached after ``warmup_steps`` of linear warm-up (0: the network never moves).
-        lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` (decays to 0 at ``max_steps``);
-            see :func:`lr_factor`.
-        every: update ratio; the network is updated on steps where ``step % every == 0``.
-        emas: EMA copies to keep, ``{ema_name: decay}``; reach them with ``ctx.ema(name, ema_name)``.
-        make_optimizer: ``params -> Optimizer`` [AdamW(lr, betas, weight_decay)]; it may build parameter groups
-            with learning rates of their own (the LR schedule scales every group's).
-        lr_stages: a staged schedule instead (its lengths add up to the run's ``max_steps``; each stage has its
-            own warm-up, so ``warmup_steps`` must be 0 and ``lr_schedule`` constant).
-    """
-
-    name: str
-    module: nn.Module
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    grad_clip: float | None = 1.0
-    every: int = 1
-    emas: dict[str, float] = field(default_factory=dict)
-    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
-    lr_stages: tuple[LRStage, ...] = ()
-
-    def __post_init__(self):
-        if not self.name:
-            raise ValueError("a trainable needs a name")
-        require_number(self.lr, f"{self.name}: lr", at_least=0.0)
-        if len(self.betas) != 2:
-            raise ValueError(f"{self.name}: betas must be two numbers, got {self.betas!r}")
-        for beta in self.betas:
-            require_decay(beta, f"{self.name}: betas")
-        require_number(self.weight_decay, f"{self.name}: weight_decay", at_least=0.0)
-        require_number(self.warmup_steps, f"{self.name}: warmup_steps", integer=True, at_least=0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"{self.name}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.grad_clip is not None:
-            require_number(self.grad_clip, f"{self.name}: grad_clip", above=0.0)
-        require_number(self.every, f"{self.name}: every", integer=True, at_least=1)
-        for ema_name, decay in self.emas.items():
-            require_decay(decay, f"{self.name}: EMA {ema_name!r} decay")
-        if self.lr_stages and (self.warmup_steps or self.lr_schedule != "constant"):
-            raise ValueError(f"{self.name}: a staged LR schedule carries its own warm-ups and shapes; "
-                             f"warmup_steps ({self.warmup_steps}) and lr_schedule ({self.lr_schedule!r}) do not apply")
-
-
-def staged_lr_factor(step: int, stages: tuple[LRStage, ...]) -> float:
-    """The LR factor at ``step`` of a staged schedule: within stage ``s`` starting at ``start``, with
-    ``k = step - start``, ``peak (k + 1) / warmup`` during the warm-up, then ``peak`` (constant) or
-    ``peak (1 + cos(pi p)) / 2`` with ``p = (k - warmup) / (steps - warmup)`` (cosine). Past the last stage
-    the last stage's end value holds."""
-    start = 0
-    for stage in stages:
-        k = step - start
-        if k < stage.steps or stage is stages[-1]:
-            k = min(k, stage.steps)
-            if k < stage.warmup:
-                return stage.peak * (k + 1) / stage.warmup
-            if stage.shape == "constant":
-                return stage.peak
-            return stage.peak * 0.5 * (1 + math.cos(math.pi * (k - stage.warmup) / (stage.steps - stage.warmup)))
-        start += stage.steps
-    raise ValueError("a staged LR schedule needs at least one stage")
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "constant") -> float:
-    """The factor on the peak LR for optimisation step ``step`` (0-based).
-
-    Linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps; then 1
-    (``"constant"``) or ``(1 + cos(pi * p)) / 2`` with ``p = (step - warmup_steps) / (max_steps -
-    warmup_steps)`` clipped to 1 (``"cosine"``: SGDR's decay without restarts, Loshchilov & Hutter 2017).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))))
 
 
 class Method(Protocol):
@@ -231,43 +97,6 @@ class Method(Protocol):
     # ``state_dict() -> dict`` (tensors and plain data) and ``load_state_dict(state)``; the Trainer keeps
     # it in every checkpoint and restores it on resume. ``state_dict()`` returning None means no state in this
     # run (an option that keeps state is off), and its checkpoints hold none.
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    max_steps: int
-    seed: int = 0
-    batch_size: int = 32  # per process and micro-batch
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    checkpoint_every: int = 250
-    log_every: int = 25
-    threads: int | None = None  # torch intra-op threads per process [torch's default]
-    snapshot_every: int | None = None  # export the method's result every N steps into snapshots/step-N
-
-    def __post_init__(self):
-        require_number(self.max_steps, "max_steps", integer=True, at_least=1)
-        require_number(self.seed, "seed", integer=True, at_least=0)
-        require_number(self.batch_size, "batch_size", integer=True, at_least=1)
-        require_number(self.grad_accum, "grad_accum", integer=True, at_least=1)
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        require_number(self.checkpoint_every, "checkpoint_every", integer=True, at_least=1)
-        require_number(self.log_every, "log_every", integer=True, at_least=1)
-        if self.threads is not None:
-            require_number(self.threads, "threads", integer=True, at_least=1)
-        if self.snapshot_every is not None:
-            require_number(self.snapshot_every, "snapshot_every", integer=True, at_least=1)
-
-
-def check_precision(mixed_precision: str, cpu: bool | None = None) -> None:
-    """Refuse a precision the device would not compute in: fp16 autocast needs a GPU (on the CPU accelerate
-    computes in fp32 while the run would record fp16). ``cpu``: the run is on the CPU [when no GPU is here]."""
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    if mixed_precision == "fp16" and cpu:
-        raise ValueError("mixed_precision fp16 needs a GPU (on the CPU it would compute in fp32 and record fp16); "
-                         "use 'bf16' or 'no' (--mixed-precision)")
 
 
 class EMACopy:
@@ -319,70 +148,6 @@ class StepContext:
         return self._trainer._frozen[name]
 
 
-def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int, num_processes: int | None = None,
-                  keep: tuple[str, ...] = ()) -> Path | None:
-    """Check that ``out_dir`` can hold this run before any model is loaded, and create it.
-
-    A new run needs a new or empty directory (``keep``: names it may already hold, such as a data
-    cache an earlier run left for this one); a resumed one a ``train_config.json`` (read as JSON
-    here) and, if it checkpointed, a checkpoint at most at ``max_steps`` (written by ``num_processes``
-    processes, when given). Either way the directory is created and proved writable; nothing is
-    written in it.
-
-    Returns:
-        the checkpoint directory a resumed run continues from (``None`` for a new run, or for a run
-        stopped before its first checkpoint, which starts again at step 0).
-    """
-    path = Path(out_dir)
-    if not resume:
-        check_new_run_dir(path, (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", "done.json"), keep)
-        make_writable_dir(path)
-        return None
-    if not (path / RUN_CONFIG).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {path} (no {RUN_CONFIG}: no run there)")
-    read_json_file(path / RUN_CONFIG, "run config")
-    ckpt = _checkpoint_dir(path)
-    if ckpt is None and (path / "done.json").exists():  # finished, then its checkpoint was removed
-        raise FileNotFoundError(f"--resume: no checkpoint in {path} (the run finished; its checkpoint is gone)")
-    if ckpt is not None:
-        meta = _checkpoint_meta(ckpt)
-        if meta["step"] > max_steps:
-            raise ValueError(f"the checkpoint in {path} is at step {meta['step']}, past --max-steps {max_steps}; "
-                             f"resume with --max-steps {meta['step']} or more")
-        if num_processes is not None and meta["num_processes"] != num_processes:
-            raise ValueError(f"--resume: the checkpoint was written by {meta['num_processes']} processes; "
-                             f"resume it with the same number (this run has {num_processes})")
-        # read (tensors memory-mapped, so cheaply) now rather than after the models load: a damaged or
-        # foreign checkpoint file is refused first
-        for name in ("state.pt", *(f"rng-{i}.pt" for i in range(meta["num_processes"]))):
-            load_checkpoint_file(ckpt / name, mmap=True)
-    make_writable_dir(path)
-    return ckpt
-
-
-def _checkpoint_dir(run_dir: Path) -> Path | None:
-    """``checkpoint/``, or ``checkpoint.old/`` after a crash between the two renames of a save; None if neither."""
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
-            return run_dir / name
-    return None
-
-
-def _checkpoint_meta(ckpt: Path) -> dict:
-    meta = read_json_file(ckpt / "meta.json", "checkpoint")
-    if not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in ("step", "num_processes")):
-        raise ValueError(f"checkpoint {ckpt / 'meta.json'} lacks its step or number of processes; it is damaged")
-    return meta
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, a symlink (never what it points to) or a directory tree; nothing if absent."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
 class Trainer:
     """Train ``method`` into ``out_dir``.
 
@@ -431,7 +196,7 @@ class Trainer:
             params = [p for p in t.module.parameters() if p.requires_grad]
             opt = (t.make_optimizer(params) if t.make_optimizer is not None
                    else torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, cfg.max_steps, t.lr_schedule,
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, cfg.max_steps, t.lr_schedule,
                                                                     t.lr_stages))
             # the LR schedule stays unprepared: accelerate would step it once per process
             module, opt = self.accelerator.prepare(t.module, opt)
@@ -452,8 +217,8 @@ class Trainer:
         ckpt = check_run_dir(self.dir, self.resume, self.cfg.max_steps, self.accelerator.num_processes, self.keep)
         if self.resume:
             cfg_path = self.dir / RUN_CONFIG
-            saved = _without_resumable_changes(read_json_file(cfg_path, "run config"))
-            requested = _without_resumable_changes(_jsonable(self.run_config))
+            saved = without_resumable_changes(read_json_file(cfg_path, "run config"))
+            requested = without_resumable_changes(_jsonable(self.run_config))
             if saved != requested:
                 raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path} "
                                  f"({first_difference(saved, requested)}); a resumed run may change only "
@@ -491,26 +256,26 @@ class Trainer:
         acc = self.accelerator
         tmp, final, old = (self.dir / f"{CHECKPOINT_DIR}{s}" for s in (".tmp", "", ".old"))
         if self.is_main:
-            _remove(tmp)
+            remove_path(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
         if self.is_main:
             torch.save(self._state(), tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": acc.num_processes}) + "\n")
         acc.wait_for_everyone()
         if self.is_main:
             if final.exists() or final.is_symlink():
-                _remove(old)
+                remove_path(old)
                 os.replace(final, old)
             os.replace(tmp, final)
-            _remove(old)
+            remove_path(old)
         acc.wait_for_everyone()
 
     def _load(self, ckpt: Path) -> int:
         """Restore weights, optimizers, LR schedules, EMAs and this process's RNG states from ``ckpt``."""
         acc = self.accelerator
-        meta = _checkpoint_meta(ckpt)
+        meta = read_checkpoint_meta(ckpt)
         state_path = ckpt / "state.pt"
         state = load_checkpoint_file(state_path)
         if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in _STATE_PARTS):
@@ -536,7 +301,7 @@ class Trainer:
         if _method_state(self.method) is not None:
             restore_entry(self.method, state, ("method",), state_path)
         rng_path = ckpt / f"rng-{acc.process_index}.pt"
-        _set_rng_state(load_checkpoint_file(rng_path), rng_path)
+        set_rng_state(load_checkpoint_file(rng_path), rng_path)
         return meta["step"]
 
     # -- training ------------------------------------------------------------------------------------
@@ -592,14 +357,12 @@ class Trainer:
     def _check_finite(self, losses: dict, name: str, step: int) -> None:
         """Stop the run at the first non-finite loss, naming it (before it reaches any weight); the method's
         ``divergence_hint`` says what to try."""
-        from ..checks import NonFiniteError
-
         for key, value in losses.items():
             if not bool(torch.isfinite(value.detach()).all()):
                 lower = getattr(self.method, "divergence_hint", "a lower --lr")
-                ckpt = _checkpoint_dir(self.dir)
+                ckpt = find_checkpoint(self.dir)
                 if ckpt is not None:
-                    hint = (f"resume from its last checkpoint (step {_checkpoint_meta(ckpt)['step']}) with --resume "
+                    hint = (f"resume from its last checkpoint (step {read_checkpoint_meta(ckpt)['step']}) with --resume "
                             f"and {lower}")
                 else:
                     hint = f"it wrote no checkpoint yet, so nothing of it is kept: start it again with {lower}"
@@ -634,10 +397,10 @@ class Trainer:
     def _forget_unsaved_run(self) -> None:
         """A new run that fails before its first checkpoint (bad data, divergence) keeps nothing to resume: remove
         what it wrote (its config, log and snapshots), so that the corrected run may start in the same ``--out``."""
-        if self.resume or not self.is_main or _checkpoint_dir(self.dir) is not None:
+        if self.resume or not self.is_main or find_checkpoint(self.dir) is not None:
             return
         for name in (RUN_CONFIG, "log.jsonl", SNAPSHOT_DIR):
-            _remove(self.dir / name)
+            remove_path(self.dir / name)
 
     def _train_loop(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -684,17 +447,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
 
-def _lr_lambda(warmup_steps: int, max_steps: int, schedule: str,
-               stages: tuple[LRStage, ...] = ()) -> Callable[[int], float]:
-    """``lr_factor`` (or ``staged_lr_factor``) as ``LambdaLR`` calls it (a plain function: ``LambdaLR`` keeps no
-    state of it in checkpoints, so a run resumed with a new ``max_steps`` decays to the new one)."""
-    def factor(step: int) -> float:
-        if stages:
-            return staged_lr_factor(step, stages)
-        return lr_factor(step, warmup_steps, max_steps, schedule)
-    return factor
-
-
 def _method_state(method) -> dict | None:
     """The method's own state to checkpoint, or None (no ``state_dict``, or it returns None)."""
     return method.state_dict() if hasattr(method, "state_dict") else None
@@ -704,48 +456,5 @@ def _name_key(name: str) -> int:
     return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") & (2**62 - 1)
 
 
-def _rng_state() -> dict:
-    """This process's RNG states as tensors and plain data (what ``torch.load(weights_only=True)`` reads)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Any, path: Path) -> None:
-    """Restore what :func:`_rng_state` saved (read from ``path``)."""
-    try:
-        numpy_state, python_state = state["numpy"], state["python"]
-        torch.set_rng_state(state["torch"])
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-        random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
-        raise ValueError(f"checkpoint {path} holds no valid RNG state; it is damaged or not tandem's") from None
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-# what a resume may change: how long, on how many threads, how often it snapshots, and its learning rates (lower
-# ones, after a divergence)
-RESUMABLE_CHANGES = ("max_steps", "threads", "snapshot_every", "lr", "disc_lr", "critic_lr")
-
-
-def _without_resumable_changes(cfg: dict) -> dict:
-    """The run config less what a resume may change (:data:`RESUMABLE_CHANGES`: a longer run, another
-    thread count), wherever a section records it."""
-    out = json.loads(json.dumps(cfg))
-    for section in out.values():
-        if isinstance(section, dict):
-            for key in RESUMABLE_CHANGES:
-                section.pop(key, None)
-    return out

@@ -1,5 +1,6 @@
 """Teacher and student in one trajectory on a shared DDIM grid: the covariate-shift study of DDIL
-(Garrepalli et al., appendix E, Tables 5-7), as an inference mode of :class:`~tandem.pipeline.TandemPipeline`.
+(Garrepalli et al., appendix E, Tables 5-7), as an entry point of :class:`~tandem.pipeline.TandemPipeline`
+(:meth:`~tandem.pipeline.TandemPipeline.mixed`).
 
 The student's K-step grid ``t_0 > t_1 > ... > t_{K-1}`` (trailing spacing: 999, 749, 499, 249 for K = 4)
 runs down to the clean end ``t_K = -1``, and lies on the teacher's finer trailing grid of N = m K steps
@@ -28,7 +29,7 @@ diffusers' dynamic thresholding) thresholds it here too; DDIM from the threshold
 DPM-Solver++(1) step with thresholding, as a progressive student samples.
 
 The sampler (:func:`mixed_sample`) is a free function of tensors and keeps gradients; the pipeline's
-``__call__`` turns them off.
+``mixed`` turns them off.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .checks import check_finite, count, finite_number
-from .denoiser import CLEAN, NoiseSchedule, trailing_timesteps
-
-if TYPE_CHECKING:
-    from .pipeline import TandemOutput, TandemPipeline
+from ..checks import check_finite, count, finite_number
+from ..denoiser import CLEAN, NoiseSchedule, trailing_timesteps
+from ..generate import initial_latents, prompt_generator, prompt_seed
+from ..sampling import boundary_scalings, guidance_embedding, student_kind, unet_evals_per_step
+from ..students import student_info_of
+from .components import check_shared_latents
+from .records import CostLedger, TandemOutput, final_images, image_record, run_summary
+from .stages import decode
 
 TEACHER_SUBSTEPS = 8  # teacher steps per student step by default (the paper's 32-step teacher, 4-step student)
 ROLES = ("student", "teacher")
@@ -103,8 +106,8 @@ def check_teacher_choice(grid: MixedGrid, teacher_prob: float | None = None,
                          teacher_at: Sequence[int] | None = None) -> tuple[float | None, tuple[int, ...] | None]:
     """``(teacher_prob, teacher_at)`` checked: exactly one given, p_T in [0, 1], timesteps on the student's grid."""
     if (teacher_prob is None) == (teacher_at is None):
-        raise ValueError("mixed sampling needs exactly one of teacher_prob (--teacher-prob) or teacher_at "
-                         f"(--teacher-at); got {'both' if teacher_prob is not None else 'neither'}")
+        raise ValueError("mixed sampling needs exactly one of teacher_prob or teacher_at; "
+                         f"got {'both' if teacher_prob is not None else 'neither'}")
     if teacher_prob is not None:
         return finite_number(teacher_prob, "teacher_prob", low=0, high=1), None
     at = tuple(count(t, "teacher_at timesteps", minimum=0) for t in teacher_at)
@@ -167,8 +170,6 @@ class X0Denoiser:
         self.consistency_scaling, self.reflect = consistency_scaling, reflect
 
     def __call__(self, x: torch.Tensor, t: int, rows: list[int]) -> torch.Tensor:
-        from .sampling import boundary_scalings, guidance_embedding
-
         cond = self.cond[rows]
         if self.guided:
             both = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([self.uncond[rows], cond])).sample
@@ -243,8 +244,6 @@ class _Charged:
 def mixing_obstacle(pipe) -> str | None:
     """Why the student and teacher of ``pipe`` (a TandemPipeline) cannot share a trajectory, or None: an
     image-to-image teacher, a ControlNet, an SDXL pipeline, other latents or another noise schedule."""
-    from .pipeline import _check_shared_latents
-
     if pipe.teacher is None:
         return "mixed sampling needs a text-to-image teacher; this one is an image-to-image pipeline"
     if getattr(pipe.student, "controlnet", None) is not None:
@@ -254,7 +253,7 @@ def mixing_obstacle(pipe) -> str | None:
             return (f"mixed sampling runs Stable Diffusion-style UNets with one text encoder; the {who} is an "
                     "SDXL pipeline")
     try:
-        _check_shared_latents(pipe.student, pipe.teacher, "mixed sampling hands each trajectory between student "
+        check_shared_latents(pipe.student, pipe.teacher, "mixed sampling hands each trajectory between student "
                               "and teacher", "use mode='student' or mode='teacher'")
     except ValueError as e:
         return str(e)
@@ -275,11 +274,7 @@ def scheduler_reflection(scheduler) -> Callable[[torch.Tensor], torch.Tensor] | 
 def student_denoiser(pipe, prompts: list[str], schedule: NoiseSchedule, guidance_scale: float) -> X0Denoiser:
     """The student of ``pipe`` (a TandemPipeline) as an x0-denoiser for ``prompts``: guidance and prediction type
     from its ``student.json`` (else from its UNet: a w-embedding where it has ``time_cond_proj_dim``), its
-    consistency function where its own scheduler is an ``LCMScheduler``, and its scheduler's thresholding."""
-    from diffusers import LCMScheduler
-
-    from .students import student_info_of
-
+    consistency function where its kind has one (:class:`tandem.sampling.StudentKind`), and its scheduler's thresholding."""
     student = pipe.student
     info = student_info_of(student)
     embedded = student.unet.config.get("time_cond_proj_dim") is not None
@@ -287,8 +282,8 @@ def student_denoiser(pipe, prompts: list[str], schedule: NoiseSchedule, guidance
     prediction = student.scheduler.config.get("prediction_type", "epsilon")
     guided = guidance == "classifier-free" and guidance_scale > 1
     cond, uncond = student.encode_prompt(prompts, student.device, 1, guided)[:2]
-    scaling = (student.scheduler.config.get("timestep_scaling", 10.0)
-               if isinstance(student.scheduler, LCMScheduler) else None)
+    kind = student_kind(student)
+    scaling = kind.consistency_scaling(student.scheduler) if kind.consistency_scaling is not None else None
     return X0Denoiser(student.unet, schedule, prediction, cond, guidance=guidance, guidance_scale=guidance_scale,
                       uncond=uncond, consistency_scaling=scaling, reflect=scheduler_reflection(student.scheduler))
 
@@ -304,20 +299,17 @@ def teacher_denoiser(pipe, prompts: list[str], schedule: NoiseSchedule, guidance
                       guidance_scale=guidance_scale, uncond=uncond, reflect=scheduler_reflection(teacher.scheduler))
 
 
-def generate_mixed(pipe: TandemPipeline, prompts: list[str], *, teacher_prob: float | None,
+def generate_mixed(pipe, prompts: list[str], *, teacher_prob: float | None,
                    teacher_at: Sequence[int] | None, num_inference_steps: int | None, guidance_scale: float | None,
                    teacher_steps: int | None, teacher_guidance_scale: float | None, seed: int,
                    generator: Sequence[torch.Generator] | None, batch_size: int, output_type: str,
                    callback: Callable[[str, int, int], None] | None) -> TandemOutput:
-    """``TandemPipeline.__call__(mode="mixed")`` (call it there: it checks the other arguments and turns
-    gradients off): each image drawn by :func:`mixed_sample` from the student's initial noise (that of
+    """:meth:`TandemPipeline.mixed <tandem.pipeline.TandemPipeline.mixed>` of ``pipe`` (call it there: it turns gradients
+    off): each image drawn by :func:`mixed_sample` from the student's initial noise (that of
     ``mode="student"``), with the choices of :func:`teacher_choices`; the student's steps and guidance
     are the pipeline's, the teacher's ``teacher_steps`` [8 per student step] at its guidance. The image
     is decoded by the student's VAE. Each record says who took each transition (``transitions``) and
     its UNet evaluations, a classifier-free guided step counting two."""
-    from .generate import initial_latents, prompt_generator, prompt_seed, unet_evals_per_step
-    from .pipeline import CostLedger, TandemOutput, _final, image_record
-
     obstacle = mixing_obstacle(pipe)
     if obstacle is not None:
         raise ValueError(obstacle)
@@ -349,7 +341,7 @@ def generate_mixed(pipe: TandemPipeline, prompts: list[str], *, teacher_prob: fl
             out = mixed_sample(noise[idx], grid, [choices[i] for i in idx], student, teacher, schedule)
             check_finite(out, "the mixed trajectory's latents", idx)
             t0 = time.perf_counter()
-            decoded = pipe._decode(pipe.student, out, idx)
+            decoded = decode(pipe.student, out, idx)
             ledger.add("vae_decode", idx)
             timings["decode"] += time.perf_counter() - t0
             for j, i in enumerate(idx):
@@ -372,8 +364,9 @@ def generate_mixed(pipe: TandemPipeline, prompts: list[str], *, teacher_prob: fl
     }
     student_cost = steps * unet_evals_per_step(pipe.student, guidance)  # every transition by the student
     teacher_cost = t_steps * unet_evals_per_step(pipe.teacher, t_guidance)  # every transition by the teacher
-    summary = pipe._summary(records, settings, timings, total, student_cost, teacher_cost, None)
+    summary = run_summary(records, settings, timings, total, student_cost, teacher_cost, None,
+                          own_components=pipe.student_own_components)
     summary["teacher_share"] = float(taken.mean())  # of all transitions
     summary["teacher_share_by_timestep"] = {str(t): float(share) for t, share in
                                             zip(grid.student_timesteps, taken.mean(axis=0))}
-    return TandemOutput(_final(images, latents, output_type), records, summary, None)
+    return TandemOutput(final_images(images, latents, output_type), records, summary, None)

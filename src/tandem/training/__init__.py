@@ -1,0 +1,5 @@
+"""Training machinery that every training shares: the one Trainer (:mod:`~tandem.training.trainer`), what a
+training is told (:mod:`~tandem.training.config`: ``TrainerConfig``, ``Trainable``), LR schedules
+(:mod:`~tandem.training.schedules`), run directories and checkpoints (:mod:`~tandem.training.checkpoints`) and the
+checks of a training config's numbers (:mod:`~tandem.training.checks`). The distillation methods
+(:mod:`tandem.distill`) and the world's component trainings (:mod:`tandem.world`) build on it; it imports neither."""
