@@ -118,6 +118,7 @@ def test_knowledge_student_is_a_teacher(students, real_tier, tmp_path, capsys, m
     assert code == 2 and "cannot be a teacher" in err, err
 
 
+@pytest.mark.slow  # 45 s; test_distill.py checks the shared Trainer's two-process equality in the default run
 @pytest.mark.parametrize("method,extra", [
     ("progressive", ["--start-steps", "4", "--guidance-steps", "1", "--round-steps", "1"]),
     ("knowledge", ["--arch", "half"]),

@@ -71,6 +71,7 @@ def test_the_teacher_draws_its_captions_far_above_chance(world_pipe):
     assert summary["by_objects"]["1"]["accuracy"] >= 0.75, summary
 
 
+@pytest.mark.slow  # 18 s: the judge's control, checked once; the default run keeps the judged shipped teacher
 def test_control_an_untrained_unet_fails_the_same_judge(world_pipe):
     prompts = load_prompts("test")[:N_PROMPTS]
     trained = world_pipe.unet
