@@ -138,9 +138,9 @@ class Editing:
                              None if mode == "teacher" else draw, route, improve, plan.do_score, callback)
         finally:
             self.student.scheduler = original
-        path = "teacher" if mode == "teacher" else "regenerated"
+        path, improved = "teacher" if mode == "teacher" else "regenerated", set(run.improved)
         records = [{**image_record(i, prompts[i], "student" if mode == "student" else
-                                   path if i in set(run.improved) else "accepted",
+                                   path if i in improved else "accepted",
                                    prompt_seed(seed, i) if generator is None else None, ledger, run.scores[i],
                                    plan.cut.tau),
                     "edit_strength": plan.strength, "start_timestep": int(plan.student_timesteps[0])}

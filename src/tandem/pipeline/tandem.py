@@ -186,7 +186,8 @@ class TandemPipeline(Calibrating, Editing):
                 [0, 1]); the same control conditions the student, the teacher and the refinement.
             controlnet_conditioning_scale: the ControlNet residuals' weight [1.0].
         """
-        prompts, n = prompt_list(prompt), len(prompt_list(prompt))
+        prompts = prompt_list(prompt)
+        n = len(prompts)
         if mode == "mixed":
             raise ValueError("mixed rollouts have their own entry point: pipe.mixed(prompts, teacher_prob=... or "
                              "teacher_at=...)")
@@ -212,15 +213,16 @@ class TandemPipeline(Calibrating, Editing):
                          levels[:-1])
         level_steps = [*([] if plan.cascade is None else
                          [s for s, t in zip(plan.cascade.steps, plan.cascade.thresholds) if np.isfinite(t)]), plan.steps]
+        improved, level_members = set(run.improved), [set(members) for members in run.levels]
         records = []
         for i in range(n):
-            taken = "student" if mode == "student" else plan_path(plan) if i in set(run.improved) else "accepted"
+            taken = "student" if mode == "student" else plan_path(plan) if i in improved else "accepted"
             rec = image_record(i, prompts[i], taken, prompt_seed(seed, i) if generator is None else None, ledger,
                                run.scores[i], plan.cut.tau)
             if taken == "refined":
                 rec["rollback_sigma"], rec["teacher_steps_run"] = plan.refine.sigma, plan.refine.steps
             if plan.cascade is not None:
-                rec["cascade_levels"] = [s for s, members in zip(level_steps, run.levels) if i in set(members)]
+                rec["cascade_levels"] = [s for s, members in zip(level_steps, level_members) if i in members]
             records.append(rec)
         settings = plan.settings()
         if controls is not None:
