@@ -15,7 +15,7 @@ import pytest
 import tandem
 
 SRC = Path(tandem.__file__).parent
-OUTER = ("tandem.world", "tandem.eval", "tandem.distill", "tandem.cli", "tandem.training")
+OUTER = ("tandem.world", "tandem.eval", "tandem.distill", "tandem.cli", "tandem.training", "tandem.serve")
 
 
 def modules() -> dict[str, tuple[Path, bool]]:
@@ -121,8 +121,11 @@ def test_the_public_api():
     assert tandem.TandemPipeline.__module__ == "tandem.pipeline.tandem"
 
 
-def test_no_pipeline_module_is_a_room_of_its_own():
-    for path in (SRC / "pipeline").glob("*.py"):
+@pytest.mark.parametrize("package", ["pipeline", "training", "serve"])
+def test_no_module_of_a_split_package_is_a_room_of_its_own(package):
+    paths = sorted((SRC / package).glob("*.py"))
+    assert len(paths) > 1
+    for path in paths:
         assert len(path.read_text().splitlines()) <= 400, path.name
 
 

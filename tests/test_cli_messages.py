@@ -81,3 +81,46 @@ def test_commands_quoted_values_and_paths_stay_as_they_are():
         assert cli_message(text) == text
     # a message that still names the option itself shows it once
     assert cli_message("pass control_image (--control-image), one per prompt") == "pass --control-image, one per prompt"
+
+
+def _said(call, kind: type[Exception] = ValueError) -> str:
+    with pytest.raises(kind) as e:
+        call()
+    assert "--" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_the_trainings_messages_name_the_arguments_and_the_command_line_its_options(tmp_path):
+    from tandem.distill.adversarial import AdversarialDistillation
+    from tandem.distill.ddil import DDILSpec
+    from tandem.distill.dmd2 import DMD2Config, DMD2Distillation, check_ddil
+    from tandem.outputs import write_json_file
+    from tandem.training.checkpoints import check_run_dir
+    from tandem.training.config import check_precision
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x\n")
+    said = _said(lambda: check_run_dir(tmp_path / "mine", False, 1), FileExistsError)
+    assert said.startswith(f"out_dir {tmp_path / 'mine'} is not empty") and said.endswith(
+        "(resume=True continues a run stopped in it)")
+    assert cli_message(said).startswith(f"--out {tmp_path / 'mine'} is not empty")
+    assert cli_message(said).endswith("(--resume continues a run stopped in it)")
+    said = _said(lambda: check_run_dir(tmp_path / "none", True, 1), FileNotFoundError)
+    assert cli_message(said) == f"--resume: no checkpoint in {tmp_path / 'none'} (no train_config.json: no run there)"
+    said = _said(lambda: check_precision("fp16", cpu=True))
+    assert cli_message(said).startswith("--mixed-precision fp16 needs a GPU")
+    said = _said(lambda: DDILSpec.parse("frwd=0.5,student=0.5,teacher_steps=2"))
+    assert said == "ddil.teacher_steps: no rollout uses the teacher (give teacher > 0 or mixed < 1)"
+    assert cli_message(said) == "--ddil teacher_steps: no rollout uses the teacher (give teacher > 0 or mixed < 1)"
+    said = _said(lambda: check_ddil(DMD2Config(steps=1), DDILSpec.parse("student=1")))
+    assert cli_message(said) == ("dmd2 takes --ddil as on-policy rollouts to a step of a multi-step student, so it "
+                                 "needs --steps > 1, no buffer=, and no --backward-simulation setting (DDIL chooses "
+                                 "the inputs)")
+    for method, lower in ((AdversarialDistillation, "--lr or --disc-lr"), (DMD2Distillation, "--lr or --critic-lr")):
+        assert cli_message(f"resume from its last checkpoint (step 2) with resume=True and {method.divergence_hint}") \
+            == f"resume from its last checkpoint (step 2) with --resume and a lower {lower}"
+    (tmp_path / "t.json").write_text("{}\n")
+    said = _said(lambda: write_json_file(tmp_path / "t.json", {}), FileExistsError)
+    assert cli_message(said) == f"{tmp_path / 't.json'} exists; pass --overwrite to replace it"
+    # a student method's name keeps its '+ddil'
+    assert cli_message("the consistency+ddil student") == "the consistency+ddil student"

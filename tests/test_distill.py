@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedule
 from tandem.distill.consistency import ConsistencyConfig, ConsistencyDistillation, make_student_unet
 from tandem.distill.data import WorldSource
 from tandem.generate import StudentSettings, generate_student
-from tandem.models import load_student_pipeline, resolve_model
+from tandem.loaders import load_student
 from tandem.sampling import boundary_scalings, consistency_timesteps, guidance_embedding
 from tandem.students import StudentInfo, save_student
 from tandem.training.config import TrainerConfig
@@ -139,8 +139,7 @@ def test_boundary_condition():
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_sampler_matches_diffusers_lcm_pipeline(tiny_world, random_student, steps):
-    spec = resolve_model(str(tiny_world))
-    pipe = load_student_pipeline(spec, random_student)
+    pipe = load_student(random_student, teacher_source=str(tiny_world))
     prompts = ["a red circle", "two blue squares at the top"]
     ours = generate_student(pipe, prompts, StudentSettings(steps=steps, guidance_scale=5.0), seed=7, batch_size=2)
     from tandem.generate import prompt_generator
@@ -156,7 +155,7 @@ def test_sampler_matches_diffusers_lcm_pipeline(tiny_world, random_student, step
 
 
 def test_student_images_do_not_depend_on_batching(tiny_world, random_student):
-    pipe = load_student_pipeline(resolve_model(str(tiny_world)), random_student)
+    pipe = load_student(random_student, teacher_source=str(tiny_world))
     prompts = ["a red circle", "a green triangle", "a small blue square"]
     whole = generate_student(pipe, prompts, StudentSettings(steps=2), seed=3, batch_size=3)
     single = generate_student(pipe, prompts[1:2], StudentSettings(steps=2), seed=3, batch_size=1)
@@ -320,7 +319,7 @@ def test_generate_student_mode_writes_the_output_contract(tiny_world, random_stu
                for r in records)
     config = json.loads((out / "config.json").read_text())
     assert config["student"]["steps"] == 2 and config["student"]["path"] == str(random_student)
-    pipe = load_student_pipeline(resolve_model(str(tiny_world)), random_student)
+    pipe = load_student(random_student, teacher_source=str(tiny_world))
     expected = generate_student(pipe, ["a red circle", "a green square"], StudentSettings(steps=2, guidance_scale=3.0),
                                 seed=0)
     from PIL import Image

@@ -32,8 +32,9 @@ from tandem.distill.adversarial import (
 )
 from tandem.distill.data import WorldSource
 from tandem.generate import derive_seed
+from tandem.loaders import load_student
 from tandem.models import resolve_model
-from tandem.students import load_student, read_student_info
+from tandem.students import read_student_info
 from tandem.training.config import TrainerConfig
 from tandem.training.trainer import Trainer, _name_key
 

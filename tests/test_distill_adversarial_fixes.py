@@ -77,7 +77,8 @@ def test_the_student_starts_as_its_teachers_denoiser_where_the_first_releases_di
 
 def test_the_fixed_student_ships_on_the_teachers_schedule(teacher, spec, tmp_path):
     from tandem.distill.adversarial import export_student
-    from tandem.students import load_student, read_student_info
+    from tandem.loaders import load_student
+    from tandem.students import read_student_info
 
     method = _method(teacher, spec)
     path = export_student(method.student, tmp_path / "student", method, spec, optimisation_steps=1)

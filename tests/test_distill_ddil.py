@@ -36,10 +36,11 @@ from tandem.distill.dmd2 import DMD2Config, DMD2Distillation, distill_dmd2
 from tandem.distill.latent_range import measure_latent_range
 from tandem.distill.progressive import ProgressiveConfig, ProgressiveDistillation, distill_progressive
 from tandem.distill.progressive import export_student as export_progressive
+from tandem.loaders import load_student
 from tandem.models import world_dir
 from tandem.reflect import RANGE_FILE, Reflection
 from tandem.sampling import consistency_sample
-from tandem.students import load_student, read_student_info
+from tandem.students import read_student_info
 from tandem.training.config import TrainerConfig
 
 W_DIM = 16
@@ -106,11 +107,11 @@ def test_spec_reads_the_documented_forms():
     ("frwd=0.5,teacher=0.25", "must sum to 1, got 0.75"),
     ("frwd=0.7,student=0.7", "must sum to 1"),
     ("frwd=1.5,teacher=-0.5", "frwd"),
-    ("frwd=1,frwd=0", "frwd is given twice"),
+    ("frwd=1,frwd=0", "'frwd' is given twice"),
     ("frwd=1,beta=0.3", "'beta=0.3' is not KEY=VALUE"),
     ("frwd=1,student", "'student' is not KEY=VALUE"),
-    ("frwd=half,student=0.5", "frwd must be a number"),
-    ("frwd=0.5,student=0.5,buffer=1.5", "buffer must be an integer"),
+    ("frwd=half,student=0.5", "'frwd' must be a number"),
+    ("frwd=0.5,student=0.5,buffer=1.5", "'buffer' must be an integer"),
     ("frwd=0.5,student=0.5,mixed=1.2", "mixed"),
     ("frwd=1,mixed=0.5", "mixed applies to the student's rollouts"),
     ("frwd=1,buffer=16", "buffer applies to the student's rollouts"),

@@ -21,7 +21,8 @@ from tandem.distill.knowledge import (
     make_student,
     student_config,
 )
-from tandem.students import load_student, unet_cost
+from tandem.loaders import load_student
+from tandem.students import unet_cost
 from tandem.training.config import TrainerConfig
 
 GAMMA = 5.0

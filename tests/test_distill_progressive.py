@@ -25,8 +25,9 @@ from tandem.distill.progressive import (
     distill_progressive,
     export_student,
 )
+from tandem.loaders import load_student
 from tandem.sampling import guidance_embedding
-from tandem.students import load_student, read_student_info
+from tandem.students import read_student_info
 from tandem.training.config import TrainerConfig
 
 W_DIM = 16

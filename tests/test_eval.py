@@ -141,7 +141,7 @@ def test_a_sweep_takes_another_oracles_images_and_scores_them_with_its_own(pipe,
             Sweep(pipe, PROMPTS[:2], 0, tmp_path / "c", images_from=tmp_path / "a")
         assert not (tmp_path / "c").exists()  # refused before writing: the corrected run may use the same place
         Sweep(pipe, PROMPTS[:3], 0, tmp_path / "c", images_from=tmp_path / "a")
-        with pytest.raises(ValueError, match=r"\(n: saved 3, requested 2\); use another --out"):
+        with pytest.raises(ValueError, match=r"\(n: saved 3, requested 2\); choose another out=\.\.\."):
             Sweep(pipe, PROMPTS[:2], 0, tmp_path / "c")  # names the key that differs, not the whole identity
     finally:
         pipe.scorer = own

@@ -35,7 +35,8 @@ from tandem.generate import (
     generate_teacher,
     prompt_generator,
 )
-from tandem.models import load_student_pipeline, load_teacher_pipeline, resolve_model, world_dir
+from tandem.loaders import load_student
+from tandem.models import load_teacher_pipeline, resolve_model, world_dir
 from tandem.pipeline import TandemPipeline, refine_schedule
 from tandem.world.grammar import CaptionError, parse_caption
 
@@ -430,10 +431,10 @@ def test_a_student_over_a_model_without_a_vae_is_named(tiny_world, tmp_path):
     (student / "unet").mkdir(parents=True)
     (student / "scheduler").mkdir()
     with pytest.raises(ValueError, match=r"student has no unet/config.json|unet has no config.json"):
-        load_student_pipeline(resolve_model(str(world)), student)
+        load_student(student, teacher_source=str(world))
     shutil.rmtree(world / "vae")
     with pytest.raises(ValueError, match="world has no vae/ .expected a diffusers Stable Diffusion directory"):
-        load_student_pipeline(resolve_model(str(world)), student)
+        load_student(student, teacher_source=str(world))
 
 
 def test_cli_model_directory_without_unet(tiny_world, tmp_path, capsys, monkeypatch):

@@ -12,26 +12,21 @@ from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
 from tandem import sampling
 from tandem.generate import StudentSettings, generate_student
-from tandem.models import load_student_pipeline, resolve_model
+from tandem.loaders import load_student
 from tandem.sampling import CONSISTENCY, SCHEDULED, student_kind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def world():
-    return resolve_model("world")
-
-
-def test_the_world_students_are_of_their_schedulers_kinds(world):
-    cd, pd = load_student_pipeline(world, "cd"), load_student_pipeline(world, "pd")
+def test_the_world_students_are_of_their_schedulers_kinds():
+    cd, pd = load_student("cd"), load_student("pd")
     assert student_kind(cd) is CONSISTENCY and isinstance(cd, LatentConsistencyModelPipeline)
     assert student_kind(pd) is SCHEDULED and type(pd) is StableDiffusionPipeline
     assert CONSISTENCY.max_steps(cd.scheduler) == cd.scheduler.config.original_inference_steps
 
 
-def test_a_registered_kind_brings_its_own_sampler(world, monkeypatch):
-    pd = load_student_pipeline(world, "pd")
+def test_a_registered_kind_brings_its_own_sampler(monkeypatch):
+    pd = load_student("pd")
     calls = []
 
     def sample(unet, alphas_cumprod, latents, embeds, generators, steps, guidance_scale, noise, original_steps,

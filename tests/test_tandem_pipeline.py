@@ -26,6 +26,7 @@ from tandem.generate import (
     initial_latents,
     prompt_generator,
 )
+from tandem.loaders import load_student
 from tandem.pipeline import RECORD_FIELDS, generate_alone, refine_schedule
 
 
@@ -74,6 +75,21 @@ def test_a_model_alone_writes_the_pipelines_records(pipe, mode):
     per_image = 2.0 if mode == "student" else 6.0  # the student's w-embedding; the teacher's CFG doubles
     assert [r["unet_evals"][mode] for r in alone.records] == [per_image] * 5
     assert alone.summary["paths"] == {mode: 5} and alone.summary["unet_evals_mean"] == per_image
+
+
+@pytest.mark.parametrize("noise", ["stochastic", "deterministic"])
+def test_a_consistency_student_alone_draws_its_noise(noise):
+    """A consistency student alone draws the images of generate_student (tandem's own sampler) with either noise:
+    the stochastic through diffusers' pipeline, as the pipeline's mode="student" does, the deterministic (which
+    diffusers' pipeline lacks) through the sampler; the two noises draw different images."""
+    cd, prompts = load_student("cd"), PROMPTS[:3]
+    other_noise = "deterministic" if noise == "stochastic" else "stochastic"
+    settings, other = StudentSettings(4, 6.0, noise), StudentSettings(4, 6.0, other_noise)
+    alone = generate_alone(cd, prompts, settings, seed=4, batch_size=2)
+    plain = generate_student(cd, prompts, settings, seed=4, batch_size=2)
+    assert all(np.array_equal(a, b) for a, b in zip(alone.images, plain, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(alone.images, generate_student(cd, prompts, other, seed=4)))
+    assert alone.summary["settings"]["noise"] == noise
 
 
 def test_regeneration_is_the_teacher_from_the_students_noise(pipe):

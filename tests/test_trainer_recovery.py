@@ -48,8 +48,8 @@ def _trainer(method: Toy, out, steps: int, resume: bool = False, every: int = 2)
 
 def test_a_diverged_run_resumes_from_its_checkpoint_with_the_lower_lr_it_was_advised(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"at step 3; resume from its last checkpoint \(step 2\) with --resume "
-                                             r"and a lower --lr"):
+    with pytest.raises(NonFiniteError, match=r"at step 3; resume from its last checkpoint \(step 2\) with resume=True "
+                                             r"and a lower lr$"):
         _trainer(Toy(0.1, nan_at=3), out, 6).train()
     lower = Toy(0.025)
     _trainer(lower, out, 6, resume=True).train()

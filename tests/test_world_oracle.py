@@ -200,11 +200,11 @@ def test_training_moves_only_what_the_config_leaves_trainable(tiny_clip, tmp_pat
 def test_refinements_start_from_the_students_own_latents():
     """The refined kind is the teacher's img2img from the latents whose decoding is the student's image."""
     from tandem.generate import StudentSettings, decode_latents, generate_student
-    from tandem.models import load_student_pipeline, resolve_model
+    from tandem.loaders import load_student
     from tandem.world.oracle import _student_latents
 
     prompts = ["a red circle", "a small blue square at the top left", "a green triangle"]
-    pipe = load_student_pipeline(resolve_model("world"), "cd")  # the consistency student the oracle learned from
+    pipe = load_student("cd")  # the consistency student the oracle learned from
     with torch.no_grad():
         latents = _student_latents(pipe, prompts, [2, 0], steps=2, guidance_scale=6.0, seed=5)
         mine = decode_latents(pipe, latents)

@@ -95,10 +95,10 @@ def test_vae_reconstructions_satisfy_their_captions(world_pipe):
 
 @pytest.fixture(scope="module")
 def student_pipe():
-    from tandem.models import load_student_pipeline
+    from tandem.loaders import load_student
 
     torch.set_num_threads(1)
-    return load_student_pipeline(resolve_model("world"))
+    return load_student(resolve_model("world").student.path)  # the preset student
 
 
 def test_the_student_loads_in_diffusers_lcm_pipeline():

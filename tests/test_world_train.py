@@ -158,7 +158,7 @@ def test_a_finished_or_started_run_is_never_overwritten(tmp_path, tiny_world):
     run = tmp_path / "run"
     train_teacher(run, tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
     before = {p.name: p.read_bytes() for p in (run / "checkpoint").iterdir()}
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="pass resume=True"):
         train_teacher(run, tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, max_steps=2))
     with pytest.raises(ValueError, match=r"configuration differs .*\(config\.warmup_steps: saved 2, requested 3\)"):
         train_teacher(run, tiny_world / "vae", tiny_world, dataclasses.replace(TINY_TEACHER, warmup_steps=3),

@@ -163,6 +163,36 @@ def _in_batches(n: int, batch_size: int, draw: Callable[[list[int]], list[np.nda
     return images
 
 
+def check_student_run(pipe, settings: StudentSettings, seed: int, batch_size: int,
+                      original_steps: int | None = None) -> int | None:
+    """What a student-only run checks before any model runs (the seed, the batch size, the student's guidance
+    and steps): the size of the student's distillation grid where its kind brings its own sampler (for
+    :func:`sample_student`; ``original_steps`` [its kind's ``max_steps``]), else None (the pipeline samples)."""
+    _check_run(seed, batch_size)
+    check_student_guidance(pipe, settings.guidance_scale)
+    kind = student_kind(pipe)
+    if kind.sample is None:
+        sampler_steps(settings.steps, pipe.scheduler, "student steps", "the student")
+        return None
+    original = count(original_steps or kind.max_steps(pipe.scheduler), "original_steps")
+    if settings.steps > original:
+        raise ValueError(f"student steps must be at most {original} for this student (its distillation grid "
+                         f"has {original} timesteps), got {settings.steps}")
+    return original
+
+
+def sample_student(pipe, prompts: Sequence[str], latents: torch.Tensor, generators: Sequence[torch.Generator],
+                   settings: StudentSettings, original_steps: int) -> torch.Tensor:
+    """The x0 latents [B, C, h, w] of a batch drawn by the sampler of the student's kind (a consistency student's:
+    :func:`tandem.sampling.consistency_sample`, with ``settings.noise``) from its initial noise ``latents``
+    [B, C, h, w], image i's fresh noise from ``generators[i]``; ``original_steps`` from :func:`check_student_run`."""
+    kind = student_kind(pipe)
+    embeds = pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
+    return kind.sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, list(generators),
+                       steps=settings.steps, guidance_scale=settings.guidance_scale, noise=settings.noise,
+                       original_steps=original_steps, reflect=student_reflection(student_info_of(pipe)))
+
+
 @torch.no_grad()
 def generate_student(
     pipe,
@@ -189,11 +219,8 @@ def generate_student(
             seed or a batch size below 1.
         NonFiniteError: where the student or the VAE produced NaN/inf (no image is returned).
     """
-    _check_run(seed, batch_size)
-    check_student_guidance(pipe, settings.guidance_scale)
-    kind = student_kind(pipe)
-    if kind.sample is None:  # the student samples with its own scheduler, through its pipeline
-        sampler_steps(settings.steps, pipe.scheduler, "student steps", "the student")
+    original = check_student_run(pipe, settings, seed, batch_size, original_steps)
+    if original is None:  # the student samples with its own scheduler, through its pipeline
 
         def draw_pipeline(chunk: list[int]) -> list[np.ndarray]:
             gens = [prompt_generator(seed, i) for i in chunk]
@@ -205,19 +232,10 @@ def generate_student(
 
         return _in_batches(len(prompts), batch_size, draw_pipeline, on_batch)
 
-    original = count(original_steps or kind.max_steps(pipe.scheduler), "original_steps")
-    if settings.steps > original:
-        raise ValueError(f"student steps must be at most {original} for this student (its distillation grid "
-                         f"has {original} timesteps), got {settings.steps}")
-
     def draw(chunk: list[int]) -> list[np.ndarray]:
         gens = [prompt_generator(seed, i) for i in chunk]
-        latents = initial_latents(pipe, seed, chunk, gens)
-        embeds = pipe.encode_prompt([prompts[i] for i in chunk], pipe.device, 1, False)[0]
-        x0 = kind.sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
-                                steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                noise=settings.noise, original_steps=original,
-                                reflect=student_reflection(student_info_of(pipe)))
+        x0 = sample_student(pipe, [prompts[i] for i in chunk], initial_latents(pipe, seed, chunk, gens), gens,
+                            settings, original)
         check_finite(x0, "the student's latents", chunk)
         return decode_latents(pipe, x0, chunk)
 

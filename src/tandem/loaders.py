@@ -4,16 +4,17 @@ ControlNets (:func:`load_controlnet`). Presets (:mod:`tandem.presets`) only comp
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from .checks import quote
-from .hub import from_hub, quiet_hub_libraries
+from .hub import check_model_dir, from_hub, is_dir, quiet_hub_libraries
 from .models import load_teacher_pipeline, resolve_model, student_dir
-from .presets import STUDENT_KINDS, Preset, _world_file, parse_student
+from .presets import STUDENT_KINDS, Preset, parse_student, world_file
 from .sampling import CONSISTENCY
-from .students import load_student as load_tandem_student
+from .students import _load_student_dir
 
 
 def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -21,7 +22,7 @@ def load_controlnet(spec: str, device: str = "cpu", dtype: torch.dtype = torch.f
     from diffusers import ControlNetModel
 
     quiet_hub_libraries()
-    source = str(_world_file(f"world:controlnet-{spec.split(':', 1)[1]}")) if spec.startswith("world:") else spec
+    source = str(world_file(f"world:controlnet-{spec.split(':', 1)[1]}")) if spec.startswith("world:") else spec
     return from_hub(ControlNetModel.from_pretrained, source, "ControlNet", torch_dtype=dtype).to(device=device,
                                                                                                 dtype=dtype)
 
@@ -50,19 +51,25 @@ def _check_student_dir(preset: Preset) -> None:
 
 
 def load_preset_student(preset: Preset, teacher, device: str, dtype: torch.dtype):
-    """The student a preset names, beside its loaded ``teacher``."""
+    """The student a preset names, beside its loaded ``teacher`` (None: the student alone, as
+    :func:`load_student` says)."""
     import diffusers
     from diffusers import AutoPipelineForText2Image, UNet2DConditionModel
 
     quiet_hub_libraries()
     if preset.student is None:
-        raise ValueError(f"{preset.name} has no student: give --student (a `tandem distill` student directory, "
+        raise ValueError(f"{preset.name} has no student; give student=... (a `tandem distill` student directory, "
                          "a diffusers pipeline or UNet directory, or a hub id)")
     _check_student_dir(preset)
     try:
         if preset.student_kind in ("world", "tandem"):
-            path = student_dir(resolve_model(preset.teacher), None if preset.student == "world" else preset.student)
-            return load_tandem_student(path, teacher, device=device, dtype=dtype)
+            spec = resolve_model(preset.teacher)
+            if teacher is None and is_dir(Path(spec.path)):  # the model's parts first: a student needs them
+                check_model_dir(spec.path, ("vae", "text_encoder", "tokenizer"))
+            path = student_dir(spec, None if preset.student == "world" else preset.student)
+            return _load_student_dir(path, spec.path if teacher is None else teacher, device=device, dtype=dtype)
+        if teacher is None and preset.student_kind == "unet":  # a UNet alone needs the rest of its teacher
+            teacher = load_preset_teacher(preset, device, dtype)
         if preset.student_kind == "unet":
             unet = from_hub(UNet2DConditionModel.from_pretrained, preset.student, "student", dtype=dtype).to(device)
             if unet.config.time_cond_proj_dim is None:
@@ -84,12 +91,20 @@ def load_teacher(source: str = "world", kind: str = "text2img", device: str = "c
     return load_preset_teacher(Preset("teacher", "", source, None, "world", None, teacher_kind=kind), device, dtype)
 
 
-def load_student(source: str, teacher, teacher_source: str = "world", device: str = "cpu",
+def load_student(source: str | os.PathLike, teacher=None, teacher_source: str = "world", device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
-    """A student pipeline beside a loaded ``teacher`` (whose VAE and text encoder it shares): a name the
-    teacher ships (``tandem world students``), a ``tandem distill`` student directory (its ``student.json``
-    says its kind and sampler), a diffusers UNet or pipeline directory, or a hub id (``unet:ID`` or
-    ``pipeline:ID``). ``teacher_source`` is the teacher's own name or path (where shipped students live)."""
-    kind, path = parse_student(source, teacher_source)
+    """The one student loader: a student pipeline beside a loaded ``teacher`` (whose VAE and text encoder it
+    shares), or alone.
+
+    Args:
+        source: a name the teacher ships (``tandem world students``), a ``tandem distill`` student directory
+            (its ``student.json`` says its kind and sampler), a diffusers UNet or pipeline directory, or a hub id
+            (``unet:ID`` or ``pipeline:ID``).
+        teacher: the loaded teacher pipeline, whose components the student shares; None: the student alone, on
+            the VAE, text encoder and tokenizer of ``teacher_source`` loaded without its UNet (a diffusers UNet
+            student loads the teacher it plugs into).
+        teacher_source: the teacher's own name, directory or hub id (where shipped students live).
+    """
+    kind, path = parse_student(str(source), teacher_source)
     preset = Preset("student", "", teacher_source, path, kind, None)
     return load_preset_student(preset, teacher, device, dtype)

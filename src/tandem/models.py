@@ -11,7 +11,7 @@ import torch
 
 from .checks import quote, read_json_file
 from .hub import check_model_dir, from_hub, is_dir, quiet_hub_libraries, written_as_path
-from .students import check_student_dir, has_description, load_student, read_student_info
+from .students import _load_student_dir, check_student_dir, has_description, read_student_info
 
 WORLD = "world"
 SCHEDULERS = ("dpm", "ddim", "unipc")
@@ -170,8 +170,8 @@ def student_dir(spec: ModelSpec, student: str | Path | None) -> Path:
     ``tandem world students``) if given, else the model's preset student."""
     if student is None:
         if spec.student is None:
-            raise ValueError(f"model {spec.name!r} ships no student; pass --student DIR "
-                             "(the student/ directory written by `tandem distill`)")
+            raise ValueError(f"model {spec.name!r} ships no student; give student=... (the student/ directory "
+                             "written by `tandem distill`)")
         return Path(spec.student.path)
     _check_study_student(spec, student)
     if str(student) in spec.students:
@@ -208,17 +208,6 @@ def student_defaults(spec: ModelSpec, student: str | Path | None) -> StudentDefa
     return StudentDefaults(path=str(path), steps=info.steps, guidance_scale=info.guidance_scale)
 
 
-def load_student_pipeline(spec: ModelSpec, student: str | Path | None = None,
-                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The student (``student``, a directory or a shipped name; default: the model's preset student) as a
-    diffusers pipeline with the model's VAE and text encoder (:func:`tandem.students.load_student`)."""
-    quiet_hub_libraries()
-    if is_dir(Path(spec.path)):  # the model's parts first: a student is no use without them
-        check_model_dir(spec.path, ("vae", "text_encoder", "tokenizer"))
-    path = student_dir(spec, student)
-    return load_student(path, spec.path, device=device, dtype=dtype)
-
-
 def encode_captions(tokenizer, text_encoder, captions: list[str], device=None) -> torch.Tensor:
     """Per-token text embeddings [B, L, D] as Stable Diffusion pipelines compute them (padded to the
     tokenizer's ``model_max_length``, last hidden state)."""
@@ -235,7 +224,7 @@ def load_teacher_pipeline(spec: ModelSpec, device: str | torch.device = "cpu", d
     if is_dir(Path(spec.path)):
         check_model_dir(spec.path)
     if spec.unet is not None:  # a student as the teacher: its UNet and scheduler
-        return load_student(spec.unet, spec.path, device=device, dtype=dtype)
+        return _load_student_dir(spec.unet, spec.path, device=device, dtype=dtype)
     kwargs = {"dtype": dtype}
     if not spec.is_world:
         kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -59,7 +59,9 @@ class OutputDir:
         overwrite: replace an earlier tandem run in ``path`` (it stays in place until the new one is complete);
             a non-empty directory without a run record is refused all the same.
         info: written into the ``INCOMPLETE`` marker and the run record (e.g. the command).
-        flag: the option that named ``path``, for error messages.
+        flag: the name the caller gave ``path`` (an argument's, or the command line's option), for error messages;
+            a command-line option (``--out``) has the messages spell the overwrite switch ``--overwrite`` too,
+            any other name ``overwrite=True``.
         inputs: ``(option, path)`` pairs of the files the run reads; with ``overwrite`` none may lie inside ``path``.
     """
 
@@ -76,7 +78,7 @@ class OutputDir:
         _check_not_cwd(final, flag)
         if final.exists() and any(final.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{flag} {final} is not empty; pass --overwrite to replace its contents")
+                raise FileExistsError(f"{flag} {final} is not empty; pass {_overwrite(flag)} to replace its contents")
             check_replaceable(final, flag, inputs)
         self.final, self.flag, self.overwrite, self.info = final, flag, overwrite, dict(info or {})
         try:
@@ -163,15 +165,21 @@ def check_replaceable(final: Path, flag: str = "--out", inputs: Iterable[tuple[s
     nor any of ``inputs`` (``(option, path)`` pairs)."""
     _check_not_cwd(final, flag)
     if not is_finished_run(final):
-        raise OutputError(f"{flag} {final} is not a finished tandem run (it has no {RUN_RECORD}); --overwrite "
+        raise OutputError(f"{flag} {final} is not a finished tandem run (it has no {RUN_RECORD}); {_overwrite(flag)} "
                           "replaces only tandem's own runs: empty it yourself or choose another directory")
     for option, where in inputs:
         if where is None or not str(where):
             continue
         inside = Path(os.path.abspath(Path(where).resolve() if Path(where).exists() else where))
         if inside == final or final in inside.parents:
-            raise OutputError(f"{option} {where} lies inside {flag} {final}, which --overwrite would replace; "
+            raise OutputError(f"{option} {where} lies inside {flag} {final}, which {_overwrite(flag)} would replace; "
                               "move it out first")
+
+
+def _overwrite(flag: str) -> str:
+    """The overwrite switch in the words of the caller that named the output ``flag``: the command line's option
+    after an option, else the argument."""
+    return "--overwrite" if flag.startswith("--") else "overwrite=True"
 
 
 def _check_not_cwd(final: Path, flag: str) -> None:
@@ -321,7 +329,7 @@ def write_json_file(path: str | Path, data, overwrite: bool = False) -> None:
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 

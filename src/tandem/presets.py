@@ -380,7 +380,7 @@ def _beside(preset_path: Path, spec):
 def preset_file_path(spec: str) -> Path:
     """Where a preset's calibration, route table or edit calibration ``spec`` lies: ``world`` is the shipped
     calibration, ``world:NAME`` the shipped world's file NAME, anything else a path."""
-    return world_calibration_path() if spec == "world" else _world_file(spec)
+    return world_calibration_path() if spec == "world" else world_file(spec)
 
 
 def validate_preset(preset: Preset, where: str) -> Preset:
@@ -428,7 +428,7 @@ def world_calibration_path() -> Path:
     return world_dir() / "calibration.json"
 
 
-def _world_file(spec: str) -> Path:
+def world_file(spec: str) -> Path:
     """``world:NAME`` -> the shipped world's file or directory NAME; anything else is a path."""
     return world_dir() / spec.split(":", 1)[1] if spec.startswith("world:") else Path(spec)
 

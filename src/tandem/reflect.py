@@ -29,7 +29,7 @@ At sampling time a reflected student applies the same function to each x₀ its 
 ``DPMSolverMultistepScheduler``, ``DDIMScheduler`` and ``LCMScheduler`` call ``_threshold_sample``
 on their x₀ prediction), and :func:`tandem.sampling.consistency_sample` takes it as ``reflect``.
 The saved scheduler config keeps ``thresholding: false`` (diffusers' own formula caps ``s`` at 1 for
-pixel data); :func:`tandem.students.load_student` installs the student's ``details["reflect"]``.
+pixel data); :func:`tandem.load_student` installs the student's ``details["reflect"]``.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ Every distillation method saves its student the same way (:func:`save_student`):
       scheduler/     the diffusers scheduler that samples it, with its config
       student.json   what it is (:class:`StudentInfo`)
 
-and :func:`load_student` turns any such directory into a diffusers text-to-image pipeline that
-shares the teacher's VAE, text encoder and tokenizer: a ``LatentConsistencyModelPipeline`` for a
-student sampled by ``LCMScheduler`` (consistency students), a ``StableDiffusionPipeline`` with the
-student's own scheduler otherwise (progressive students on DDIM, knowledge-distilled students on
-DPM-Solver++ with classifier-free guidance). Guidance enters in one of three ways:
+and :func:`tandem.load_student` (through this module's :func:`_load_student_dir`) turns any such directory
+into a diffusers text-to-image pipeline that shares the teacher's VAE, text encoder and tokenizer: a
+``LatentConsistencyModelPipeline`` for a student sampled by ``LCMScheduler`` (consistency students), a
+``StableDiffusionPipeline`` with the student's own scheduler otherwise (progressive students on DDIM,
+knowledge-distilled students on DPM-Solver++ with classifier-free guidance). Guidance enters in one of three ways:
 
 * ``w-embedding``: the UNet takes the guidance scale through ``time_cond_proj_dim`` (one call per
   step; diffusers' pipelines feed it ``w - 1``),
@@ -199,8 +199,10 @@ def load_student_parts(path: str | Path, device: str | torch.device = "cpu", dty
     return info, unet, scheduler
 
 
-def load_student(path: str | Path, base, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline for the student in ``path`` with ``base``'s VAE, text encoder and tokenizer.
+def _load_student_dir(path: str | Path, base, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline for the student directory ``path`` with ``base``'s VAE, text encoder and tokenizer:
+    the path-based load under the public :func:`tandem.load_student` (and a student used as a teacher).
 
     Args:
         base: the teacher's pipeline (its components are shared, not copied), or the directory or hub id of
@@ -229,7 +231,7 @@ def load_student(path: str | Path, base, device: str | torch.device = "cpu", dty
 
 
 def student_info_of(pipe) -> StudentInfo | None:
-    """The :class:`StudentInfo` of a pipeline made by :func:`load_student` (None for any other pipeline)."""
+    """The :class:`StudentInfo` of a pipeline made by :func:`tandem.load_student` (None for any other pipeline)."""
     return getattr(pipe, "student_info", None)
 
 

@@ -124,11 +124,10 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 def main(runs: Path, evals: Path, out: Path) -> None:
     from tandem.eval.features import ImageFeatures, diversity, frechet_distance, renderings
     from tandem.generate import StudentSettings, generate_student
-    from tandem.models import load_student_pipeline, resolve_model
+    from tandem.loaders import load_student
     from tandem.world.prompts import load_prompts
 
     t0 = time.time()
-    spec = resolve_model("world")
     prompts = load_prompts("test")
     features = ImageFeatures.world()
     reference = features(renderings(prompts, 0))
@@ -151,7 +150,7 @@ def main(runs: Path, evals: Path, out: Path) -> None:
         if cached.exists():
             measured = json.loads(cached.read_text())
         else:
-            pipe = load_student_pipeline(spec, runs / run / "student")
+            pipe = load_student(runs / run / "student")
             settings = StudentSettings(STEPS, scale)
             draw = lambda p, s, pipe=pipe, settings=settings: np.stack(generate_student(pipe, p, settings, s))
             seeds = [features(draw(prompts[:DIVERSITY_PROMPTS], s)) for s in SEEDS]

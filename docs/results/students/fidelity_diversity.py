@@ -27,7 +27,8 @@ DIVERSITY_PROMPTS = 100
 def main(out: Path) -> None:
     from tandem.eval.features import ImageFeatures, diversity, frechet_distance, renderings
     from tandem.generate import StudentSettings, TeacherSettings, generate_student, generate_teacher
-    from tandem.models import load_student_pipeline, load_teacher_pipeline, resolve_model
+    from tandem.loaders import load_student
+    from tandem.models import load_teacher_pipeline, resolve_model
     from tandem.world.prompts import load_prompts
 
     t0 = time.time()
@@ -50,7 +51,7 @@ def main(out: Path) -> None:
                      **measure(lambda p, s, settings=settings: np.stack(generate_teacher(teacher, p, settings, s)))})
         print(rows[-1], flush=True)
     for name, steps in STUDENTS:
-        pipe = load_student_pipeline(spec, name)
+        pipe = load_student(name)
         settings = StudentSettings(steps, spec.students[name].guidance_scale)
         rows.append({"model": name, "method": pipe.student_info.method, "steps": steps,
                      "guidance_scale": settings.guidance_scale,

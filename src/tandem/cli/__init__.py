@@ -1,15 +1,16 @@
 """The ``tandem`` command line: one module per command group (``generation``: generate, calibrate and
-edit; ``world``; ``distill``; ``evaluation``: eval; ``presets``: preset), on the shared apps, checks and
-loaders of ``common``."""
+edit; ``world``; ``distill``; ``evaluation``: eval; ``presets``: preset; ``serve``: serve and bench), on the
+shared apps, checks and loaders of ``common``."""
 
 from __future__ import annotations
 
 import sys
 
-from . import distill, evaluation, generation, presets, world  # noqa: F401  (each registers its commands)
+from . import bench, distill, evaluation, generation, presets, serve, world  # noqa: F401  (each registers its commands)
+from .bench import bench_app
 from .common import UserError, _checked, app, distill_app, eval_app, preset_app, world_app
 
-for _app in (app, world_app, distill_app, eval_app, preset_app):
+for _app in (app, world_app, distill_app, eval_app, preset_app, bench_app):
     for _info in _app.registered_commands:
         _info.callback = _checked(_info.callback)
 

@@ -62,6 +62,7 @@ CLI_SPELLINGS = {
     r"reference='([^']*)'": r"--reference \1",
     r"reference=\.\.\.": "--reference",
     r"scorer=\.\.\.": "--scorer",
+    r"student=\.\.\.": "--student",
     r"overwrite=True": "--overwrite",
     r"student:": "--student:",
     r"accept_threshold": "--threshold",
@@ -73,6 +74,28 @@ CLI_SPELLINGS = {
     r"teacher_at": "--teacher-at",
     r"teacher_kind": "--teacher-kind",
     r"control_image": "--control-image",
+    # the trainings' (tandem distill, tandem world train) and the experiments' (tandem eval)
+    r"out_dir": "--out",
+    r"out=\.\.\.": "--out",
+    r"resume=True": "--resume",
+    r"max_steps": "--max-steps",
+    r"snapshot_every": "--snapshot-every",
+    r"mixed_precision='(\w+)'": r"--mixed-precision \1",
+    r"lr": "--lr",
+    r"disc_lr": "--disc-lr",
+    r"critic_lr": "--critic-lr",
+    r"data='([^']*)'": r"--data \1",
+    r"data=\.\.\.": "--data",
+    r"features='([^']*)'": r"--features \1",
+    r"features=\.\.\.": "--features",
+    r"measures\.features": "--features",
+    r"fid='([^']*)'": r"--fid \1",
+    r"fid=\.\.\.": "--fid",
+    r"ddil\.(\w+)": r"--ddil \1",
+    r"(?<!\+)ddil": "--ddil",  # not the '+ddil' of a student's method name (consistency+ddil)
+    r"steps > 1": "--steps > 1",
+    r"backward_simulation": "--backward-simulation",
+    r"student='([^']*)'": r"--student \1",
 }
 _SPELLINGS = [(re.compile(rf"(?<![\w/.-]){key}(?![\w/-]|\.\w)"), flag) for key, flag in CLI_SPELLINGS.items()]
 _VERBATIM = re.compile(r"(`[^`]*`|(?<![\w=])'[^']*'(?!\w))")  # a command, a repr'd value: never translated

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from .common import UserError, console, distill_app
+from .common import UserError, cli_error, console, distill_app
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,20 @@ def ddil_options(ddil: str | None, reflect: str) -> dict:
     from ..distill.ddil import DDILSpec
     from ..reflect import Reflection
 
-    return {"ddil": DDILSpec.parse(ddil) if ddil is not None else None, "reflect": Reflection.parse(reflect)}
+    try:
+        spec = DDILSpec.parse(ddil) if ddil is not None else None
+    except ValueError as e:
+        raise cli_error(e) from None
+    return {"ddil": spec, "reflect": Reflection.parse(reflect)}
+
+
+def _train(distill, *args, **kwargs) -> Path:
+    """``distill(*args, **kwargs)`` (a method's ``distill_*``: the run directory's checks, the training, the
+    export), its library errors in the command line's words (:func:`~tandem.cli.common.cli_error`)."""
+    try:
+        return distill(*args, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        raise cli_error(e) from None
 
 
 def distill_command(name: str):
@@ -161,8 +174,8 @@ def distill_consistency_cmd(
     options = ddil_options(ddil, reflect)
     steps = run.max_steps or 2000
     t0 = time.time()
-    student = distill_consistency(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
-                                  resume=run.resume, **options)
+    student = _train(distill_consistency, run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
+                     resume=run.resume, **options)
     _report("consistency", run, steps, student, t0, 4)
 
 
@@ -192,8 +205,8 @@ def distill_progressive_cmd(
     options = ddil_options(ddil, reflect)
     steps = run.max_steps or cfg.total_steps
     t0 = time.time()
-    student = distill_progressive(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
-                                  resume=run.resume, **options)
+    student = _train(distill_progressive, run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
+                     resume=run.resume, **options)
     _report("progressive", run, steps, student, t0, cfg.stages[cfg.stage_at(steps - 1)][2])
 
 
@@ -242,8 +255,8 @@ def distill_knowledge_cmd(
                           w_min=w_range[0], w_max=w_range[1], alpha=alpha, ema=ema, lr_stages=lr_stages, **overrides)
     steps = run.max_steps or 3000
     t0 = time.time()
-    student = distill_knowledge(run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
-                                resume=run.resume)
+    student = _train(distill_knowledge, run.teacher, run.out, cfg, run.trainer_config(steps), data=run.data,
+                     resume=run.resume)
     _report("knowledge", run, steps, student, t0, 25)
 
 
@@ -287,7 +300,8 @@ def distill_dmd2_cmd(
     max_steps = run.max_steps or 2000
     t0 = time.time()
     trainer_cfg = dataclasses.replace(run.trainer_config(max_steps), log_every=1)
-    student = distill_dmd2(run.teacher, run.out, cfg, trainer_cfg, data=run.data, resume=run.resume, **options)
+    student = _train(distill_dmd2, run.teacher, run.out, cfg, trainer_cfg, data=run.data, resume=run.resume,
+                     **options)
     log_path = run.out / "log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
     last = {k: v for record in log for k, v in record.items() if k.startswith(("student/", "critic/"))}
@@ -348,8 +362,8 @@ def distill_adversarial_cmd(
                             ema=ema, **run.method_overrides())
     max_steps = run.max_steps or 2000
     t0 = time.time()
-    student = distill_adversarial(run.teacher, run.out, cfg, run.trainer_config(max_steps), data=run.data,
-                                  resume=run.resume)
+    student = _train(distill_adversarial, run.teacher, run.out, cfg, run.trainer_config(max_steps), data=run.data,
+                     resume=run.resume)
     log_path = run.out / "log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
     last = log[-1] if log else {}

@@ -27,6 +27,7 @@ from .common import (
     _phase_bars,
     _progress,
     _tandem_pipeline,
+    cli_error,
     cli_message,
     console,
     eval_app,
@@ -159,6 +160,8 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                           made_by=made_by, progress=progress, measures=measures, **extra)
         except CalibrationMismatch as e:
             raise UserError(f"--cascade: {e}") from None
+        except ValueError as e:
+            raise cli_error(e) from None
     if experiment is Experiment.budget:
         from ..eval.judges import format_quality
 
@@ -315,8 +318,11 @@ def eval_students(
                "n": len(reported), "seed": seed, "batch_size": batch_size, "device": device}
     t0 = time.time()
     with _progress("eval students", len(reported)) as bar:
-        results = students(pipes, reported, out, seed, StudentsConfig(), choice, batch_size,
-                           lambda m: console.print(m), made_by, _phase_bars(bar), measures)
+        try:
+            results = students(pipes, reported, out, seed, StudentsConfig(), choice, batch_size,
+                               lambda m: console.print(m), made_by, _phase_bars(bar), measures)
+        except ValueError as e:
+            raise cli_error(e) from None
     for level in results["levels"]:
         console.print(f"cost <= {level['cost']:g}: best {' = '.join(level['best'])}")
     console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
@@ -333,7 +339,10 @@ def _eval_task_run(name: str, out: Path, resume: bool, batch_size: int, run) -> 
     with _progress(f"eval {name}", 1) as bar:
         progress = _phase_bars(bar)
 
-        results = run(progress)
+        try:
+            results = run(progress)
+        except ValueError as e:
+            raise cli_error(e) from None
     for name_, a in results["acceptance"].items():
         reached = (f"{a['adaptive']['label']} reaches {100 * a['adaptive']['accuracy']:.1f}% at "
                    f"{a['adaptive']['unet_evals_mean']:.1f} UNet evals/image" if a["adaptive"]
@@ -450,7 +459,10 @@ def eval_routes(
                                    ("model", model), ("preset", preset_file), ("student", student),
                                    ("scorer", scorer), ("calibration", calibration)) if value is not None and
                                    (flag, value) != ("model", "world")))
-    table.save(out, overwrite=overwrite)
+    try:
+        table.save(out, overwrite=overwrite)
+    except FileExistsError as e:  # another process wrote it since the check above
+        raise cli_error(e) from None
     console.print(f"{len(table.routes)} routes (cost {table.routes[0].cost:.1f} to {table.routes[-1].cost:.1f} UNet "
                   f"evaluations per image) -> {out}")
 

@@ -152,7 +152,8 @@ def generate(
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
     from ..generate import StudentSettings, TeacherSettings
-    from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_defaults
+    from ..loaders import load_student
+    from ..models import load_teacher_pipeline, resolve_model, student_defaults
     from ..outputs import OutputDir
     from ..pipeline import generate_alone
 
@@ -168,7 +169,10 @@ def generate(
         )
         student_path = None
     else:
-        defaults = student_defaults(spec, student)  # a shipped student's, or its own student.json's
+        try:
+            defaults = student_defaults(spec, student)  # a shipped student's, or its own student.json's
+        except ValueError as e:
+            raise cli_error(e) from None
         student_path = Path(defaults.path)
         settings = StudentSettings(
             steps=student_steps if student_steps is not None else defaults.steps,
@@ -183,9 +187,12 @@ def generate(
             def done(n: int) -> None:
                 bar.update(task, completed=n)
 
-            pipe = (load_teacher_pipeline(spec, device=device) if mode is Mode.teacher
-                    else load_student_pipeline(spec, student_path, device=device))
-            result = generate_alone(pipe, prompts, settings, seed, batch_size, on_batch=done)
+            try:  # the student alone: the model's VAE and text encoder, not its UNet
+                pipe = (load_teacher_pipeline(spec, device=device) if mode is Mode.teacher
+                        else load_student(student_path, teacher_source=model, device=device))
+                result = generate_alone(pipe, prompts, settings, seed, batch_size, on_batch=done)
+            except ValueError as e:
+                raise cli_error(e) from None
         _save_run(output, result, seed, spec.name)
         output.write_config({
             "command": "generate", "tandem_version": __version__, "model": spec.name, "model_path": spec.path,

@@ -210,20 +210,23 @@ def world_train(
     if component in (Component.oracle, Component.oracle_clip, Component.controlnet) and (
             vae is not None or text_encoder is not None):
         raise UserError(f"--vae/--text-encoder do not apply to the {component.value} (it uses --world's)")
-    if component is Component.vae:
-        result = train.train_vae(out, cfg, resume)
-    elif component is Component.vae_decoder:
-        result = train.train_vae_decoder(out, vae or world_dir() / "vae", cfg, resume)
-    elif component is Component.clip:
-        result = train.train_clip(out, cfg, resume)
-    elif component is Component.oracle:
-        result = oracle_train.train_oracle_net(out, cfg, resume)
-    elif component is Component.oracle_clip:
-        result = oracle.train_oracle(out, cfg, resume)
-    elif component is Component.controlnet:
-        result = world_control.train_controlnet(out, cfg, resume)
-    else:
-        result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
+    try:
+        if component is Component.vae:
+            result = train.train_vae(out, cfg, resume)
+        elif component is Component.vae_decoder:
+            result = train.train_vae_decoder(out, vae or world_dir() / "vae", cfg, resume)
+        elif component is Component.clip:
+            result = train.train_clip(out, cfg, resume)
+        elif component is Component.oracle:
+            result = oracle_train.train_oracle_net(out, cfg, resume)
+        elif component is Component.oracle_clip:
+            result = oracle.train_oracle(out, cfg, resume)
+        elif component is Component.controlnet:
+            result = world_control.train_controlnet(out, cfg, resume)
+        else:
+            result = train.train_teacher(out, vae or world_dir() / "vae", text_encoder or world_dir(), cfg, resume)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        raise cli_error(e) from None  # the run directory's checks name out_dir, resume=True, max_steps
     console.print(f"{component.value} trained -> {result}")
 
 
@@ -287,7 +290,10 @@ def world_assemble(
     for name, path in (("--vae", vae), ("--clip", clip), ("--unet", unet)):
         if not path.is_dir():
             raise UserError(f"{name} {path} is not a directory")
-    assemble_world(out, vae, clip, unet, guidance_scale, torch.float16 if fp16 else torch.float32, overwrite)
+    try:
+        assemble_world(out, vae, clip, unet, guidance_scale, torch.float16 if fp16 else torch.float32, overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise cli_error(e) from None
     console.print(f"world -> {out}")
 
 
@@ -326,8 +332,11 @@ def world_add_student(
         if split not in ("val", "test"):
             raise UserError(f"--evaluation {path}: judged on {split}, not the world's val or test prompts")
         evaluations[f"eval_{split}.json"] = path
-    target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite, name=name,
-                         preset=preset, evaluations=evaluations)
+    try:
+        target = add_student(world or world_dir(), student, steps, guidance_scale, fp16, overwrite, name=name,
+                             preset=preset, evaluations=evaluations)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise cli_error(e) from None
     console.print(f"student -> {target}")
 
 
@@ -344,7 +353,10 @@ def world_add_calibration(
 
     if not calibration.is_file():
         raise UserError(f"--calibration {calibration}: no such file")
-    target = add_calibration(world or world_dir(), student, calibration, overwrite)
+    try:
+        target = add_calibration(world or world_dir(), student, calibration, overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise cli_error(e) from None
     console.print(f"calibration -> {target}")
 
 

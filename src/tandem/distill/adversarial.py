@@ -62,7 +62,7 @@ from ..models import resolve_model
 from ..students import StudentInfo, save_student
 from ..training.checks import require_decay, require_number
 from ..training.config import Trainable
-from ..training.trainer import StepContext
+from ..training.method import StepContext
 from .common import TeacherParts, run_method, teacher_record
 from .discriminator import (
     DEFAULT_DINOV2,
@@ -175,7 +175,7 @@ class AdversarialDistillation:
     """
 
     name = "adversarial"
-    divergence_hint = "a lower --lr or --disc-lr"  # what a resumed run may lower (training.checkpoints.RESUMABLE_CHANGES)
+    divergence_hint = "a lower lr or disc_lr"  # what a resumed run may lower (training.checkpoints.RESUMABLE_CHANGES)
     uses_data = True
 
     def __init__(self, teacher, cfg: AdversarialConfig, features: FeatureNetwork, seed: int = 0):
@@ -344,7 +344,7 @@ def distill_adversarial(teacher: str, out_dir: str | Path, cfg: AdversarialConfi
     spec = resolve_model(teacher)
     features = cfg.features or (WORLD_CLIP if spec.is_world else DEFAULT_DINOV2)
     if features == WORLD_CLIP and not spec.is_world:
-        raise ValueError(f"--features world-clip needs a world teacher, not {teacher!r}; give --features a DINOv2 "
+        raise ValueError(f"features='world-clip' needs a world teacher, not {teacher!r}; give features=... a DINOv2 "
                          f"hub id or path (e.g. {DEFAULT_DINOV2})")
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else float(spec.teacher.guidance_scale)
     cfg = replace(cfg, features=features, guidance_scale=guidance)

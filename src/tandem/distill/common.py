@@ -140,10 +140,10 @@ def run_method(*, method_name: str, teacher: str, out_dir: str | Path, trainer_c
 
     spec = resolve_model(teacher)
     if data == "world" and not spec.is_world:
-        raise ValueError(f"--data world (ShapesWorld renderings) only fits a world teacher, not {teacher!r}; "
-                         "give --data a folder, webdataset shards or a saved HF dataset")
+        raise ValueError(f"data='world' (ShapesWorld renderings) only fits a world teacher, not {teacher!r}; "
+                         "give data=... a folder, webdataset shards or a saved HF dataset")
     if trainer_cfg.snapshot_every is not None and not snapshots:
-        raise ValueError(f"{method_name} takes no snapshot_every (--snapshot-every)")
+        raise ValueError(f"{method_name} takes no snapshot_every")
     check_precision(trainer_cfg.mixed_precision)  # before the teacher loads, as a bad --out
     check_run_dir(out_dir, resume, trainer_cfg.max_steps)  # a bad --out fails before the teacher loads
     pipe = load_teacher_pipeline(spec)

@@ -40,7 +40,7 @@ from ..sampling import boundary_scalings, consistency_timesteps, distillation_gr
 from ..students import StudentInfo, save_student
 from ..training.checks import require_decay, require_number
 from ..training.config import Trainable
-from ..training.trainer import StepContext
+from ..training.method import StepContext
 from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, variants
 from .ddil import DDILSampler, DDILSpec, Denoiser
 

@@ -67,29 +67,29 @@ class DDILSpec:
 
     def __post_init__(self):
         for name in SOURCES + ("mixed",):
-            require_number(getattr(self, name), f"--ddil {name}", at_least=0.0, at_most=1.0)
+            require_number(getattr(self, name), f"ddil.{name}", at_least=0.0, at_most=1.0)
         total = self.frwd + self.teacher + self.student
         if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ValueError(f"--ddil: the priors frwd + teacher + student must sum to 1, got {total:g} "
+            raise ValueError(f"ddil: the priors frwd + teacher + student must sum to 1, got {total:g} "
                              f"({self.frwd:g} + {self.teacher:g} + {self.student:g})")
-        require_number(self.buffer, "--ddil buffer", integer=True, at_least=0)
-        require_number(self.ramp, "--ddil ramp", integer=True, at_least=0)
+        require_number(self.buffer, "ddil.buffer", integer=True, at_least=0)
+        require_number(self.ramp, "ddil.ramp", integer=True, at_least=0)
         if self.teacher_steps is not None:
-            require_number(self.teacher_steps, "--ddil teacher_steps", integer=True, at_least=1, at_most=1000)
+            require_number(self.teacher_steps, "ddil.teacher_steps", integer=True, at_least=1, at_most=1000)
         for name, off in (("mixed", self.mixed == 1), ("buffer", self.buffer == 0), ("ramp", self.ramp == 0)):
             if not off and self.student == 0:
-                raise ValueError(f"--ddil {name} applies to the student's rollouts: give student > 0")
+                raise ValueError(f"ddil.{name} applies to the student's rollouts: give student > 0")
         if self.teacher_steps is not None and self.teacher == 0 and self.mixed == 1:
-            raise ValueError("--ddil teacher_steps: no rollout uses the teacher (give teacher > 0 or mixed < 1)")
-        require_number(self.phase2, "--ddil phase2", integer=True, at_least=0)
-        require_number(self.phase2_student, "--ddil phase2_student", at_least=0.0, at_most=1.0)
-        require_number(self.replay, "--ddil replay", at_least=0.0, at_most=1.0)
+            raise ValueError("ddil.teacher_steps: no rollout uses the teacher (give teacher > 0 or mixed < 1)")
+        require_number(self.phase2, "ddil.phase2", integer=True, at_least=0)
+        require_number(self.phase2_student, "ddil.phase2_student", at_least=0.0, at_most=1.0)
+        require_number(self.replay, "ddil.replay", at_least=0.0, at_most=1.0)
         if self.phase2:
             if self.teacher + self.phase2_student > 1 + 1e-9:
-                raise ValueError(f"--ddil: in the second phase the priors teacher + phase2_student must be at most 1, "
+                raise ValueError(f"ddil: in the second phase the priors teacher + phase2_student must be at most 1, "
                                  f"got {self.teacher:g} + {self.phase2_student:g}")
             if self.replay > 0 and self.buffer == 0:
-                raise ValueError("--ddil replay draws from the DAgger buffer: give buffer=N (or replay=0)")
+                raise ValueError("ddil.replay draws from the DAgger buffer: give buffer=N (or replay=0)")
 
     @classmethod
     def parse(cls, text: str) -> DDILSpec:
@@ -100,16 +100,17 @@ class DDILSpec:
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or key not in known:
-                raise ValueError(f"--ddil {text!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(known)}")
+                raise ValueError(f"ddil {text!r}: {item!r} is not KEY=VALUE with KEY one of "
+                                 f"{', '.join(map(repr, known))}")
             if key in values:
-                raise ValueError(f"--ddil {text!r}: {key} is given twice")
+                raise ValueError(f"ddil {text!r}: {key!r} is given twice")
             try:
                 values[key] = int(value) if key in _INTEGERS else float(value)
             except ValueError:
                 kind = "an integer" if key in _INTEGERS else "a number"
-                raise ValueError(f"--ddil {text!r}: {key} must be {kind}, got {value.strip()!r}") from None
+                raise ValueError(f"ddil {text!r}: {key!r} must be {kind}, got {value.strip()!r}") from None
         if not any(k in values for k in SOURCES):
-            raise ValueError(f"--ddil {text!r}: give the priors, e.g. frwd=0.5,teacher=0.25,student=0.25")
+            raise ValueError(f"ddil {text!r}: give the priors, e.g. frwd=0.5,teacher=0.25,student=0.25")
         for k in SOURCES:  # the priors given name the split; the others are 0
             values.setdefault(k, 0.0)
         return cls(**values)

@@ -69,11 +69,11 @@ def load_feature_network(features: str, teacher_spec, layers: int | None = None,
     quiet_hub_libraries()
     if features == WORLD_CLIP:
         if not teacher_spec.is_world:
-            raise ValueError(f"--features world-clip needs a world teacher, not {teacher_spec.name!r}; give "
-                             f"--features a DINOv2 hub id or path (e.g. {DEFAULT_DINOV2})")
+            raise ValueError(f"features='world-clip' needs a world teacher, not {teacher_spec.name!r}; give "
+                             f"features=... a DINOv2 hub id or path (e.g. {DEFAULT_DINOV2})")
         clip_dir = Path(teacher_spec.path) / "clip"
         if not (clip_dir / "config.json").is_file():
-            raise ValueError(f"--features world-clip: the world {teacher_spec.path} has no clip/ (its CLIP)")
+            raise ValueError(f"features='world-clip': the world {teacher_spec.path} has no clip/ (its CLIP)")
         model = CLIPVisionModel.from_pretrained(clip_dir)
         return FeatureNetwork(model, WORLD_CLIP, (0.5,) * 3, (0.5,) * 3, layers, resolution)
     config = from_hub(AutoConfig.from_pretrained, features, "feature network")

@@ -56,7 +56,7 @@ from ..reflect import Reflection, reflected
 from ..students import StudentInfo, save_student
 from ..training.checks import require_decay, require_number
 from ..training.config import Trainable
-from ..training.trainer import StepContext
+from ..training.method import StepContext
 from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, variants
 from .critic import Critic, parameters_frozen
 from .ddil import DDILSampler, DDILSpec, Denoiser
@@ -124,8 +124,8 @@ class DMD2Config:
 def check_ddil(cfg: DMD2Config, ddil: DDILSpec | None) -> None:
     """DMD2 takes DDIL as on-policy rollouts to a step of a multi-step student (section 4.2)."""
     if ddil is not None and (ddil.buffer or cfg.steps == 1 or cfg.backward_simulation is not None):
-        raise ValueError("dmd2 takes --ddil as on-policy rollouts to a step of a multi-step student: it needs "
-                         "--steps > 1, no buffer=, and no --backward-simulation setting (DDIL chooses the inputs)")
+        raise ValueError("dmd2 takes ddil as on-policy rollouts to a step of a multi-step student, so it needs "
+                         "steps > 1, no buffer=, and no backward_simulation setting (DDIL chooses the inputs)")
 
 
 class DMD2Distillation:
@@ -139,7 +139,7 @@ class DMD2Distillation:
     """
 
     name = "dmd2"
-    divergence_hint = "a lower --lr or --critic-lr"  # what a resumed run may lower (training.checkpoints.RESUMABLE_CHANGES)
+    divergence_hint = "a lower lr or critic_lr"  # what a resumed run may lower (training.checkpoints.RESUMABLE_CHANGES)
     uses_data = True
 
     def __init__(self, teacher, cfg: DMD2Config, default_guidance: float | None = None, seed: int = 0,

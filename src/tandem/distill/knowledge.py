@@ -36,8 +36,8 @@ from ..sampling import guidance_embedding
 from ..students import StudentInfo, save_student, unet_cost
 from ..training.checks import require_number, require_probability
 from ..training.config import Trainable
+from ..training.method import StepContext
 from ..training.schedules import parse_lr_stages
-from ..training.trainer import StepContext
 from .common import TeacherParts, run_method, teacher_record, uniform
 
 ARCHS = {"half": 0.5, "quarter": 0.25, "three-quarter": 0.75}

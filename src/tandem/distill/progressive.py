@@ -46,7 +46,7 @@ from ..sampling import guidance_embedding
 from ..students import StudentInfo, save_student
 from ..training.checks import require_number
 from ..training.config import Trainable
-from ..training.trainer import StepContext
+from ..training.method import StepContext
 from .common import TeacherParts, options_config, resolve_reflection, run_method, teacher_record, uniform, variants
 from .consistency import make_student_unet
 from .ddil import DDILSampler, DDILSpec, Denoiser
@@ -317,7 +317,7 @@ def distill_progressive(teacher: str, out_dir: str | Path, cfg: ProgressiveConfi
     may stop the run before the plan's end (resume it with more). ``ddil``, ``reflect``: the DDIL options
     (``reflect``'s defaults are resolved from the teacher's ``latent_range.json``)."""
     if trainer_cfg.max_steps > cfg.total_steps:
-        raise ValueError(f"--max-steps {trainer_cfg.max_steps} is past the plan's {cfg.total_steps} steps "
+        raise ValueError(f"max_steps {trainer_cfg.max_steps} is past the plan's {cfg.total_steps} steps "
                          f"({cfg.guidance_steps} guidance + {len(cfg.round_student_steps)} rounds of {cfg.round_steps})")
     reflection = resolve_reflection(teacher, reflect)
     state = {}

@@ -91,7 +91,7 @@ def _thresholds(pipe, ks) -> dict[float, float]:
     """tau for each k from the pipeline's calibration, after checking it matches the student and oracle."""
     if pipe.calibration is None:
         raise ValueError("the adaptive curves need a calibration of the student and oracle: pipe.calibration = "
-                         "pipe.calibrate(prompts) (command line: tandem calibrate, then --calibration FILE)")
+                         "pipe.calibrate(prompts)")
     steps = int(pipe._setting("num_inference_steps", None, 4))
     pipe.calibration.check(pipe.calibration_fingerprint(steps, pipe.student_guidance()))
     return {k: pipe.calibration.threshold(k) if k > 0 else -np.inf for k in ks}
@@ -310,7 +310,7 @@ def winners(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Winne
     measures = measures or Measures.for_world()
     if measures.features is None:
         raise ValueError("the winners experiment needs a feature network for the student-teacher distance "
-                         "(e.g. a CLIP or DINOv2: --features)")
+                         "(measures.features: e.g. a CLIP or DINOv2)")
     out = Path(out)
     _, student_steps, student = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures)
     guidance = pipe.teacher_guidance()
@@ -417,7 +417,7 @@ def diversity(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Div
     ``seed`` offsets every run seed."""
     measures = measures or Measures.for_world()
     if measures.features is None:
-        raise ValueError("the diversity experiment needs a feature network (e.g. a CLIP or DINOv2: --features)")
+        raise ValueError("the diversity experiment needs a feature network (measures.features: e.g. a CLIP or DINOv2)")
     out = Path(out)
     features = measures.features
     student_steps = int(pipe._setting("num_inference_steps", None, 4))

@@ -58,7 +58,7 @@ class ImageFeatures:
         model_type = AutoConfig.from_pretrained(name_or_path).model_type
         if model_type not in ("clip", "dinov2"):
             raise ValueError(f"image features: {name_or_path} is a {model_type!r} model; expected a CLIP or a DINOv2 "
-                             "(the Inception FID is --fid inception)")
+                             "(the Inception FID is fid='inception')")
         config = _image_processor_config(name_or_path) if image_mean is None else {}
         if model_type == "dinov2":
             crop = config.get("crop_size")

@@ -127,7 +127,7 @@ class Sweep:
             made = read_json_file(marker, "cached sweep identity")
             if made != self.identity:
                 raise ValueError(f"{self.dir} caches results of other prompts or settings "
-                                 f"({first_difference(made, self.identity)}); use another --out")
+                                 f"({first_difference(made, self.identity)}); choose another out=...")
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps(self.identity, indent=1) + "\n")
@@ -225,8 +225,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             return dict(data)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cached result {path} is damaged ({e}); delete it and run again with --resume to draw "
-                         "it anew") from None
+        raise ValueError(f"cached result {path} is damaged ({e}); delete it and run the experiment again to draw "
+                         "it anew (its other cached results are reused)") from None
 
 
 def _without_oracle(identity: dict) -> dict:

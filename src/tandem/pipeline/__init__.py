@@ -1,8 +1,8 @@
 """The adaptive teacher-student pipeline as a package: the class (:mod:`.tandem`; editing in :mod:`.editing`), the stages of Algorithm 1
 over a batch (:mod:`.stages`), a call's settings resolved once (:mod:`.settings`), routing (:mod:`.routing`),
 schedules (:mod:`.schedules`), records and costs (:mod:`.records`), the components a student and teacher share
-(:mod:`.components`), calibration (:mod:`.calibrating`), mixed rollouts (:mod:`.mixed`) and one model alone
-(:mod:`.alone`)."""
+(:mod:`.components`), calibration (:mod:`.calibrating`), mixed rollouts (:mod:`.mixed`) and one model alone through
+the same stages (:mod:`.alone`)."""
 
 from .alone import generate_alone
 from .components import images_to_unit_tensor

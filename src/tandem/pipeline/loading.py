@@ -18,11 +18,11 @@ from ..outputs import atomic_write_text
 from ..presets import (
     PRESETS,
     Preset,
-    _world_file,
     parse_student,
     preset_to_json,
     read_preset_file,
     world_calibration_path,
+    world_file,
 )
 from ..routes import RouteTable
 from ..scorers import load_scorer
@@ -48,7 +48,7 @@ def build_from_preset(cls, name: str | Preset, device: str = "cpu", dtype: torch
         path = world_calibration_path()
         calibration = Calibration.load(path) if path.exists() else None
     elif calibration is None and preset.calibration:
-        path = _world_file(preset.calibration)
+        path = world_file(preset.calibration)
         shipped = preset.calibration.startswith("world:")
         calibration = Calibration.load(path) if path.exists() or not shipped else None
     elif isinstance(calibration, str | Path):
@@ -64,12 +64,12 @@ def build_from_preset(cls, name: str | Preset, device: str = "cpu", dtype: torch
         pipe = pipe.with_controlnet(load_controlnet(preset.controlnet, device, dtype), calibration=calibration,
                                     name=preset.name)
     for strength, spec in preset.edit_calibrations.items():
-        path = _world_file(spec)
+        path = world_file(spec)
         if path.exists():
             pipe.edit_calibrations[float(strength)] = Calibration.load(path)
     # the preset's route table refers to the preset's calibration: a calibration given here drops it
     if routes is None and preset.routes and not preset.controlnet and given_calibration is None:
-        path = _world_file(preset.routes)
+        path = world_file(preset.routes)
         routes = path if path.exists() or not preset.routes.startswith("world:") else None
     if routes is not None:
         pipe.routes = routes if isinstance(routes, RouteTable) else RouteTable.load(routes)

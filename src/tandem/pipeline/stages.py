@@ -243,17 +243,28 @@ def generation_stages(pipe, plan, prompts: list[str], noise: torch.Tensor, gens:
         return plan.cut.improved(scores) if plan.mode == "adaptive" else []
 
     def improve(idx: list[int], latents: list) -> torch.Tensor:  # regenerate from the noise, or refine
-        ps, gs = [prompts[i] for i in idx], [gens[i] for i in idx]
-        scheduler = pipe._teacher_scheduler(plan.teacher_scheduler)
-        if plan.regenerates:
-            return teacher_regenerate(pipe.teacher, scheduler, ps, noise[idx], gs, plan.teacher_guidance,
-                                      num_inference_steps=plan.teacher_steps,
-                                      **control_kwargs(pipe.teacher, controls, idx, c_scale))
-        start = torch.cat([latents[i] for i in idx])
-        if plan.handoff == "pixel":
-            start = pixels(pipe.student, start, idx)
-            ledger.add("vae_encode", idx)
-        return teacher_refine(pipe.teacher_img2img, scheduler, ps, start, gs, plan.refine, plan.teacher_guidance,
-                              **control_kwargs(pipe.teacher_img2img, controls, idx, c_scale))
+        teacher = pipe.teacher if plan.regenerates else pipe.teacher_img2img
+        return teacher_improve(pipe, plan, [prompts[i] for i in idx], noise[idx], [latents[i] for i in idx],
+                               [gens[i] for i in idx], ledger, idx, **control_kwargs(teacher, controls, idx, c_scale))
 
     return levels, route, improve
+
+
+def teacher_improve(pipe, plan, prompts: Sequence[str], noise: torch.Tensor, student_latents: Sequence[torch.Tensor],
+                    generators: Sequence[torch.Generator], ledger: CostLedger | None = None,
+                    idx: list[int] | None = None, **extra) -> torch.Tensor:
+    """The teacher's latents of a batch of images routed to it, as ``plan`` (a generation call's resolved
+    settings) says: drawn afresh from their initial ``noise`` (strategy "regenerate"), or their student latents
+    refined from the rollback (the pixels, re-encoded by the teacher's VAE, for a pixel hand-off: one VAE
+    encode per image on ``ledger``). The images may come from different calls with the same teacher settings."""
+    scheduler = pipe._teacher_scheduler(plan.teacher_scheduler)
+    if plan.regenerates:
+        return teacher_regenerate(pipe.teacher, scheduler, prompts, noise, generators, plan.teacher_guidance,
+                                  num_inference_steps=plan.teacher_steps, **extra)
+    start = torch.cat(list(student_latents))
+    if plan.handoff == "pixel":
+        start = pixels(pipe.student, start, idx)
+        if ledger is not None:
+            ledger.add("vae_encode", idx if idx is not None else list(range(len(start))))
+    return teacher_refine(pipe.teacher_img2img, scheduler, prompts, start, generators, plan.refine,
+                          plan.teacher_guidance, **extra)

@@ -1,6 +1,6 @@
 """Run directories and checkpoints of the Trainer (:mod:`tandem.training.trainer`, which runs the distillation
-methods and the world's component trainings alike): the run-directory checks, the reading of checkpoint files,
-the RNG states a checkpoint keeps, and what a resumed run may change.
+methods and the world's component trainings alike): the run-directory checks, the writing and reading of
+checkpoint files, the RNG states a checkpoint keeps, and what a resumed run may change.
 
 Run directories follow one contract:
 
@@ -18,12 +18,14 @@ Run directories follow one contract:
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +52,18 @@ def check_new_run_dir(path: Path, run_markers: tuple[str, ...], keep: tuple[str,
     if not (path.exists() or path.is_symlink()):
         return
     if not path.is_dir():
-        raise NotADirectoryError(f"--out {path} exists and is not a directory")
+        raise NotADirectoryError(f"out_dir {path} exists and is not a directory")
     try:
         names = sorted(p.name for p in path.iterdir() if not _LEFTOVER.match(p.name))
     except OSError as e:
-        raise ValueError(f"--out {path} cannot be read ({e.strerror or e})") from None
+        raise ValueError(f"out_dir {path} cannot be read ({e.strerror or e})") from None
     if any(n in run_markers for n in names):
-        raise FileExistsError(f"{path} already holds {what}; pass --resume to continue it or choose another --out")
+        raise FileExistsError(f"{path} already holds {what}; pass resume=True to continue it or choose another out_dir")
     foreign = [n for n in names if n not in keep]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise FileExistsError(f"--out {path} is not empty (it holds {foreign[0]!r}{more}); a new run needs a new "
-                              "or empty directory (--resume continues a run stopped in it)")
+        raise FileExistsError(f"out_dir {path} is not empty (it holds {foreign[0]!r}{more}); a new run needs a new "
+                              "or empty directory (resume=True continues a run stopped in it)")
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -141,27 +143,27 @@ def check_run_dir(out_dir: str | Path, resume: bool, max_steps: int, num_process
     path = Path(out_dir)
     if not resume:
         check_new_run_dir(path, (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", "done.json"), keep)
-        make_writable_dir(path)
+        make_writable_dir(path, "out_dir")
         return None
     if not (path / RUN_CONFIG).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {path} (no {RUN_CONFIG}: no run there)")
+        raise FileNotFoundError(f"resume=True: no checkpoint in {path} (no {RUN_CONFIG}: no run there)")
     read_json_file(path / RUN_CONFIG, "run config")
     ckpt = find_checkpoint(path)
     if ckpt is None and (path / "done.json").exists():  # finished, then its checkpoint was removed
-        raise FileNotFoundError(f"--resume: no checkpoint in {path} (the run finished; its checkpoint is gone)")
+        raise FileNotFoundError(f"resume=True: no checkpoint in {path} (the run finished; its checkpoint is gone)")
     if ckpt is not None:
         meta = read_checkpoint_meta(ckpt)
         if meta["step"] > max_steps:
-            raise ValueError(f"the checkpoint in {path} is at step {meta['step']}, past --max-steps {max_steps}; "
-                             f"resume with --max-steps {meta['step']} or more")
+            raise ValueError(f"the checkpoint in {path} is at step {meta['step']}, past max_steps {max_steps}; "
+                             f"resume with max_steps {meta['step']} or more")
         if num_processes is not None and meta["num_processes"] != num_processes:
-            raise ValueError(f"--resume: the checkpoint was written by {meta['num_processes']} processes; "
+            raise ValueError(f"resume=True: the checkpoint was written by {meta['num_processes']} processes; "
                              f"resume it with the same number (this run has {num_processes})")
         # read (tensors memory-mapped, so cheaply) now rather than after the models load: a damaged or
         # foreign checkpoint file is refused first
         for name in ("state.pt", *(f"rng-{i}.pt" for i in range(meta["num_processes"]))):
             load_checkpoint_file(ckpt / name, mmap=True)
-    make_writable_dir(path)
+    make_writable_dir(path, "out_dir")
     return ckpt
 
 
@@ -178,6 +180,31 @@ def read_checkpoint_meta(ckpt: Path) -> dict:
     if not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in ("step", "num_processes")):
         raise ValueError(f"checkpoint {ckpt / 'meta.json'} lacks its step or number of processes; it is damaged")
     return meta
+
+
+def write_checkpoint(run_dir: Path, accelerator, state: Callable[[], dict], step: int) -> None:
+    """Write ``run_dir/checkpoint/`` atomically: every process writes its RNG states (:func:`rng_state`) into a
+    temporary directory, the main process ``state()`` (tensors and plain data) and ``meta.json``, then the main
+    process swaps it in by renames (the previous checkpoint survives a crash). Whatever lies at the temporary and
+    old names (a symlink included) is removed, never followed. Every process of ``accelerator`` calls it."""
+    tmp, final, old = (run_dir / f"{CHECKPOINT_DIR}{s}" for s in (".tmp", "", ".old"))
+    is_main = accelerator.is_main_process
+    if is_main:
+        remove_path(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if is_main:
+        torch.save(state(), tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes}) + "\n")
+    accelerator.wait_for_everyone()
+    if is_main:
+        if final.exists() or final.is_symlink():
+            remove_path(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        remove_path(old)
+    accelerator.wait_for_everyone()
 
 
 def remove_path(path: Path) -> None:

@@ -101,5 +101,5 @@ def check_precision(mixed_precision: str, cpu: bool | None = None) -> None:
     if cpu is None:
         cpu = not torch.cuda.is_available()
     if mixed_precision == "fp16" and cpu:
-        raise ValueError("mixed_precision fp16 needs a GPU (on the CPU it would compute in fp32 and record fp16); "
-                         "use 'bf16' or 'no' (--mixed-precision)")
+        raise ValueError("mixed_precision='fp16' needs a GPU (on the CPU it would compute in fp32 and record fp16); "
+                         "use 'bf16' or 'no'")

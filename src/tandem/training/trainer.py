@@ -2,7 +2,7 @@
 
 A *method* (a distillation method: consistency, progressive, knowledge distillation; or one of
 the world's component trainings: VAE, CLIP, teacher, ControlNet, oracle) says what it trains
-and how a loss is computed; the Trainer owns everything else:
+and how a loss is computed (:class:`~tandem.training.method.Method`); the Trainer owns everything else:
 
 - devices and processes (the same code on a CPU, one GPU, or ``torchrun`` / ``accelerate
   launch`` over many; DDP via ``accelerate``; FSDP through an accelerate config),
@@ -35,7 +35,6 @@ from the world's stream.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -43,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +51,6 @@ from ..checks import NonFiniteError, first_difference, read_json_file
 from ..generate import derive_seed
 from ..outputs import atomic_write_text, staged_dir
 from .checkpoints import (
-    CHECKPOINT_DIR,
     RESUMABLE_CHANGES,
     RUN_CONFIG,
     check_run_dir,
@@ -61,91 +59,17 @@ from .checkpoints import (
     read_checkpoint_meta,
     remove_path,
     restore_entry,
-    rng_state,
     set_rng_state,
     trim_log,
     without_resumable_changes,
+    write_checkpoint,
 )
-from .checks import require_decay
-from .config import Trainable, TrainerConfig, check_precision
+from .config import TrainerConfig, check_precision
+from .method import EMACopy, Method, StepContext
 from .schedules import lr_lambda
 
 _STATE_PARTS = ("models", "optimizers", "schedulers", "emas")  # of checkpoint/state.pt
 SNAPSHOT_DIR = "snapshots"
-
-
-class Method(Protocol):
-    """What a training method declares."""
-
-    name: str
-    uses_data: bool  # False for data-free methods: the Trainer then never reads a batch
-
-    def trainables(self) -> list[Trainable]: ...
-
-    def frozen(self) -> dict[str, nn.Module]:
-        """Networks the method uses but never trains (e.g. the teacher); moved to the device, eval mode,
-        without gradients."""
-        ...
-
-    def step(self, batch: Any, update: str, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Losses for updating the trainable ``update``; the Trainer backpropagates ``losses["loss"]``.
-        Only ``update``'s optimizer steps on it: gradients the loss leaves on other trainables (a generator
-        loss backpropagated through a critic) are discarded, never added to their next update."""
-        ...
-
-    # Optional: a method with state of its own (a replay buffer, a stage, counters) defines
-    # ``state_dict() -> dict`` (tensors and plain data) and ``load_state_dict(state)``; the Trainer keeps
-    # it in every checkpoint and restores it on resume. ``state_dict()`` returning None means no state in this
-    # run (an option that keeps state is off), and its checkpoints hold none.
-
-
-class EMACopy:
-    """An exponential moving average of a module, kept as a module (so a method can run it)."""
-
-    def __init__(self, module: nn.Module, decay: float, device: torch.device | str = "cpu"):
-        require_decay(decay, "EMA decay")
-        self.decay = decay
-        self.module = copy.deepcopy(module).requires_grad_(False).eval().to(device)
-
-    @torch.no_grad()
-    def update(self, source: nn.Module) -> None:
-        for mine, theirs in zip(self.module.state_dict().values(), source.state_dict().values()):
-            if mine.dtype.is_floating_point:
-                mine.lerp_(theirs.detach().to(mine.dtype), 1.0 - self.decay)
-            else:
-                mine.copy_(theirs)
-
-
-class StepContext:
-    """What ``Method.step`` sees: the prepared networks, EMAs, a per-step generator, the accelerator."""
-
-    def __init__(self, trainer: Trainer):
-        self._trainer = trainer
-        self.step = 0
-        self.micro = 0
-        self.batch_index = 0
-        self.generator = torch.Generator()  # a CPU generator; methods move their draws to ctx.device
-
-    @property
-    def accelerator(self):
-        return self._trainer.accelerator
-
-    @property
-    def device(self) -> torch.device:
-        return self._trainer.accelerator.device
-
-    def model(self, name: str) -> nn.Module:
-        """The trainable ``name`` as prepared for this run (DDP-wrapped when distributed): call it for forwards."""
-        return self._trainer._prepared[name]
-
-    def unwrapped(self, name: str) -> nn.Module:
-        return self._trainer.accelerator.unwrap_model(self._trainer._prepared[name])
-
-    def ema(self, name: str, ema_name: str) -> nn.Module:
-        return self._trainer._emas[name][ema_name].module
-
-    def frozen(self, name: str) -> nn.Module:
-        return self._trainer._frozen[name]
 
 
 class Trainer:
@@ -201,7 +125,7 @@ class Trainer:
             # the LR schedule stays unprepared: accelerate would step it once per process
             module, opt = self.accelerator.prepare(t.module, opt)
             self._prepared[t.name], self._optimizers[t.name], self._schedulers[t.name] = module, opt, sched
-        self.ctx = StepContext(self)
+        self.ctx = StepContext(self.accelerator, self._prepared, self._emas, self._frozen)
         self.start_step = self._load(checkpoint) if checkpoint is not None else 0
         self.steps_done = self.start_step  # what an export records as the steps trained
         self._open_run()
@@ -220,9 +144,9 @@ class Trainer:
             saved = without_resumable_changes(read_json_file(cfg_path, "run config"))
             requested = without_resumable_changes(_jsonable(self.run_config))
             if saved != requested:
-                raise ValueError(f"--resume: the configuration differs from the one saved in {cfg_path} "
+                raise ValueError(f"resume=True: the configuration differs from the one saved in {cfg_path} "
                                  f"({first_difference(saved, requested)}); a resumed run may change only "
-                                 f"{', '.join(RESUMABLE_CHANGES)}")
+                                 f"{', '.join(map(repr, RESUMABLE_CHANGES))}")
         self.accelerator.wait_for_everyone()
         return ckpt
 
@@ -250,27 +174,8 @@ class Trainer:
         }
 
     def save_checkpoint(self, step: int) -> None:
-        """Write ``checkpoint/`` atomically: every process writes into a temporary directory, then
-        the main process swaps it in by renames (the previous checkpoint survives a crash). Whatever
-        lies at the temporary and old names (a symlink included) is removed, never followed."""
-        acc = self.accelerator
-        tmp, final, old = (self.dir / f"{CHECKPOINT_DIR}{s}" for s in (".tmp", "", ".old"))
-        if self.is_main:
-            remove_path(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        if self.is_main:
-            torch.save(self._state(), tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "num_processes": acc.num_processes}) + "\n")
-        acc.wait_for_everyone()
-        if self.is_main:
-            if final.exists() or final.is_symlink():
-                remove_path(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            remove_path(old)
-        acc.wait_for_everyone()
+        """Write ``checkpoint/`` atomically (:func:`~tandem.training.checkpoints.write_checkpoint`)."""
+        write_checkpoint(self.dir, self.accelerator, self._state, step)
 
     def _load(self, ckpt: Path) -> int:
         """Restore weights, optimizers, LR schedules, EMAs and this process's RNG states from ``ckpt``."""
@@ -359,11 +264,11 @@ class Trainer:
         ``divergence_hint`` says what to try."""
         for key, value in losses.items():
             if not bool(torch.isfinite(value.detach()).all()):
-                lower = getattr(self.method, "divergence_hint", "a lower --lr")
+                lower = getattr(self.method, "divergence_hint", "a lower lr")
                 ckpt = find_checkpoint(self.dir)
                 if ckpt is not None:
-                    hint = (f"resume from its last checkpoint (step {read_checkpoint_meta(ckpt)['step']}) with --resume "
-                            f"and {lower}")
+                    hint = (f"resume from its last checkpoint (step {read_checkpoint_meta(ckpt)['step']}) with "
+                            f"resume=True and {lower}")
                 else:
                     hint = f"it wrote no checkpoint yet, so nothing of it is kept: start it again with {lower}"
                 raise NonFiniteError(f"{self.method.name} diverged: the {name}'s {key} is {float(value.detach())} at "

@@ -145,7 +145,7 @@ def add_student(world: str | Path, student_dir: str | Path, steps: int, guidance
     relative = "student" if name is None else name if study else f"students/{name}"
     target = (STUDY_STUDENTS if study else world) / relative
     if (target.exists() or target.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace that student")
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace that student")
     for source in (evaluations or {}).values():
         if not Path(source).is_file():
             raise FileNotFoundError(f"evaluation {source} does not exist")
@@ -192,16 +192,17 @@ def add_calibration(world: str | Path, name: str, calibration: str | Path, overw
     target = world / file_name
     if entry.get("calibration") not in (None, file_name):
         raise ValueError(f"student {name!r} already ships the calibration {entry['calibration']}; replace "
-                         "that file itself (tandem calibrate --overwrite) rather than add a second one")
+                         "that file itself (save the new calibration over it with overwrite=True) rather than add "
+                         "a second one")
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace that calibration")
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace that calibration")
     table = Calibration.load(calibration)
     shipped_world = world.resolve() == world_dir().resolve()
     preset = compose("world" if shipped_world else str(world), student=name,
                      scorer=None if shipped_world else f"world-oracle:{world / 'oracle'}")
     pipe = load_preset(preset, calibration=table)
     fingerprint = pipe.calibration_fingerprint(int(entry["steps"]), float(entry["guidance_scale"]))
-    table.check(fingerprint, remake=f"tandem calibrate --student {name} --out FILE")
+    table.check(fingerprint, remake=f"pipe.calibrate(prompts) for student={name!r}")
     shutil.copy(calibration, target)
     entry["calibration"] = file_name
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -16,7 +16,8 @@ import torch
 
 from .. import __version__
 from ..generate import StudentSettings, TeacherSettings, generate_student, generate_teacher
-from ..models import load_student_pipeline, load_teacher_pipeline, resolve_model, student_defaults
+from ..loaders import load_student
+from ..models import load_teacher_pipeline, resolve_model, student_defaults
 from ..outputs import OutputDir, atomic_write_text
 from ..plots import plot_quality_vs_steps
 from ..sampling import unet_evals_per_step
@@ -181,7 +182,7 @@ def evaluate_world(out: str | os.PathLike, model: str = "world", mode: str = "te
         if mode == "teacher":
             pipe, generate = load_teacher_pipeline(spec), generate_teacher
         else:
-            pipe, generate = load_student_pipeline(spec, path), generate_student
+            pipe, generate = load_student(path, teacher_source=model), generate_student
         results = {"config": config, mode: {},
                    "unet": unet_cost(pipe.unet, context_length=pipe.tokenizer.model_max_length)}
         for key, name, settings in runs:

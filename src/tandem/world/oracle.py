@@ -41,9 +41,11 @@ from ..generate import (
     generate_teacher,
     initial_latents,
     prompt_generator,
+    sample_student,
 )
 from ..hub import quiet_hub_libraries
-from ..models import load_student_pipeline, make_scheduler, resolve_model, world_dir
+from ..loaders import load_student
+from ..models import make_scheduler, resolve_model, world_dir
 from ..outputs import atomic_path, atomic_write_text
 from ..sampling import student_kind
 from ..scorers import register_scorer, to_image_tensor
@@ -366,12 +368,10 @@ def draw_prompts(stream_seed: int, n: int, exclude: set[str]) -> tuple[list[str]
 def _student_latents(pipe, prompts: list[str], indices: list[int], steps: int, guidance_scale: float,
                      seed: int) -> torch.Tensor:
     """The x0 latents [B, 4, h, w] that ``generate.generate_student`` decodes for these prompt indices."""
-    kind = student_kind(pipe)  # the world's consistency student: its kind brings its own sampler
+    original = student_kind(pipe).max_steps(pipe.scheduler)  # the world's consistency student brings its sampler
     gens = [prompt_generator(seed, i) for i in indices]
-    latents = initial_latents(pipe, seed, indices, gens)
-    embeds = pipe.encode_prompt([prompts[i] for i in indices], pipe.device, 1, False)[0]
-    return kind.sample(pipe.unet, pipe.scheduler.alphas_cumprod.to(pipe.device), latents, embeds, gens,
-                       steps=steps, guidance_scale=guidance_scale, original_steps=kind.max_steps(pipe.scheduler))
+    return sample_student(pipe, [prompts[i] for i in indices], initial_latents(pipe, seed, indices, gens), gens,
+                          StudentSettings(steps, guidance_scale), original)
 
 
 @torch.no_grad()
@@ -394,7 +394,7 @@ def generate_kind(kind: str, prompts: list[str], seed: int, recipe: SampleRecipe
         settings = TeacherSettings(int(kind.removeprefix("teacher")), "dpm", recipe.teacher_guidance_scale)
         return np.stack(generate_teacher(pipes["teacher"], prompts, settings, seed, batch_size))
     if "student" not in pipes:  # the world's consistency student, <world>/student (cd), whose samples it learned
-        pipes["student"] = load_student_pipeline(spec, Path(spec.path) / "student")
+        pipes["student"] = load_student(Path(spec.path) / "student", teacher_source=str(world))
     student = pipes["student"]
     if kind.startswith("student"):
         settings = StudentSettings(int(kind.removeprefix("student")), recipe.student_guidance_scale)
@@ -439,7 +439,7 @@ def build_split(data_dir: Path, stream_seed: int, n: int, recipe: SampleRecipe, 
     for name, content in (("prompts.txt", "\n".join(prompts) + "\n"), ("recipe.json", made_by)):
         if (data_dir / name).exists() and (data_dir / name).read_text() != content:
             raise ValueError(f"{data_dir / name} differs from what this run would draw; the cached samples "
-                             "belong to another config: use a new --out")
+                             "belong to another config: train into a new output directory")
         atomic_write_text(data_dir / name, content)
     kinds, pipes, parts = recipe.kinds(), {}, []
     for k, kind in enumerate(kinds):

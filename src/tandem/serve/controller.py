@@ -1,0 +1,114 @@
+"""How much of the load the teacher may take: the cut-off policies of the server.
+
+The adaptive paper routes a fixed share k of the student's images to the teacher (tau is the k-th percentile of
+the calibration scores). Under load that share may be more teacher work than the server has time for, and
+every request then waits. :class:`LoadAwarePolicy` re-chooses, every ``interval`` seconds, the largest teacher
+share the load allows (the rule of DiffServe, MLSys 2025, with the stage costs of an offline
+:class:`~tandem.serve.profile.Profile`), and caps each request's own share by it: at light load a request gets
+exactly the share it asks for.
+
+The rule (:func:`largest_share`), at a measured arrival rate of lambda images per second:
+
+- *capacity*: the worker computes one batch at a time, so its busy fraction is
+  rho(p) = lambda * (t_student + t_oracle + p * t_teacher), with t the seconds per image of each stage at its
+  largest batch; the teacher's work must fit the capacity left: rho(p) <= ``utilization``;
+- *latency*: by Little's law (L = lambda * W) a single-server queue at busy fraction rho holds an image for
+  W = S / (1 - rho), S being the service time of a teacher-routed image (one batch of each stage at the batch
+  the load forms, plus each stage's batching wait); W(p) <= the SLO.
+
+Both bounds are linear in p, so the answer is closed-form; it is rounded down to ``step`` and clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+
+from .profile import Profile
+
+log = logging.getLogger("tandem.serve")
+
+
+def largest_share(profile: Profile, rate: float, slo_s: float, max_batch: int, max_wait: float,
+                  utilization: float = 0.9, step: float = 0.01) -> float:
+    """The largest teacher share p in [0, 1] (a multiple of ``step``) that the load ``rate`` (images per second)
+    allows under the SLO ``slo_s`` (seconds), by the module's rule; 0 when even the student alone does not fit."""
+    if rate <= 0:
+        return 1.0
+    t_s, t_o, t_t = (profile.seconds_per_image(s, max_batch) for s in ("student", "oracle", "teacher"))
+    batch = max(1, min(max_batch, round(rate * max_wait)))  # the batch the load fills within the wait
+    service = sum(profile.batch_seconds(s, batch) for s in ("student", "oracle", "teacher")) + 3 * max_wait
+    rho_cap = min(utilization, 1 - service / slo_s)  # both bounds as a bound on rho
+    p = (rho_cap / rate - t_s - t_o) / t_t
+    if p < 0:
+        return 0.0
+    return min(1.0, math.floor(p / step + 1e-9) * step)
+
+
+class FixedPolicy:
+    """Every request keeps its own cut-off (the adaptive paper's fixed percentile)."""
+
+    name = "fixed"
+    share = 1.0
+
+    def arrived(self, images: int, now: float) -> None:
+        pass
+
+    def update(self, now: float) -> None:
+        pass
+
+    def cap(self, tau: float, k: float | None) -> tuple[float, float | None]:
+        return tau, None
+
+    def rate(self, now: float) -> float:
+        return 0.0
+
+
+class LoadAwarePolicy:
+    """Caps the teacher's share by :func:`largest_share` at the arrival rate of the last ``window`` seconds,
+    re-chosen every ``interval`` seconds; each change is logged (and kept in ``changes``). A request's cut-off
+    tau becomes min(tau, the calibration's threshold at the cap), so at light load it is unchanged."""
+
+    name = "load-aware"
+
+    def __init__(self, profile: Profile, calibration, slo_s: float, max_batch: int, max_wait: float,
+                 interval: float = 1.0, window: float = 10.0, utilization: float = 0.9):
+        if calibration is None:
+            raise ValueError("the load-aware policy needs the student's calibration (a share of the teacher is a "
+                             "percentile of its scores)")
+        self.profile, self.calibration, self.slo_s = profile, calibration, slo_s
+        self.max_batch, self.max_wait, self.utilization = max_batch, max_wait, utilization
+        self.interval, self.window = interval, window
+        self.arrivals: deque[tuple[float, int]] = deque()
+        self.share, self.changes = 1.0, []
+        self._next = None
+
+    def arrived(self, images: int, now: float) -> None:
+        self.arrivals.append((now, images))
+
+    def rate(self, now: float) -> float:
+        while self.arrivals and self.arrivals[0][0] < now - self.window:
+            self.arrivals.popleft()
+        return sum(n for _, n in self.arrivals) / self.window
+
+    def update(self, now: float) -> None:
+        if self._next is not None and now < self._next:
+            return
+        self._next = now + self.interval
+        rate = self.rate(now)
+        share = largest_share(self.profile, rate, self.slo_s, self.max_batch, self.max_wait, self.utilization)
+        if share != self.share:
+            log.info("teacher share cap %.2f -> %.2f (arrivals %.2f images/s, SLO %.3g s)", self.share, share,
+                     rate, self.slo_s)
+            self.changes.append({"time": now, "rate": rate, "share": share})
+            self.share = share
+
+    def threshold(self) -> float:
+        """The cut-off at the current cap: the calibration's percentile ``100 * share``."""
+        return float(self.calibration.threshold(100 * self.share))
+
+    def cap(self, tau: float, k: float | None) -> tuple[float, float]:
+        if self.share >= 1.0:
+            return tau, self.share
+        return min(tau, self.threshold()), self.share

@@ -1,0 +1,396 @@
+"""The serving engine: Algorithm 1 across requests, one queue per stage.
+
+A request becomes a :class:`Job` of images. Each image passes through up to three queues, the student's
+(draw and decode), the oracle's (score) and the teacher's (improve and decode), and each queue forms its own
+batches across requests: at most ``max_batch`` images that can share one model call (the same student steps and
+guidance; the same teacher settings), sent when the batch is full or its oldest image has waited ``max_wait``
+seconds. A job is routed once all its images are scored, by its own cut-off, capped by the load policy
+(:mod:`tandem.serve.controller`). The model calls are the pipeline's own stages (:mod:`tandem.pipeline.stages`):
+each image keeps the generator seeded from ``(seed, index)``, so a served image is the offline pipeline's image
+of the same prompt and seed, up to the float rounding of another batch shape (one grey level, see the stages).
+
+One worker thread runs the batches, the later stage first (finishing work in flight before starting more); the
+web server's threads only submit, cancel and wait. Faults stay with their requests: a full queue refuses a job
+(:class:`QueueFull`), a job past its deadline is dropped before it uses compute (:class:`DeadlineExceeded`), a
+cancelled job's images leave the queues, and a model error fails the jobs of its batch (:class:`BatchFailed`,
+with an id in the log), never the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+
+import torch
+
+from ..generate import initial_latents, prompt_generator, prompt_seed
+from ..pipeline.records import CostLedger, image_record
+from ..pipeline.tandem import plan_path
+from .compute import STAGES, StageBatch, run_stage
+from .jobs import BatchFailed, Call, DeadlineExceeded, Image, Job, JobResult, QueueFull, ShuttingDown, set_error
+
+log = logging.getLogger("tandem.serve")
+
+
+
+class StageQueue:
+    """A stage's queue: images in arrival order, batched by ``key`` (images that can share one model call)."""
+
+    def __init__(self, name: str, max_batch: int, max_wait: float, key):
+        self.name, self.max_batch, self.max_wait, self.key = name, max_batch, max_wait, key
+        self.items: deque[Image] = deque()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def ready(self, now: float, flush: bool = False) -> tuple[list[Image] | None, float | None]:
+        """The batch to run now (the oldest image and the next images of its kind, up to ``max_batch``) if it is
+        full, its oldest image has waited ``max_wait`` or ``flush``; else None and the time it will be due."""
+        if not self.items:
+            return None, None
+        first = self.items[0]
+        kind = self.key(first)
+        batch = [im for im in self.items if self.key(im) == kind][:self.max_batch]
+        due = first.enqueued + self.max_wait
+        if len(batch) >= self.max_batch or now >= due or flush:
+            return batch, None
+        return None, due
+
+    def remove(self, images) -> None:
+        gone = {id(im) for im in images}
+        self.items = deque(im for im in self.items if id(im) not in gone)
+
+
+class Engine:
+    """Algorithm 1 served: a :class:`~tandem.pipeline.TandemPipeline` behind three batching queues.
+
+    Args:
+        pipe: the tandem (its student, teacher, oracle and calibration).
+        max_batch: the largest batch of each stage (an int, or a dict by stage).
+        max_wait: how long a stage's oldest image waits for its batch to fill, in seconds.
+        max_queue: the most images the queues hold; a job that would pass it is refused (:class:`QueueFull`).
+        policy: caps the teacher's share (:class:`tandem.serve.controller.FixedPolicy` or
+            :class:`~tandem.serve.controller.LoadAwarePolicy`); None keeps every job's own cut-off.
+        metrics: a :class:`tandem.serve.metrics.ServeMetrics` to report to, or None.
+        backend: runs a stage's batch, ``backend(StageBatch) -> StageResult`` (default: :func:`run_stage` on
+            ``pipe`` in this process; :mod:`tandem.serve.ray_app` sends it to the stage's deployment).
+        workers: how many batches may run at once, by stage: None (one worker for all stages, the later stage
+            first: right when the stages share this process's cores), or a dict such as ``{"student": 2,
+            "oracle": 1, "teacher": 4}`` (workers of each stage's own, for stages computed elsewhere).
+    """
+
+    def __init__(self, pipe, max_batch: int | dict = 8, max_wait: float = 0.02, max_queue: int = 256,
+                 policy=None, metrics=None, backend=None, workers: dict | None = None):
+        self.pipe, self.policy, self.metrics, self.max_queue = pipe, policy, metrics, max_queue
+        self.backend = backend or (lambda batch: run_stage(pipe, batch))
+        self.workers = workers
+        sizes = max_batch if isinstance(max_batch, dict) else dict.fromkeys(STAGES, max_batch)
+        keys = {"student": lambda im: (im.job.plan.steps, im.job.plan.guidance),
+                "oracle": lambda im: (),
+                "teacher": lambda im: _teacher_key(im.job.plan)}
+        self.queues = {s: StageQueue(s, int(sizes[s]), max_wait, keys[s]) for s in STAGES}
+        self.calls: deque[Call] = deque()  # whole pipeline calls (edits), run between batches
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = self._draining = False
+        self._running = 0  # images in the batches being computed
+        self._batches = 0
+        self._seconds_per_image = dict.fromkeys(STAGES, 0.0)  # recent compute seconds per image, by stage
+        self.modules = pipe._counted_modules()
+
+    # -- the web side -------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if not self._threads:
+            serves = ([(STAGES, True)] if self.workers is None else
+                      [((stage,), stage == "student") for stage in STAGES for _ in range(self.workers.get(stage, 1))])
+            for i, (stages, calls) in enumerate(serves):
+                thread = threading.Thread(target=self._loop, args=(stages, calls), name=f"tandem-engine-{i}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def queued(self) -> dict[str, int]:
+        with self._cond:
+            return {s: len(q) for s, q in self.queues.items()}
+
+    def submit(self, prompts: list[str], plan, seed: int, deadline_s: float, now: float | None = None) -> Job:
+        """Queue a job of ``prompts`` under ``plan`` (checked beforehand); it finishes within ``deadline_s`` seconds
+        or is dropped (:class:`DeadlineExceeded`). Refuses a job past ``max_queue`` (:class:`QueueFull`)."""
+        now = time.monotonic() if now is None else now
+        job = self.job(prompts, plan, seed, now, deadline_s)
+        with self._cond:
+            self._admit(job.n)
+            if self.policy is not None:
+                self.policy.arrived(job.n, now)
+            first = "teacher" if plan.mode == "teacher" else "student"
+            for im in job.images:
+                self._enqueue(first, im, now)
+            self._cond.notify_all()
+        return job
+
+    def job(self, prompts: list[str], plan, seed: int, now: float = 0.0, deadline_s: float = math.inf) -> Job:
+        """A job of ``prompts`` under ``plan``: each image's generator from ``(seed, index)`` and its initial noise
+        drawn from it, as the pipeline draws them."""
+        gens = [prompt_generator(seed, i) for i in range(len(prompts))]
+        model = self.pipe._teacher_any if plan.mode == "teacher" else self.pipe.student
+        noise = initial_latents(model, seed, list(range(len(prompts))), gens)
+        job = Job(uuid.uuid4().hex[:12], list(prompts), plan, seed, now, now + deadline_s, gens, noise,
+                  CostLedger(len(prompts), self.modules))
+        job.images = [Image(job, i) for i in range(job.n)]
+        return job
+
+    def compute(self, stage: str, batch: list[Image], batch_id: int = 0) -> float:
+        """Run one stage's model calls on a batch of images (from any jobs with the same settings) through the
+        backend, and give each image its outputs and its job what it cost; the seconds it took. Routing is the
+        caller's (the engine's worker, or a profile)."""
+        t0 = time.monotonic()
+        for im in batch:
+            im.stages.setdefault(stage, {"queue_s": 0.0})
+            im.stages[stage].update(queue_s=t0 - im.enqueued if im.enqueued else 0.0, batch=batch_id,
+                                    batch_size=len(batch))
+        job0 = batch[0].job
+        work = StageBatch(stage, job0.plan, [im.job.prompts[im.index] for im in batch],
+                          torch.cat([im.job.noise[im.index:im.index + 1] for im in batch]),
+                          [im.job.generators[im.index] for im in batch],
+                          latents=[im.latent for im in batch] if stage == "teacher" else None,
+                          images=[im.image for im in batch] if stage == "oracle" else None)
+        out = self.backend(work)
+        seconds = time.monotonic() - t0
+        self._seconds_per_image[stage] = seconds / len(batch)
+        for j, im in enumerate(batch):
+            im.stages[stage]["compute_s"] = seconds
+            for key, per_image in out.costs.items():
+                im.job.ledger.per_image[key][im.index] += per_image[j]
+            if out.scores is not None:
+                im.score = float(out.scores[j])
+            if out.latents is not None:
+                im.latent, im.image = out.latents[j:j + 1], out.images[j]
+                if stage == "student":
+                    im.student_image = out.images[j]
+                else:
+                    im.path = plan_path(im.job.plan)
+        if self.metrics is not None:
+            self.metrics.batch(stage, len(batch), seconds, out.costs)
+        return seconds
+
+    def submit_call(self, fn, images: int, deadline_s: float, now: float | None = None) -> Call:
+        """Queue ``fn()`` (a whole pipeline call of ``images`` images) to run on a worker between batches."""
+        now = time.monotonic() if now is None else now
+        call = Call(fn, images, now + deadline_s)
+        with self._cond:
+            self._admit(images)
+            self.calls.append(call)
+            self._cond.notify_all()
+        return call
+
+    def _admit(self, images: int) -> None:
+        if self._draining or self._stopping:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        queued = sum(len(q) for q in self.queues.values()) + sum(c.images for c in self.calls) + self._running
+        if queued + images > self.max_queue:
+            raise QueueFull(queued, self.max_queue, self._retry_after(queued))
+
+    def cancel(self, job: Job | Call) -> None:
+        """Take a job's queued images out (its client left); a batch already running finishes."""
+        with self._cond:
+            job.cancelled = True
+            if isinstance(job, Call):
+                if job in self.calls:
+                    self.calls.remove(job)
+            else:
+                self._drop(job)
+            if not job.future.done():
+                job.future.cancel()
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Take no new jobs, finish the queued ones, stop the worker; True if everything finished in time."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+            end = None if timeout is None else time.monotonic() + timeout
+            while any(self.queues.values()) or self.calls or self._running:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 0.5)
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+        return True
+
+    # -- the worker ---------------------------------------------------------------------------------
+
+    def _enqueue(self, stage: str, im: Image, now: float) -> None:
+        im.enqueued = now
+        im.stages[stage] = {"queue_s": 0.0, "compute_s": 0.0, "batch": None, "batch_size": 0}
+        self.queues[stage].items.append(im)
+
+    def _drop(self, job: Job) -> None:
+        for q in self.queues.values():
+            q.remove([im for im in q.items if im.job is job])
+
+    def _retry_after(self, queued: int) -> int:
+        per_image = sum(self._seconds_per_image.values()) or 0.1
+        return max(1, math.ceil(queued * per_image))
+
+    def _next_batch(self, now: float, stages=STAGES, calls: bool = True
+                    ) -> tuple[str | None, list[Image] | None, float | None]:
+        """The batch of ``stages`` to run (the later stage first), or a call, or the time the next one is due
+        (under the lock)."""
+        for q in self.queues.values():  # jobs past their deadline leave before they use compute
+            for job in {id(im.job): im.job for im in q.items if im.job.deadline < now}.values():
+                self._fail(job, DeadlineExceeded(f"the request waited past its deadline "
+                                                 f"({job.deadline - job.arrival:.3g} s) and was dropped"))
+        for call in [c for c in self.calls if c.deadline < now]:
+            self.calls.remove(call)
+            set_error(call.future, DeadlineExceeded("the request waited past its deadline and was dropped"))
+        due = []
+        for stage in reversed(stages):
+            batch, when = self.queues[stage].ready(now, flush=self._draining)
+            if batch:
+                return stage, batch, None
+            if when is not None:
+                due.append(when)
+        if calls and self.calls:
+            return "call", [self.calls.popleft()], None
+        due += [im.job.deadline for q in self.queues.values() for im in q.items]  # wake to drop it in time
+        due += [c.deadline for c in self.calls]
+        return None, None, min(due) if due else None
+
+    def _loop(self, stages=STAGES, calls: bool = True) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    if self.policy is not None:
+                        self.policy.update(now)
+                    stage, batch, due = self._next_batch(now, stages, calls)
+                    if batch:
+                        if stage != "call":
+                            self.queues[stage].remove(batch)
+                        running = len(batch) if stage != "call" else batch[0].images
+                        self._running += running
+                        self._batches += 1
+                        batch_id = self._batches
+                        break
+                    self._cond.wait(None if due is None else max(due - now, 0.0) + 1e-4)
+            try:
+                if stage == "call":
+                    self._call(batch[0])
+                else:
+                    self._run(stage, batch, batch_id)
+            except Exception as e:  # a model error fails the batch's jobs, never the engine
+                error_id = uuid.uuid4().hex[:8]
+                log.exception("batch %d (%s, %d images) failed: error id %s", batch_id, stage, len(batch), error_id)
+                with self._cond:
+                    for job in {id(im.job): im.job for im in batch}.values():
+                        self._fail(job, BatchFailed(error_id), cause=e)
+            finally:
+                with self._cond:
+                    self._running -= running
+                    self._cond.notify_all()
+
+    def _fail(self, job: Job, error: Exception, cause: Exception | None = None) -> None:
+        job.failed = True
+        self._drop(job)
+        if cause is not None:
+            error.__cause__ = cause
+        set_error(job.future, error)
+        if self.metrics is not None:
+            self.metrics.job_failed(type(error).__name__)
+
+    def _call(self, call: Call) -> None:
+        try:
+            with torch.no_grad():
+                result = call.fn()
+        except ValueError as e:  # the pipeline refused the call's input: the client's error, not the model's
+            set_error(call.future, e)
+            return
+        except Exception as e:
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("a pipeline call failed: error id %s", error_id)
+            failure = BatchFailed(error_id)
+            failure.__cause__ = e
+            set_error(call.future, failure)
+            return
+        if not call.future.done():
+            call.future.set_result(result)
+
+    def _run(self, stage: str, batch: list[Image], batch_id: int) -> None:
+        self.compute(stage, batch, batch_id)
+        now = time.monotonic()
+        with self._cond:
+            for im in batch:
+                if not (im.job.cancelled or im.job.failed):
+                    self._after(stage, im, now)
+
+    def _after(self, stage: str, im: Image, now: float) -> None:
+        """Where an image goes after ``stage`` (under the lock)."""
+        job = im.job
+        if stage == "student":
+            if job.plan.mode == "adaptive":
+                self._enqueue("oracle", im, now)
+            else:
+                im.path = "student"
+                self._finish(im)
+        elif stage == "oracle":
+            job.scored += 1
+            if job.scored == job.n:
+                self._route(job, now)
+        else:
+            self._finish(im)
+
+    def _route(self, job: Job, now: float) -> None:
+        """Send the job's images scoring below its cut-off to the teacher: its own tau, or the policy's cap."""
+        tau = job.plan.cut.tau
+        if self.policy is not None:
+            tau, job.share_cap = self.policy.cap(tau, job.plan.cut.k)
+        job.tau = tau
+        for im in job.images:
+            if im.score < tau:
+                self._enqueue("teacher", im, now)
+            else:
+                im.path = "accepted"
+                self._finish(im)
+        if self.metrics is not None:
+            self.metrics.routed(sum(im.score < tau for im in job.images), job.n)
+
+    def _finish(self, im: Image) -> None:
+        job = im.job
+        job.finished += 1
+        if job.finished < job.n or job.future.done():
+            return
+        done = time.monotonic()
+        records = []
+        for i, image in enumerate(job.images):
+            tau = job.tau if job.plan.mode == "adaptive" else None
+            rec = image_record(i, job.prompts[i], image.path, prompt_seed(job.seed, i), job.ledger,
+                               image.score if job.plan.mode == "adaptive" else None, tau)
+            if image.path == "refined":
+                rec["rollback_sigma"], rec["teacher_steps_run"] = job.plan.refine.sigma, job.plan.refine.steps
+            rec["serving"] = {"request_id": job.id, "latency_s": done - job.arrival, "stages": image.stages,
+                              "teacher_share_cap": job.share_cap}
+            records.append(rec)
+        student = [im.student_image for im in job.images] if job.plan.mode != "teacher" else []
+        job.future.set_result(JobResult([im.image for im in job.images], student, records, job))
+        if self.metrics is not None:
+            self.metrics.job_done(done - job.arrival)
+
+
+def _teacher_key(plan) -> tuple:
+    refine = None if plan.refine is None else (plan.refine.strength, plan.refine.num_inference_steps)
+    return (plan.regenerates, plan.teacher_steps, plan.teacher_guidance, plan.teacher_scheduler, plan.handoff, refine)
