@@ -20,6 +20,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow  # 25 s; the default suite keeps test_distill's two-process run and this file's resume test
 def test_two_processes_split_a_sweep_and_match_one(tmp_path):
     mode = "student"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",

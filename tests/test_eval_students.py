@@ -57,6 +57,7 @@ def small_lists(tmp_path_factory):
     return root / "choice.txt", root / "report.txt"
 
 
+@pytest.mark.slow  # 30 s: a whole experiment; the default suite keeps its choice rule and refusals
 def test_eval_students_shares_the_teacher_runs_and_matches_real_adaptive_runs(small_lists, tmp_path, capsys,
                                                                                monkeypatch):
     from tandem.pipeline import load_preset

@@ -232,6 +232,42 @@ def test_the_load_aware_share_by_hand():
     assert largest_share(PROFILE, 20, 60.0, 8, 0.4) == 0.0
     # an SLO shorter than one teacher path: only the student
     assert largest_share(PROFILE, 0.1, 1.0, 8, 0.01) == 0.0
+    # the server computes the teacher twice as slowly as the profile: t_teacher = 1.0, S = 1.25 + 1.0 = 2.25 s > the
+    # SLO: only the student; at a 4 s SLO: rho <= 1 - 2.25 / 4 = 0.4375, p <= (0.4375 / 1.5 - 0.11) / 1.0
+    assert largest_share(PROFILE, 1.5, 2.0, 8, 0.01, slowdown={"teacher": 2.0}) == 0.0
+    assert largest_share(PROFILE, 1.5, 4.0, 8, 0.01, slowdown={"teacher": 2.0}) == pytest.approx(0.18)
+    # faster than the profile counts as the profile
+    assert largest_share(PROFILE, 1.5, 2.0, 8, 0.01, slowdown={"teacher": 0.5, "student": None}) == pytest.approx(0.28)
+
+
+def test_the_policy_measures_the_servers_slowdown_against_the_profile(pipe):
+    policy = LoadAwarePolicy(PROFILE, pipe.calibration, slo_s=4.0, max_batch=8, max_wait=0.01, window=10)
+    policy.arrived(15, 1.0)
+    policy.update(11.0, {"student": (1, 0.0), "oracle": (1, 0.0), "teacher": (1, 2.0)})  # 2.0 s where the profile has 1.0
+    assert policy.slowdown == {"teacher": 2.0} and policy.share == pytest.approx(0.18)
+    policy.update(12.0, {"teacher": (8, 4.0)})  # as fast as the profile: the average moves 30% of the way
+    assert policy.slowdown["teacher"] == pytest.approx(0.7 * 2.0 + 0.3 * 1.0)
+
+
+def test_a_load_that_starts_is_seen_within_a_second_not_a_window(pipe):
+    policy = LoadAwarePolicy(PROFILE, pipe.calibration, slo_s=2.0, max_batch=8, max_wait=0.01, window=10)
+    policy.arrived(6, 100.0)
+    assert policy.rate(100.5) == 6.0  # over one second, not ten
+    assert policy.rate(102.0) == 3.0
+    assert policy.rate(130.0) == 0.0
+
+
+def test_under_load_a_full_batch_runs_before_a_part_one(pipe):
+    engine = Engine(pipe, max_batch=4, max_wait=0.01, max_hold=1.0)
+    job = engine.job(["a red circle"] * 7, default_plan(pipe, 7), 0, now=0.0, deadline_s=60)
+    for im in job.images[:4]:
+        engine._enqueue("student", im, 0.5)
+    for im in job.images[4:]:
+        engine._enqueue("teacher", im, 0.5)
+    assert engine._next_batch(0.6)[0] == "student"  # both due; the teacher's 3 wait behind a full batch to fill
+    assert engine._next_batch(1.6)[0] == "teacher"  # ... for max_hold at most
+    engine.queues["student"].items.pop()
+    assert engine._next_batch(0.6)[0] == "teacher"  # no full batch anywhere: the later stage, once due
 
 
 def test_the_policy_caps_a_requests_own_cut_off(pipe):
@@ -240,7 +276,7 @@ def test_the_policy_caps_a_requests_own_cut_off(pipe):
     policy.update(0.0)
     assert policy.cap(tau50, 50) == (tau50, 1.0)  # light load: the request's own cut-off exactly
     policy.arrived(15, 1.0)  # 15 images in the 10 s window: 1.5 images/s
-    policy.update(5.0)
+    policy.update(11.0)
     tau, share = policy.cap(tau50, 50)
     assert share == pytest.approx(0.28) and tau == pytest.approx(float(pipe.calibration.threshold(28)))
     assert policy.cap(-1.0, None)[0] == -1.0  # a lower cut-off of the request's own stays

@@ -62,11 +62,20 @@ def initial_latents(pipe, seed: int, indices: list[int],
     ``generators`` (one per index, default: fresh ones from ``(seed, index)``) are advanced, so a
     sampler that needs more noise for image i continues to draw it from image i's generator.
     """
-    c = pipe.unet.config.in_channels
-    size = pipe.unet.config.sample_size
     gens = generators if generators is not None else [prompt_generator(seed, i) for i in indices]
-    noise = [torch.randn((1, c, size, size), generator=g, dtype=torch.float32) for g in gens]
-    return torch.cat(noise).to(device=pipe.device, dtype=pipe.unet.dtype)
+    return unit_noise(*noise_shape(pipe), gens)
+
+
+def noise_shape(pipe) -> tuple[int, int, torch.device, torch.dtype]:
+    """The channels, size, device and dtype of ``pipe``'s initial noise (its UNet's)."""
+    return pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.device, pipe.unet.dtype
+
+
+def unit_noise(channels: int, size: int, device, dtype, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Unit-variance noise [B, channels, size, size], image i's drawn (in float32, on the CPU) from
+    ``generators[i]``: :func:`initial_latents` for a UNet's shape known beforehand."""
+    noise = [torch.randn((1, channels, size, size), generator=g, dtype=torch.float32) for g in generators]
+    return torch.cat(noise).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..outputs import OutputDir, atomic_write_text
 from ..world.checker import check
-from .serve_report import plot_load, summarize, timeline
+from .serve_report import RequestResult, plot_load, summarize, timeline
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 GAUGES = ("tandem_teacher_share_cap", "tandem_threshold", "tandem_arrival_rate", "tandem_teacher_share")
@@ -146,32 +146,6 @@ def arrival_times(config: LoadConfig) -> np.ndarray:
     else:
         times = bursty_arrivals(config.on_s, config.off_s, config.burst_rate, config.duration_s, rng)
     return times[:config.max_requests]
-
-
-@dataclass
-class RequestResult:
-    """One request as the client saw it; ``images`` holds each image's record (path, student_score, tau,
-    unet_evals, serving) and, once judged, ``satisfied``."""
-
-    index: int
-    prompt: str
-    seed: int
-    scheduled_s: float  # when it was due, seconds from the start
-    sent_s: float | None = None  # when it went out
-    status: int | None = None  # HTTP status; None: no answer (transport error, or unfinished at the end)
-    latency_s: float | None = None  # send to answer, as the client measured it
-    error: str | None = None
-    request_id: str | None = None
-    tau: float | None = None
-    teacher_share_cap: float | None = None
-    server_latency_s: float | None = None
-    images: list[dict[str, Any]] = field(default_factory=list)
-    pngs: list[bytes] = field(default_factory=list, repr=False)  # kept for judging; not written
-
-    def row(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("pngs")
-        return out
 
 
 @dataclass

@@ -4,13 +4,38 @@ and the exact checker's accuracy over the run."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .serve_load import RequestResult
+
+@dataclass
+class RequestResult:
+    """One request as the client saw it; ``images`` holds each image's record (path, student_score, tau,
+    unet_evals, serving) and, once judged, ``satisfied``."""
+
+    index: int
+    prompt: str
+    seed: int
+    scheduled_s: float  # when it was due, seconds from the start
+    sent_s: float | None = None  # when it went out
+    status: int | None = None  # HTTP status; None: no answer (transport error, or unfinished at the end)
+    latency_s: float | None = None  # send to answer, as the client measured it
+    error: str | None = None
+    request_id: str | None = None
+    tau: float | None = None
+    teacher_share_cap: float | None = None
+    server_latency_s: float | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
+    pngs: list[bytes] = field(default_factory=list, repr=False)  # kept for judging; not written
+
+    def row(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("pngs")
+        return out
+
 
 TEACHER_PATHS = ("refined", "regenerated", "teacher")  # the images the teacher drew or improved
 

@@ -31,7 +31,7 @@ from PIL import Image as PILImage
 from .engine import Engine
 from .jobs import BatchFailed, DeadlineExceeded, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
-from .requests import GenerationRequest, Limits, RequestError, Tandem, check_request, plan_request
+from .requests import GenerationRequest, Limits, PlanCache, RequestError, Tandem, check_request
 
 log = logging.getLogger("tandem.serve")
 
@@ -138,6 +138,7 @@ def create_app(pipe, *, engine: Engine | None = None, limits: Limits | None = No
     limits = Limits() if limits is None else limits
     metrics = metrics or ServeMetrics(torch.get_num_threads())
     engine = engine or Engine(pipe, metrics=metrics)
+    plans = PlanCache(pipe)
     engine.metrics = engine.metrics or metrics
     size = pipe.resolution()
 
@@ -176,7 +177,7 @@ def create_app(pipe, *, engine: Engine | None = None, limits: Limits | None = No
         t0 = time.monotonic()
         _refused(lambda: check_request(body, limits, body.prompt, body.n, pipe.name, size, body.model, body.size,
                                        body.response_format))
-        plan = _refused(lambda: plan_request(pipe, body, body.n))
+        plan = _refused(lambda: plans(body, body.n))
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         job = _admitted(lambda: engine.submit([body.prompt] * body.n, plan, seed, limits.deadline_s))
         result = await _wait(request, engine, job)
@@ -286,17 +287,24 @@ def _admitted(submit):
         raise HTTPFailure(503, str(e), "unavailable") from None
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone: the server's receive channel, its body already read, answers only then."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.5)  # a server whose receive answers at once: ask again later
+
+
 async def _wait(request: Request, engine: Engine, job):
     """The job's result; its queued work is cancelled if the client disconnects first."""
     future = asyncio.wrap_future(job.future)
-    while True:
-        done, _ = await asyncio.wait({future}, timeout=0.1)
-        if done:
-            break
-        if await request.is_disconnected():
-            engine.cancel(job)
-            log.info("client left: request cancelled")
-            raise HTTPFailure(499, "the client closed the request", "cancelled")
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:  # no polling: a poll per queued request per tick takes the interpreter from the model's thread
+        await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not future.done():
+        engine.cancel(job)
+        log.info("client left: request cancelled")
+        raise HTTPFailure(499, "the client closed the request", "cancelled")
     try:
         return future.result()
     except DeadlineExceeded as e:

@@ -7,11 +7,13 @@ share the load allows (the rule of DiffServe, MLSys 2025, with the stage costs o
 :class:`~tandem.serve.profile.Profile`), and caps each request's own share by it: at light load a request gets
 exactly the share it asks for.
 
-The rule (:func:`largest_share`), at a measured arrival rate of lambda images per second:
+The rule (:func:`largest_share`), at a measured arrival rate of lambda images per second (offered: refused requests
+count):
 
 - *capacity*: the worker computes one batch at a time, so its busy fraction is
   rho(p) = lambda * (t_student + t_oracle + p * t_teacher), with t the seconds per image of each stage at its
-  largest batch; the teacher's work must fit the capacity left: rho(p) <= ``utilization``;
+  largest batch in the profile (times the server's measured slowdown against the profile, where it computes
+  slower); the teacher's work must fit the capacity left: rho(p) <= ``utilization``;
 - *latency*: by Little's law (L = lambda * W) a single-server queue at busy fraction rho holds an image for
   W = S / (1 - rho), S being the service time of a teacher-routed image (one batch of each stage at the batch
   the load forms, plus each stage's batching wait); W(p) <= the SLO.
@@ -31,14 +33,18 @@ log = logging.getLogger("tandem.serve")
 
 
 def largest_share(profile: Profile, rate: float, slo_s: float, max_batch: int, max_wait: float,
-                  utilization: float = 0.9, step: float = 0.01) -> float:
+                  utilization: float = 0.9, step: float = 0.01, slowdown: dict | None = None) -> float:
     """The largest teacher share p in [0, 1] (a multiple of ``step``) that the load ``rate`` (images per second)
-    allows under the SLO ``slo_s`` (seconds), by the module's rule; 0 when even the student alone does not fit."""
+    allows under the SLO ``slo_s`` (seconds), by the module's rule; 0 when even the student alone does not fit.
+    ``slowdown``: by stage, how much slower than the profile the server computes now (its batches' seconds over
+    the profile's at the same size: the cores and the interpreter shared with the web server); above 1, the
+    profile's times are multiplied by it."""
     if rate <= 0:
         return 1.0
-    t_s, t_o, t_t = (profile.seconds_per_image(s, max_batch) for s in ("student", "oracle", "teacher"))
+    slow = {s: max(1.0, (slowdown or {}).get(s) or 1.0) for s in ("student", "oracle", "teacher")}
+    t_s, t_o, t_t = (profile.seconds_per_image(s, max_batch) * slow[s] for s in ("student", "oracle", "teacher"))
     batch = max(1, min(max_batch, round(rate * max_wait)))  # the batch the load fills within the wait
-    service = sum(profile.batch_seconds(s, batch) for s in ("student", "oracle", "teacher")) + 3 * max_wait
+    service = sum(profile.batch_seconds(s, batch) * slow[s] for s in ("student", "oracle", "teacher")) + 3 * max_wait
     rho_cap = min(utilization, 1 - service / slo_s)  # both bounds as a bound on rho
     p = (rho_cap / rate - t_s - t_o) / t_t
     if p < 0:
@@ -55,7 +61,7 @@ class FixedPolicy:
     def arrived(self, images: int, now: float) -> None:
         pass
 
-    def update(self, now: float) -> None:
+    def update(self, now: float, observed: dict | None = None) -> None:
         pass
 
     def cap(self, tau: float, k: float | None) -> tuple[float, float | None]:
@@ -81,23 +87,36 @@ class LoadAwarePolicy:
         self.max_batch, self.max_wait, self.utilization = max_batch, max_wait, utilization
         self.interval, self.window = interval, window
         self.arrivals: deque[tuple[float, int]] = deque()
-        self.share, self.changes = 1.0, []
-        self._next = None
+        self.share, self.changes, self.slowdown, self.smoothing = 1.0, [], {}, 0.7
+        self._next = self._first = None
 
     def arrived(self, images: int, now: float) -> None:
         self.arrivals.append((now, images))
 
     def rate(self, now: float) -> float:
+        """Images per second over the last ``window`` seconds (over the time since the first arrival while that
+        is shorter, at least one second: a load that starts is seen within a second, not after a window)."""
+        if self._first is None and self.arrivals:
+            self._first = self.arrivals[0][0]
         while self.arrivals and self.arrivals[0][0] < now - self.window:
             self.arrivals.popleft()
-        return sum(n for _, n in self.arrivals) / self.window
+        seen = self.window if self._first is None else min(self.window, max(1.0, now - self._first))
+        return sum(n for _, n in self.arrivals) / seen
 
-    def update(self, now: float) -> None:
+    def update(self, now: float, observed: dict | None = None) -> None:
+        """Re-choose the cap if ``interval`` has passed. ``observed``: each stage's latest batch as (images,
+        compute seconds); its seconds over the profile's for that batch size, a moving average over the updates
+        (weight ``1 - smoothing`` on the newest), is the stage's slowdown."""
         if self._next is not None and now < self._next:
             return
         self._next = now + self.interval
+        for stage, (images, seconds) in (observed or {}).items():
+            if seconds > 0:
+                ratio, old = seconds / self.profile.batch_seconds(stage, images), self.slowdown.get(stage)
+                self.slowdown[stage] = ratio if old is None else self.smoothing * old + (1 - self.smoothing) * ratio
         rate = self.rate(now)
-        share = largest_share(self.profile, rate, self.slo_s, self.max_batch, self.max_wait, self.utilization)
+        share = largest_share(self.profile, rate, self.slo_s, self.max_batch, self.max_wait, self.utilization,
+                              slowdown=self.slowdown)
         if share != self.share:
             log.info("teacher share cap %.2f -> %.2f (arrivals %.2f images/s, SLO %.3g s)", self.share, share,
                      rate, self.slo_s)

@@ -9,8 +9,8 @@ seconds. A job is routed once all its images are scored, by its own cut-off, cap
 each image keeps the generator seeded from ``(seed, index)``, so a served image is the offline pipeline's image
 of the same prompt and seed, up to the float rounding of another batch shape (one grey level, see the stages).
 
-One worker thread runs the batches, the later stage first (finishing work in flight before starting more); the
-web server's threads only submit, cancel and wait. Faults stay with their requests: a full queue refuses a job
+One worker thread runs the batches, the later stage first (finishing work in flight before starting more), a full
+batch before a part one under load (``max_hold``); the web server's threads only submit, cancel and wait. Faults stay with their requests: a full queue refuses a job
 (:class:`QueueFull`), a job past its deadline is dropped before it uses compute (:class:`DeadlineExceeded`), a
 cancelled job's images leave the queues, and a model error fails the jobs of its batch (:class:`BatchFailed`,
 with an id in the log), never the engine.
@@ -27,7 +27,7 @@ from collections import deque
 
 import torch
 
-from ..generate import initial_latents, prompt_generator, prompt_seed
+from ..generate import noise_shape, prompt_generator, prompt_seed, unit_noise
 from ..pipeline.records import CostLedger, image_record
 from ..pipeline.tandem import plan_path
 from .compute import STAGES, StageBatch, run_stage
@@ -72,6 +72,8 @@ class Engine:
         pipe: the tandem (its student, teacher, oracle and calibration).
         max_batch: the largest batch of each stage (an int, or a dict by stage).
         max_wait: how long a stage's oldest image waits for its batch to fill, in seconds.
+        max_hold: under load a worker runs full batches first (a teacher batch of 8 costs about two of 3); a part
+            batch waits behind another stage's full one up to this long (seconds).
         max_queue: the most images the queues hold; a job that would pass it is refused (:class:`QueueFull`).
         policy: caps the teacher's share (:class:`tandem.serve.controller.FixedPolicy` or
             :class:`~tandem.serve.controller.LoadAwarePolicy`); None keeps every job's own cut-off.
@@ -84,8 +86,9 @@ class Engine:
     """
 
     def __init__(self, pipe, max_batch: int | dict = 8, max_wait: float = 0.02, max_queue: int = 256,
-                 policy=None, metrics=None, backend=None, workers: dict | None = None):
+                 policy=None, metrics=None, backend=None, workers: dict | None = None, max_hold: float = 1.0):
         self.pipe, self.policy, self.metrics, self.max_queue = pipe, policy, metrics, max_queue
+        self.max_hold = max_hold
         self.backend = backend or (lambda batch: run_stage(pipe, batch))
         self.workers = workers
         sizes = max_batch if isinstance(max_batch, dict) else dict.fromkeys(STAGES, max_batch)
@@ -99,8 +102,9 @@ class Engine:
         self._stopping = self._draining = False
         self._running = 0  # images in the batches being computed
         self._batches = 0
-        self._seconds_per_image = dict.fromkeys(STAGES, 0.0)  # recent compute seconds per image, by stage
+        self._last = dict.fromkeys(STAGES, (1, 0.0))  # each stage's latest batch: (images, compute seconds)
         self.modules = pipe._counted_modules()
+        self._noise = {"student": noise_shape(pipe.student), "teacher": noise_shape(pipe._teacher_any)}
 
     # -- the web side -------------------------------------------------------------------------------
 
@@ -129,9 +133,9 @@ class Engine:
         now = time.monotonic() if now is None else now
         job = self.job(prompts, plan, seed, now, deadline_s)
         with self._cond:
-            self._admit(job.n)
-            if self.policy is not None:
+            if self.policy is not None:  # the offered load, refused jobs included
                 self.policy.arrived(job.n, now)
+            self._admit(job.n)
             first = "teacher" if plan.mode == "teacher" else "student"
             for im in job.images:
                 self._enqueue(first, im, now)
@@ -142,8 +146,7 @@ class Engine:
         """A job of ``prompts`` under ``plan``: each image's generator from ``(seed, index)`` and its initial noise
         drawn from it, as the pipeline draws them."""
         gens = [prompt_generator(seed, i) for i in range(len(prompts))]
-        model = self.pipe._teacher_any if plan.mode == "teacher" else self.pipe.student
-        noise = initial_latents(model, seed, list(range(len(prompts))), gens)
+        noise = unit_noise(*self._noise["teacher" if plan.mode == "teacher" else "student"], gens)
         job = Job(uuid.uuid4().hex[:12], list(prompts), plan, seed, now, now + deadline_s, gens, noise,
                   CostLedger(len(prompts), self.modules))
         job.images = [Image(job, i) for i in range(job.n)]
@@ -158,15 +161,14 @@ class Engine:
             im.stages.setdefault(stage, {"queue_s": 0.0})
             im.stages[stage].update(queue_s=t0 - im.enqueued if im.enqueued else 0.0, batch=batch_id,
                                     batch_size=len(batch))
-        job0 = batch[0].job
-        work = StageBatch(stage, job0.plan, [im.job.prompts[im.index] for im in batch],
+        work = StageBatch(stage, batch[0].job.plan, [im.job.prompts[im.index] for im in batch],
                           torch.cat([im.job.noise[im.index:im.index + 1] for im in batch]),
                           [im.job.generators[im.index] for im in batch],
                           latents=[im.latent for im in batch] if stage == "teacher" else None,
                           images=[im.image for im in batch] if stage == "oracle" else None)
         out = self.backend(work)
         seconds = time.monotonic() - t0
-        self._seconds_per_image[stage] = seconds / len(batch)
+        self._last[stage] = (len(batch), seconds)
         for j, im in enumerate(batch):
             im.stages[stage]["compute_s"] = seconds
             for key, per_image in out.costs.items():
@@ -204,11 +206,10 @@ class Engine:
         """Take a job's queued images out (its client left); a batch already running finishes."""
         with self._cond:
             job.cancelled = True
-            if isinstance(job, Call):
-                if job in self.calls:
-                    self.calls.remove(job)
-            else:
+            if not isinstance(job, Call):
                 self._drop(job)
+            elif job in self.calls:
+                self.calls.remove(job)
             if not job.future.done():
                 job.future.cancel()
             self._cond.notify_all()
@@ -242,13 +243,12 @@ class Engine:
             q.remove([im for im in q.items if im.job is job])
 
     def _retry_after(self, queued: int) -> int:
-        per_image = sum(self._seconds_per_image.values()) or 0.1
-        return max(1, math.ceil(queued * per_image))
+        return max(1, math.ceil(queued * (sum(s / n for n, s in self._last.values()) or 0.1)))  # from recent work
 
     def _next_batch(self, now: float, stages=STAGES, calls: bool = True
                     ) -> tuple[str | None, list[Image] | None, float | None]:
-        """The batch of ``stages`` to run (the later stage first), or a call, or the time the next one is due
-        (under the lock)."""
+        """The batch of ``stages`` to run (the later stage first), or a call, or when the next one is due (a
+        batch, or a deadline to drop a job at: under the lock)."""
         for q in self.queues.values():  # jobs past their deadline leave before they use compute
             for job in {id(im.job): im.job for im in q.items if im.job.deadline < now}.values():
                 self._fail(job, DeadlineExceeded(f"the request waited past its deadline "
@@ -256,17 +256,21 @@ class Engine:
         for call in [c for c in self.calls if c.deadline < now]:
             self.calls.remove(call)
             set_error(call.future, DeadlineExceeded("the request waited past its deadline and was dropped"))
-        due = []
-        for stage in reversed(stages):
+        due, ready = [], {}
+        for stage in reversed(stages):  # the later stage first
             batch, when = self.queues[stage].ready(now, flush=self._draining)
             if batch:
-                return stage, batch, None
-            if when is not None:
+                ready[stage] = batch
+            elif when is not None:
                 due.append(when)
+        if ready:  # behind another stage's full batch, a part batch waits up to max_hold to fill (saturation)
+            full = [s for s, b in ready.items() if len(b) >= self.queues[s].max_batch]
+            held = [s for s, b in ready.items() if s not in full and now - b[0].enqueued >= self.max_hold]
+            stage = (held or full or list(ready))[0]
+            return stage, ready[stage], None
         if calls and self.calls:
             return "call", [self.calls.popleft()], None
-        due += [im.job.deadline for q in self.queues.values() for im in q.items]  # wake to drop it in time
-        due += [c.deadline for c in self.calls]
+        due += [im.job.deadline for q in self.queues.values() for im in q.items] + [c.deadline for c in self.calls]
         return None, None, min(due) if due else None
 
     def _loop(self, stages=STAGES, calls: bool = True) -> None:
@@ -277,7 +281,7 @@ class Engine:
                         return
                     now = time.monotonic()
                     if self.policy is not None:
-                        self.policy.update(now)
+                        self.policy.update(now, self._last)
                     stage, batch, due = self._next_batch(now, stages, calls)
                     if batch:
                         if stage != "call":

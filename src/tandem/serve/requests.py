@@ -115,6 +115,26 @@ def plan_request(pipe, body: Tandem, n: int):
         raise RequestError(field, message) from None
 
 
+class PlanCache:
+    """The plans of a pipeline's requests by the settings they depend on. Resolving a plan builds the teacher's
+    rollback schedule (a scheduler copied and stepped: milliseconds of the interpreter that the model's thread
+    needs under load); requests mostly repeat a few settings. Plans are shared, never changed."""
+
+    def __init__(self, pipe, size: int = 1024):
+        self.pipe, self.size, self.plans = pipe, size, {}
+
+    def __call__(self, body: Tandem, n: int):
+        key = (n, body.mode, body.num_inference_steps, body.guidance_scale, body.teacher_steps, body.threshold,
+               body.percentile, body.budget)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = plan_request(self.pipe, body, n)
+            if len(self.plans) >= self.size:
+                self.plans.pop(next(iter(self.plans)))  # the oldest
+            self.plans[key] = plan
+        return plan
+
+
 def default_plan(pipe, n: int = 1):
     """The plan of a request that sets nothing: the pipeline's defaults, adaptive."""
     return plan_request(pipe, Tandem(), n)
