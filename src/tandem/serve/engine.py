@@ -131,11 +131,11 @@ class Engine:
         """Queue a job of ``prompts`` under ``plan`` (checked beforehand); it finishes within ``deadline_s`` seconds
         or is dropped (:class:`DeadlineExceeded`). Refuses a job past ``max_queue`` (:class:`QueueFull`)."""
         now = time.monotonic() if now is None else now
-        job = self.job(prompts, plan, seed, now, deadline_s)
         with self._cond:
             if self.policy is not None:  # the offered load, refused jobs included
-                self.policy.arrived(job.n, now)
-            self._admit(job.n)
+                self.policy.arrived(len(prompts), now)
+            self._admit(len(prompts))  # before the job's noise is drawn: a refusal costs nothing
+            job = self.job(prompts, plan, seed, now, deadline_s)
             first = "teacher" if plan.mode == "teacher" else "student"
             for im in job.images:
                 self._enqueue(first, im, now)
