@@ -43,7 +43,8 @@ def test_a_route_is_what_the_adaptive_pipeline_gives_at_that_budget(pipe, result
         for budget_value in (2.0, 6.0, 12.0, 30.0):
             route = table.choose(budget_value)
             assert route is not None and route.cost <= budget_value
-            assert all(r.quality <= route.quality for r in table.routes if r.cost <= budget_value)
+            best = max((r for r in table.routes if r.cost <= budget_value), key=lambda r: r.quality)
+            assert best.quality - best.se <= route.quality <= best.quality  # within one standard error of it
             out = pipe(PROMPTS, budget=budget_value, seed=3, batch_size=len(PROMPTS))
             assert out.summary["settings"]["route"] == {**route.__dict__}
             # the same prompts and seed: the run reaches exactly the route's recorded cost and quality
@@ -90,6 +91,30 @@ def test_a_route_table_belongs_to_its_calibration(pipe, results, tmp_path):
     with pytest.raises(ValueError, match="not a route table"):
         RouteTable.load(tmp_path / "other.json")
     assert Route(None, None, None, None, 0.0, 2.0, 0.5).settings()["percentile"] == 0.0
+
+
+def refine(cost: float, quality: float, se: float | None = 0.02) -> Route:
+    return Route("refine", "dpm", 10, 0.5, 10.0, cost, quality, se)
+
+
+def test_a_budget_takes_the_cheapest_route_within_one_standard_error_and_never_a_worse_one():
+    """A hand-made grid of costs and qualities, the choices worked out by hand."""
+    alone = Route(None, None, None, None, 0.0, 4.0, 0.50, 0.02)
+    r6, r8, r10, r12, r20, r25 = (refine(6, 0.515), refine(8, 0.56), refine(10, 0.55), refine(12, 0.575),
+                                  refine(20, 0.59), refine(25, 0.54))
+    table = RouteTable([alone, r6, r8, r10, r12, r20, r25], {}, {})
+    # 6: 0.515 is within 0.02 of the student alone's 0.50; 12: r8 within 0.02 of r12; 20: r12 within 0.02 of r20
+    expected = {3.9: None, 4: alone, 7.9: alone, 8: r8, 11: r8, 15: r8, 19.9: r8, 20: r12, 30: r12}
+    assert {b: table.choose(b) for b in expected} == expected
+    assert [(c["from_cost"], c["route"], c["best"], c["simpler"]) for c in table.choices()] == [
+        (4.0, alone, alone, False), (8.0, r8, r8, False), (20.0, r12, r20, True)]
+    # without standard errors, the best affordable route (the cheaper on a tie), as before
+    plain = RouteTable([Route(None, None, None, None, 0.0, 4.0, 0.50), *(refine(r.cost, r.quality, None) for r in
+                                                                          (r6, r8, r10, r12, r20, r25))], {}, {})
+    assert [plain.choose(b).cost for b in (5, 7, 9, 11, 15, 22, 30)] == [4, 6, 8, 8, 12, 20, 20]
+    # a best route whose margin reaches below the current choice: the current choice stays (monotone)
+    a, b, c = refine(4, 0.50, 0.001), refine(8, 0.56, 0.001), refine(10, 0.60, 0.11)
+    assert RouteTable([a, b, c], {}, {}).choose(10) == b
 
 
 def test_eval_routes_refuses_the_test_prompts(tmp_path, capsys, monkeypatch):

@@ -8,10 +8,9 @@ import os
 import shutil
 import socket
 import threading
-import time
 
-import httpx
 import pytest
+from servetools import wait_until_ready
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -34,12 +33,7 @@ def url(one_thread):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    wait_until_ready(base, 30)
     yield base
     server.should_exit = True
     thread.join(timeout=30)

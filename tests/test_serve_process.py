@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from servetools import wait_until_ready
 
 KEY = "test-key-123"
 
@@ -38,15 +39,8 @@ def server(tmp_path_factory):
                                  "--api-key-env", "TANDEM_TEST_KEY", "--max-batch", "2", "--max-wait-ms", "5"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
+    wait_until_ready(url, 120, lambda: f"the server exited: {log.read_text()[-2000:]}" if proc.poll() is not None
+                     else None)
     yield url, proc, log
     if proc.poll() is None:
         proc.kill()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -141,11 +142,23 @@ class OutputDir:
         save_png(self.image_path(index), image)
 
     def write_records(self, records: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.path / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n"
+        atomic_write_text(self.path / "records.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
                                                                for r in records))
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "config.json", json.dumps(config, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(self.path / "config.json", json.dumps(json_safe(config), indent=2, allow_nan=False) + "\n")
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float as None: JSON has no such numbers (a cut-off of -inf, which keeps
+    every image, reads null, as where a run had no cut-off)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def is_finished_run(path: str | Path) -> bool:

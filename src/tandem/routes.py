@@ -7,7 +7,9 @@ mean cost (UNet evaluations per image) and quality it reached on the held-out pr
 made from a ``tandem eval budget`` run on held-out prompts (:meth:`RouteTable.from_budget`); it belongs to
 one student (and its steps and guidance), teacher (and its guidance), oracle and calibration, and using it
 with anything else is an error that names the difference. Given a budget, :meth:`RouteTable.choose`
-returns the best route costing at most that much (the cheaper one on a tie).
+returns the route of :meth:`RouteTable.choices` for it: monotone (a larger budget never gets a route that was
+worse on the held-out prompts) and simple (the cheapest route within one standard error of the best affordable
+one: a margin smaller than the held-out prompts' noise buys nothing).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Route:
     percentile: float
     cost: float                   # mean UNet evaluations per image on the held-out prompts
     quality: float                # the judge's quality there (share satisfied, or a mean score)
+    se: float | None = None       # its standard error there (None: unknown, no margin is given)
 
     def settings(self) -> dict:
         """The pipeline arguments this route sets."""
@@ -57,6 +60,11 @@ def quality(summary: dict) -> float:
     return summary["accuracy"] if "accuracy" in summary else summary["mean_score"]
 
 
+def share_se(share: float, n: int) -> float:
+    """The standard error of a share satisfied over ``n`` judged images (binomial)."""
+    return float(np.sqrt(max(share * (1 - share), 0.0) / n))
+
+
 def calibration_digest(calibration) -> str:
     """A digest of a calibration's scores: the percentiles a route's k refers to."""
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(calibration.scores, np.float64).tobytes()).hexdigest()
@@ -68,6 +76,8 @@ def check_route(route: Route) -> None:
     quality that are finite numbers, the cost >= 0. A ``ValueError`` names the field and its allowed values."""
     finite_number(route.cost, "cost", low=0)
     finite_number(route.quality, "quality")
+    if route.se is not None:
+        finite_number(route.se, "se", low=0)
     percentile = finite_number(route.percentile, "percentile", low=0, high=100)
     teacher = {"teacher_scheduler": route.teacher_scheduler, "teacher_steps": route.teacher_steps,
                "rollback_sigma": route.rollback_sigma}
@@ -127,10 +137,15 @@ class RouteTable:
                              "results were made with")
         steps = int(results["student_steps"])
         refine_steps = int(results["config"]["refine_steps"])
+        judged = int(results["n_prompts"]) * len(results["config"].get("seeds") or [0])
+
+        def se(point: dict) -> float | None:  # a share's binomial error; a mean score's is not in the results
+            return share_se(point["accuracy"], judged) if "accuracy" in point else None
+
         routes = []
         for p in results["points"]:
-            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100:
-                continue
+            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100 or p.get("drafts", 1) > 1:
+                continue  # the curves of several drafts are not routes (yet): a route's k is a one-draft percentile
             if not np.isclose(p["tau"], pipe.calibration.threshold(p["k"])):
                 raise RoutesMismatch(f"{p['label']}: tau {p['tau']:.6g} is not the calibration's percentile "
                                      f"{p['k']:g} ({pipe.calibration.threshold(p['k']):.6g}): the budget results "
@@ -142,14 +157,15 @@ class RouteTable:
                     raise ValueError(f"{p['label']}: refinement of {m[2]} steps, the results' config says "
                                      f"{refine_steps}")
                 route = Route("refine", m[1], int(m[2]), float(m[3]), float(p["k"]), p["unet_evals_mean"],
-                              quality(p))
+                              quality(p), se(p))
             elif m := _REGENERATE.fullmatch(p["improved"]):
-                route = Route("regenerate", m[1], int(m[2]), None, float(p["k"]), p["unet_evals_mean"], quality(p))
+                route = Route("regenerate", m[1], int(m[2]), None, float(p["k"]), p["unet_evals_mean"], quality(p),
+                              se(p))
             else:
                 raise ValueError(f"{p['label']}: unknown improvement {p['improved']!r}")
             routes.append(route)
         alone = next(p for p in results["points"] if p["family"] == "student" and p["label"] == f"student{steps}")
-        routes.append(Route(None, None, None, None, 0.0, alone["unet_evals_mean"], quality(alone)))
+        routes.append(Route(None, None, None, None, 0.0, alone["unet_evals_mean"], quality(alone), se(alone)))
         fingerprint = pipe.route_fingerprint(steps)
         made_by = results.get("made_by", {})
         config = {"from": "tandem eval budget", "prompts": made_by.get("prompts"), "n": results["n_prompts"],
@@ -159,10 +175,27 @@ class RouteTable:
         return cls(sorted(routes, key=lambda r: (r.cost, -r.quality)), fingerprint, config)
 
     def choose(self, budget: float) -> Route | None:
-        """The best route costing at most ``budget`` (the cheaper one on a tie); None if none is that cheap."""
+        """The route a budget alone takes (:meth:`choices`); None if no route is that cheap."""
         budget = finite_number(budget, "budget", low=0, low_open=True)
-        affordable = [r for r in self.routes if r.cost <= budget + 1e-9]
-        return max(affordable, key=lambda r: (r.quality, -r.cost)) if affordable else None
+        chosen = [c["route"] for c in self.choices() if c["from_cost"] <= budget + 1e-9]
+        return chosen[-1] if chosen else None
+
+    def choices(self) -> list[dict]:
+        """What each budget takes, cheapest first: from ``from_cost`` on (a route's cost), ``route``: of the
+        routes costing at most that, the cheapest whose quality is within one standard error (``se``) of the best
+        one's (``best``; ``simpler`` True where a cheaper route was taken for it), unless an earlier choice was
+        better, which is then kept: a larger budget never takes a route worse on the held-out prompts."""
+        out: list[dict] = []
+        current = None
+        for cost in sorted({r.cost for r in self.routes}):
+            affordable = [r for r in self.routes if r.cost <= cost + 1e-9]
+            best = max(affordable, key=lambda r: (r.quality, -r.cost))
+            near = [r for r in affordable if r.quality >= best.quality - (best.se or 0.0) - 1e-12]
+            pick = min(near, key=lambda r: (r.cost, -r.quality))
+            if current is None or pick.quality > current.quality:
+                current = pick
+                out.append({"from_cost": cost, "route": pick, "best": best, "simpler": pick != best})
+        return out
 
     def check(self, fingerprint: dict) -> None:
         diffs = diff_fingerprints(self.fingerprint, fingerprint)

@@ -50,6 +50,11 @@ class UserError(Exception):
 CLI_SPELLINGS = {
     r"pipe\.calibration = pipe\.calibrate\(prompts\)": "`tandem calibrate`, then --calibration FILE",
     r"pipe\.calibrate\(prompts\)": "`tandem calibrate`",
+    r"pipe\.draft_calibrations\[(\d+)\] = pipe\.calibrate\(prompts, drafts=\d+\)":
+        r"`tandem calibrate --drafts \1`, then --calibration FILE",
+    r"pipe\.calibrate\(prompts, drafts=(\d+)\) \(kept in pipe\.draft_calibrations\[\d+\]\)":
+        r"`tandem calibrate --drafts \1`, then --calibration FILE",
+    r"drafts=(\d+)": r"--drafts \1",
     r"pipe\.edit_calibrations\[([\d.]+)\] = pipe\.calibrate_edits\(images, prompts, strength=[\d.]+\)":
         r"`tandem calibrate --edits val --strength \1`, then --calibration FILE",
     r"pipe\.calibrate_edits\(images, prompts, strength\)": "`tandem calibrate --edits`",

@@ -105,7 +105,8 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
           batch_size: int, device: str, judge: str | None = None, features: str | None = None,
           clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
           fid: str | None = None, preset_file: Path | None = None, student: str | None = None,
-          scorer: str | None = None, cascade: Path | None = None, images_from: Path | None = None) -> None:
+          scorer: str | None = None, cascade: Path | None = None, images_from: Path | None = None,
+          draft_calibration: list[Path] | None = None) -> None:
     import time
 
     from ..eval import experiments
@@ -129,6 +130,7 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
             raise UserError(f"--images-from {images_from}: not an output directory of an eval budget or oracle run "
                             "(no cache/identity.json)")
         extra["images_from"] = images_from
+    drafts = _draft_calibrations(draft_calibration or [], experiment)
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "eval", calibration)
     world = preset.teacher == "world"
@@ -144,12 +146,19 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     if preset.scorer is None:
         raise UserError("tandem eval needs the pipeline's oracle: give --scorer (e.g. clip:DIR, imagereward)")
     pipe = _tandem_pipeline(preset, device, calibration)
+    if drafts:
+        from ..eval.experiments import BudgetConfig
+
+        pipe.draft_calibrations.update(drafts)
+        extra["cfg"] = BudgetConfig(drafts=tuple(sorted(drafts)))
     made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
                **run_record(pipe),
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
                "calibration": str(calibration) if calibration else None,
                "cascade": str(cascade) if cascade else None,
                "images_from": str(images_from) if images_from else None, **measures.spec}
+    if drafts:
+        made_by["draft_calibrations"] = [str(p) for p in draft_calibration]
     t0 = time.time()
     with _progress(f"eval {experiment.value}", len(prompts)) as bar:
         progress = _phase_bars(bar)
@@ -186,6 +195,25 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
         w = results["student_vs_teacher"]
         console.print(f"student better on {100 * w['win']:.1f}% of prompts (win rate {w['win_rate']:.3f})")
     console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
+
+
+def _draft_calibrations(paths: list[Path], experiment: Experiment) -> dict:
+    """The best-of-N calibrations of --draft-calibration by their N (each file's fingerprint says it)."""
+    from ..calibration import Calibration
+
+    if paths and experiment is not Experiment.budget:
+        raise UserError("--draft-calibration applies to eval budget")
+    out = {}
+    for path in paths:
+        calibration = _load(lambda p=path: Calibration.load(p), f"--draft-calibration {path}")
+        n = int(calibration.fingerprint.get("drafts", 1))
+        if n < 2:
+            raise UserError(f"--draft-calibration {path} is a one-draft calibration; make a best-of-N one with "
+                            "`tandem calibrate --drafts N`")
+        if n in out:
+            raise UserError(f"--draft-calibration: two calibrations of {n} drafts")
+        out[n] = calibration
+    return out
 
 
 def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -> None:
@@ -225,9 +253,13 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
         images_from: Annotated[Path | None, typer.Option(
             help="budget, oracle: an earlier run's --out of the same prompts, seed, models and judge; its images "
                  "are re-scored by this run's oracle instead of drawn again (to compare oracles).")] = None,
+        draft_calibration: Annotated[list[Path] | None, typer.Option(
+            help="budget: a best-of-N calibration (`tandem calibrate --drafts N`, on held-out prompts); adds the "
+                 "curves of N oracle-chosen drafts, alone and refined below its percentiles (repeat for more "
+                 "N).")] = None,
     ) -> None:
         _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
-              reference, calibration, fid, preset_file, student, scorer, cascade, images_from)
+              reference, calibration, fid, preset_file, student, scorer, cascade, images_from, draft_calibration)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)
@@ -465,6 +497,24 @@ def eval_routes(
         raise cli_error(e) from None
     console.print(f"{len(table.routes)} routes (cost {table.routes[0].cost:.1f} to {table.routes[-1].cost:.1f} UNet "
                   f"evaluations per image) -> {out}")
+    console.print("what --budget B alone takes (monotone: a larger budget never takes a route worse on these prompts):")
+    for choice in table.choices():
+        route, best = choice["route"], choice["best"]
+        line = f"  B >= {choice['from_cost']:5.1f}: {_route_words(route)}"
+        if choice["simpler"]:
+            line += f" (within one standard error of the best, {_route_words(best)}: the cheaper is taken)"
+        console.print(line)
+
+
+def _route_words(route) -> str:
+    """A route in words; a share satisfied (a route with a standard error) in percent, a mean score as it is."""
+    quality = (f"{route.quality:.4f}" if route.se is None
+               else f"{100 * route.quality:.1f}% +- {100 * route.se:.1f}")
+    if route.strategy is None:
+        return f"the student alone, {quality} at {route.cost:.1f}"
+    how = (f"refine at sigma {route.rollback_sigma:g}" if route.strategy == "refine"
+           else f"regenerate ({route.teacher_scheduler} {route.teacher_steps})")
+    return f"k={route.percentile:g} {how}, {quality} at {route.cost:.1f}"
 
 
 @eval_app.command("report")

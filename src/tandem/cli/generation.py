@@ -98,6 +98,10 @@ def generate(
     teacher_at: Annotated[list[str] | None, typer.Option(help="mixed: the student timesteps at which the teacher takes "
                                                               "the transition, e.g. 999 or 999,499 (or repeat the "
                                                               "option).")] = None,
+    drafts: Annotated[int | None, typer.Option(help="adaptive/student: the student draws this many drafts per "
+                                                    "prompt and the oracle keeps the best; adaptive routing then "
+                                                    "needs a best-of-N calibration (`tandem calibrate --drafts N`, "
+                                                    "given with --calibration) [1].")] = None,
 ) -> None:
     """Generate one image per prompt: with the teacher, the student, or both in tandem
     (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected;
@@ -115,6 +119,9 @@ def generate(
             raise UserError(f"{flag} must be >= 1, got {value}")
     if mode is not Mode.adaptive and any(v is not None for v in (percentile, threshold, budget)):
         raise UserError("--percentile/--threshold/--budget apply to --mode adaptive")
+    if drafts is not None and (drafts < 1 or (drafts > 1 and mode not in (Mode.adaptive, Mode.student))):
+        raise UserError(f"--drafts must be >= 1, got {drafts}" if drafts < 1 else
+                        "--drafts applies to --mode adaptive or student (the oracle keeps the best draft)")
     _check_budget_exact(budget_exact, budget, percentile, threshold)
     if routes is not None and (mode is not Mode.adaptive or budget is None or budget_exact):
         raise UserError("--routes goes with --mode adaptive and --budget (without --budget-exact)")
@@ -139,15 +146,15 @@ def generate(
         if teacher_guidance_scale is not None and mode is not Mode.mixed:
             raise UserError("--teacher-guidance-scale applies to --mode adaptive, refine-all or mixed")
     teacher_timesteps = _mixed_options(mode, teacher_prob, teacher_at, scheduler)
-    if mode in (Mode.adaptive, Mode.refine_all, Mode.mixed) or not _direct(model, preset_file, student, controlnet,
-                                                                            control):
+    if mode in (Mode.adaptive, Mode.refine_all, Mode.mixed) or (drafts or 1) > 1 or not _direct(
+            model, preset_file, student, controlnet, control):
         preset = _compose(model, preset_file, student, scorer, controlnet, control)
         return _generate_tandem(
             prompt, prompts_file, preset, mode, teacher_steps, scheduler, student_steps, guidance_scale, seed,
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
             threshold, budget, teacher_guidance_scale, calibration, control_image,
             {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {},
-            "budget-exact" if budget_exact else None, routes, cascade)
+            "budget-exact" if budget_exact else None, routes, cascade, drafts)
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
@@ -275,7 +282,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
                      calibration, control_image=None, mixed: dict | None = None, routing: str | None = None,
-                     routes: Path | None = None, cascade: Path | None = None) -> None:
+                     routes: Path | None = None, cascade: Path | None = None, drafts: int | None = None) -> None:
     """`generate` through a composed TandemPipeline (its options are checked by `generate`; ``mixed``: the
     arguments of mode "mixed"; ``routing``: "budget-exact" or None)."""
     import time
@@ -312,7 +319,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                           teacher_scheduler=scheduler.value if scheduler is not None else None,
                           strategy=strategy.value if strategy is not None else None, rollback_sigma=rollback_sigma,
                           rollback_convention=rollback_convention, handoff=handoff, accept_threshold=threshold,
-                          percentile=percentile, budget=budget, seed=seed, batch_size=batch_size)
+                          percentile=percentile, budget=budget, seed=seed, batch_size=batch_size, drafts=drafts)
         if routing is not None:
             kwargs["routing"] = routing
         if cascade is not None:
@@ -397,6 +404,8 @@ def calibrate(
     cascade: Annotated[list[int] | None, typer.Option(help="Make a cascade table instead: the steps of a cheaper "
                                                            "student level run before the preset's student (repeat "
                                                            "for more levels, cheapest first).")] = None,
+    drafts: Annotated[int, typer.Option(help="Calibrate the best of this many student drafts per prompt (for "
+                                             "`tandem generate --drafts N`).")] = 1,
 ) -> None:
     """Score the student on held-out prompts and store the percentile table the cut-off tau comes from.
     With --edits, score the student's edits (the table `tandem edit` takes tau from); with --control,
@@ -419,6 +428,10 @@ def calibrate(
                         "--edits, --control, --controlnet, --student-steps or --guidance-scale")
     if (controlnet is None) != (control_image is None):
         raise UserError("--controlnet and --control-image go together")
+    if drafts < 1:
+        raise UserError(f"--drafts must be >= 1, got {drafts}")
+    if drafts > 1 and (cascade or edits is not None):
+        raise UserError("--drafts calibrates generation; it does not go with --cascade or --edits")
     preset = _compose(model, preset_file, student, scorer, controlnet, control)
     _check_composition(preset, "calibrate", None)
     if cascade:
@@ -460,12 +473,13 @@ def calibrate(
                                            "control_images": "scenes_for_captions(prompts, seed)" if control else
                                            [str(c) for c in control_image or []] or None,
                                            "prompts_file": str(prompts_file) if prompts_file else "val"},
-                                   control_image=controls)
+                                   control_image=controls, drafts=drafts)
         except ValueError as e:
             raise cli_error(e) from None
     calib.save(out, overwrite=overwrite)
     taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
-    console.print(f"{len(prompts)} student samples scored; tau {taus} -> {out}")
+    what = f"prompts' best of {drafts} student drafts" if drafts > 1 else "student samples"
+    console.print(f"{len(prompts)} {what} scored; tau {taus} -> {out}")
 
 
 def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,

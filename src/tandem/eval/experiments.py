@@ -30,7 +30,7 @@ import numpy as np
 from ..calibration import Calibration
 from ..outputs import atomic_write_text
 from ..pipeline.mixed import mixed_grid, mixing_obstacle
-from ..routes import quality
+from ..routes import calibration_digest, quality
 from ..world.grammar import parse_caption
 from .features import diversity as feature_diversity
 from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality_label
@@ -66,6 +66,9 @@ class BudgetConfig:
     mixed_teacher_probs: tuple[float, ...] = (0.25, 0.5, 0.75)
     mixed_teacher_first: bool = True
     mixed_substeps: int = 8
+    # oracle-chosen drafts (tandem.pipeline.drafts): for each N, the student's best of N drafts alone and refined
+    # at each of refine_sigmas below the best-of-N calibration's percentiles (pipe.draft_calibrations[N])
+    drafts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,18 @@ def _student_run(pipe, prompts, out: Path, seed: int, batch_size: int, log, prog
     return sweep, student_steps, sweep.run(SamplerConfig("student", student_steps), log)
 
 
-def _thresholds(pipe, ks) -> dict[float, float]:
-    """tau for each k from the pipeline's calibration, after checking it matches the student and oracle."""
-    if pipe.calibration is None:
+def _thresholds(pipe, ks, drafts: int = 1) -> dict[float, float]:
+    """tau for each k from the pipeline's calibration (of the best of ``drafts`` drafts), after checking it
+    matches the student and oracle."""
+    calibration = pipe.calibration if drafts == 1 else pipe.draft_calibrations.get(drafts)
+    if calibration is None:
         raise ValueError("the adaptive curves need a calibration of the student and oracle: pipe.calibration = "
-                         "pipe.calibrate(prompts)")
+                         "pipe.calibrate(prompts)" if drafts == 1 else
+                         f"the curves of {drafts} drafts need a best-of-{drafts} calibration: "
+                         f"pipe.draft_calibrations[{drafts}] = pipe.calibrate(prompts, drafts={drafts})")
     steps = int(pipe._setting("num_inference_steps", None, 4))
-    pipe.calibration.check(pipe.calibration_fingerprint(steps, pipe.student_guidance()))
-    return {k: pipe.calibration.threshold(k) if k > 0 else -np.inf for k in ks}
+    calibration.check(pipe.calibration_fingerprint(steps, pipe.student_guidance(), drafts=drafts))
+    return {k: calibration.threshold(k) if k > 0 else -np.inf for k in ks}
 
 
 def _clip_score(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -115,6 +122,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     sweep, student_steps, _ = _student_run(pipe, prompts, out, seed, batch_size, log, progress, measures,
                                            images_from)
     taus = _thresholds(pipe, cfg.ks)
+    draft_taus = {n: _thresholds(pipe, cfg.ks, n) for n in cfg.drafts}  # every calibration checked before a run
     points: list[dict] = []
     features, clip_scorer = measures.features, measures.clip_scorer
     rendered = measures.reference(prompts, seed) if measures.reference is not None else None
@@ -167,6 +175,19 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
             composed = compose_adaptive(student, improved, tau, includes_student)
             add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=c.name,
                 share_improved=float(composed["rejected"].mean()))
+    for n, taus_n in draft_taus.items():  # the best of n drafts: alone, and refined below tau
+        c = SamplerConfig("student", student_steps, drafts=n)
+        runs[c.name] = sweep.run(c, log)
+        add("student drafts", c.name, runs[c.name], config=config_dict(c), drafts=n)
+        for sigma in cfg.refine_sigmas:
+            r = SamplerConfig("refine-all", cfg.refine_steps, "dpm", sigma, drafts=n)
+            runs[r.name] = sweep.run(r, log)
+            add("refine-all drafts", r.name, runs[r.name], config=config_dict(r), drafts=n)
+            family = f"adaptive refine sigma {sigma:g} drafts {n}"
+            for k, tau in taus_n.items():
+                composed = compose_adaptive(runs[c.name], runs[r.name], tau, True)
+                add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=r.name,
+                    share_improved=float(composed["rejected"].mean()), drafts=n)
 
     if cascade is not None:
         cascade.check(pipe.calibration_fingerprint(student_steps, pipe.student_guidance(None)))
@@ -191,13 +212,18 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
                 share_improved=float(composed["rejected"].mean()),
                 level_shares=[float(np.mean(composed["level"] == j)) for j in range(len(levels) + 1)])
     acceleration = accelerations(points, {ref: summary(runs[ref]) for ref in cfg.references if ref in runs})
+    config = asdict(cfg)
+    if not cfg.drafts:  # results without drafts read as they did before drafts
+        del config["drafts"]
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
-               "student_steps": student_steps, "config": asdict(cfg), "made_by": made_by or {}, **provenance(pipe),
+               "student_steps": student_steps, "config": config, "made_by": made_by or {}, **provenance(pipe),
                "judge": measures.judge.describe(), "measures": measures.describe(),
                "seconds": {name: float(r["seconds"]) for name, r in runs.items()},
                "points": points, "acceleration": acceleration}
     if rendered is not None and clip_scorer is not None and measures.world:  # the renderings' own CLIP score
         results["renderings"] = {"clip_score": float(_clip_score(clip_scorer, rendered, prompts).mean())}
+    if cfg.drafts:  # the best-of-N calibrations the drafts' tau came from
+        results["draft_calibrations"] = {str(n): calibration_digest(pipe.draft_calibrations[n]) for n in cfg.drafts}
     _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
 

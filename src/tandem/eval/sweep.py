@@ -21,8 +21,8 @@ import numpy as np
 
 from ..cascade import cascade_costs, final_levels, threshold_array
 from ..checks import first_difference, read_json_file
-from ..generate import prompt_generator
 from ..outputs import atomic_path, atomic_write_text
+from ..pipeline.drafts import draft_generators
 from .features import frechet_distance
 from .judges import ExactJudge, Judge
 
@@ -39,6 +39,7 @@ class SamplerConfig:
     teacher_steps: int | None = None
     teacher_prob: float | None = None
     teacher_at: tuple[int, ...] | None = None
+    drafts: int = 1              # student, refine-all: the student's drafts per prompt, the oracle's best kept
 
     def __post_init__(self):
         if self.mode not in ("teacher", "student", "refine-all", "mixed"):
@@ -53,9 +54,15 @@ class SamplerConfig:
             raise ValueError("mode 'mixed' needs teacher_steps and exactly one of teacher_prob or teacher_at")
         if self.mode != "mixed" and any(v is not None for v in mixed):
             raise ValueError("teacher_steps, teacher_prob and teacher_at go with mode 'mixed' and only with it")
+        if self.drafts != 1 and (self.drafts < 1 or self.mode not in ("student", "refine-all")):
+            raise ValueError(f"drafts go with mode 'student' or 'refine-all' and are >= 1, got {self.drafts}")
 
     @property
     def name(self) -> str:
+        return self._name + (f"_drafts{self.drafts}" if self.drafts > 1 else "")
+
+    @property
+    def _name(self) -> str:
         if self.mode == "student":
             return f"student{self.steps}"
         if self.mode == "mixed":
@@ -67,6 +74,11 @@ class SamplerConfig:
         return f"refine_{self.scheduler}{self.steps}_sigma{self.rollback_sigma:g}"
 
     def call_kwargs(self) -> dict:
+        if self.drafts > 1:
+            return {**self._call_kwargs(), "drafts": self.drafts}
+        return self._call_kwargs()
+
+    def _call_kwargs(self) -> dict:
         if self.mode == "student":
             return {"mode": "student", "num_inference_steps": self.steps, "score": True}
         if self.mode == "mixed":
@@ -199,7 +211,8 @@ class Sweep:
         if self.progress is not None:
             def callback(phase: str, done: int, total: int) -> None:
                 self.progress(f"{config.name} ({phase})", idx[0] + done, len(self.prompts))
-        out = self.call(idx, prompts, generator=[prompt_generator(self.seed, i) for i in idx],
+        # image i draws from (seed, i) whatever its chunk; each of its drafts from (seed, i, draft)
+        out = self.call(idx, prompts, generator=draft_generators(self.seed, idx, config.drafts),
                         batch_size=self.batch_size, callback=callback, **config.call_kwargs())
         judged = self.judge(out.images, prompts)
         if config.mode == "student":
@@ -319,4 +332,7 @@ def provenance(pipe) -> dict:
 
 
 def config_dict(config: SamplerConfig) -> dict:
-    return {"name": config.name, **asdict(config)}
+    fields = asdict(config)
+    if fields["drafts"] == 1:  # a one-draft configuration reads as it did before drafts
+        del fields["drafts"]
+    return {"name": config.name, **fields}

@@ -13,6 +13,7 @@ from ..calibration import Calibration, module_digest
 from ..cascade import CascadeTable, check_levels
 from ..checks import count
 from ..routes import calibration_digest
+from .drafts import check_drafts
 from .records import TandemOutput
 
 
@@ -20,9 +21,10 @@ class Calibrating:
     """The fingerprints and calibrations of a :class:`~tandem.pipeline.TandemPipeline` (a mixin of it)."""
 
     def calibration_fingerprint(self, num_inference_steps: int, guidance_scale: float,
-                                task: dict | None = None) -> dict:
+                                task: dict | None = None, drafts: int = 1) -> dict:
         """Everything that changes the student's oracle scores: the student, its sampler, the
-        scorer, a ControlNet if any, and ``task`` (how an edit was made; absent for generation)."""
+        scorer, a ControlNet if any, ``task`` (how an edit was made; absent for generation), and the drafts
+        per prompt whose best score counts (absent for one)."""
         if self.scorer is None:
             raise ValueError("no scorer: the pipeline was built without an oracle; build it with scorer=...")
         sched = self.student.scheduler
@@ -33,6 +35,8 @@ class Calibrating:
                                    "weights": self._weights_digest("controlnet", controlnet)}
         if task is not None:
             extra["task"] = dict(task)
+        if drafts > 1:
+            extra["drafts"] = int(drafts)
         return {**extra,
             "student": {
                 "path": str(getattr(self.student.unet.config, "_name_or_path", "")),  # weights identify it
@@ -78,14 +82,17 @@ class Calibrating:
     def calibrate(self, prompts: Sequence[str], num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 16,
                   callback: Callable[[str, int, int], None] | None = None, config: dict | None = None,
-                  control_image=None) -> Calibration:
+                  control_image=None, drafts: int = 1) -> Calibration:
         """Score student samples of held-out ``prompts`` and keep them as a calibration (appendix C).
-        With a ControlNet, ``control_image`` gives the held-out prompts' control images."""
+        With a ControlNet, ``control_image`` gives the held-out prompts' control images. With ``drafts`` N > 1,
+        each prompt's score is the best of its N drafts' (the calibration of calls with ``drafts=N``; keep it in
+        ``pipe.draft_calibrations[N]``)."""
         steps = count(self._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
         guidance = self.student_guidance(guidance_scale)
+        drafts = check_drafts(drafts)
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                   batch_size=batch_size, score=True, callback=callback, control_image=control_image)
-        return self._calibration(out, steps, guidance, seed, config)
+                   batch_size=batch_size, score=True, callback=callback, control_image=control_image, drafts=drafts)
+        return self._calibration(out, steps, guidance, seed, config, drafts=drafts)
 
     def calibrate_cascade(self, prompts: Sequence[str], levels: Sequence[int], seed: int = 0, batch_size: int = 16,
                           callback: Callable[[str, int, int], None] | None = None, config: dict | None = None):
@@ -133,8 +140,8 @@ class Calibrating:
                                  {"edit_strength": out.summary["settings"]["edit_strength"]})
 
     def _calibration(self, out: TandemOutput, steps: int, guidance: float, seed: int, config: dict | None,
-                     task: dict | None = None) -> Calibration:
-        """The calibration of a scored student run ``out``."""
+                     task: dict | None = None, drafts: int = 1) -> Calibration:
+        """The calibration of a scored student run ``out`` (its kept drafts' scores)."""
         scores = np.array([r["student_score"] for r in out.records])
         made = {"n_prompts": len(scores), "seed": seed, "seconds": out.summary["seconds"]["total"], **(config or {})}
-        return Calibration(scores, self.calibration_fingerprint(steps, guidance, task), made)
+        return Calibration(scores, self.calibration_fingerprint(steps, guidance, task, drafts), made)

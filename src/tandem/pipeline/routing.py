@@ -71,7 +71,7 @@ def resolve_routing(defaults: dict, routing: str | None, mode: str) -> str:
 
 def resolve_cutoff(pipe, mode: str, routing: str | None, n: int, accept_threshold, percentile, budget, steps: int,
                    guidance: float, student_cost: float, improve_cost: float, calibration: Calibration | None = None,
-                   task: dict | None = None) -> Cutoff:
+                   task: dict | None = None, drafts: int = 1) -> Cutoff:
     """The :class:`Cutoff` of a call of ``n`` images to ``pipe`` (generation, or an edit's ``task``): its routing
     checked, and in adaptive mode tau (:func:`resolve_threshold`) or the budget-exact count; the adaptive arguments
     given in another mode are refused."""
@@ -84,13 +84,15 @@ def resolve_cutoff(pipe, mode: str, routing: str | None, n: int, accept_threshol
         return Cutoff(routing, exact=budget_exact_count(n, budget, student_cost, improve_cost, accept_threshold,
                                                         percentile))
     return Cutoff(routing, *resolve_threshold(pipe, accept_threshold, percentile, budget, steps, guidance,
-                                              student_cost, improve_cost, calibration=calibration, task=task))
+                                              student_cost, improve_cost, calibration=calibration, task=task,
+                                              drafts=drafts))
 
 
 def resolve_threshold(pipe, accept_threshold, percentile, budget, steps, guidance, student_cost, improve_cost,
-                      calibration: Calibration | None = None, task: dict | None = None):
+                      calibration: Calibration | None = None, task: dict | None = None, drafts: int = 1):
     """(tau, k, note): the cut-off of an adaptive call, the percentile it came from (None for a given
-    tau), and a sentence when tied calibration scores send another share than k to the teacher."""
+    tau), and a sentence when tied calibration scores send another share than k to the teacher. With
+    ``drafts`` N > 1 the calibration must be of the best-of-N scores."""
     given = [name for name, v in (("accept_threshold", accept_threshold), ("percentile", percentile),
                                   ("budget", budget)) if v is not None]
     if not given and pipe.defaults.get("percentile") is not None:
@@ -111,11 +113,15 @@ def resolve_threshold(pipe, accept_threshold, percentile, budget, steps, guidanc
             strength = task["edit_strength"]
             make = (f"an edit calibration for strength {strength:g}: make one with pipe.edit_calibrations"
                     f"[{strength:g}] = pipe.calibrate_edits(images, prompts, strength={strength:g})")
+        elif drafts > 1:
+            make = (f"a best-of-{drafts} calibration: make one with pipe.draft_calibrations[{drafts}] = "
+                    f"pipe.calibrate(prompts, drafts={drafts})")
         else:
             make = "a calibration: make one with pipe.calibration = pipe.calibrate(prompts)"
         raise ValueError(f"{', '.join(given)} needs {make}, or pass accept_threshold")
-    calibration.check(pipe.calibration_fingerprint(steps, guidance, task),
-                      RECALIBRATE_EDITS if task else RECALIBRATE)
+    calibration.check(pipe.calibration_fingerprint(steps, guidance, task, drafts),
+                      RECALIBRATE_EDITS if task else RECALIBRATE if drafts == 1 else
+                      f"pipe.calibrate(prompts, drafts={drafts}) (kept in pipe.draft_calibrations[{drafts}])")
     k = percentile if percentile is not None else percentile_k_for_budget(budget, student_cost, improve_cost)
     note = calibration.tie_note(k)
     if note is not None:

@@ -13,6 +13,7 @@ import numpy as np
 from ..checks import count, finite_number, sampler_steps
 from ..sampling import unet_evals_per_step
 from .components import check_shared_latents
+from .drafts import check_drafts
 from .routing import Cutoff, resolve_cascade, resolve_cutoff
 from .schedules import (
     RefineSchedule,
@@ -73,6 +74,7 @@ class Plan:
     route: object = None
     cascade: object = None
     chosen: dict | None = None
+    drafts: int = 1  # the student's drafts per prompt, the best-scoring one kept (:mod:`.drafts`)
 
     def settings(self) -> dict:
         """The summary's ``settings``: every value this call ran with."""
@@ -84,6 +86,8 @@ class Plan:
             "accept_threshold": self.cut.tau, "percentile": self.cut.k, "budget": self.budget,
             "routing": self.cut.routing, "route": None if self.route is None else asdict(self.route),
         }
+        if self.drafts > 1:  # absent for one draft: a one-draft call's settings are what they always were
+            out["drafts"] = self.drafts
         if self.cascade is not None:
             out["cascade"] = {"steps": list(self.cascade.steps),  # a threshold None keeps no image at its level
                               "thresholds": [float(t) if np.isfinite(t) else None for t in self.cascade.thresholds],
@@ -93,9 +97,18 @@ class Plan:
 
 def plan_generation(pipe, n: int, generators: int | None, *, mode: str, num_inference_steps, guidance_scale, teacher_steps,
                     teacher_guidance_scale, teacher_scheduler, strategy, rollback_sigma, rollback_convention, handoff,
-                    accept_threshold, percentile, budget, routing, score, cascade) -> Plan:
+                    accept_threshold, percentile, budget, routing, score, cascade, drafts=None) -> Plan:
     """The :class:`Plan` of a generation call of ``n`` prompts (and ``generators`` generators, if given) to
-    ``pipe`` with these arguments (``None``: the pipeline's default), every argument checked."""
+    ``pipe`` with these arguments (``None``: the pipeline's default), every argument checked. With ``drafts``
+    N > 1 the student draws N drafts per prompt and the oracle keeps the best (:mod:`.drafts`): a prompt's
+    student cost is N drafts', and tau is a percentile of a best-of-N calibration."""
+    drafts = check_drafts(pipe._setting("drafts", drafts, 1))
+    if drafts > 1:
+        if mode == "teacher":
+            raise ValueError("drafts are the student's (the oracle keeps the best of them): they apply to "
+                             "mode='adaptive', 'student' or 'refine-all', not 'teacher'")
+        if cascade is not None:
+            raise ValueError("drafts > 1 and a cascade do not combine; use one or the other")
     if handoff not in HANDOFFS:
         raise ValueError(f"unknown handoff {handoff!r}; expected one of {', '.join(HANDOFFS)}")
     steps = count(pipe._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
@@ -133,8 +146,10 @@ def plan_generation(pipe, n: int, generators: int | None, *, mode: str, num_infe
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if (mode == "teacher" or (mode == "adaptive" and strategy == "regenerate")) and pipe.teacher is None:
         raise ValueError("this teacher is an image-to-image pipeline: it can only refine")
-    if generators is not None and generators != n:
-        raise ValueError(f"got {generators} generators for {n} prompts (one per prompt)")
+    if generators is not None and generators != n * drafts:
+        raise ValueError(f"got {generators} generators for {n} prompts (one per prompt)" if drafts == 1 else
+                         f"got {generators} generators for {n} prompts of {drafts} drafts (one per draft, "
+                         f"{n * drafts}, prompt-major)")
     if mode != "teacher":
         sampler_steps(steps, pipe.student.scheduler, "num_inference_steps", "the student")
     improves = mode == "refine-all" or (mode == "adaptive")
@@ -152,16 +167,17 @@ def plan_generation(pipe, n: int, generators: int | None, *, mode: str, num_infe
         refine = refine_schedule(pipe._teacher_scheduler(t_sched), t_steps, sigma, convention)
     elif regenerates:
         sampler_steps(t_steps, pipe._teacher_scheduler(t_sched), "teacher_steps", "the teacher")
-    student_cost = steps * unet_evals_per_step(pipe.student, guidance)
+    student_cost = drafts * steps * unet_evals_per_step(pipe.student, guidance)
     teacher_step_cost = unet_evals_per_step(pipe._teacher_any, t_guidance)
     improve_cost = (refine.steps if refine is not None else t_steps) * teacher_step_cost
     cut = resolve_cutoff(pipe, mode, routing, n, accept_threshold, percentile, None if route else budget,
-                         steps, guidance, student_cost, improve_cost)
-    do_score = mode == "adaptive" or bool(score)
+                         steps, guidance, student_cost, improve_cost, drafts=drafts,
+                         calibration=pipe.draft_calibrations.get(drafts) if drafts > 1 else None)
+    do_score = mode == "adaptive" or bool(score) or drafts > 1
     if do_score and pipe.scorer is None:
         raise ValueError(NO_SCORER)
     return Plan(mode, steps, guidance, t_steps, t_guidance, t_sched, strategy, sigma, convention, handoff, refine,
-                regenerates, cut, do_score, student_cost, improve_cost, budget, route, cascade, chosen)
+                regenerates, cut, do_score, student_cost, improve_cost, budget, route, cascade, chosen, drafts)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ..checks import check_finite
 from ..denoiser import NoiseSchedule
 from ..generate import _to_uint8
 from .components import accepts
+from .drafts import best_drafts
 from .records import CostLedger
 from .schedules import RefineSchedule
 
@@ -48,6 +49,7 @@ class Phases:
     timings: dict
     seconds: float
     levels: list[list[int]] = field(default_factory=list)  # the images each student level drew (a cascade's)
+    kept: list[int] | None = None  # with drafts: the slot kept for each prompt (:mod:`.drafts`)
 
 
 def control_kwargs(pipe, controls: torch.Tensor | None, idx: list[int], scale: float) -> dict:
@@ -117,7 +119,8 @@ def score_images(scorer, images: list[np.ndarray], prompts: list[str], idx: list
 
 def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, ledger: CostLedger,
                draw: Draw | None, route: Route, improve: Improve, do_score: bool,
-               callback: Callable[[str, int, int], None] | None, cascade: Sequence[tuple[Draw, Route]] = ()) -> Phases:
+               callback: Callable[[str, int, int], None] | None, cascade: Sequence[tuple[Draw, Route]] = (),
+               drafts: int = 1) -> Phases:
     """Algorithm 1, shared by generation and editing, in batches of ``batch_size``:
 
     1. the student phase: ``draw(idx)`` gives the student's latents of images ``idx`` (``draw`` None: the
@@ -126,7 +129,8 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
        images the *next* level draws again (their scores replaced by the new ones), ``draw`` being the last level;
     2. routing: ``route(scores)``, given the scores of the images the last level drew (all of them without a
        cascade), picks the positions among them of the images the teacher improves: an image an earlier level
-       kept is final;
+       kept is final. With ``drafts`` N > 1 the images are draft slots (N per prompt, prompt-major) and only
+       each prompt's best-scoring draft is routed (:func:`~.drafts.best_drafts`; ``Phases.kept``);
     3. the teacher phase: ``improve(idx, latents)`` gives the teacher's latents of those images (from each
        image's noise or student latent), decoded by ``teacher``'s VAE in place of the student's.
 
@@ -173,6 +177,9 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
                 levels.append(members)
                 if gate is not None:  # gate(the level's scores) -> positions, in members, of those drawn again
                     members = sorted(members[j] for j in gate(scores[members]))
+        kept = None
+        if drafts > 1 and draw is not None:  # each prompt's best draft goes on; the others are done
+            members = kept = best_drafts(scores, drafts)
         # an image a cascade level kept is final: only the last level's images are routed (positions in members)
         improved = [members[j] for j in route(scores[members])]
         for start in range(0, len(improved), batch_size):
@@ -194,7 +201,8 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
             timings["decode"] += time.perf_counter() - t1
             if callback:
                 callback("teacher", min(start + batch_size, len(improved)), len(improved))
-    return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start, levels)
+    return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start, levels,
+                  kept)
 
 
 def noised_inputs(student, teacher_scheduler, inputs: torch.Tensor, generators: list, t: int,

@@ -24,6 +24,7 @@ from ..models import SCHEDULERS, make_scheduler
 from ..students import check_student_guidance, student_info_of
 from .calibrating import Calibrating
 from .components import accepts, check_pair, images_to_unit_tensor, own_components
+from .drafts import draft_generators, draft_record, expand, fold_ledger, prompts_view
 from .editing import Editing
 from .loading import build_from_preset, preset_of, save_pipeline
 from .mixed import generate_mixed
@@ -83,6 +84,7 @@ class TandemPipeline(Calibrating, Editing):
         self._digests: dict[str, str] = {}  # weights digests by component, computed once
         self._editor_digests: dict[str, str] = {}  # the same for the edit student's view
         self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the editing student's scores
+        self.draft_calibrations: dict[int, Calibration] = {}  # drafts N > 1 -> the student's best-of-N scores
         self.routes = None  # a tandem.routes.RouteTable: what a budget alone picks (generation)
 
     @property
@@ -152,6 +154,7 @@ class TandemPipeline(Calibrating, Editing):
         control_image=None,
         controlnet_conditioning_scale: float | None = None,
         cascade=None,
+        drafts: int | None = None,
     ) -> TandemOutput:
         """Generate one image per prompt.
 
@@ -174,7 +177,8 @@ class TandemPipeline(Calibrating, Editing):
             routing: "threshold" (the default: every image scoring below tau goes to the teacher) or
                 "budget-exact" (with ``budget`` alone: exactly the lowest-scoring images that the budget pays
                 for, so that this call's mean cost never exceeds it; no calibration needed).
-            seed: image i uses a generator seeded from ``(seed, i)``; or pass ``generator``, one per prompt.
+            seed: image i uses a generator seeded from ``(seed, i)``; or pass ``generator``, one per prompt
+                (with drafts, one per draft: :func:`~tandem.pipeline.drafts.draft_generators`).
             output_type: "np" (uint8 [H, W, 3]), "pil", or "latent".
             score: also score the student images outside adaptive mode (calibration does).
             callback: ``callback(phase, done, total)`` after each batch, for progress bars.
@@ -185,6 +189,10 @@ class TandemPipeline(Calibrating, Editing):
                 per prompt or one for all (PIL, uint8 [H, W, 3] arrays, or a float [B, 3, H, W] tensor in
                 [0, 1]); the same control conditions the student, the teacher and the refinement.
             controlnet_conditioning_scale: the ControlNet residuals' weight [1.0].
+            drafts: the student's drafts per prompt [1]: with N > 1 it draws N (draft 0 is the image of one
+                draft), the oracle keeps the best, and the teacher improves it if even the best scores below tau,
+                a percentile of the best-of-N calibration (``pipe.draft_calibrations[N]``; :mod:`.drafts`).
+                Adaptive, student and refine-all modes; each record says which draft it kept.
         """
         prompts = prompt_list(prompt)
         n = len(prompts)
@@ -200,17 +208,25 @@ class TandemPipeline(Calibrating, Editing):
             guidance_scale=guidance_scale, teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
             teacher_scheduler=teacher_scheduler, strategy=strategy, rollback_sigma=rollback_sigma,
             rollback_convention=rollback_convention, handoff=handoff, accept_threshold=accept_threshold,
-            percentile=percentile, budget=budget, routing=routing, score=score, cascade=cascade)
+            percentile=percentile, budget=budget, routing=routing, score=score, cascade=cascade, drafts=drafts)
         controls = self._controls(control_image, n)
         c_scale = finite_number(self._setting("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0),
                                 "controlnet_conditioning_scale")
-        gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
-        noise = initial_latents(self.student if mode != "teacher" else self._teacher_any, seed, list(range(n)), gens)
-        ledger = CostLedger(n, self._counted_modules())
-        levels, route, improve = generation_stages(self, plan, prompts, noise, gens, controls, c_scale, ledger)
-        run = run_stages(self.student, self._teacher_any, self.scorer, prompts, batch_size, ledger,
+        many = plan.drafts  # the student's draws per prompt: the stages run over n * many draft slots
+        gens = (list(generator) if generator is not None else draft_generators(seed, n, many) if many > 1
+                else [prompt_generator(seed, i) for i in range(n)])
+        slots = expand(prompts, many)
+        noise = initial_latents(self.student if mode != "teacher" else self._teacher_any, seed,
+                                list(range(len(slots))), gens)
+        ledger = CostLedger(len(slots), self._counted_modules())
+        levels, route, improve = generation_stages(self, plan, slots, noise, gens, None if controls is None else
+                                                   controls.repeat_interleave(many, 0), c_scale, ledger)
+        run = run_stages(self.student, self._teacher_any, self.scorer, slots, batch_size, ledger,
                          None if mode == "teacher" else levels[-1][0], route, improve, plan.do_score, callback,
-                         levels[:-1])
+                         levels[:-1], drafts=many)
+        slot_scores = run.scores
+        if many > 1:
+            run, ledger = prompts_view(run, many), fold_ledger(ledger, many)
         level_steps = [*([] if plan.cascade is None else
                          [s for s, t in zip(plan.cascade.steps, plan.cascade.thresholds) if np.isfinite(t)]), plan.steps]
         improved, level_members = set(run.improved), [set(members) for members in run.levels]
@@ -223,7 +239,7 @@ class TandemPipeline(Calibrating, Editing):
                 rec["rollback_sigma"], rec["teacher_steps_run"] = plan.refine.sigma, plan.refine.steps
             if plan.cascade is not None:
                 rec["cascade_levels"] = [s for s, members in zip(level_steps, level_members) if i in members]
-            records.append(rec)
+            records.append(draft_record(rec, run.kept[i], many, slot_scores) if many > 1 else rec)
         settings = plan.settings()
         if controls is not None:
             settings["controlnet_conditioning_scale"] = c_scale

@@ -15,7 +15,6 @@ import base64
 import hmac
 import io
 import logging
-import math
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image as PILImage
 
+from ..outputs import json_safe
 from .engine import Engine
 from .jobs import BatchFailed, DeadlineExceeded, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
@@ -110,18 +110,6 @@ class Guard:
         else:
             await self.app(scope, receive, counted)
         self.metrics.requests.labels(endpoint, str(status.get("code", 499))).inc()
-
-
-def json_safe(value):
-    """``value`` with every NaN or infinite float as None: JSON has no such numbers (a cut-off of -inf, the 0th
-    percentile's, keeps every image)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def png_b64(image: np.ndarray) -> str:
