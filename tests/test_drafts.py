@@ -16,7 +16,7 @@ from worldtools import PROMPTS, world_pipeline
 from tandem.calibration import CalibrationMismatch
 from tandem.generate import derive_seed, prompt_generator
 from tandem.pipeline.drafts import best_drafts, draft_generators
-from tandem.routes import calibration_digest
+from tandem.routes import RouteTable, calibration_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,6 +184,22 @@ def test_the_budget_curves_of_drafts_are_what_the_pipeline_gives(tmp_path):
         assert point["unet_evals_mean"] == pytest.approx(out.summary["unet_evals_mean"])
         assert point["accuracy"] == pytest.approx(np.mean([c.satisfied for c in check_batch(out.images, PROMPTS)]))
         assert point["share_improved"] == pytest.approx(out.summary["share_improved"])
+    # a route table from these curves takes routes of two drafts, carrying their cut-off; at a budget alone a run
+    # reaches exactly the chosen route's recorded cost and quality
+    table = RouteTable.from_budget(results, pipe)
+    two = [r for r in table.routes if r.drafts == 2]
+    assert {r.strategy for r in two} == {None, "refine"} and all(r.tau is not None for r in two if r.strategy)
+    assert table.config["draft_calibrations"] == {"2": calibration_digest(pipe.draft_calibrations[2])}
+    pipe.routes = RouteTable(two, table.fingerprint, table.config)
+    try:
+        for budget_value in (4.0, 8.0, 30.0):
+            route = pipe.routes.choose(budget_value)
+            out = pipe(PROMPTS, budget=budget_value, seed=3, batch_size=4)
+            assert out.summary["settings"]["drafts"] == 2 and out.summary["settings"]["route"]["drafts"] == 2
+            assert out.summary["unet_evals_mean"] == pytest.approx(route.cost)
+            assert np.mean([c.satisfied for c in check_batch(out.images, PROMPTS)]) == pytest.approx(route.quality)
+    finally:
+        pipe.routes = None
 
 
 def test_the_command_line_calibrates_and_generates_with_drafts(tmp_path, capsys, monkeypatch):
@@ -207,3 +223,11 @@ def test_the_command_line_calibrates_and_generates_with_drafts(tmp_path, capsys,
     assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", PROMPTS[0], "--mode", "teacher",
                                         "--drafts", 2, "--out", tmp_path / "g3"),
                       "--drafts applies to --mode adaptive or student")
+
+
+def test_the_server_refuses_settings_that_draw_drafts():
+    from tandem.serve.requests import RequestError, Tandem, plan_request
+
+    pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, drafts=2)
+    with pytest.raises(RequestError, match="draw 2 drafts per image, which the server does not batch yet"):
+        plan_request(pipe, Tandem(threshold=0.5), 1)

@@ -29,7 +29,7 @@ from .outputs import write_json_file
 
 FORMAT = "tandem-routes/1"
 _REGENERATE = re.compile(r"([a-z]+)(\d+)")
-_REFINE = re.compile(r"refine_([a-z]+)(\d+)_sigma([0-9.]+)")
+_REFINE = re.compile(r"refine_([a-z]+)(\d+)_sigma([0-9.]+?)(?:_drafts(\d+))?")
 
 
 class RoutesMismatch(ValueError):
@@ -46,12 +46,16 @@ class Route:
     cost: float                   # mean UNet evaluations per image on the held-out prompts
     quality: float                # the judge's quality there (share satisfied, or a mean score)
     se: float | None = None       # its standard error there (None: unknown, no margin is given)
+    drafts: int = 1               # the student's drafts per prompt, the oracle's best kept
+    tau: float | None = None      # drafts > 1: the cut-off itself, percentile k of the best-of-N calibration
 
     def settings(self) -> dict:
-        """The pipeline arguments this route sets."""
-        return {"strategy": self.strategy, "teacher_scheduler": self.teacher_scheduler,
-                "teacher_steps": self.teacher_steps, "rollback_sigma": self.rollback_sigma,
-                "percentile": self.percentile}
+        """The pipeline arguments this route sets (several drafts: their tau, which the table carries, for k)."""
+        out = {"strategy": self.strategy, "teacher_scheduler": self.teacher_scheduler,
+               "teacher_steps": self.teacher_steps, "rollback_sigma": self.rollback_sigma}
+        if self.drafts == 1:
+            return {**out, "percentile": self.percentile}
+        return {**out, "drafts": self.drafts, "accept_threshold": self.tau}
 
 
 def quality(summary: dict) -> float:
@@ -76,6 +80,8 @@ def check_route(route: Route) -> None:
     quality that are finite numbers, the cost >= 0. A ``ValueError`` names the field and its allowed values."""
     finite_number(route.cost, "cost", low=0)
     finite_number(route.quality, "quality")
+    if count(route.drafts, "drafts") > 1 and route.strategy is not None:
+        finite_number(route.tau, "tau")  # a route of several drafts carries its cut-off
     if route.se is not None:
         finite_number(route.se, "se", low=0)
     percentile = finite_number(route.percentile, "percentile", low=0, high=100)
@@ -143,21 +149,34 @@ class RouteTable:
             return share_se(point["accuracy"], judged) if "accuracy" in point else None
 
         routes = []
+        drafts_used = sorted({int(p["drafts"]) for p in results["points"] if p.get("drafts", 1) > 1})
+        missing = [n for n in drafts_used if n not in pipe.draft_calibrations]
+        if missing:
+            raise ValueError(f"the budget results have curves of {', '.join(map(str, missing))} drafts: their "
+                             "percentiles need the best-of-N calibrations they were made with "
+                             "(draft_calibrations: pipe.draft_calibrations[N] = Calibration.load(FILE))")
+        for n in drafts_used:
+            made_with = results.get("draft_calibrations", {}).get(str(n))
+            if made_with != calibration_digest(pipe.draft_calibrations[n]):
+                raise RoutesMismatch(f"the curves of {n} drafts were made with another best-of-{n} calibration")
         for p in results["points"]:
-            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100 or p.get("drafts", 1) > 1:
-                continue  # the curves of several drafts are not routes (yet): a route's k is a one-draft percentile
-            if not np.isclose(p["tau"], pipe.calibration.threshold(p["k"])):
+            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100:
+                continue
+            n = int(p.get("drafts", 1))
+            calibration = pipe.calibration if n == 1 else pipe.draft_calibrations[n]
+            if not np.isclose(p["tau"], calibration.threshold(p["k"])):
                 raise RoutesMismatch(f"{p['label']}: tau {p['tau']:.6g} is not the calibration's percentile "
-                                     f"{p['k']:g} ({pipe.calibration.threshold(p['k']):.6g}): the budget results "
+                                     f"{p['k']:g} ({calibration.threshold(p['k']):.6g}): the budget results "
                                      "were made with another calibration")
             if p["share_improved"] == 0:
                 continue  # the student alone at that k: its own route below
+            tau = float(p["tau"]) if n > 1 else None
             if m := _REFINE.fullmatch(p["improved"]):
                 if int(m[2]) != refine_steps:
                     raise ValueError(f"{p['label']}: refinement of {m[2]} steps, the results' config says "
                                      f"{refine_steps}")
                 route = Route("refine", m[1], int(m[2]), float(m[3]), float(p["k"]), p["unet_evals_mean"],
-                              quality(p), se(p))
+                              quality(p), se(p), n, tau)
             elif m := _REGENERATE.fullmatch(p["improved"]):
                 route = Route("regenerate", m[1], int(m[2]), None, float(p["k"]), p["unet_evals_mean"], quality(p),
                               se(p))
@@ -166,9 +185,13 @@ class RouteTable:
             routes.append(route)
         alone = next(p for p in results["points"] if p["family"] == "student" and p["label"] == f"student{steps}")
         routes.append(Route(None, None, None, None, 0.0, alone["unet_evals_mean"], quality(alone), se(alone)))
+        for n in drafts_used:  # the best of n drafts alone
+            best = next(p for p in results["points"] if p["label"] == f"student{steps}_drafts{n}")
+            routes.append(Route(None, None, None, None, 0.0, best["unet_evals_mean"], quality(best), se(best), n))
         fingerprint = pipe.route_fingerprint(steps)
         made_by = results.get("made_by", {})
         config = {"from": "tandem eval budget", "prompts": made_by.get("prompts"), "n": results["n_prompts"],
+                  "draft_calibrations": {str(n): calibration_digest(pipe.draft_calibrations[n]) for n in drafts_used},
                   "seed": results["seed"], "judge": results.get("judge"), "budget_command": made_by.get("command"),
                   "budget_made_by": {k: made_by.get(k) for k in ("model", "student", "scorer", "calibration",
                                                                  "batch_size", "tandem_version")}}
@@ -198,6 +221,7 @@ class RouteTable:
         return out
 
     def check(self, fingerprint: dict) -> None:
+        """Refuse a table made for other settings than ``fingerprint`` (a pipeline's ``route_fingerprint``)."""
         diffs = diff_fingerprints(self.fingerprint, fingerprint)
         if diffs:
             raise RoutesMismatch("the route table was made for other settings; give the adaptive settings "

@@ -55,6 +55,7 @@ CLI_SPELLINGS = {
     r"pipe\.calibrate\(prompts, drafts=(\d+)\) \(kept in pipe\.draft_calibrations\[\d+\]\)":
         r"`tandem calibrate --drafts \1`, then --calibration FILE",
     r"drafts=(\d+)": r"--drafts \1",
+    r"draft_calibrations: pipe\.draft_calibrations\[N\] = Calibration\.load\(FILE\)": "--draft-calibration FILE",
     r"pipe\.edit_calibrations\[([\d.]+)\] = pipe\.calibrate_edits\(images, prompts, strength=[\d.]+\)":
         r"`tandem calibrate --edits val --strength \1`, then --calibration FILE",
     r"pipe\.calibrate_edits\(images, prompts, strength\)": "`tandem calibrate --edits`",

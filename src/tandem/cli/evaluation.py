@@ -202,7 +202,7 @@ def _draft_calibrations(paths: list[Path], experiment: Experiment) -> dict:
     from ..calibration import Calibration
 
     if paths and experiment is not Experiment.budget:
-        raise UserError("--draft-calibration applies to eval budget")
+        raise UserError("--draft-calibration applies to eval budget and eval routes")
     out = {}
     for path in paths:
         calibration = _load(lambda p=path: Calibration.load(p), f"--draft-calibration {path}")
@@ -463,6 +463,8 @@ def eval_routes(
     scorer: Annotated[str | None, typer.Option(help=SCORER_HELP)] = None,
     calibration: Annotated[Path | None, typer.Option(help="The calibration the budget run used [the "
                                                           "preset's].")] = None,
+    draft_calibration: Annotated[list[Path] | None, typer.Option(help="The best-of-N calibrations the budget run's "
+                                                                      "drafts curves used (repeat).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing route table.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
@@ -479,9 +481,11 @@ def eval_routes(
         raise UserError(f"{budget_run} was run on the world's test prompts, which only report: choose routes on "
                         "held-out prompts (--prompts val)")
     _check_out_file(out, overwrite)
+    drafts = _draft_calibrations(draft_calibration or [], Experiment.budget)
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "calibrate", calibration)
     pipe = _tandem_pipeline(preset, device, calibration)
+    pipe.draft_calibrations.update(drafts)
     try:
         table = RouteTable.from_budget(results, pipe)
     except ValueError as e:

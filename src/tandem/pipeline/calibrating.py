@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from ..calibration import Calibration, module_digest
 from ..cascade import CascadeTable, check_levels
 from ..checks import count
+from ..prerouting import fit_score_predictor
 from ..routes import calibration_digest
 from .drafts import check_drafts
 from .records import TandemOutput
@@ -93,6 +95,33 @@ class Calibrating:
         out = self(prompts, mode="student", num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                    batch_size=batch_size, score=True, callback=callback, control_image=control_image, drafts=drafts)
         return self._calibration(out, steps, guidance, seed, config, drafts=drafts)
+
+    def text_features(self, prompts: Sequence[str]) -> np.ndarray:
+        """The student's text encoder's view of each prompt, [n, 2D]: its pooled output beside the mean of its
+        last hidden states over the tokens (what a pre-routing predictor reads; :mod:`tandem.prerouting`)."""
+        tokenizer, encoder = self.student.tokenizer, self.student.text_encoder
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        with torch.no_grad():
+            out = encoder(ids.input_ids.to(encoder.device), attention_mask=ids.attention_mask.to(encoder.device))
+        mask = ids.attention_mask.to(out.last_hidden_state.device).unsqueeze(-1).float()
+        mean = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+        pooled = getattr(out, "pooler_output", None)
+        pooled = mean if pooled is None else pooled
+        return torch.cat([pooled, mean], dim=1).float().cpu().numpy().astype(np.float64)
+
+    def fit_predictor(self, prompts: Sequence[str], drafts: int = 1, seed: int = 0, batch_size: int = 16,
+                      ridge: float = 1.0, callback: Callable[[str, int, int], None] | None = None):
+        """A pre-routing predictor (:class:`~tandem.prerouting.ScorePredictor`) fitted on held-out ``prompts``:
+        the student's oracle scores there (the best of ``drafts``), regressed on the prompts' text features."""
+        steps = count(self._setting("num_inference_steps", None, 4), "num_inference_steps")
+        guidance = self.student_guidance(None)
+        out = self(prompts, mode="student", seed=seed, batch_size=batch_size, score=True, callback=callback,
+                   drafts=drafts)
+        scores = np.array([r["student_score"] for r in out.records])
+        return fit_score_predictor(self.text_features(prompts), scores,
+                                   self.calibration_fingerprint(steps, guidance, None, drafts), ridge,
+                                   {"seed": seed, "drafts": drafts})
 
     def calibrate_cascade(self, prompts: Sequence[str], levels: Sequence[int], seed: int = 0, batch_size: int = 16,
                           callback: Callable[[str, int, int], None] | None = None, config: dict | None = None):

@@ -38,6 +38,10 @@ RECORD_EXTRA_FIELDS = {
                       "student_score is the last one's score)",
     "transitions": "list[str]: who took each transition t_k -> t_k+1 of the student's grid, 'student' or 'teacher' "
                    "(path 'mixed'; the grid is the summary's settings.student_timesteps)",
+    "draft": "int: the draft the oracle kept, its best (drafts > 1; student_score is its score)",
+    "draft_scores": "list[float]: the oracle's score of each draft, in order (drafts > 1)",
+    "pre_routed": "bool: True where a predictor sent the prompt to the teacher before the student drew it (path "
+                  "'regenerated', no student score)",
     "edit_strength": "float: the SDEdit strength (an edit)",
     "start_timestep": "int: the timestep the edit's student started from (an edit)",
 }

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..calibration import diff_fingerprints
 from ..checks import count, finite_number, sampler_steps
 from ..sampling import unet_evals_per_step
 from .components import check_shared_latents
@@ -75,6 +76,8 @@ class Plan:
     cascade: object = None
     chosen: dict | None = None
     drafts: int = 1  # the student's drafts per prompt, the best-scoring one kept (:mod:`.drafts`)
+    preroute: float | None = None  # P(the student fails) at which a prompt goes straight to the teacher
+    preroute_steps: int | None = None  # the teacher's steps for those
 
     def settings(self) -> dict:
         """The summary's ``settings``: every value this call ran with."""
@@ -88,6 +91,8 @@ class Plan:
         }
         if self.drafts > 1:  # absent for one draft: a one-draft call's settings are what they always were
             out["drafts"] = self.drafts
+        if self.preroute is not None:  # likewise without pre-routing
+            out["preroute"], out["preroute_steps"] = self.preroute, self.preroute_steps
         if self.cascade is not None:
             out["cascade"] = {"steps": list(self.cascade.steps),  # a threshold None keeps no image at its level
                               "thresholds": [float(t) if np.isfinite(t) else None for t in self.cascade.thresholds],
@@ -97,18 +102,12 @@ class Plan:
 
 def plan_generation(pipe, n: int, generators: int | None, *, mode: str, num_inference_steps, guidance_scale, teacher_steps,
                     teacher_guidance_scale, teacher_scheduler, strategy, rollback_sigma, rollback_convention, handoff,
-                    accept_threshold, percentile, budget, routing, score, cascade, drafts=None) -> Plan:
+                    accept_threshold, percentile, budget, routing, score, cascade, drafts=None, preroute=None,
+                    preroute_steps=None) -> Plan:
     """The :class:`Plan` of a generation call of ``n`` prompts (and ``generators`` generators, if given) to
     ``pipe`` with these arguments (``None``: the pipeline's default), every argument checked. With ``drafts``
     N > 1 the student draws N drafts per prompt and the oracle keeps the best (:mod:`.drafts`): a prompt's
     student cost is N drafts', and tau is a percentile of a best-of-N calibration."""
-    drafts = check_drafts(pipe._setting("drafts", drafts, 1))
-    if drafts > 1:
-        if mode == "teacher":
-            raise ValueError("drafts are the student's (the oracle keeps the best of them): they apply to "
-                             "mode='adaptive', 'student' or 'refine-all', not 'teacher'")
-        if cascade is not None:
-            raise ValueError("drafts > 1 and a cascade do not combine; use one or the other")
     if handoff not in HANDOFFS:
         raise ValueError(f"unknown handoff {handoff!r}; expected one of {', '.join(HANDOFFS)}")
     steps = count(pipe._setting("num_inference_steps", num_inference_steps, 4), "num_inference_steps")
@@ -117,15 +116,26 @@ def plan_generation(pipe, n: int, generators: int | None, *, mode: str, num_infe
     if (mode == "adaptive" and budget is not None and pipe.routes is not None and routing in (None, "threshold")
             and cascade is None
             and all(v is None for v in (strategy, teacher_steps, teacher_scheduler, rollback_sigma,
-                                        rollback_convention, accept_threshold, percentile))):
+                                        rollback_convention, accept_threshold, percentile, drafts))):
         # a budget alone: the route table's best settings at that cost (explicit settings opt out)
         pipe.routes.check(pipe.route_fingerprint(steps, guidance, teacher_guidance_scale))
         route = pipe.routes.choose(budget)
-        if route is not None and route.strategy is None:  # the student alone is the best at this budget
+        if route is not None:
+            drafts = route.drafts
+        if route is not None and route.strategy is None:  # the student alone (best of its drafts) at this budget
             accept_threshold = float("-inf")
         elif route is not None:
             strategy, teacher_scheduler = route.strategy, route.teacher_scheduler
             teacher_steps, rollback_sigma, percentile = route.teacher_steps, route.rollback_sigma, route.percentile
+            if route.drafts > 1:  # the table carries the best-of-N calibration's cut-off at k
+                accept_threshold, percentile = route.tau, None
+    drafts = check_drafts(pipe._setting("drafts", drafts, 1))
+    if drafts > 1:
+        if mode == "teacher":
+            raise ValueError("drafts are the student's (the oracle keeps the best of them): they apply to "
+                             "mode='adaptive', 'student' or 'refine-all', not 'teacher'")
+        if cascade is not None:
+            raise ValueError("drafts > 1 and a cascade do not combine; use one or the other")
     cascade, chosen = resolve_cascade(pipe, cascade, mode, steps, guidance, budget, routing,
                                       {"accept_threshold": accept_threshold, "percentile": percentile,
                                            "strategy": strategy, "teacher_steps": teacher_steps,
@@ -176,8 +186,44 @@ def plan_generation(pipe, n: int, generators: int | None, *, mode: str, num_infe
     do_score = mode == "adaptive" or bool(score) or drafts > 1
     if do_score and pipe.scorer is None:
         raise ValueError(NO_SCORER)
+    preroute, preroute_steps = check_preroute(pipe, mode, cut, steps, guidance, drafts, t_sched, preroute,
+                                              preroute_steps)
     return Plan(mode, steps, guidance, t_steps, t_guidance, t_sched, strategy, sigma, convention, handoff, refine,
-                regenerates, cut, do_score, student_cost, improve_cost, budget, route, cascade, chosen, drafts)
+                regenerates, cut, do_score, student_cost, improve_cost, budget, route, cascade, chosen, drafts,
+                preroute, preroute_steps)
+
+
+def check_preroute(pipe, mode: str, cut: Cutoff, steps: int, guidance: float, drafts: int, t_sched: str, preroute,
+                   preroute_steps) -> tuple[float | None, int | None]:
+    """A call's pre-routing (:mod:`tandem.prerouting`): the probability of failing at which a prompt skips the
+    student, and the teacher's steps for such a prompt [25]; both checked, and the predictor against the scores
+    it must predict (this student, its steps and guidance, the oracle, the drafts)."""
+    preroute = pipe._setting("preroute", preroute)
+    if preroute is None:
+        if preroute_steps is not None:
+            raise ValueError("preroute_steps goes with preroute")
+        return None, None
+    preroute = finite_number(preroute, "preroute", low=0, low_open=True, high=1)
+    if mode != "adaptive" or cut.tau is None:
+        raise ValueError("preroute applies to mode='adaptive' with a cut-off tau (accept_threshold, percentile or "
+                         "budget), not budget-exact routing or another mode")
+    if pipe.predictor is None:
+        raise ValueError("preroute needs a predictor: pipe.predictor = pipe.fit_predictor(prompts) (on held-out "
+                         "prompts), or tandem.prerouting.ScorePredictor.load(path)")
+    if pipe.teacher is None:
+        raise ValueError("preroute: this teacher is an image-to-image pipeline; a pre-routed prompt needs a "
+                         "text-to-image teacher")
+    check_shared_latents(pipe.student, pipe._teacher_any, "a pre-routed prompt's teacher draws from its noise",
+                         "do without preroute")
+    made = diff_fingerprints(pipe.predictor.fingerprint()["made_for"],
+                             pipe.calibration_fingerprint(steps, guidance, None, drafts))
+    if made:
+        raise ValueError("the predictor was fitted on other scores; fit one for these settings "
+                         "(pipe.fit_predictor(prompts)): " + "; ".join(d.replace("calibration has", "predictor has")
+                                                                      for d in made))
+    t_steps = count(pipe._setting("preroute_steps", preroute_steps, 25), "preroute_steps")
+    sampler_steps(t_steps, pipe._teacher_scheduler(t_sched), "preroute_steps", "the teacher")
+    return preroute, t_steps
 
 
 @dataclass

@@ -50,6 +50,7 @@ class Phases:
     seconds: float
     levels: list[list[int]] = field(default_factory=list)  # the images each student level drew (a cascade's)
     kept: list[int] | None = None  # with drafts: the slot kept for each prompt (:mod:`.drafts`)
+    prerouted: list[int] = field(default_factory=list)  # the images the teacher drew without a student draft
 
 
 def control_kwargs(pipe, controls: torch.Tensor | None, idx: list[int], scale: float) -> dict:
@@ -120,7 +121,7 @@ def score_images(scorer, images: list[np.ndarray], prompts: list[str], idx: list
 def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, ledger: CostLedger,
                draw: Draw | None, route: Route, improve: Improve, do_score: bool,
                callback: Callable[[str, int, int], None] | None, cascade: Sequence[tuple[Draw, Route]] = (),
-               drafts: int = 1) -> Phases:
+               drafts: int = 1, skip: Sequence[int] = (), regenerate: Draw | None = None) -> Phases:
     """Algorithm 1, shared by generation and editing, in batches of ``batch_size``:
 
     1. the student phase: ``draw(idx)`` gives the student's latents of images ``idx`` (``draw`` None: the
@@ -132,7 +133,9 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
        kept is final. With ``drafts`` N > 1 the images are draft slots (N per prompt, prompt-major) and only
        each prompt's best-scoring draft is routed (:func:`~.drafts.best_drafts`; ``Phases.kept``);
     3. the teacher phase: ``improve(idx, latents)`` gives the teacher's latents of those images (from each
-       image's noise or student latent), decoded by ``teacher``'s VAE in place of the student's.
+       image's noise or student latent), decoded by ``teacher``'s VAE in place of the student's; the prompts
+       in ``skip`` (pre-routed: the student draws none of their drafts) are drawn by ``regenerate(idx)`` from
+       their first draft's noise instead (``Phases.prerouted``).
 
     Every model call's UNet rows go to ``ledger`` (by role, per image), with the VAE decodes and the oracle
     calls; ``callback(phase, done, total)`` follows each batch."""
@@ -169,8 +172,10 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
             if callback:
                 callback("student", min(start + batch_size, len(members)), len(members))
 
+    skipped = {int(i) for i in skip}
     with ledger.counting():
-        members = list(range(n))  # the images the current level draws; after the loop, those the last one drew
+        # the images the current level draws; after the loop, those the last one drew
+        members = [j for j in range(n) if j // drafts not in skipped]
         if draw is not None:
             for level_draw, gate in [*cascade, (draw, None)]:
                 student_level(level_draw, members)
@@ -179,14 +184,19 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
                     members = sorted(members[j] for j in gate(scores[members]))
         kept = None
         if drafts > 1 and draw is not None:  # each prompt's best draft goes on; the others are done
-            members = kept = best_drafts(scores, drafts)
+            kept = best_drafts(scores, drafts)  # a skipped prompt's is its first draft (all its scores NaN)
+            members = [j for j in kept if j // drafts not in skipped]
         # an image a cascade level kept is final: only the last level's images are routed (positions in members)
-        improved = [members[j] for j in route(scores[members])]
-        for start in range(0, len(improved), batch_size):
-            idx = improved[start:start + batch_size]
+        routed = [members[j] for j in route(scores[members])]
+        prerouted = [i * drafts for i in sorted(skipped)]
+        batches = [(routed[s:s + batch_size], improve) for s in range(0, len(routed), batch_size)]
+        batches += [(prerouted[s:s + batch_size], lambda idx, _latents: regenerate(idx))
+                    for s in range(0, len(prerouted), batch_size)]
+        improved, done = sorted(routed + prerouted), 0
+        for idx, teacher_call in batches:
             t0 = time.perf_counter()
             before = {role: ledger.rows(role) for role in ("teacher", "student", "controlnet")}
-            out = improve(idx, latents)
+            out = teacher_call(idx, latents)
             ledger.charge("teacher", idx, before["teacher"])
             ledger.charge("controlnet", idx, before["controlnet"])
             if ledger.rows("student") != before["student"] and student.unet is not teacher.unet:
@@ -199,10 +209,11 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
                 latents[i], images[i] = out[j:j + 1], decoded[j]
             timings["teacher"] += t1 - t0
             timings["decode"] += time.perf_counter() - t1
+            done += len(idx)
             if callback:
-                callback("teacher", min(start + batch_size, len(improved)), len(improved))
+                callback("teacher", done, len(improved))
     return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start, levels,
-                  kept)
+                  kept, prerouted)
 
 
 def noised_inputs(student, teacher_scheduler, inputs: torch.Tensor, generators: list, t: int,
@@ -276,3 +287,15 @@ def teacher_improve(pipe, plan, prompts: Sequence[str], noise: torch.Tensor, stu
             ledger.add("vae_encode", idx if idx is not None else list(range(len(start))))
     return teacher_refine(pipe.teacher_img2img, scheduler, prompts, start, generators, plan.refine,
                           plan.teacher_guidance, **extra)
+
+
+def prerouted_draw(pipe, plan, prompts: list[str], noise: torch.Tensor, gens: list, controls,
+                   c_scale: float) -> Draw:
+    """The teacher's draw of pre-routed images (no student image to refine): regenerated from their initial
+    noise with the plan's teacher sampler at ``plan.preroute_steps`` steps, whatever the call's strategy."""
+    def regenerate(idx: list[int]) -> torch.Tensor:
+        return teacher_regenerate(pipe.teacher, pipe._teacher_scheduler(plan.teacher_scheduler),
+                                  [prompts[i] for i in idx], noise[idx], [gens[i] for i in idx],
+                                  plan.teacher_guidance, num_inference_steps=plan.preroute_steps,
+                                  **control_kwargs(pipe.teacher, controls, idx, c_scale))
+    return regenerate

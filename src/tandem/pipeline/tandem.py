@@ -40,6 +40,7 @@ from .settings import (
 )
 from .stages import (
     generation_stages,
+    prerouted_draw,
     run_stages,
     score_images,
 )
@@ -85,6 +86,7 @@ class TandemPipeline(Calibrating, Editing):
         self._editor_digests: dict[str, str] = {}  # the same for the edit student's view
         self.edit_calibrations: dict[float, Calibration] = {}  # SDEdit strength -> the editing student's scores
         self.draft_calibrations: dict[int, Calibration] = {}  # drafts N > 1 -> the student's best-of-N scores
+        self.predictor = None  # tandem.prerouting: P(the student's score < tau) from the caption, for preroute=
         self.routes = None  # a tandem.routes.RouteTable: what a budget alone picks (generation)
 
     @property
@@ -155,6 +157,8 @@ class TandemPipeline(Calibrating, Editing):
         controlnet_conditioning_scale: float | None = None,
         cascade=None,
         drafts: int | None = None,
+        preroute: float | None = None,
+        preroute_steps: int | None = None,
     ) -> TandemOutput:
         """Generate one image per prompt.
 
@@ -193,6 +197,10 @@ class TandemPipeline(Calibrating, Editing):
                 draft), the oracle keeps the best, and the teacher improves it if even the best scores below tau,
                 a percentile of the best-of-N calibration (``pipe.draft_calibrations[N]``; :mod:`.drafts`).
                 Adaptive, student and refine-all modes; each record says which draft it kept.
+            preroute: adaptive mode with ``pipe.predictor`` (:mod:`tandem.prerouting`): a prompt whose predicted
+                probability of scoring below tau is at least this goes straight to the teacher, which draws it from
+                its noise in ``preroute_steps`` steps [25]; the student draws none of its drafts
+                (records: ``pre_routed``).
         """
         prompts = prompt_list(prompt)
         n = len(prompts)
@@ -208,7 +216,8 @@ class TandemPipeline(Calibrating, Editing):
             guidance_scale=guidance_scale, teacher_steps=teacher_steps, teacher_guidance_scale=teacher_guidance_scale,
             teacher_scheduler=teacher_scheduler, strategy=strategy, rollback_sigma=rollback_sigma,
             rollback_convention=rollback_convention, handoff=handoff, accept_threshold=accept_threshold,
-            percentile=percentile, budget=budget, routing=routing, score=score, cascade=cascade, drafts=drafts)
+            percentile=percentile, budget=budget, routing=routing, score=score, cascade=cascade, drafts=drafts,
+            preroute=preroute, preroute_steps=preroute_steps)
         controls = self._controls(control_image, n)
         c_scale = finite_number(self._setting("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0),
                                 "controlnet_conditioning_scale")
@@ -221,9 +230,13 @@ class TandemPipeline(Calibrating, Editing):
         ledger = CostLedger(len(slots), self._counted_modules())
         levels, route, improve = generation_stages(self, plan, slots, noise, gens, None if controls is None else
                                                    controls.repeat_interleave(many, 0), c_scale, ledger)
+        skip = [] if plan.preroute is None else [i for i, p in enumerate(self.predictor.p_below(
+            prompts, self.text_features(prompts), plan.cut.tau)) if p >= plan.preroute]
         run = run_stages(self.student, self._teacher_any, self.scorer, slots, batch_size, ledger,
                          None if mode == "teacher" else levels[-1][0], route, improve, plan.do_score, callback,
-                         levels[:-1], drafts=many)
+                         levels[:-1], drafts=many, skip=skip, regenerate=prerouted_draw(
+                             self, plan, slots, noise, gens, None if controls is None else
+                             controls.repeat_interleave(many, 0), c_scale) if skip else None)
         slot_scores = run.scores
         if many > 1:
             run, ledger = prompts_view(run, many), fold_ledger(ledger, many)
@@ -232,13 +245,16 @@ class TandemPipeline(Calibrating, Editing):
         improved, level_members = set(run.improved), [set(members) for members in run.levels]
         records = []
         for i in range(n):
-            taken = "student" if mode == "student" else plan_path(plan) if i in improved else "accepted"
+            taken = ("student" if mode == "student" else "regenerated" if i in skip else plan_path(plan)
+                     if i in improved else "accepted")
             rec = image_record(i, prompts[i], taken, prompt_seed(seed, i) if generator is None else None, ledger,
                                run.scores[i], plan.cut.tau)
             if taken == "refined":
                 rec["rollback_sigma"], rec["teacher_steps_run"] = plan.refine.sigma, plan.refine.steps
             if plan.cascade is not None:
                 rec["cascade_levels"] = [s for s, members in zip(level_steps, level_members) if i in members]
+            if plan.preroute is not None:
+                rec["pre_routed"] = i in skip
             records.append(draft_record(rec, run.kept[i], many, slot_scores) if many > 1 else rec)
         settings = plan.settings()
         if controls is not None:

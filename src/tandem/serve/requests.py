@@ -103,7 +103,7 @@ def plan_request(pipe, body: Tandem, n: int):
     """The pipeline's plan of a request (:func:`tandem.pipeline.settings.plan_generation`); a setting the
     pipeline refuses is a :class:`RequestError` naming the request's field."""
     try:
-        return plan_generation(
+        plan = plan_generation(
             pipe, n, None, mode=body.mode, num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, teacher_steps=body.teacher_steps, teacher_guidance_scale=None,
             teacher_scheduler=None, strategy=None, rollback_sigma=None, rollback_convention=None, handoff="latent",
@@ -113,6 +113,13 @@ def plan_request(pipe, body: Tandem, n: int):
         message = str(e)
         field = next((f for f in (*Tandem.model_fields, *_ARGUMENTS) if _ARGUMENTS.get(f, f) in message), "request")
         raise RequestError(field, message) from None
+    if plan.drafts > 1:  # a route table's or the preset's choice: the engine batches one draft per image
+        raise RequestError("budget" if plan.route is not None else "request",
+                           f"these settings draw {plan.drafts} drafts per image, which the server does not batch "
+                           "yet; ask for another budget or a percentile")
+    if plan.preroute is not None:  # the preset's default
+        raise RequestError("request", "the server does not pre-route prompts yet: serve a preset without preroute")
+    return plan
 
 
 class PlanCache:

@@ -1,0 +1,132 @@
+"""Routing before drawing: with a stub predictor, exactly the prompts it predicts to fail go straight to the
+teacher (drawn as the teacher alone draws them from the same noise, at the pre-routing steps) and the others are
+what a call without pre-routing gives; the ridge predictor against a brute-force refit (its leave-one-out spread)
+and closed forms; a predictor for other scores, or pre-routing outside adaptive mode, is refused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from worldtools import PROMPTS, world_pipeline
+
+from tandem.generate import prompt_generator
+from tandem.prerouting import ScorePredictor, fit_score_predictor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEED = 2
+FAIL = [0.95, 0.1, 0.9, 0.3, 0.2, 0.99]  # the stub's P(the student fails) of each of PROMPTS
+
+
+class Stub:
+    def __init__(self, made_for: dict):
+        self.made_for, self.seen = made_for, []
+
+    def p_below(self, prompts, features, tau):
+        assert features.shape[0] == len(prompts)
+        self.seen.append(tau)
+        return np.array([FAIL[PROMPTS.index(p)] for p in prompts])
+
+    def fingerprint(self):
+        return {"kind": "stub", "made_for": self.made_for}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, teacher_steps=4, teacher_guidance_scale=4.5,
+                          teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.6)
+    pipe.predictor = Stub(pipe.calibration_fingerprint(2, 6.0))
+    return pipe
+
+
+def test_exactly_the_predicted_prompts_go_to_the_teacher(pipe):
+    tau = 0.45
+    plain = pipe(PROMPTS, accept_threshold=tau, seed=SEED, batch_size=4)
+    out = pipe(PROMPTS, accept_threshold=tau, seed=SEED, batch_size=4, preroute=0.9, preroute_steps=3)
+    assert pipe.predictor.seen[-1] == tau
+    assert [r["pre_routed"] for r in out.records] == [p >= 0.9 for p in FAIL]
+    for i, record in enumerate(out.records):
+        if FAIL[i] >= 0.9:  # the teacher alone, from the prompt's own noise, in 3 steps; no student draft
+            assert record["path"] == "regenerated" and record["student_score"] is None
+            assert record["unet_evals"] == {"student": 0.0, "teacher": 6.0, "total": 6.0}
+            assert record["oracle_calls"] == 0
+            ref = pipe([PROMPTS[i]], mode="teacher", teacher_steps=3, generator=[prompt_generator(SEED, i)])
+            assert np.abs(out.images[i].astype(int) - ref.images[0].astype(int)).max() <= 1
+        else:  # as without pre-routing
+            assert {k: v for k, v in record.items() if k != "pre_routed"} == plain.records[i]
+            assert np.abs(out.images[i].astype(int) - plain.images[i].astype(int)).max() <= 1
+    assert out.summary["settings"]["preroute"] == 0.9 and "preroute" not in plain.summary["settings"]
+
+
+def test_pre_routing_with_drafts(pipe):
+    saved, pipe.predictor = pipe.predictor, Stub(pipe.calibration_fingerprint(2, 6.0, drafts=2))  # best-of-2's
+    try:
+        out = pipe(PROMPTS[:4], accept_threshold=0.45, seed=SEED, drafts=2, preroute=0.9, preroute_steps=3,
+                   batch_size=3)
+    finally:
+        pipe.predictor = saved
+    assert [r["path"] == "regenerated" for r in out.records[:3:2]] == [True, True]
+    assert [r["unet_evals"]["student"] for r in out.records] == [0.0, 4.0, 0.0, 4.0]  # 2 drafts x 2 steps
+
+
+def test_pre_routing_is_refused_where_it_cannot_apply(pipe):
+    with pytest.raises(ValueError, match="preroute applies to mode='adaptive' with a cut-off"):
+        pipe(PROMPTS[:2], mode="student", preroute=0.9)
+    with pytest.raises(ValueError, match="preroute applies to mode='adaptive' with a cut-off"):
+        pipe(PROMPTS[:2], budget=8, routing="budget-exact", preroute=0.9)
+    with pytest.raises(ValueError, match="preroute_steps goes with preroute"):
+        pipe(PROMPTS[:2], accept_threshold=0.5, preroute_steps=3)
+    with pytest.raises(ValueError, match=r"preroute must be in \(0, 1\]"):
+        pipe(PROMPTS[:2], accept_threshold=0.5, preroute=1.5)
+    with pytest.raises(ValueError, match="the predictor was fitted on other scores.*student_steps"):
+        pipe(PROMPTS[:2], accept_threshold=0.5, num_inference_steps=3, preroute=0.9)
+    saved, pipe.predictor = pipe.predictor, None
+    try:
+        with pytest.raises(ValueError, match="preroute needs a predictor"):
+            pipe(PROMPTS[:2], accept_threshold=0.5, preroute=0.9)
+    finally:
+        pipe.predictor = saved
+
+
+def test_the_ridge_predictor_against_a_brute_force_refit(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)) * [1, 2, 3, 0.5, 1]
+    y = x @ [0.3, -0.2, 0.1, 0.0, 0.5] + 0.1 * rng.normal(size=30)
+    fit = fit_score_predictor(x, y, {"made": "here"}, ridge=2.0)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-8)
+
+    def refit(keep):  # ridge with an unpenalized intercept, by least squares on the augmented system
+        a = np.vstack([np.hstack([np.ones((len(keep), 1)), z[keep]]),
+                       np.hstack([np.zeros((5, 1)), math.sqrt(2.0) * np.eye(5)])])
+        b = np.concatenate([y[keep], np.zeros(5)])
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+    coef = refit(np.arange(30))
+    assert fit.predict(x) == pytest.approx(coef[0] + z @ coef[1:])
+    loo = [y[i] - (c := refit(np.delete(np.arange(30), i)))[0] - z[i] @ c[1:] for i in range(30)]
+    assert fit.sigma == pytest.approx(math.sqrt(np.mean(np.square(loo))))
+    # P(score < tau) of a Gaussian around the prediction: a half at the prediction, Phi(1) one sigma above
+    mu = fit.predict(x[:1])[0]
+    assert fit.p_below(["p"], x[:1], mu)[0] == pytest.approx(0.5)
+    assert fit.p_below(["p"], x[:1], mu + fit.sigma)[0] == pytest.approx(0.8413447, abs=1e-6)
+    fit.save(tmp_path / "predictor.json")
+    back = ScorePredictor.load(tmp_path / "predictor.json")
+    assert back.predict(x) == pytest.approx(fit.predict(x)) and back.sigma == fit.sigma
+    (tmp_path / "bad.json").write_text('{"format": "tandem-predictor/1", "weights": [1]}')
+    with pytest.raises(ValueError, match="malformed predictor"):
+        ScorePredictor.load(tmp_path / "bad.json")
+
+
+def test_a_fitted_predictor_routes_the_world(pipe):
+    """fit_predictor on the world's captions: its features are the student's text encoder's, its scores the
+    oracle's, and a call with it runs (the stand-in oracle's scores do not depend on the prompt much)."""
+    saved = pipe.predictor
+    try:
+        pipe.predictor = pipe.fit_predictor(PROMPTS * 2, seed=1)
+        assert pipe.predictor.config["n"] == 12 and pipe.text_features(PROMPTS).shape[0] == 6
+        out = pipe(PROMPTS, accept_threshold=0.45, seed=SEED, preroute=0.5, preroute_steps=3)
+        assert all(isinstance(r["pre_routed"], bool) for r in out.records)
+    finally:
+        pipe.predictor = saved
