@@ -149,15 +149,16 @@ class OutputDir:
         atomic_write_text(self.path / "config.json", json.dumps(json_safe(config), indent=2, allow_nan=False) + "\n")
 
 
-def json_safe(value):
-    """``value`` with every NaN or infinite float as None: JSON has no such numbers (a cut-off of -inf, which keeps
-    every image, reads null, as where a run had no cut-off)."""
+def json_safe(value, nan: bool = False):
+    """``value`` with every infinite float as None (JSON has no such numbers: a cut-off of -inf, which keeps every
+    image, reads null, as where a run had no cut-off); NaN too where ``nan``, else a NaN stays for the writer to
+    refuse (a run's files never hide a number that went wrong)."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return None if math.isinf(value) or (nan and math.isnan(value)) else value
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v, nan) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, nan) for v in value]
     return value
 
 

@@ -179,7 +179,7 @@ def create_app(pipe, *, engine: Engine | None = None, limits: Limits | None = No
             data.append(item)
         return json_safe({"created": int(time.time()), "data": data,
                           "tandem": {"request_id": job.id, "seed": seed, "mode": plan.mode, "tau": job.tau,
-                                     "teacher_share_cap": job.share_cap, "latency_s": latency, "model": pipe.name}})
+                                     "teacher_share_cap": job.share_cap, "latency_s": latency, "model": pipe.name}}, nan=True)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request, image: UploadFile = File(...), prompt: str = Form(...),
@@ -212,7 +212,7 @@ def create_app(pipe, *, engine: Engine | None = None, limits: Limits | None = No
         return json_safe({"created": int(time.time()), "data": data,
                           "tandem": {"seed": seed, "mode": mode, "latency_s": latency, "model": pipe.name,
                                      "summary": {k: v for k, v in output.summary.items()
-                                                 if k in ("n", "paths", "teacher_share")}}})
+                                                 if k in ("n", "paths", "teacher_share")}}}, nan=True)
 
     @app.get("/healthz")
     async def healthz():
