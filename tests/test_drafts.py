@@ -231,3 +231,16 @@ def test_the_server_refuses_settings_that_draw_drafts():
     pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, drafts=2)
     with pytest.raises(RequestError, match="draw 2 drafts per image, which the server does not batch yet"):
         plan_request(pipe, Tandem(threshold=0.5), 1)
+
+
+def test_a_saved_pipeline_never_comes_back_without_its_draft_calibrations(tmp_path):
+    from tandem import TandemPipeline
+
+    pipe = TandemPipeline.from_pretrained("world")
+    pipe.draft_calibrations[2] = pipe.calibration  # any calibration: saving refuses before it reads one
+    with pytest.raises(ValueError, match="does not save draft_calibrations yet"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.draft_calibrations = {}
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "tandem_pipeline.json").is_file()

@@ -106,6 +106,11 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     if getattr(pipe.student, "controlnet", None) is not None and not preset.controlnet:
         raise ValueError("this pipeline's ControlNet was added in Python (with_controlnet); save the pipeline "
                          "without it, or compose a preset that names the ControlNet")
+    unsaved = [name for name in ("draft_calibrations", "predictor") if getattr(pipe, name, None)]
+    if unsaved:  # not kept in a saved pipeline yet: refuse rather than come back without them
+        raise ValueError(f"save_pretrained does not save {' or '.join(unsaved)} yet: save them yourself "
+                         "(Calibration.save, ScorePredictor.save) and set them again after from_pretrained, or set "
+                         "pipe.draft_calibrations = {} and pipe.predictor = None to save the rest")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"{directory} exists and is not an empty directory; save_pretrained writes a new "
