@@ -86,17 +86,18 @@ class CalibrationTieWarning(UserWarning):
 INFORMATIONAL = frozenset({"path"})  # the local directory a model was loaded from: its digests identify it
 
 
-def diff_fingerprints(expected: dict, actual: dict, prefix: str = "") -> list[str]:
-    """The keys (dotted paths) whose values differ between two fingerprints. Keys in ``INFORMATIONAL``
+def diff_fingerprints(expected: dict, actual: dict, prefix: str = "", made: str = "calibration has") -> list[str]:
+    """The keys (dotted paths) whose values differ between two fingerprints, each line saying what ``made`` (the
+    holder of ``expected``: "calibration has", "routes have") and this call have. Keys in ``INFORMATIONAL``
     (local load paths, beside the digests of what was loaded there) are not compared, so a calibration
     made before a package was installed elsewhere still applies; a hub id (``source``) is compared."""
     out = []
     for key in sorted((set(expected) | set(actual)) - INFORMATIONAL):
         a, b = expected.get(key), actual.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_fingerprints(a, b, f"{prefix}{key}.")
+            out += diff_fingerprints(a, b, f"{prefix}{key}.", made)
         elif a != b:
-            out.append(f"{prefix}{key}: calibration has {a!r}, this call has {b!r}")
+            out.append(f"{prefix}{key}: {made} {a!r}, this call has {b!r}")
     return out
 
 

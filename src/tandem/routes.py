@@ -222,11 +222,11 @@ class RouteTable:
 
     def check(self, fingerprint: dict) -> None:
         """Refuse a table made for other settings than ``fingerprint`` (a pipeline's ``route_fingerprint``)."""
-        diffs = diff_fingerprints(self.fingerprint, fingerprint)
+        diffs = diff_fingerprints(self.fingerprint, fingerprint, made="routes have")
         if diffs:
             raise RoutesMismatch("the route table was made for other settings; give the adaptive settings "
                                  "yourself (strategy, teacher_steps, ...) or make a table for these ("
-                                 + "; ".join(d.replace("calibration has", "routes have") for d in diffs) + ")")
+                                 + "; ".join(diffs) + ")")
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "config": self.config,

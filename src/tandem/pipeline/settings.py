@@ -215,12 +215,11 @@ def check_preroute(pipe, mode: str, cut: Cutoff, steps: int, guidance: float, dr
                          "text-to-image teacher")
     check_shared_latents(pipe.student, pipe._teacher_any, "a pre-routed prompt's teacher draws from its noise",
                          "do without preroute")
-    made = diff_fingerprints(pipe.predictor.fingerprint()["made_for"],
-                             pipe.calibration_fingerprint(steps, guidance, None, drafts))
-    if made:
+    diffs = diff_fingerprints(pipe.predictor.fingerprint()["made_for"],
+                              pipe.calibration_fingerprint(steps, guidance, None, drafts), made="predictor has")
+    if diffs:
         raise ValueError("the predictor was fitted on other scores; fit one for these settings "
-                         "(pipe.fit_predictor(prompts)): " + "; ".join(d.replace("calibration has", "predictor has")
-                                                                      for d in made))
+                         "(pipe.fit_predictor(prompts)): " + "; ".join(diffs))
     t_steps = count(pipe._setting("preroute_steps", preroute_steps, 25), "preroute_steps")
     sampler_steps(t_steps, pipe._teacher_scheduler(t_sched), "preroute_steps", "the teacher")
     return preroute, t_steps
