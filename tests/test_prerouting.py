@@ -80,7 +80,8 @@ def test_pre_routing_is_refused_where_it_cannot_apply(pipe):
         pipe(PROMPTS[:2], accept_threshold=0.5, preroute_steps=3)
     with pytest.raises(ValueError, match=r"preroute must be in \(0, 1\]"):
         pipe(PROMPTS[:2], accept_threshold=0.5, preroute=1.5)
-    with pytest.raises(ValueError, match="the predictor was fitted on other scores.*student_steps"):
+    with pytest.raises(ValueError, match="the predictor was fitted on other scores.*student_steps: predictor has 2, "
+                                         "this call has 3"):
         pipe(PROMPTS[:2], accept_threshold=0.5, num_inference_steps=3, preroute=0.9)
     saved, pipe.predictor = pipe.predictor, None
     try:
@@ -117,6 +118,11 @@ def test_the_ridge_predictor_against_a_brute_force_refit(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "tandem-predictor/1", "weights": [1]}')
     with pytest.raises(ValueError, match="malformed predictor"):
         ScorePredictor.load(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="predictor .*broken.json is not valid JSON"):
+        ScorePredictor.load(tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError, match="predictor .*missing.json is missing"):
+        ScorePredictor.load(tmp_path / "missing.json")
 
 
 def test_a_fitted_predictor_routes_the_world(pipe):

@@ -61,7 +61,7 @@ def test_a_route_is_what_the_adaptive_pipeline_gives_at_that_budget(pipe, result
         assert table.choose(1.0) is None
         with pytest.raises(ValueError, match="below the student's own cost"):
             pipe(PROMPTS, budget=1.0)
-        with pytest.raises(RoutesMismatch, match="student_steps"):
+        with pytest.raises(RoutesMismatch, match="student_steps: routes have 2, this call has 3"):
             pipe(PROMPTS, budget=6.0, num_inference_steps=3)
     finally:
         pipe.routes = None

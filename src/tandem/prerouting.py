@@ -11,14 +11,13 @@ is tandem's: a ridge regression of the score on the prompt's text features (the 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .checks import finite_number
+from .checks import finite_number, read_json_file
 from .outputs import write_json_file
 
 FORMAT = "tandem-predictor/1"
@@ -69,14 +68,8 @@ class ScorePredictor:
     @classmethod
     def load(cls, path: str | Path) -> ScorePredictor:
         """Read a predictor written by ``save``; anything else is a ``ValueError`` naming the file."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"predictor {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a predictor JSON file ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = read_json_file(Path(path), "predictor")
+        if data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a predictor (expected format {FORMAT!r})")
         try:
             return cls(data["weights"], float(data["bias"]), data["mean"], data["scale"], float(data["sigma"]),

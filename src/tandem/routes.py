@@ -15,7 +15,6 @@ one: a margin smaller than the held-out prompts' noise buys nothing).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import diff_fingerprints
-from .checks import count, finite_number
+from .checks import count, finite_number, read_json_file
 from .models import SCHEDULERS
 from .outputs import write_json_file
 
@@ -242,14 +241,8 @@ class RouteTable:
     @classmethod
     def load(cls, path: str | Path) -> RouteTable:
         """Read a table written by ``save``; anything else is a ``ValueError`` naming the file and the problem."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"route table {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a route table JSON file ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = read_json_file(Path(path), "route table")
+        if data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a route table (expected format {FORMAT!r})")
         try:
             routes = [Route(**r) for r in data["routes"]]
