@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -62,8 +63,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=False)
     args.prompts = args.out / "prompts.txt"
     args.duration, args.deadline_s = args.seconds, 30.0
-    import subprocess
-
     subprocess.run([*CLI, "world", "prompts", "--split", "test", "--n", "400", "--out", str(args.prompts)],
                    check=True, env=ENV, stdout=subprocess.DEVNULL)
     pipe = offline_pipe()

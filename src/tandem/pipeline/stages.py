@@ -50,7 +50,6 @@ class Phases:
     seconds: float
     levels: list[list[int]] = field(default_factory=list)  # the images each student level drew (a cascade's)
     kept: list[int] | None = None  # with drafts: the slot kept for each prompt (:mod:`.drafts`)
-    prerouted: list[int] = field(default_factory=list)  # the images the teacher drew without a student draft
 
 
 def control_kwargs(pipe, controls: torch.Tensor | None, idx: list[int], scale: float) -> dict:
@@ -135,7 +134,7 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
     3. the teacher phase: ``improve(idx, latents)`` gives the teacher's latents of those images (from each
        image's noise or student latent), decoded by ``teacher``'s VAE in place of the student's; the prompts
        in ``skip`` (pre-routed: the student draws none of their drafts) are drawn by ``regenerate(idx)`` from
-       their first draft's noise instead (``Phases.prerouted``).
+       their first draft's noise instead (in ``Phases.improved`` with the others).
 
     Every model call's UNet rows go to ``ledger`` (by role, per image), with the VAE decodes and the oracle
     calls; ``callback(phase, done, total)`` follows each batch."""
@@ -213,7 +212,7 @@ def run_stages(student, teacher, scorer, prompts: list[str], batch_size: int, le
             if callback:
                 callback("teacher", done, len(improved))
     return Phases(latents, images, student_images, scores, improved, timings, time.perf_counter() - t_start, levels,
-                  kept, prerouted)
+                  kept)
 
 
 def noised_inputs(student, teacher_scheduler, inputs: torch.Tensor, generators: list, t: int,

@@ -19,7 +19,7 @@ import torch
 
 from ..calibration import Calibration
 from ..checks import count, finite_number
-from ..generate import initial_latents, prompt_generator, prompt_seed
+from ..generate import initial_latents, prompt_seed
 from ..models import SCHEDULERS, make_scheduler
 from ..students import check_student_guidance, student_info_of
 from .calibrating import Calibrating
@@ -222,21 +222,20 @@ class TandemPipeline(Calibrating, Editing):
         c_scale = finite_number(self._setting("controlnet_conditioning_scale", controlnet_conditioning_scale, 1.0),
                                 "controlnet_conditioning_scale")
         many = plan.drafts  # the student's draws per prompt: the stages run over n * many draft slots
-        gens = (list(generator) if generator is not None else draft_generators(seed, n, many) if many > 1
-                else [prompt_generator(seed, i) for i in range(n)])
+        # draft 0 of prompt i draws from (seed, i), as with one draft
+        gens = list(generator) if generator is not None else draft_generators(seed, n, many)
         slots = expand(prompts, many)
+        slot_controls = None if controls is None else controls.repeat_interleave(many, 0)
         noise = initial_latents(self.student if mode != "teacher" else self._teacher_any, seed,
                                 list(range(len(slots))), gens)
         ledger = CostLedger(len(slots), self._counted_modules())
-        levels, route, improve = generation_stages(self, plan, slots, noise, gens, None if controls is None else
-                                                   controls.repeat_interleave(many, 0), c_scale, ledger)
-        skip = [] if plan.preroute is None else [i for i, p in enumerate(self.predictor.p_below(
-            prompts, self.text_features(prompts), plan.cut.tau)) if p >= plan.preroute]
+        levels, route, improve = generation_stages(self, plan, slots, noise, gens, slot_controls, c_scale, ledger)
+        skip = set() if plan.preroute is None else {i for i, p in enumerate(self.predictor.p_below(
+            prompts, self.text_features(prompts), plan.cut.tau)) if p >= plan.preroute}
         run = run_stages(self.student, self._teacher_any, self.scorer, slots, batch_size, ledger,
                          None if mode == "teacher" else levels[-1][0], route, improve, plan.do_score, callback,
                          levels[:-1], drafts=many, skip=skip, regenerate=prerouted_draw(
-                             self, plan, slots, noise, gens, None if controls is None else
-                             controls.repeat_interleave(many, 0), c_scale) if skip else None)
+                             self, plan, slots, noise, gens, slot_controls, c_scale) if skip else None)
         slot_scores = run.scores
         if many > 1:
             run, ledger = prompts_view(run, many), fold_ledger(ledger, many)
