@@ -244,3 +244,19 @@ def test_a_saved_pipeline_never_comes_back_without_its_draft_calibrations(tmp_pa
     pipe.draft_calibrations = {}
     pipe.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "tandem_pipeline.json").is_file()
+
+
+def test_draft_calibrations_on_the_command_line_are_checked(tmp_path, capsys, monkeypatch):
+    from clitools import assert_user_error, tandem_in_process
+
+    from tandem.presets import world_calibration_path
+
+    one = world_calibration_path()
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "winners", "--draft-calibration", one, "--out",
+                                        tmp_path / "w"), "--draft-calibration applies to eval budget and eval routes")
+    run = tmp_path / "budget"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"experiment": "budget", "made_by": {"prompts": "val"}}))
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "routes", run, "--draft-calibration", one,
+                                        "--out", tmp_path / "r.json"), "is a one-draft calibration")
+    assert not (tmp_path / "r.json").exists()

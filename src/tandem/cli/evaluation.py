@@ -130,7 +130,9 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
             raise UserError(f"--images-from {images_from}: not an output directory of an eval budget or oracle run "
                             "(no cache/identity.json)")
         extra["images_from"] = images_from
-    drafts = _draft_calibrations(draft_calibration or [], experiment)
+    if draft_calibration and experiment is not Experiment.budget:
+        raise UserError("--draft-calibration applies to eval budget and eval routes")
+    drafts = _draft_calibrations(draft_calibration or [])
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "eval", calibration)
     world = preset.teacher == "world"
@@ -197,12 +199,10 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     console.print(f"done in {time.time() - t0:.0f}s -> {out / 'report.md'}")
 
 
-def _draft_calibrations(paths: list[Path], experiment: Experiment) -> dict:
+def _draft_calibrations(paths: list[Path]) -> dict:
     """The best-of-N calibrations of --draft-calibration by their N (each file's fingerprint says it)."""
     from ..calibration import Calibration
 
-    if paths and experiment is not Experiment.budget:
-        raise UserError("--draft-calibration applies to eval budget and eval routes")
     out = {}
     for path in paths:
         calibration = _load(lambda p=path: Calibration.load(p), f"--draft-calibration {path}")
@@ -481,7 +481,7 @@ def eval_routes(
         raise UserError(f"{budget_run} was run on the world's test prompts, which only report: choose routes on "
                         "held-out prompts (--prompts val)")
     _check_out_file(out, overwrite)
-    drafts = _draft_calibrations(draft_calibration or [], Experiment.budget)
+    drafts = _draft_calibrations(draft_calibration or [])
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "calibrate", calibration)
     pipe = _tandem_pipeline(preset, device, calibration)
