@@ -225,25 +225,44 @@ def test_the_command_line_calibrates_and_generates_with_drafts(tmp_path, capsys,
                       "--drafts applies to --mode adaptive or student")
 
 
-def test_the_server_refuses_settings_that_draw_drafts():
+def test_the_server_refuses_drafts_without_their_calibration():
     from tandem.serve.requests import RequestError, Tandem, plan_request
 
-    pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0, drafts=2)
-    with pytest.raises(RequestError, match="draw 2 drafts per image, which the server does not batch yet"):
-        plan_request(pipe, Tandem(threshold=0.5), 1)
+    pipe = world_pipeline(num_inference_steps=2, guidance_scale=6.0)
+    with pytest.raises(RequestError, match=r"needs a best-of-2 calibration"):
+        plan_request(pipe, Tandem(drafts=2, percentile=50), 1)
+    assert plan_request(pipe, Tandem(drafts=2, threshold=0.5), 1).drafts == 2  # a tau given needs none
 
 
-def test_a_saved_pipeline_never_comes_back_without_its_draft_calibrations(tmp_path):
+def test_a_saved_pipeline_comes_back_with_its_draft_calibrations_and_predictor(tmp_path):
+    import dataclasses
+
     from tandem import TandemPipeline
+    from tandem.presets import read_preset_file
+    from tandem.world.prompts import load_prompts
 
     pipe = TandemPipeline.from_pretrained("world")
-    pipe.draft_calibrations[2] = pipe.calibration  # any calibration: saving refuses before it reads one
-    with pytest.raises(ValueError, match="does not save draft_calibrations yet"):
-        pipe.save_pretrained(tmp_path / "saved")
-    assert not (tmp_path / "saved").exists()
-    pipe.draft_calibrations = {}
+    val = load_prompts("val")[:12]
+    pipe.draft_calibrations[2] = pipe.calibrate(val, drafts=2)
+    pipe.predictor = pipe.fit_predictor(val, drafts=2)
     pipe.save_pretrained(tmp_path / "saved")
-    assert (tmp_path / "saved" / "tandem_pipeline.json").is_file()
+    again = TandemPipeline.from_pretrained(tmp_path / "saved")
+    assert np.array_equal(again.draft_calibrations[2].scores, pipe.draft_calibrations[2].scores)
+    features = pipe.text_features(PROMPTS)
+    assert np.array_equal(again.predictor.predict(features), pipe.predictor.predict(features))
+    want = pipe(PROMPTS[:2], seed=3, drafts=2, percentile=50, preroute=0.9)
+    got = again(PROMPTS[:2], seed=3, drafts=2, percentile=50, preroute=0.9)
+    assert got.records == want.records and all(np.array_equal(a, b) for a, b in zip(got.images, want.images))
+    # a preset file's keys are numbers of drafts
+    preset = json.loads((tmp_path / "saved" / "tandem_pipeline.json").read_text())
+    assert preset["draft_calibrations"] == {"2": "calibration-drafts-2.json"} and preset["predictor"] == "predictor.json"
+    (tmp_path / "saved" / "bad.json").write_text(json.dumps({**preset, "draft_calibrations": {"one": preset["calibration"]}}))
+    with pytest.raises(ValueError, match="draft_calibrations key 'one' is not a number of drafts"):
+        read_preset_file(tmp_path / "saved" / "bad.json")
+    (tmp_path / "saved" / "gone.json").write_text(json.dumps({**preset, "predictor": "nowhere.json"}))
+    with pytest.raises(ValueError, match="'predictor' names .*nowhere.json, which does not exist"):
+        read_preset_file(tmp_path / "saved" / "gone.json")
+    assert dataclasses.asdict(read_preset_file(tmp_path / "saved" / "tandem_pipeline.json"))["draft_calibrations"]
 
 
 def test_draft_calibrations_on_the_command_line_are_checked(tmp_path, capsys, monkeypatch):

@@ -57,6 +57,10 @@ class Preset:
     edit_student: str | None = None
     # a route table (tandem.routes; "world:NAME" for a shipped one): what a budget alone picks
     routes: str | None = None
+    # best-of-N calibrations (drafts N -> calibration file), for drafts=N with a percentile or budget
+    draft_calibrations: dict = field(default_factory=dict)
+    # a pre-routing predictor's file (tandem.prerouting), for preroute=P
+    predictor: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -309,7 +313,7 @@ def _tandem_student_path(teacher: str, source: str) -> Path:
 def preset_to_json(preset: Preset) -> dict:
     """The fields of ``preset`` as JSON data (local paths made absolute, so the file works from anywhere)."""
     data = dataclasses.asdict(preset)
-    for key in ("teacher", "student", "controlnet", "calibration", "edit_student", "routes"):
+    for key in ("teacher", "student", "controlnet", "calibration", "edit_student", "routes", "predictor"):
         value = data.get(key)
         if isinstance(value, str) and value not in PRESETS and Path(value).exists():
             data[key] = str(Path(value).resolve())
@@ -317,8 +321,8 @@ def preset_to_json(preset: Preset) -> dict:
         kind, sep, rest = data["scorer"].partition(":")
         if sep and Path(rest).exists():
             data["scorer"] = f"{kind}:{Path(rest).resolve()}"
-    data["edit_calibrations"] = {str(k): str(Path(v).resolve()) if Path(v).exists() else v
-                                 for k, v in preset.edit_calibrations.items()}
+    for key in ("edit_calibrations", "draft_calibrations"):
+        data[key] = {str(k): str(Path(v).resolve()) if Path(v).exists() else v for k, v in getattr(preset, key).items()}
     return data
 
 
@@ -348,14 +352,15 @@ def read_preset_file(path: str | Path) -> Preset:
     for key in ("teacher", "student", "student_kind"):
         if not isinstance(data.get(key), str):
             raise ValueError(f"preset file {path}: '{key}' must be a string")
-    if not isinstance(data.get("defaults", {}), dict) or not isinstance(data.get("edit_calibrations", {}), dict):
-        raise ValueError(f"preset file {path}: 'defaults' and 'edit_calibrations' must be objects")
+    for key in ("defaults", "edit_calibrations", "draft_calibrations"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ValueError(f"preset file {path}: '{key}' must be an object")
     for key in ("teacher", "student", "controlnet", "edit_student"):  # a model: a local path, or a hub id
         value = data.get(key)
         if isinstance(value, str) and value not in ("world",) and not value.startswith("world:") and \
                 not Path(value).is_absolute() and (path.parent / value).exists():
             data[key] = str(path.parent / value)
-    for key in ("calibration", "routes"):  # a file: the world's, or one relative to the preset file
+    for key in ("calibration", "routes", "predictor"):  # a file: the world's, or one relative to the preset file
         data[key] = _beside(path, data.get(key))
     edit_calibrations = {}
     for strength, spec in data.get("edit_calibrations", {}).items():
@@ -366,6 +371,13 @@ def read_preset_file(path: str | Path) -> Preset:
                              "(a number in (0, 1])") from None
         edit_calibrations[strength] = _beside(path, spec)
     data["edit_calibrations"] = edit_calibrations
+    drafts = {}
+    for n, spec in data.get("draft_calibrations", {}).items():
+        if not (isinstance(n, str) and n.isdigit() and int(n) > 1):
+            raise ValueError(f"preset file {path}: draft_calibrations key {n!r} is not a number of drafts (an "
+                             "integer above 1)")
+        drafts[int(n)] = _beside(path, spec)
+    data["draft_calibrations"] = drafts
     return validate_preset(Preset(**data), f"preset file {path}")
 
 
@@ -394,8 +406,9 @@ def validate_preset(preset: Preset, where: str) -> Preset:
     if preset.teacher_kind not in TEACHER_KINDS:
         raise ValueError(f"{where}: teacher_kind must be one of {', '.join(TEACHER_KINDS)}, "
                          f"got {preset.teacher_kind!r}")
-    if not isinstance(preset.defaults, dict) or not isinstance(preset.edit_calibrations, dict):
-        raise ValueError(f"{where}: 'defaults' and 'edit_calibrations' must be objects")  # noqa: TRY004
+    for key in ("defaults", "edit_calibrations", "draft_calibrations"):
+        if not isinstance(getattr(preset, key), dict):
+            raise ValueError(f"{where}: '{key}' must be an object")  # noqa: TRY004
     unknown = sorted(set(preset.defaults) - set(SETTING_RULES))
     if unknown:
         raise ValueError(f"{where}: unknown default setting(s) {', '.join(unknown)}; expected some of "
@@ -405,13 +418,15 @@ def validate_preset(preset: Preset, where: str) -> Preset:
             check_setting(key, value)
         except ValueError as e:
             raise ValueError(f"{where}: default setting {e}") from None
-    files = {"calibration": preset.calibration, "routes": preset.routes}
+    files = {"calibration": preset.calibration, "routes": preset.routes, "predictor": preset.predictor}
     for strength, spec in preset.edit_calibrations.items():
         try:
             finite_number(strength, "strength", low=0, low_open=True, high=1)
         except ValueError as e:
             raise ValueError(f"{where}: edit_calibrations key: SDEdit {e}") from None
         files[f"edit_calibrations[{strength:g}]"] = spec
+    for n, spec in preset.draft_calibrations.items():
+        files[f"draft_calibrations[{n}]"] = spec
     for key, spec in files.items():
         if spec is None:
             continue

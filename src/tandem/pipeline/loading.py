@@ -15,6 +15,7 @@ import torch
 from ..calibration import Calibration
 from ..loaders import load_controlnet, load_preset_student, load_preset_teacher
 from ..outputs import atomic_write_text
+from ..prerouting import ScorePredictor
 from ..presets import (
     PRESETS,
     Preset,
@@ -67,6 +68,11 @@ def build_from_preset(cls, name: str | Preset, device: str = "cpu", dtype: torch
         path = world_file(spec)
         if path.exists():
             pipe.edit_calibrations[float(strength)] = Calibration.load(path)
+    if given_calibration is None:  # like the route table, they belong to the preset's own calibration's models
+        for n, spec in preset.draft_calibrations.items():
+            pipe.draft_calibrations[int(n)] = Calibration.load(world_file(spec))
+        if preset.predictor is not None:
+            pipe.predictor = ScorePredictor.load(world_file(preset.predictor))
     # the preset's route table refers to the preset's calibration: a calibration given here drops it
     if routes is None and preset.routes and not preset.controlnet and given_calibration is None:
         path = world_file(preset.routes)
@@ -96,8 +102,9 @@ def preset_of(source: str | os.PathLike) -> Preset:
 
 def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     """Write ``pipe`` (composed from a preset) to ``directory``, a new or empty directory: its preset file
-    (:data:`PRESET_FILE`: model names, defaults) and its calibration, edit calibrations and route table as files
-    beside it, so that ``from_pretrained(directory)`` composes the same pipeline."""
+    (:data:`PRESET_FILE`: model names, defaults) and its calibration, edit and best-of-N calibrations, route table
+    and pre-routing predictor as files beside it, so that ``from_pretrained(directory)`` composes the same
+    pipeline."""
     preset = getattr(pipe, "preset", None)
     if preset is None:
         raise ValueError("save_pretrained saves a pipeline composed from a preset or a saved directory "
@@ -106,29 +113,31 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     if getattr(pipe.student, "controlnet", None) is not None and not preset.controlnet:
         raise ValueError("this pipeline's ControlNet was added in Python (with_controlnet); save the pipeline "
                          "without it, or compose a preset that names the ControlNet")
-    unsaved = [name for name in ("draft_calibrations", "predictor") if getattr(pipe, name, None)]
-    if unsaved:  # not kept in a saved pipeline yet: refuse rather than come back without them
-        raise ValueError(f"save_pretrained does not save {' or '.join(unsaved)} yet: save them yourself "
-                         "(Calibration.save, ScorePredictor.save) and set them again after from_pretrained, or set "
-                         "pipe.draft_calibrations = {} and pipe.predictor = None to save the rest")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"{directory} exists and is not an empty directory; save_pretrained writes a new "
                               "one and replaces nothing")
     directory.mkdir(parents=True, exist_ok=True)
-    files = {"calibration": None, "routes": None}
+    files = {"calibration": None, "routes": None, "predictor": None}
     if pipe.calibration is not None:
         pipe.calibration.save(directory / "calibration.json")
         files["calibration"] = "calibration.json"
     if pipe.routes is not None:
         pipe.routes.save(directory / "routes.json")
         files["routes"] = "routes.json"
-    edits = {}
+    edits, drafts = {}, {}
     for strength, table in sorted(pipe.edit_calibrations.items()):
         name = f"calibration-edit-{strength:g}.json"
         table.save(directory / name)
         edits[f"{strength:g}"] = name
+    for n, table in sorted(pipe.draft_calibrations.items()):
+        name = f"calibration-drafts-{n}.json"
+        table.save(directory / name)
+        drafts[str(n)] = name
+    if pipe.predictor is not None:
+        pipe.predictor.save(directory / "predictor.json")
+        files["predictor"] = "predictor.json"
     data = {**preset_to_json(dataclasses.replace(preset, defaults=dict(pipe.defaults))), **files,
-            "edit_calibrations": edits, "name": pipe.name}
+            "edit_calibrations": edits, "draft_calibrations": drafts, "name": pipe.name}
     atomic_write_text(directory / PRESET_FILE, json.dumps(data, indent=2) + "\n")
     return directory

@@ -165,7 +165,7 @@ def create_app(pipe, *, engine: Engine | None = None, limits: Limits | None = No
         t0 = time.monotonic()
         _refused(lambda: check_request(body, limits, body.prompt, body.n, pipe.name, size, body.model, body.size,
                                        body.response_format))
-        plan = _refused(lambda: plans(body, body.n))
+        plan = _refused(lambda: plans(body, body.n, engine.policy))
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         job = _admitted(lambda: engine.submit([body.prompt] * body.n, plan, seed, limits.deadline_s))
         result = await _wait(request, engine, job)
@@ -179,7 +179,7 @@ def create_app(pipe, *, engine: Engine | None = None, limits: Limits | None = No
             data.append(item)
         return json_safe({"created": int(time.time()), "data": data,
                           "tandem": {"request_id": job.id, "seed": seed, "mode": plan.mode, "tau": job.tau,
-                                     "teacher_share_cap": job.share_cap, "latency_s": latency, "model": pipe.name}}, nan=True)
+                                     "budget": plan.budget, "teacher_share_cap": job.share_cap, "latency_s": latency, "model": pipe.name}}, nan=True)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request, image: UploadFile = File(...), prompt: str = Form(...),

@@ -19,6 +19,14 @@ count):
   the load forms, plus each stage's batching wait); W(p) <= the SLO.
 
 Both bounds are linear in p, so the answer is closed-form; it is rounded down to ``step`` and clipped to [0, 1].
+
+A request that asks for a budget alone takes a route of the pipeline's route table (its drafts, strategy and
+share; :meth:`tandem.routes.RouteTable.choices`). Under load the policy re-chooses it on the same table
+(:meth:`LoadAwarePolicy.choose`): of the routes that budget may take, the dearest whose work fits both bounds
+(:func:`work_fits`), the work of a plan being its stages' seconds per image relative to the profile's plan
+(:func:`plan_work`: N drafts draw and score N times, a teacher share q improving at c UNet evaluations costs
+q * c / c_profile teacher images). So drafts, the teacher share and its settings follow the load together, through
+the resolver a budget alone goes through offline.
 """
 
 from __future__ import annotations
@@ -32,6 +40,26 @@ from .profile import Profile
 log = logging.getLogger("tandem.serve")
 
 
+STAGE_NAMES = ("student", "oracle", "teacher")
+
+
+def _bounds(profile: Profile, rate: float, slo_s: float, max_batch: int, max_wait: float, utilization: float,
+            slowdown: dict | None, work: dict | None = None) -> tuple[dict, float]:
+    """Each stage's seconds per image at its largest batch (times its slowdown and its ``work`` per image), and
+    the bound on the busy fraction rho that both rules set (the latency rule's service time: one batch of each
+    stage at the batch the load fills within the wait, a stage doing ``work`` images per image filling it
+    faster; a teacher image ``work['teacher_cost']`` times the profile's)."""
+    work = {"student": 1.0, "oracle": 1.0, "teacher": 1.0, "teacher_cost": 1.0, **(work or {})}
+    slow = {s: max(1.0, (slowdown or {}).get(s) or 1.0) for s in STAGE_NAMES}
+    per_image = {s: profile.seconds_per_image(s, max_batch) * slow[s] * work[s] for s in STAGE_NAMES}
+    service = 3 * max_wait
+    for s in STAGE_NAMES:
+        many = work[s] if s != "teacher" else 1.0
+        batch = max(1, min(max_batch, round(rate * many * max_wait)))  # the batch the load fills within the wait
+        service += profile.batch_seconds(s, batch) * slow[s] * (work["teacher_cost"] if s == "teacher" else 1.0)
+    return per_image, min(utilization, 1 - service / slo_s)
+
+
 def largest_share(profile: Profile, rate: float, slo_s: float, max_batch: int, max_wait: float,
                   utilization: float = 0.9, step: float = 0.01, slowdown: dict | None = None) -> float:
     """The largest teacher share p in [0, 1] (a multiple of ``step``) that the load ``rate`` (images per second)
@@ -41,15 +69,42 @@ def largest_share(profile: Profile, rate: float, slo_s: float, max_batch: int, m
     profile's times are multiplied by it."""
     if rate <= 0:
         return 1.0
-    slow = {s: max(1.0, (slowdown or {}).get(s) or 1.0) for s in ("student", "oracle", "teacher")}
-    t_s, t_o, t_t = (profile.seconds_per_image(s, max_batch) * slow[s] for s in ("student", "oracle", "teacher"))
-    batch = max(1, min(max_batch, round(rate * max_wait)))  # the batch the load fills within the wait
-    service = sum(profile.batch_seconds(s, batch) * slow[s] for s in ("student", "oracle", "teacher")) + 3 * max_wait
-    rho_cap = min(utilization, 1 - service / slo_s)  # both bounds as a bound on rho
-    p = (rho_cap / rate - t_s - t_o) / t_t
+    t, rho_cap = _bounds(profile, rate, slo_s, max_batch, max_wait, utilization, slowdown)
+    p = (rho_cap / rate - t["student"] - t["oracle"]) / t["teacher"]
     if p < 0:
         return 0.0
     return min(1.0, math.floor(p / step + 1e-9) * step)
+
+
+def plan_work(plan, reference) -> dict:
+    """What one image of ``plan`` asks of each stage, in images of the profile's plan ``reference``: the student's
+    UNet evaluations (all its drafts; none in teacher mode) over the reference's, the oracle's calls (one per
+    draft, where the plan scores), the teacher's
+    expected share (the route's, or the cut-off's percentile; 1 in teacher mode) times its UNet evaluations per
+    improved image over the reference's; ``teacher_cost`` is the latter ratio alone."""
+    if plan.mode == "teacher":
+        share = 1.0
+    elif plan.mode != "adaptive":
+        share = 0.0
+    elif plan.route is not None:
+        share = plan.route.percentile / 100 if plan.route.strategy is not None else 0.0
+    else:
+        share = 1.0 if plan.cut.k is None else plan.cut.k / 100  # a tau given: at most every image
+    cost = plan.improve_cost / reference.improve_cost
+    drawn = plan.mode != "teacher"
+    return {"student": plan.student_cost / reference.student_cost if drawn else 0.0,
+            "oracle": float(plan.drafts) if drawn and plan.do_score else 0.0, "teacher": share * cost,
+            "teacher_cost": cost}
+
+
+def work_fits(profile: Profile, rate: float, slo_s: float, max_batch: int, max_wait: float, work: dict,
+              utilization: float = 0.9, slowdown: dict | None = None) -> bool:
+    """Whether images of this ``work`` (:func:`plan_work`) arriving at ``rate`` per second keep both of the
+    module's bounds: rho <= ``utilization`` and the latency within ``slo_s``."""
+    if rate <= 0:
+        return True
+    t, rho_cap = _bounds(profile, rate, slo_s, max_batch, max_wait, utilization, slowdown, work)
+    return rate * sum(t.values()) <= rho_cap + 1e-12
 
 
 class FixedPolicy:
@@ -67,6 +122,9 @@ class FixedPolicy:
     def cap(self, tau: float, k: float | None) -> tuple[float, float | None]:
         return tau, None
 
+    def choose(self, plans: list) -> tuple[object, bool]:
+        return plans[0], False
+
     def rate(self, now: float) -> float:
         return 0.0
 
@@ -79,7 +137,7 @@ class LoadAwarePolicy:
     name = "load-aware"
 
     def __init__(self, profile: Profile, calibration, slo_s: float, max_batch: int, max_wait: float,
-                 interval: float = 1.0, window: float = 10.0, utilization: float = 0.9):
+                 interval: float = 1.0, window: float = 10.0, utilization: float = 0.9, reference=None):
         if calibration is None:
             raise ValueError("the load-aware policy needs the student's calibration (a share of the teacher is a "
                              "percentile of its scores)")
@@ -88,6 +146,7 @@ class LoadAwarePolicy:
         self.interval, self.window = interval, window
         self.arrivals: deque[tuple[float, int]] = deque()
         self.share, self.changes, self.slowdown, self.smoothing = 1.0, [], {}, 0.7
+        self.reference, self.load = reference, 0.0  # the profile's plan; the rate the latest update saw
         self._next = self._first = None
 
     def arrived(self, images: int, now: float) -> None:
@@ -114,7 +173,7 @@ class LoadAwarePolicy:
             if seconds > 0:
                 ratio, old = seconds / self.profile.batch_seconds(stage, images), self.slowdown.get(stage)
                 self.slowdown[stage] = ratio if old is None else self.smoothing * old + (1 - self.smoothing) * ratio
-        rate = self.rate(now)
+        rate = self.load = self.rate(now)
         share = largest_share(self.profile, rate, self.slo_s, self.max_batch, self.max_wait, self.utilization,
                               slowdown=self.slowdown)
         if share != self.share:
@@ -131,3 +190,14 @@ class LoadAwarePolicy:
         if self.share >= 1.0:
             return tau, self.share
         return min(tau, self.threshold()), self.share
+
+    def choose(self, plans: list) -> tuple[object, bool]:
+        """Of ``plans`` (a budget's routes, the one it asks for first, then cheaper ones, dearest first), the first
+        whose work fits the load the latest update saw, else the cheapest; and whether it is not the first."""
+        if self.reference is None:
+            raise RuntimeError("the load-aware policy chooses routes with the profile's plan: pass reference=")
+        for i, plan in enumerate(plans):
+            if work_fits(self.profile, self.load, self.slo_s, self.max_batch, self.max_wait,
+                         plan_work(plan, self.reference), self.utilization, self.slowdown):
+                return plan, i > 0
+        return plans[-1], len(plans) > 1

@@ -1,6 +1,8 @@
 """The serving engine: Algorithm 1 across requests, one queue per stage.
 
-A request becomes a :class:`Job` of images. Each image passes through up to three queues, the student's
+A request becomes a :class:`Job` of images (of draft slots, when its plan draws several drafts per prompt: each
+prompt keeps its best-scoring draft once all are scored, as the pipeline does; :mod:`.jobs`). Each image passes
+through up to three queues, the student's
 (draw and decode), the oracle's (score) and the teacher's (improve and decode), and each queue forms its own
 batches across requests: at most ``max_batch`` images that can share one model call (the same student steps and
 guidance; the same teacher settings), sent when the batch is full or its oldest image has waited ``max_wait``
@@ -24,45 +26,19 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 
 import torch
 
-from ..generate import noise_shape, prompt_generator, prompt_seed, unit_noise
-from ..pipeline.records import CostLedger, image_record
+from ..generate import noise_shape, unit_noise
+from ..pipeline.drafts import best_drafts, draft_generators
+from ..pipeline.records import CostLedger
 from ..pipeline.tandem import plan_path
 from .compute import STAGES, StageBatch, run_stage
-from .jobs import BatchFailed, Call, DeadlineExceeded, Image, Job, JobResult, QueueFull, ShuttingDown, set_error
+from .jobs import BatchFailed, Call, DeadlineExceeded, Image, Job, QueueFull, ShuttingDown, job_result, set_error
+from .queues import StageQueue
 
 log = logging.getLogger("tandem.serve")
-
-
-
-class StageQueue:
-    """A stage's queue: images in arrival order, batched by ``key`` (images that can share one model call)."""
-
-    def __init__(self, name: str, max_batch: int, max_wait: float, key):
-        self.name, self.max_batch, self.max_wait, self.key = name, max_batch, max_wait, key
-        self.items: deque[Image] = deque()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def ready(self, now: float, flush: bool = False) -> tuple[list[Image] | None, float | None]:
-        """The batch to run now (the oldest image and the next images of its kind, up to ``max_batch``) if it is
-        full, its oldest image has waited ``max_wait`` or ``flush``; else None and the time it will be due."""
-        if not self.items:
-            return None, None
-        first = self.items[0]
-        kind = self.key(first)
-        batch = [im for im in self.items if self.key(im) == kind][:self.max_batch]
-        due = first.enqueued + self.max_wait
-        if len(batch) >= self.max_batch or now >= due or flush:
-            return batch, None
-        return None, due
-
-    def remove(self, images) -> None:
-        gone = {id(im) for im in images}
-        self.items = deque(im for im in self.items if id(im) not in gone)
 
 
 class Engine:
@@ -94,7 +70,7 @@ class Engine:
         sizes = max_batch if isinstance(max_batch, dict) else dict.fromkeys(STAGES, max_batch)
         keys = {"student": lambda im: (im.job.plan.steps, im.job.plan.guidance),
                 "oracle": lambda im: (),
-                "teacher": lambda im: _teacher_key(im.job.plan)}
+                "teacher": lambda im: _teacher_key(im.plan or im.job.plan)}
         self.queues = {s: StageQueue(s, int(sizes[s]), max_wait, keys[s]) for s in STAGES}
         self.calls: deque[Call] = deque()  # whole pipeline calls (edits), run between batches
         self._cond = threading.Condition()
@@ -136,20 +112,32 @@ class Engine:
                 self.policy.arrived(len(prompts), now)
             self._admit(len(prompts))  # before the job's noise is drawn: a refusal costs nothing
             job = self.job(prompts, plan, seed, now, deadline_s)
-            first = "teacher" if plan.mode == "teacher" else "student"
             for im in job.images:
-                self._enqueue(first, im, now)
+                prompt = im.index // job.drafts
+                if plan.mode == "teacher" or (prompt in job.prerouted and im.plan is not None):
+                    self._enqueue("teacher", im, now)
+                elif prompt not in job.prerouted:
+                    self._enqueue("student", im, now)
             self._cond.notify_all()
         return job
 
     def job(self, prompts: list[str], plan, seed: int, now: float = 0.0, deadline_s: float = math.inf) -> Job:
-        """A job of ``prompts`` under ``plan``: each image's generator from ``(seed, index)`` and its initial noise
-        drawn from it, as the pipeline draws them."""
-        gens = [prompt_generator(seed, i) for i in range(len(prompts))]
+        """A job of ``prompts`` under ``plan``: each draft slot's generator from ``(seed, index)`` (and the draft)
+        and its initial noise drawn from it, as the pipeline draws them. Under pre-routing the prompts the predictor
+        sends ahead are found here (a text encoding); their first slot is the teacher's, drawn afresh."""
+        gens = draft_generators(seed, len(prompts), plan.drafts)
         noise = unit_noise(*self._noise["teacher" if plan.mode == "teacher" else "student"], gens)
         job = Job(uuid.uuid4().hex[:12], list(prompts), plan, seed, now, now + deadline_s, gens, noise,
-                  CostLedger(len(prompts), self.modules))
-        job.images = [Image(job, i) for i in range(job.n)]
+                  CostLedger(len(gens), self.modules), tau=plan.cut.tau)
+        job.images = [Image(job, slot) for slot in range(len(gens))]
+        job.kept = list(range(0, len(gens), plan.drafts))
+        if plan.preroute is not None:
+            p = self.pipe.predictor.p_below(job.prompts, self.pipe.text_features(job.prompts), plan.cut.tau)
+            job.prerouted = {i for i, p_i in enumerate(p) if p_i >= plan.preroute}
+            ahead = replace(plan, strategy="regenerate", regenerates=True, refine=None,
+                            teacher_steps=plan.preroute_steps)
+            for i in job.prerouted:
+                job.images[i * plan.drafts].plan = ahead
         return job
 
     def compute(self, stage: str, batch: list[Image], batch_id: int = 0) -> float:
@@ -161,7 +149,7 @@ class Engine:
             im.stages.setdefault(stage, {"queue_s": 0.0})
             im.stages[stage].update(queue_s=t0 - im.enqueued if im.enqueued else 0.0, batch=batch_id,
                                     batch_size=len(batch))
-        work = StageBatch(stage, batch[0].job.plan, [im.job.prompts[im.index] for im in batch],
+        work = StageBatch(stage, batch[0].plan or batch[0].job.plan, [im.job.prompt(im.index) for im in batch],
                           torch.cat([im.job.noise[im.index:im.index + 1] for im in batch]),
                           [im.job.generators[im.index] for im in batch],
                           latents=[im.latent for im in batch] if stage == "teacher" else None,
@@ -180,7 +168,7 @@ class Engine:
                 if stage == "student":
                     im.student_image = out.images[j]
                 else:
-                    im.path = plan_path(im.job.plan)
+                    im.path = plan_path(im.plan or im.job.plan)
         if self.metrics is not None:
             self.metrics.batch(stage, len(batch), seconds, out.costs)
         return seconds
@@ -346,32 +334,44 @@ class Engine:
         """Where an image goes after ``stage`` (under the lock)."""
         job = im.job
         if stage == "student":
-            if job.plan.mode == "adaptive":
+            if job.plan.mode == "adaptive" or job.drafts > 1:
                 self._enqueue("oracle", im, now)
             else:
                 im.path = "student"
                 self._finish(im)
         elif stage == "oracle":
             job.scored += 1
-            if job.scored == job.n:
+            if job.scored == (job.n - len(job.prerouted)) * job.drafts:
                 self._route(job, now)
         else:
             self._finish(im)
 
     def _route(self, job: Job, now: float) -> None:
-        """Send the job's images scoring below its cut-off to the teacher: its own tau, or the policy's cap."""
+        """Keep each prompt's best draft, and send those scoring below the job's cut-off to the teacher: its own
+        tau, or the policy's cap (not for a route the policy chose for the load: it fits already)."""
+        drawn = [i for i in range(job.n) if i not in job.prerouted]
+        if job.drafts > 1:
+            scores = [im.score for im in job.images if im.index // job.drafts not in job.prerouted]
+            for i, slot in zip(drawn, best_drafts(scores, job.drafts)):
+                job.kept[i] = i * job.drafts + slot % job.drafts
+        kept = [job.images[job.kept[i]] for i in drawn]
+        if job.plan.mode != "adaptive":
+            for im in kept:
+                im.path = "student"
+                self._finish(im)
+            return
         tau = job.plan.cut.tau
-        if self.policy is not None:
+        if self.policy is not None and job.plan.route is None:
             tau, job.share_cap = self.policy.cap(tau, job.plan.cut.k)
         job.tau = tau
-        for im in job.images:
+        for im in kept:
             if im.score < tau:
                 self._enqueue("teacher", im, now)
             else:
                 im.path = "accepted"
                 self._finish(im)
         if self.metrics is not None:
-            self.metrics.routed(sum(im.score < tau for im in job.images), job.n)
+            self.metrics.routed(sum(im.score < tau for im in kept) + len(job.prerouted), job.n)
 
     def _finish(self, im: Image) -> None:
         job = im.job
@@ -379,18 +379,7 @@ class Engine:
         if job.finished < job.n or job.future.done():
             return
         done = time.monotonic()
-        records = []
-        for i, image in enumerate(job.images):
-            tau = job.tau if job.plan.mode == "adaptive" else None
-            rec = image_record(i, job.prompts[i], image.path, prompt_seed(job.seed, i), job.ledger,
-                               image.score if job.plan.mode == "adaptive" else None, tau)
-            if image.path == "refined":
-                rec["rollback_sigma"], rec["teacher_steps_run"] = job.plan.refine.sigma, job.plan.refine.steps
-            rec["serving"] = {"request_id": job.id, "latency_s": done - job.arrival, "stages": image.stages,
-                              "teacher_share_cap": job.share_cap}
-            records.append(rec)
-        student = [im.student_image for im in job.images] if job.plan.mode != "teacher" else []
-        job.future.set_result(JobResult([im.image for im in job.images], student, records, job))
+        job.future.set_result(job_result(job, done))
         if self.metrics is not None:
             self.metrics.job_done(done - job.arrival)
 

@@ -24,6 +24,7 @@ class Limits:
     max_n: int = 8
     max_steps: int = 50
     max_teacher_steps: int = 200
+    max_drafts: int = 8
     max_body_bytes: int = 8 * 2**20
     deadline_s: float = 120.0
 
@@ -50,6 +51,8 @@ class Tandem(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50, description="the student's guidance")
     num_inference_steps: int | None = Field(None, ge=1, description="the student's steps")
     teacher_steps: int | None = Field(None, ge=1, description="the teacher's steps")
+    drafts: int | None = Field(None, ge=1, description="the student's drafts per image, the oracle's best kept (tau "
+                               "then needs the server's best-of-N calibration)")
 
 
 class GenerationRequest(Tandem):
@@ -78,6 +81,8 @@ def check_request(body: Tandem, limits: Limits, prompt: str, n: int, served: str
         raise RequestError("n", f"is {n}; this server draws at most {limits.max_n} images per request")
     if body.num_inference_steps is not None and body.num_inference_steps > limits.max_steps:
         raise RequestError("num_inference_steps", f"is {body.num_inference_steps}; the limit is {limits.max_steps}")
+    if body.drafts is not None and body.drafts > limits.max_drafts:
+        raise RequestError("drafts", f"is {body.drafts}; the limit is {limits.max_drafts}")
     if body.teacher_steps is not None and body.teacher_steps > limits.max_teacher_steps:
         raise RequestError("teacher_steps", f"is {body.teacher_steps}; the limit is {limits.max_teacher_steps}")
     if response_format != "b64_json":
@@ -108,31 +113,39 @@ def plan_request(pipe, body: Tandem, n: int):
             guidance_scale=body.guidance_scale, teacher_steps=body.teacher_steps, teacher_guidance_scale=None,
             teacher_scheduler=None, strategy=None, rollback_sigma=None, rollback_convention=None, handoff="latent",
             accept_threshold=body.threshold, percentile=body.percentile, budget=body.budget, routing=None,
-            score=None, cascade=None)
+            score=None, cascade=None, drafts=body.drafts)
     except ValueError as e:
         message = str(e)
         field = next((f for f in (*Tandem.model_fields, *_ARGUMENTS) if _ARGUMENTS.get(f, f) in message), "request")
         raise RequestError(field, message) from None
-    if plan.drafts > 1:  # a route table's or the preset's choice: the engine batches one draft per image
-        raise RequestError("budget" if plan.route is not None else "request",
-                           f"these settings draw {plan.drafts} drafts per image, which the server does not batch "
-                           "yet; ask for another budget or a percentile")
-    if plan.preroute is not None:  # the preset's default
-        raise RequestError("request", "the server does not pre-route prompts yet: serve a preset without preroute")
     return plan
 
 
 class PlanCache:
     """The plans of a pipeline's requests by the settings they depend on. Resolving a plan builds the teacher's
     rollback schedule (a scheduler copied and stepped: milliseconds of the interpreter that the model's thread
-    needs under load); requests mostly repeat a few settings. Plans are shared, never changed."""
+    needs under load); requests mostly repeat a few settings. Plans are shared, never changed.
+
+    Called with a ``policy``, a request whose budget took a route of the route table may take a cheaper route of
+    the same table instead, the policy's choice for the load (:meth:`tandem.serve.controller.LoadAwarePolicy.choose`):
+    of the routes that budget may take (:meth:`tandem.routes.RouteTable.choices`), dearest first. Each is the plan
+    of the request at that route's budget, so a request is resolved as ``pipe(prompts, budget=...)`` would be."""
 
     def __init__(self, pipe, size: int = 1024):
         self.pipe, self.size, self.plans = pipe, size, {}
 
-    def __call__(self, body: Tandem, n: int):
+    def __call__(self, body: Tandem, n: int, policy=None):
+        plan = self.plan(body, n)
+        if plan.route is None or policy is None:
+            return plan
+        cheaper = [c["from_cost"] for c in self.pipe.routes.choices()
+                   if c["from_cost"] <= body.budget + 1e-9 and c["route"] != plan.route]
+        plans = [plan, *(self.plan(body.model_copy(update={"budget": cost}), n) for cost in reversed(cheaper))]
+        return policy.choose(plans)[0]
+
+    def plan(self, body: Tandem, n: int):
         key = (n, body.mode, body.num_inference_steps, body.guidance_scale, body.teacher_steps, body.threshold,
-               body.percentile, body.budget)
+               body.percentile, body.budget, body.drafts)
         plan = self.plans.get(key)
         if plan is None:
             plan = plan_request(self.pipe, body, n)

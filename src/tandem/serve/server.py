@@ -12,7 +12,7 @@ from .controller import LoadAwarePolicy
 from .engine import Engine
 from .metrics import ServeMetrics
 from .profile import Profile, measure_profile
-from .requests import Limits
+from .requests import Limits, default_plan
 
 # what the stages are timed on: any captions do (the world's tokenizer reads words it does not know as unknown)
 PROFILE_PROMPTS = ["a red circle above a blue square", "a small green triangle", "a photo of a cat on a sofa",
@@ -29,7 +29,8 @@ def build_app(pipe, *, policy: str = "fixed", profile: Profile | None = None, sl
     if policy == "load-aware":
         if profile is None or slo_s is None:
             raise ValueError("policy 'load-aware' needs a profile and slo_s")
-        control = LoadAwarePolicy(profile, pipe.calibration, slo_s, max_batch, max_wait)
+        control = LoadAwarePolicy(profile, pipe.calibration, slo_s, max_batch, max_wait,
+                                  reference=default_plan(pipe))  # the plan a profile is measured at
     elif policy == "fixed":
         control = None
     else:
