@@ -245,14 +245,18 @@ def test_a_saved_pipeline_comes_back_with_its_draft_calibrations_and_predictor(t
     val = load_prompts("val")[:12]
     pipe.draft_calibrations[2] = pipe.calibrate(val, drafts=2)
     pipe.predictor = pipe.fit_predictor(val, drafts=2)
+    features = pipe.text_features(PROMPTS)
+    p = pipe.predictor.p_below(PROMPTS, features, float(pipe.draft_calibrations[2].threshold(50)))
+    # a tandem that draws two drafts and pre-routes the upper half of these prompts
+    pipe.defaults.update(drafts=2, preroute=float(np.sort(p)[len(p) // 2]), preroute_steps=10)
     pipe.save_pretrained(tmp_path / "saved")
     again = TandemPipeline.from_pretrained(tmp_path / "saved")
     assert np.array_equal(again.draft_calibrations[2].scores, pipe.draft_calibrations[2].scores)
-    features = pipe.text_features(PROMPTS)
     assert np.array_equal(again.predictor.predict(features), pipe.predictor.predict(features))
-    want = pipe(PROMPTS[:2], seed=3, drafts=2, percentile=50, preroute=0.9)
-    got = again(PROMPTS[:2], seed=3, drafts=2, percentile=50, preroute=0.9)
-    assert got.records == want.records and all(np.array_equal(a, b) for a, b in zip(got.images, want.images))
+    assert again.defaults == pipe.defaults
+    want, got = pipe(PROMPTS, seed=3), again(PROMPTS, seed=3)
+    assert json.dumps(got.records) == json.dumps(want.records) and all(np.array_equal(a, b) for a, b in zip(got.images, want.images))
+    assert {r["pre_routed"] for r in got.records} == {True, False} and all("draft" in r for r in got.records)
     # a preset file's keys are numbers of drafts
     preset = json.loads((tmp_path / "saved" / "tandem_pipeline.json").read_text())
     assert preset["draft_calibrations"] == {"2": "calibration-drafts-2.json"} and preset["predictor"] == "predictor.json"

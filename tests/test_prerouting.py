@@ -136,3 +136,44 @@ def test_a_fitted_predictor_routes_the_world(pipe):
         assert all(isinstance(r["pre_routed"], bool) for r in out.records)
     finally:
         pipe.predictor = saved
+
+
+def test_the_command_line_fits_a_predictor_and_preroutes(tmp_path, capsys, monkeypatch):
+    import json
+
+    from clitools import assert_user_error, ok, tandem_in_process
+
+    from tandem import TandemPipeline
+    from tandem.world.prompts import load_prompts
+
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("\n".join(load_prompts("val")[:20]) + "\n")
+    fitted = tmp_path / "predictor.json"
+    ok(tandem_in_process(capsys, monkeypatch, "calibrate", "--predictor", "--prompts", prompts, "--out", fitted))
+    predictor = ScorePredictor.load(fitted)
+    pipe = TandemPipeline.from_pretrained("world")
+    want = pipe.fit_predictor(load_prompts("val")[:20])  # what the command fits: the preset's student, seed 0
+    # (batched by 64 there, by 16 here: the float rounding of another batch shape)
+    assert np.allclose(predictor.weights, want.weights, rtol=1e-4, atol=1e-7)
+    assert predictor.sigma == pytest.approx(want.sigma, rel=1e-4)
+    # generate sends ahead exactly the prompts the predictor gives P(below tau) >= P
+    asked = PROMPTS[:4]
+    p = predictor.p_below(asked, pipe.text_features(asked), float(pipe.calibration.threshold(50)))
+    cut = float(np.sort(p)[2])
+    out = tmp_path / "gen"
+    ok(tandem_in_process(capsys, monkeypatch, "generate", *asked, "--mode", "adaptive", "--preroute", cut,
+                         "--predictor", fitted, "--preroute-steps", 10, "--out", out))
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["pre_routed"] for r in records] == [bool(x >= cut) for x in p]
+    config = json.loads((out / "config.json").read_text())
+    assert config["preroute"] == cut and config["preroute_steps"] == 10 and config["predictor"] == str(fitted)
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", asked[0], "--mode", "adaptive",
+                                        "--preroute", 0.5, "--out", tmp_path / "g2"),
+                      "--preroute needs a predictor: `tandem calibrate --predictor --out FILE`")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", asked[0], "--mode", "student",
+                                        "--preroute", 0.5, "--out", tmp_path / "g3"),
+                      "--preroute applies to --mode adaptive")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", asked[0], "--predictor", fitted,
+                                        "--out", tmp_path / "g4"), "--predictor and --preroute-steps go with --preroute")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "calibrate", "--predictor", "--student-steps", 2,
+                                        "--out", tmp_path / "p2.json"), "--predictor fits the preset's student")

@@ -154,6 +154,9 @@ SETTING_RULES = {
     "edit_teacher_steps": ("whole", None),
     "edit_guidance_scale": ("number", {"low": 0}),
     "controlnet_conditioning_scale": ("number", {}),
+    "drafts": ("whole", None),
+    "preroute": ("number", {"low": 0, "low_open": True, "high": 1}),
+    "preroute_steps": ("whole", None),
 }
 
 

@@ -60,6 +60,12 @@ CLI_SPELLINGS = {
         r"`tandem calibrate --edits val --strength \1`, then --calibration FILE",
     r"pipe\.calibrate_edits\(images, prompts, strength\)": "`tandem calibrate --edits`",
     r"pipe\.calibrate_cascade\(prompts, levels\)": "`tandem calibrate --cascade STEPS`",
+    r"pipe\.predictor = pipe\.fit_predictor\(prompts\) \(on held-out prompts\), or "
+    r"tandem\.prerouting\.ScorePredictor\.load\(path\)":
+        "`tandem calibrate --predictor --out FILE` on held-out prompts, then --predictor FILE",
+    r"pipe\.fit_predictor\(prompts\)": "`tandem calibrate --predictor`",
+    r"preroute_steps": "--preroute-steps",
+    r"preroute": "--preroute",
     r"TandemPipeline\.with_controlnet\(\.\.\.\)": "--controlnet",
     r"routing='budget-exact'": "--budget-exact",
     r"mode='([\w-]+)'": r"--mode \1",

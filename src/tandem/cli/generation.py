@@ -102,6 +102,13 @@ def generate(
                                                     "prompt and the oracle keeps the best; adaptive routing then "
                                                     "needs a best-of-N calibration (`tandem calibrate --drafts N`, "
                                                     "given with --calibration) [1].")] = None,
+    preroute: Annotated[float | None, typer.Option(help="adaptive: send a prompt straight to the teacher when the "
+                                                        "predictor gives its student a probability of scoring "
+                                                        "below tau at least this high (0 < P <= 1).")] = None,
+    predictor: Annotated[Path | None, typer.Option(help="--preroute: the predictor (`tandem calibrate --predictor`) "
+                                                        "[the preset's].")] = None,
+    preroute_steps: Annotated[int | None, typer.Option(help="--preroute: the teacher's steps for a prompt sent "
+                                                            "ahead [25].")] = None,
 ) -> None:
     """Generate one image per prompt: with the teacher, the student, or both in tandem
     (--mode adaptive: the student draws, the oracle scores, the teacher improves the rejected;
@@ -123,6 +130,12 @@ def generate(
         raise UserError(f"--drafts must be >= 1, got {drafts}" if drafts < 1 else
                         "--drafts applies to --mode adaptive or student (the oracle keeps the best draft)")
     _check_budget_exact(budget_exact, budget, percentile, threshold)
+    if (predictor is not None or preroute_steps is not None) and preroute is None:
+        raise UserError("--predictor and --preroute-steps go with --preroute")
+    if preroute is not None and mode is not Mode.adaptive:
+        raise UserError("--preroute applies to --mode adaptive")
+    if predictor is not None and not predictor.is_file():
+        raise UserError(f"--predictor {predictor}: no such file (fit one with `tandem calibrate --predictor`)")
     if routes is not None and (mode is not Mode.adaptive or budget is None or budget_exact):
         raise UserError("--routes goes with --mode adaptive and --budget (without --budget-exact)")
     if cascade is not None and (mode is not Mode.adaptive or budget is None or budget_exact or routes is not None):
@@ -154,7 +167,8 @@ def generate(
             batch_size, out, overwrite, device, strategy, rollback_sigma, rollback_convention, handoff, percentile,
             threshold, budget, teacher_guidance_scale, calibration, control_image,
             {"teacher_prob": teacher_prob, "teacher_at": teacher_timesteps} if mode is Mode.mixed else {},
-            "budget-exact" if budget_exact else None, routes, cascade, drafts)
+            "budget-exact" if budget_exact else None, routes, cascade, drafts,
+            {"preroute": preroute, "preroute_steps": preroute_steps, "predictor": predictor} if preroute else None)
     if scorer is not None:  # a teacher or a `tandem distill` student alone, run directly: no oracle takes part
         raise UserError("--scorer applies to --mode adaptive or refine-all")
 
@@ -282,10 +296,14 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                      guidance_scale, seed, batch_size, out, overwrite, device, strategy, rollback_sigma,
                      rollback_convention, handoff, percentile, threshold, budget, teacher_guidance_scale,
                      calibration, control_image=None, mixed: dict | None = None, routing: str | None = None,
-                     routes: Path | None = None, cascade: Path | None = None, drafts: int | None = None) -> None:
+                     routes: Path | None = None, cascade: Path | None = None, drafts: int | None = None,
+                     prerouting: dict | None = None) -> None:
     """`generate` through a composed TandemPipeline (its options are checked by `generate`; ``mixed``: the
-    arguments of mode "mixed"; ``routing``: "budget-exact" or None)."""
+    arguments of mode "mixed"; ``routing``: "budget-exact" or None; ``prerouting``: preroute, preroute_steps and
+    the predictor's file, or None)."""
     import time
+
+    import numpy as np
 
     from ..outputs import OutputDir, image_grid, save_png
 
@@ -322,6 +340,15 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
                           percentile=percentile, budget=budget, seed=seed, batch_size=batch_size, drafts=drafts)
         if routing is not None:
             kwargs["routing"] = routing
+        if prerouting is not None:
+            kwargs.update(preroute=prerouting["preroute"], preroute_steps=prerouting["preroute_steps"])
+            if prerouting["predictor"] is not None:
+                from ..prerouting import ScorePredictor
+
+                try:
+                    pipe.predictor = ScorePredictor.load(prerouting["predictor"])
+                except ValueError as e:
+                    raise cli_error(e) from None
         if cascade is not None:
             from ..cascade import CascadeTable
 
@@ -345,6 +372,8 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
         _save_run(output, result, seed, preset.name, control_image)
         summary = result.summary
         firsts = result.student_images if result.student_images is not None else result.images
+        # a pre-routed prompt has no student image: black beside its teacher's
+        firsts = [np.zeros_like(im) if first is None else first for first, im in zip(firsts, result.images)]
         grid_rows = ([im for pair in zip(firsts, result.images) for im in pair] if mode is not Mode.mixed
                      else list(result.images))  # mixed: no student image to set beside the final one
         save_png(output.path / "grid.png", image_grid(grid_rows[:128], columns=8))
@@ -354,6 +383,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
             # the route table only where a budget alone took its route (explicit settings opt out of the preset's)
             "routes": (str(routes) if routes else preset.routes) if summary["settings"].get("route") else None,
             "cascade_table": str(cascade) if cascade else None,
+            "predictor": str(prerouting["predictor"] or preset.predictor) if prerouting else None,
             "control_images": [str(c) for c in control_image or []] or None,
             **summary["settings"], "seed": seed, "batch_size": batch_size,
             "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
@@ -406,6 +436,9 @@ def calibrate(
                                                            "for more levels, cheapest first).")] = None,
     drafts: Annotated[int, typer.Option(help="Calibrate the best of this many student drafts per prompt (for "
                                              "`tandem generate --drafts N`).")] = 1,
+    predictor: Annotated[bool, typer.Option(help="Fit a pre-routing predictor on the prompts instead (the student's "
+                                                 "scores regressed on their captions; the --out file "
+                                                 "`tandem generate --preroute P --predictor FILE` takes).")] = False,
 ) -> None:
     """Score the student on held-out prompts and store the percentile table the cut-off tau comes from.
     With --edits, score the student's edits (the table `tandem edit` takes tau from); with --control,
@@ -432,6 +465,10 @@ def calibrate(
         raise UserError(f"--drafts must be >= 1, got {drafts}")
     if drafts > 1 and (cascade or edits is not None):
         raise UserError("--drafts calibrates generation; it does not go with --cascade or --edits")
+    if predictor and (cascade or edits is not None or control is not None or controlnet is not None
+                      or student_steps is not None or guidance_scale is not None):
+        raise UserError("--predictor fits the preset's student at its own settings; it does not go with --cascade, "
+                        "--edits, --control, --controlnet, --student-steps or --guidance-scale")
     preset = _compose(model, preset_file, student, scorer, controlnet, control)
     _check_composition(preset, "calibrate", None)
     if cascade:
@@ -463,6 +500,8 @@ def calibrate(
             controls = [control_image(sc, control) for sc in scenes_for_captions(prompts, seed)]
     if cascade:
         return _calibrate_cascade(pipe, prompts, cascade, seed, batch_size, out, overwrite, prompts_file)
+    if predictor:
+        return _fit_predictor(pipe, prompts, drafts, seed, batch_size, out, overwrite)
     with _progress("calibrating", len(prompts)) as bar:
         task = bar.add_task("student", total=len(prompts))
         try:
@@ -480,6 +519,19 @@ def calibrate(
     taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
     what = f"prompts' best of {drafts} student drafts" if drafts > 1 else "student samples"
     console.print(f"{len(prompts)} {what} scored; tau {taus} -> {out}")
+
+
+def _fit_predictor(pipe, prompts, drafts, seed, batch_size, out, overwrite) -> None:
+    with _progress("fitting the predictor", len(prompts)) as bar:
+        task = bar.add_task("student", total=len(prompts))
+        try:
+            fitted = pipe.fit_predictor(prompts, drafts=drafts, seed=seed, batch_size=batch_size,
+                                        callback=lambda _p, done, _t: bar.update(task, completed=done))
+            fitted.save(out, overwrite=overwrite)
+        except ValueError as e:
+            raise cli_error(e) from None
+    console.print(f"a score predictor fitted on {len(prompts)} prompts (leave-one-out spread {fitted.sigma:.3f}) "
+                  f"-> {out}")
 
 
 def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
