@@ -159,3 +159,16 @@ def test_a_budget_request_follows_the_load_through_the_api(pipe):
             assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "drafts"
     finally:
         pipe.routes = pipe_routes
+
+
+def test_a_jobs_drafts_count_against_the_queue(pipe):
+    from tandem.serve.jobs import QueueFull
+
+    engine = Engine(pipe, max_queue=4)  # not started: the jobs stay queued
+    three = dataclasses.replace(plan_request(pipe, Fields(drafts=2, threshold=0.5), 1), drafts=3)
+    engine.submit(["a red circle"], three, 0, deadline_s=60)
+    assert engine.queued()["student"] == 3  # one image, three draft slots
+    with pytest.raises(QueueFull):
+        engine.submit(["a red circle"], plan_request(pipe, Fields(drafts=2, threshold=0.5), 1), 0, deadline_s=60)
+    engine.submit(["a red circle"], plan_request(pipe, Fields(threshold=0.5), 1), 0, deadline_s=60)
+    assert engine.queued()["student"] == 4

@@ -14,6 +14,8 @@ curves and the 25-step teacher, every choice made on validation prompts and repo
    captions of three objects.
 
     python docs/results/drafts_world.py --out runs/drafts [--threads 2] [--json docs/results/drafts/results.json]
+
+``--drafts 2 4 8 --n-val 500`` is the second run (eight drafts, choices on all 500 validation prompts).
 """
 
 from __future__ import annotations
@@ -36,15 +38,17 @@ from tandem.routes import share_se
 from tandem.world.grammar import parse_caption
 from tandem.world.prompts import load_prompts
 
-DRAFTS = (2, 4)
 BUDGETS = (8, 12, 16, 20, 25, 50)
-CFG = BudgetConfig(teacher_steps={"dpm": (10, 25)}, student_steps=(4,), refine_sigmas=(0.5, 0.7, 0.85),
-                   refine_steps=10, regenerate={"dpm": (25,)}, ks=tuple(range(0, 101, 10)), references=("dpm25",),
-                   mixed_teacher_probs=(), mixed_teacher_first=False, drafts=DRAFTS)
 
 
-def calibrations(pipe, out: Path) -> None:
-    for n in DRAFTS:
+def budget_config(drafts: tuple[int, ...]) -> BudgetConfig:
+    return BudgetConfig(teacher_steps={"dpm": (10, 25)}, student_steps=(4,), refine_sigmas=(0.5, 0.7, 0.85),
+                        refine_steps=10, regenerate={"dpm": (25,)}, ks=tuple(range(0, 101, 10)),
+                        references=("dpm25",), mixed_teacher_probs=(), mixed_teacher_first=False, drafts=drafts)
+
+
+def calibrations(pipe, out: Path, drafts: tuple[int, ...]) -> None:
+    for n in drafts:
         path = out / f"calibration-drafts{n}.json"
         if not path.exists():
             t0 = time.time()
@@ -70,7 +74,7 @@ def per_image(results: dict, out: Path, label: str) -> dict:
 def candidates(results: dict) -> list[dict]:
     """Every configuration a budget may take: the student (N drafts) alone and the adaptive points."""
     return [p for p in results["points"] if p["family"] in ("student", "student drafts")
-            and p["label"] in ("student4", *(f"student4_drafts{n}" for n in DRAFTS))
+            and (p["label"] == "student4" or p["label"].startswith("student4_drafts"))
             or p["family"].startswith("adaptive")]
 
 
@@ -100,16 +104,18 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--drafts", type=int, nargs="+", default=[2, 4], help="the drafts curves beside one draft")
     args = ap.parse_args()
+    drafts_levels = tuple(sorted(set(args.drafts)))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = TandemPipeline.from_pretrained("world")
-    calibrations(pipe, args.out)
+    calibrations(pipe, args.out, drafts_levels)
     val_prompts, test_prompts = load_prompts("val")[:args.n_val], load_prompts("test")[:args.n_test]
     runs = {}
     for name, prompts in (("val", val_prompts), ("test", test_prompts)):
         t0 = time.time()
-        runs[name] = budget(pipe, prompts, args.out / name, seed=0, cfg=CFG, batch_size=100,
+        runs[name] = budget(pipe, prompts, args.out / name, seed=0, cfg=budget_config(drafts_levels), batch_size=100,
                             log=lambda m: print(m, flush=True), measures=Measures.for_world(),
                             made_by={"command": "docs/results/drafts_world.py", "prompts": name, "n": len(prompts),
                                      "threads": args.threads})
@@ -136,7 +142,7 @@ def main() -> None:
                   f"{100 * rows[-1]['test']['three_objects']:.1f}%, win rate "
                   f"{rows[-1]['test']['win_rate_vs_teacher25']['win_rate']:.3f}", flush=True)
     summary = {"experiment": "drafts_world", "threads": args.threads, "config": {
-                   "drafts": DRAFTS, "budgets": BUDGETS, "n_val": len(val_prompts), "n_test": len(test_prompts),
+                   "drafts": drafts_levels, "budgets": BUDGETS, "n_val": len(val_prompts), "n_test": len(test_prompts),
                    "seed": 0, "calibrations": "500 validation prompts, seed 0"},
                "teacher25_test": {"accuracy": by_label["dpm25"]["accuracy"], "cost": by_label["dpm25"]["unet_evals_mean"],
                                   "three_objects": float(teacher["satisfied"][three].mean()),

@@ -110,7 +110,7 @@ class Engine:
         with self._cond:
             if self.policy is not None:  # the offered load, refused jobs included
                 self.policy.arrived(len(prompts), now)
-            self._admit(len(prompts))  # before the job's noise is drawn: a refusal costs nothing
+            self._admit(len(prompts) * plan.drafts)  # its draft slots, before their noise: a refusal costs nothing
             job = self.job(prompts, plan, seed, now, deadline_s)
             for im in job.images:
                 prompt = im.index // job.drafts
