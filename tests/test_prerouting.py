@@ -177,3 +177,45 @@ def test_the_command_line_fits_a_predictor_and_preroutes(tmp_path, capsys, monke
                                         "--out", tmp_path / "g4"), "--predictor and --preroute-steps go with --preroute")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "calibrate", "--predictor", "--student-steps", 2,
                                         "--out", tmp_path / "p2.json"), "--predictor fits the preset's student")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--preroute", 0.8, "--out",
+                                        tmp_path / "e1"), "--preroute and --predictor go together")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "oracle", "--preroute", 0.8, "--predictor",
+                                        fitted, "--out", tmp_path / "e2"), "--preroute and --predictor apply to eval budget")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--preroute", 1.5, "--predictor",
+                                        fitted, "--out", tmp_path / "e3"), "--preroute must be in (0, 1], got 1.5")
+    (tmp_path / "junk.json").write_text("{}")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "budget", "--preroute", 0.8, "--predictor",
+                                        tmp_path / "junk.json", "--out", tmp_path / "e4"), "--predictor", "not a predictor")
+
+
+def test_the_budget_curves_of_pre_routing_are_what_the_pipeline_gives(pipe, tmp_path):
+    """``tandem eval budget`` with a predictor: a pre-routing point, composed from the student run, a refine-all run
+    and the teacher's run, is what a real call with ``preroute`` gives on the same prompts and seed."""
+    from tandem.eval.experiments import BudgetConfig, budget
+    from tandem.eval.judges import ExactJudge, Measures
+    from tandem.routes import RouteTable
+    from tandem.world.checker import check_batch
+
+    saved, pipe.calibration = pipe.calibration, pipe.calibrate(PROMPTS, seed=7)
+    try:
+        cfg = BudgetConfig(teacher_steps={"dpm": (4,)}, student_steps=(2,), refine_sigmas=(0.6,), refine_steps=3,
+                           regenerate={}, ks=(0, 50, 100), references=("dpm4",), mixed_teacher_probs=(),
+                           mixed_teacher_first=False, preroute=(0.9,), preroute_steps=3)
+        results = budget(pipe, PROMPTS, tmp_path / "budget", seed=3, cfg=cfg, batch_size=4, log=str,
+                         measures=Measures(ExactJudge()))
+        points = {p["label"]: p for p in results["points"]}
+        assert list(results["config"]["preroute"]) == [0.9] and results["predictor"]["kind"] == "stub"
+        for k in (0, 50):
+            point = points[f"adaptive refine sigma 0.6 preroute 0.9 k={k}"]
+            out = pipe(PROMPTS, percentile=k, seed=3, strategy="refine", rollback_sigma=0.6, teacher_steps=3,
+                       teacher_scheduler="dpm", preroute=0.9, preroute_steps=3, batch_size=4)
+            assert point["share_prerouted"] == pytest.approx(np.mean([p >= 0.9 for p in FAIL]))
+            assert point["unet_evals_mean"] == pytest.approx(out.summary["unet_evals_mean"])
+            assert point["share_improved"] == pytest.approx(out.summary["share_improved"])
+            assert point["accuracy"] == pytest.approx(np.mean([c.satisfied for c in check_batch(out.images, PROMPTS)]))
+        # route tables do not pre-route: the table is the one of the points without pre-routing
+        plain = {**results, "points": [p for p in results["points"] if "preroute" not in p]}
+        assert len(plain["points"]) < len(results["points"])
+        assert RouteTable.from_budget(results, pipe).routes == RouteTable.from_budget(plain, pipe).routes
+    finally:
+        pipe.calibration = saved

@@ -159,8 +159,8 @@ class RouteTable:
             if made_with != calibration_digest(pipe.draft_calibrations[n]):
                 raise RoutesMismatch(f"the curves of {n} drafts were made with another best-of-{n} calibration")
         for p in results["points"]:
-            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100:
-                continue
+            if not p["family"].startswith("adaptive") or not 0 < p["k"] <= 100 or "preroute" in p:
+                continue  # (route tables do not pre-route)
             n = int(p.get("drafts", 1))
             calibration = pipe.calibration if n == 1 else pipe.draft_calibrations[n]
             if not np.isclose(p["tau"], calibration.threshold(p["k"])):

@@ -106,7 +106,8 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
           clip_score: str | None = None, reference: Path | None = None, calibration: Path | None = None,
           fid: str | None = None, preset_file: Path | None = None, student: str | None = None,
           scorer: str | None = None, cascade: Path | None = None, images_from: Path | None = None,
-          draft_calibration: list[Path] | None = None) -> None:
+          draft_calibration: list[Path] | None = None, preroute: list[float] | None = None,
+          predictor: Path | None = None) -> None:
     import time
 
     from ..eval import experiments
@@ -133,6 +134,19 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     if draft_calibration and experiment is not Experiment.budget:
         raise UserError("--draft-calibration applies to eval budget and eval routes")
     drafts = _draft_calibrations(draft_calibration or [])
+    if (preroute or predictor is not None) and experiment is not Experiment.budget:
+        raise UserError("--preroute and --predictor apply to eval budget")
+    if bool(preroute) != (predictor is not None):
+        raise UserError("--preroute and --predictor go together (fit a predictor with `tandem calibrate --predictor` "
+                        "on other held-out prompts)")
+    for limit in preroute or []:
+        if not 0 < limit <= 1:
+            raise UserError(f"--preroute must be in (0, 1], got {limit:g}")
+    fitted = None
+    if predictor is not None:
+        from ..prerouting import ScorePredictor
+
+        fitted = _load(lambda: ScorePredictor.load(predictor), "--predictor")
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, "eval", calibration)
     world = preset.teacher == "world"
@@ -148,11 +162,12 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
     if preset.scorer is None:
         raise UserError("tandem eval needs the pipeline's oracle: give --scorer (e.g. clip:DIR, imagereward)")
     pipe = _tandem_pipeline(preset, device, calibration)
-    if drafts:
+    if drafts or fitted is not None:
         from ..eval.experiments import BudgetConfig
 
         pipe.draft_calibrations.update(drafts)
-        extra["cfg"] = BudgetConfig(drafts=tuple(sorted(drafts)))
+        pipe.predictor = fitted
+        extra["cfg"] = BudgetConfig(drafts=tuple(sorted(drafts)), preroute=tuple(sorted(set(preroute or []))))
     made_by = {"command": f"eval {experiment.value}", "tandem_version": __version__, "model": model,
                **run_record(pipe),
                "prompts": prompts_name, "n": len(prompts), "seed": seed, "batch_size": batch_size, "device": device,
@@ -161,6 +176,8 @@ def _eval(experiment: Experiment, model: str, prompts_name: str, n: int | None, 
                "images_from": str(images_from) if images_from else None, **measures.spec}
     if drafts:
         made_by["draft_calibrations"] = [str(p) for p in draft_calibration]
+    if fitted is not None:
+        made_by["predictor"] = str(predictor)
     t0 = time.time()
     with _progress(f"eval {experiment.value}", len(prompts)) as bar:
         progress = _phase_bars(bar)
@@ -257,9 +274,17 @@ def _eval_command(experiment: Experiment, summary: str, default_n: int | None) -
             help="budget: a best-of-N calibration (`tandem calibrate --drafts N`, on held-out prompts); adds the "
                  "curves of N oracle-chosen drafts, alone and refined below its percentiles (repeat for more "
                  "N).")] = None,
+        preroute: Annotated[list[float] | None, typer.Option(
+            help="budget, with --predictor: adds the refinement curves (of the drafts the predictor was fitted on) "
+                 "with the prompts predicted to fail with at least this probability sent straight to the 25-step "
+                 "teacher (repeat for more).")] = None,
+        predictor: Annotated[Path | None, typer.Option(
+            help="budget: a pre-routing predictor (`tandem calibrate --predictor`, on other held-out "
+                 "prompts).")] = None,
     ) -> None:
         _eval(experiment, model, prompts, n, seed, out, resume, batch_size, device, judge, features, clip_score,
-              reference, calibration, fid, preset_file, student, scorer, cascade, images_from, draft_calibration)
+              reference, calibration, fid, preset_file, student, scorer, cascade, images_from, draft_calibration,
+              preroute, predictor)
 
     command.__doc__ = summary
     eval_app.command(experiment.value)(command)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import Calibration
+from ..calibration import Calibration, diff_fingerprints
+from ..checks import count, finite_number
 from ..outputs import atomic_write_text
 from ..pipeline.mixed import mixed_grid, mixing_obstacle
 from ..routes import calibration_digest, quality
@@ -41,6 +42,7 @@ from .sweep import (
     _save_npz,
     compose_adaptive,
     compose_cascade,
+    compose_prerouted,
     config_dict,
     is_main_process,
     provenance,
@@ -69,6 +71,11 @@ class BudgetConfig:
     # oracle-chosen drafts (tandem.pipeline.drafts): for each N, the student's best of N drafts alone and refined
     # at each of refine_sigmas below the best-of-N calibration's percentiles (pipe.draft_calibrations[N])
     drafts: tuple[int, ...] = ()
+    # pre-routing (tandem.prerouting, with pipe.predictor): for each P, the refinement curves of the drafts the
+    # predictor was fitted on again, the prompts whose predicted P(score < tau) >= P drawn by the teacher at
+    # preroute_steps DPM steps
+    preroute: tuple[float, ...] = ()
+    preroute_steps: int = 25
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
                                            images_from)
     taus = _thresholds(pipe, cfg.ks)
     draft_taus = {n: _thresholds(pipe, cfg.ks, n) for n in cfg.drafts}  # every calibration checked before a run
+    fitted_drafts, predicted = _preroute_predictions(pipe, prompts, cfg, student_steps)
     points: list[dict] = []
     features, clip_scorer = measures.features, measures.clip_scorer
     rendered = measures.reference(prompts, seed) if measures.reference is not None else None
@@ -188,6 +196,23 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
                 composed = compose_adaptive(runs[c.name], runs[r.name], tau, True)
                 add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=r.name,
                     share_improved=float(composed["rejected"].mean()), drafts=n)
+    if predicted is not None:  # each refinement curve again, the predicted failures drawn by the teacher
+        ahead_run = SamplerConfig("teacher", cfg.preroute_steps, "dpm")
+        if ahead_run.name not in runs:
+            runs[ahead_run.name] = sweep.run(ahead_run, log)
+        for n, taus_n in [(n, t) for n, t in [(1, taus), *draft_taus.items()] if n == fitted_drafts]:
+            student_n = student if n == 1 else runs[SamplerConfig("student", student_steps, drafts=n).name]
+            for sigma in cfg.refine_sigmas:
+                r = SamplerConfig("refine-all", cfg.refine_steps, "dpm", sigma, drafts=n)
+                for limit in cfg.preroute:
+                    family = f"adaptive refine sigma {sigma:g}{f' drafts {n}' if n > 1 else ''} preroute {limit:g}"
+                    for k, tau in taus_n.items():
+                        ahead = predicted(tau) >= limit
+                        composed = compose_prerouted(compose_adaptive(student_n, runs[r.name], tau, True),
+                                                     runs[ahead_run.name], ahead)
+                        add(family, f"{family} k={k}", composed, k=k, tau=float(tau), improved=r.name,
+                            share_improved=float(composed["rejected"].mean()), drafts=n, preroute=limit,
+                            share_prerouted=float(ahead.mean()), prerouted=ahead_run.name)
 
     if cascade is not None:
         cascade.check(pipe.calibration_fingerprint(student_steps, pipe.student_guidance(None)))
@@ -215,6 +240,8 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     config = asdict(cfg)
     if not cfg.drafts:  # results without drafts read as they did before drafts
         del config["drafts"]
+    if not cfg.preroute:  # likewise without pre-routing
+        del config["preroute"], config["preroute_steps"]
     results = {"experiment": "budget", "n_prompts": len(prompts), "seed": seed, "preset": pipe.name,
                "student_steps": student_steps, "config": config, "made_by": made_by or {}, **provenance(pipe),
                "judge": measures.judge.describe(), "measures": measures.describe(),
@@ -224,8 +251,33 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         results["renderings"] = {"clip_score": float(_clip_score(clip_scorer, rendered, prompts).mean())}
     if cfg.drafts:  # the best-of-N calibrations the drafts' tau came from
         results["draft_calibrations"] = {str(n): calibration_digest(pipe.draft_calibrations[n]) for n in cfg.drafts}
+    if cfg.preroute:  # the predictor the pre-routing curves asked
+        results["predictor"] = pipe.predictor.fingerprint()
     _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
+
+
+def _preroute_predictions(pipe, prompts: list[str], cfg: BudgetConfig, student_steps: int):
+    """For the pre-routing curves: the drafts N whose curves the predictor serves (the N of the scores it was fitted
+    on: one draft, or one of ``cfg.drafts``), and ``p(tau)``, each prompt's predicted probability of scoring
+    below tau, from ``pipe.predictor``; (None, None) without ``cfg.preroute``."""
+    if not cfg.preroute:
+        return None, None
+    if pipe.predictor is None:
+        raise ValueError("the pre-routing curves need a predictor: pipe.predictor = pipe.fit_predictor(prompts) (on "
+                         "held-out prompts), or tandem.prerouting.ScorePredictor.load(path)")
+    for limit in cfg.preroute:
+        finite_number(limit, "preroute", low=0, low_open=True, high=1)
+    count(cfg.preroute_steps, "preroute_steps")
+    guidance, made_for = pipe.student_guidance(None), pipe.predictor.fingerprint()["made_for"]
+    fits = [n for n in (1, *cfg.drafts) if not diff_fingerprints(
+        made_for, pipe.calibration_fingerprint(student_steps, guidance, None, n), made="predictor has")]
+    if not fits:
+        diffs = diff_fingerprints(made_for, pipe.calibration_fingerprint(student_steps, guidance), made="predictor has")
+        raise ValueError("the predictor was fitted on other scores than this run's student (one draft or "
+                         f"{', '.join(map(str, cfg.drafts)) or 'no other'} drafts): " + "; ".join(diffs))
+    features = pipe.text_features(prompts)
+    return fits[0], lambda tau: pipe.predictor.p_below(prompts, features, tau)
 
 
 def _mixed_configs(cfg: BudgetConfig, student_steps: int, pipe, log: Callable[[str], None]) -> list[SamplerConfig]:

@@ -287,6 +287,20 @@ def compose_adaptive(student: dict[str, np.ndarray], improved: dict[str, np.ndar
     return composed
 
 
+def compose_prerouted(composed: dict[str, np.ndarray], teacher: dict[str, np.ndarray],
+                      ahead: np.ndarray) -> dict[str, np.ndarray]:
+    """``composed`` (an adaptive point's per-image results) with the prompts ``ahead`` (a boolean mask) sent
+    straight to the teacher: their results are the ``teacher`` run's (drawn from the prompt's own noise, as a
+    pre-routed prompt is) and their cost its alone (the student drew nothing for them)."""
+    out = {**composed, "rejected": composed["rejected"] | ahead, "evals": np.where(ahead, teacher["evals"],
+                                                                                  composed["evals"])}
+    for key in ("satisfied", "score", "features", "fid_features", "clip_score", "preservation", "fidelity"):
+        if key in composed and key in teacher:
+            mask = ahead.reshape(-1, *([1] * (np.ndim(composed[key]) - 1)))
+            out[key] = np.where(mask, teacher[key], composed[key])
+    return out
+
+
 def compose_cascade(levels: list[dict[str, np.ndarray]], improved: dict[str, np.ndarray], thresholds,
                     improved_includes_student: bool) -> dict[str, np.ndarray]:
     """A cascade's per-image results (``tandem.cascade``): every image drawn by ``levels[0]``; one scoring at
