@@ -132,13 +132,15 @@ class PlanCache:
     of the request at that route's budget, so a request is resolved as ``pipe(prompts, budget=...)`` would be."""
 
     def __init__(self, pipe, size: int = 1024):
-        self.pipe, self.size, self.plans = pipe, size, {}
+        self.pipe, self.size, self.plans, self._choices = pipe, size, {}, None
 
     def __call__(self, body: Tandem, n: int, policy=None):
         plan = self.plan(body, n)
         if plan.route is None or policy is None:
             return plan
-        cheaper = [c["from_cost"] for c in self.pipe.routes.choices()
+        if self._choices is None or self._choices[0] is not self.pipe.routes:  # the table's choices, once
+            self._choices = (self.pipe.routes, self.pipe.routes.choices())
+        cheaper = [c["from_cost"] for c in self._choices[1]
                    if c["from_cost"] <= body.budget + 1e-9 and c["route"] != plan.route]
         plans = [plan, *(self.plan(body.model_copy(update={"budget": cost}), n) for cost in reversed(cheaper))]
         return policy.choose(plans)[0]
