@@ -177,6 +177,8 @@ def test_the_budget_curves_of_drafts_are_what_the_pipeline_gives(tmp_path):
     out = pipe(PROMPTS, mode="student", drafts=2, seed=3)
     assert alone["unet_evals_mean"] == 4.0  # two drafts of two steps
     assert alone["accuracy"] == pytest.approx(np.mean([c.satisfied for c in check_batch(out.images, PROMPTS)]))
+    teacher = [c.score for c in check_batch(pipe(PROMPTS, mode="teacher", teacher_steps=4, teacher_scheduler="dpm",
+                                                 seed=3).images, PROMPTS)]
     for k in (50, 100):
         point = points[f"adaptive refine sigma 0.6 drafts 2 k={k}"]
         out = pipe(PROMPTS, percentile=k, drafts=2, seed=3, strategy="refine", rollback_sigma=0.6, teacher_steps=3,
@@ -184,6 +186,12 @@ def test_the_budget_curves_of_drafts_are_what_the_pipeline_gives(tmp_path):
         assert point["unet_evals_mean"] == pytest.approx(out.summary["unet_evals_mean"])
         assert point["accuracy"] == pytest.approx(np.mean([c.satisfied for c in check_batch(out.images, PROMPTS)]))
         assert point["share_improved"] == pytest.approx(out.summary["share_improved"])
+        # side by side against the 4-step teacher, by hand: a win 1, a tie 1/2, per prompt
+        mine = [c.score for c in check_batch(out.images, PROMPTS)]
+        wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(mine, teacher)]
+        assert point["win_rate"]["dpm4"]["rate"] == pytest.approx(np.mean(wins))
+        assert point["win_rate"]["dpm4"]["se"] == pytest.approx(np.std(wins) / np.sqrt(len(wins)))
+    assert RouteTable.from_budget(results, pipe, rule="win-rate").config["win_rate_vs"] == "dpm4"
     # a route table from these curves takes routes of two drafts, carrying their cut-off; at a budget alone a run
     # reaches exactly the chosen route's recorded cost and quality
     table = RouteTable.from_budget(results, pipe)

@@ -117,6 +117,28 @@ def test_a_budget_takes_the_cheapest_route_within_one_standard_error_and_never_a
     assert RouteTable([a, b, c], {}, {}).choose(10) == b
 
 
+def test_a_win_rate_table_chooses_by_win_rate():
+    """The same hand-made kind of grid, each route with a win rate against the teacher: by quality the budget
+    takes one route, by win rate another (worked out by hand)."""
+    def route(cost, quality, win, drafts=1):
+        return Route("refine", "dpm", 10, 0.5, 10.0, cost, quality, 0.02, drafts, None if drafts == 1 else 0.3,
+                     win, 0.01)
+
+    alone = Route(None, None, None, None, 0.0, 4.0, 0.50, 0.02, 1, None, 0.40, 0.01)
+    a, b, c = route(8, 0.60, 0.45), route(12, 0.59, 0.52), route(16, 0.61, 0.525, drafts=2)
+    by_quality = RouteTable([alone, a, b, c], {}, {})
+    by_win = RouteTable([alone, a, b, c], {}, {"rule": "win-rate"})
+    assert by_quality.rule == "quality" and by_win.rule == "win-rate"
+    # quality: a (0.60) from 8 on; c's 0.61 is within 0.02 of it, so a stays
+    assert [by_quality.choose(x) for x in (4, 8, 12, 16)] == [alone, a, a, a]
+    # win rate: a from 8 (0.45 > 0.40), b from 12 (0.52); c's 0.525 is within b's 0.01: b stays
+    assert [by_win.choose(x) for x in (4, 8, 12, 16)] == [alone, a, b, b]
+    with pytest.raises(ValueError, match="rule must be one of quality, win-rate"):
+        RouteTable([alone], {}, {"rule": "speed"})
+    with pytest.raises(ValueError, match="route 1 has none"):
+        RouteTable([alone, refine(8, 0.6)], {}, {"rule": "win-rate"}).choices()
+
+
 def test_eval_routes_refuses_the_test_prompts(tmp_path, capsys, monkeypatch):
     run = tmp_path / "budget"
     run.mkdir()

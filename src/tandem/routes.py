@@ -9,7 +9,9 @@ one student (and its steps and guidance), teacher (and its guidance), oracle and
 with anything else is an error that names the difference. Given a budget, :meth:`RouteTable.choose`
 returns the route of :meth:`RouteTable.choices` for it: monotone (a larger budget never gets a route that was
 worse on the held-out prompts) and simple (the cheapest route within one standard error of the best affordable
-one: a margin smaller than the held-out prompts' noise buys nothing).
+one: a margin smaller than the held-out prompts' noise buys nothing). "Better" is the table's rule
+(:data:`RULES`): the quality (share satisfied, or mean score), or the side-by-side win rate against a reference
+teacher run (how often the route's image beats the teacher's on the same prompt, ties split).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .models import SCHEDULERS
 from .outputs import write_json_file
 
 FORMAT = "tandem-routes/1"
+RULES = ("quality", "win-rate")  # what a table's choices maximise
 _REGENERATE = re.compile(r"([a-z]+)(\d+)")
 _REFINE = re.compile(r"refine_([a-z]+)(\d+)_sigma([0-9.]+?)(?:_drafts(\d+))?")
 
@@ -47,6 +50,8 @@ class Route:
     se: float | None = None       # its standard error there (None: unknown, no margin is given)
     drafts: int = 1               # the student's drafts per prompt, the oracle's best kept
     tau: float | None = None      # drafts > 1: the cut-off itself, percentile k of the best-of-N calibration
+    win_rate: float | None = None  # side by side against the table's reference teacher run there (ties split)
+    win_rate_se: float | None = None  # its standard error over the prompts
 
     def settings(self) -> dict:
         """The pipeline arguments this route sets (several drafts: their tau, which the table carries, for k)."""
@@ -83,6 +88,9 @@ def check_route(route: Route) -> None:
         finite_number(route.tau, "tau")  # a route of several drafts carries its cut-off
     if route.se is not None:
         finite_number(route.se, "se", low=0)
+    if route.win_rate is not None:
+        finite_number(route.win_rate, "win_rate", low=0, high=1)
+        finite_number(route.win_rate_se, "win_rate_se", low=0)
     percentile = finite_number(route.percentile, "percentile", low=0, high=100)
     teacher = {"teacher_scheduler": route.teacher_scheduler, "teacher_steps": route.teacher_steps,
                "rollback_sigma": route.rollback_sigma}
@@ -119,6 +127,8 @@ class RouteTable:
             raise ValueError("a route table needs at least one route")
         if not isinstance(self.fingerprint, dict) or not isinstance(self.config, dict):
             raise ValueError("a route table's fingerprint and config must be JSON objects")  # noqa: TRY004
+        if self.rule not in RULES:
+            raise ValueError(f"a route table's rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         for i, route in enumerate(self.routes):
             if not isinstance(route, Route):
                 raise ValueError(f"route {i} is not a Route, got {type(route).__name__}")  # noqa: TRY004
@@ -127,11 +137,18 @@ class RouteTable:
             except ValueError as e:
                 raise ValueError(f"route {i}: {e}") from None
 
+    @property
+    def rule(self) -> str:
+        return self.config.get("rule", "quality")
+
     @classmethod
-    def from_budget(cls, results: dict, pipe) -> RouteTable:
+    def from_budget(cls, results: dict, pipe, rule: str = "quality", win_rate_vs: str | None = None) -> RouteTable:
         """The routes of a ``tandem eval budget`` ``results`` (its adaptive points and the student alone),
         made with ``pipe``'s models and calibration: checked against them (weights digests, and each
-        point's tau against the calibration's percentile)."""
+        point's tau against the calibration's percentile). ``rule`` (:data:`RULES`): what the table's choices
+        maximise; "win-rate" against the reference run ``win_rate_vs`` [the results' last reference]."""
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
         if results.get("experiment") != "budget":
             raise ValueError(f"expected the results.json of `tandem eval budget`, got {results.get('experiment')!r}")
         made = diff_fingerprints(results["models"], pipe.fingerprint())
@@ -146,6 +163,20 @@ class RouteTable:
 
         def se(point: dict) -> float | None:  # a share's binomial error; a mean score's is not in the results
             return share_se(point["accuracy"], judged) if "accuracy" in point else None
+
+        references = [r for r in results["config"].get("references", []) if any(
+            r in p.get("win_rate", {}) for p in results["points"])]
+        vs = win_rate_vs or (references[-1] if references else None)
+        if rule == "win-rate" and vs is None:
+            raise ValueError("the budget results hold no win rates against a reference teacher run (made before "
+                             "they were recorded): run `tandem eval budget` again (its runs are cached), or use "
+                             "rule 'quality'")
+
+        def sides(point: dict) -> dict:
+            side = point.get("win_rate", {}).get(vs)
+            if side is None and rule == "win-rate":
+                raise ValueError(f"{point['label']}: no win rate against {vs!r} in the budget results")
+            return {} if side is None else {"win_rate": side["rate"], "win_rate_se": side["se"]}
 
         routes = []
         drafts_used = sorted({int(p["drafts"]) for p in results["points"] if p.get("drafts", 1) > 1})
@@ -175,21 +206,24 @@ class RouteTable:
                     raise ValueError(f"{p['label']}: refinement of {m[2]} steps, the results' config says "
                                      f"{refine_steps}")
                 route = Route("refine", m[1], int(m[2]), float(m[3]), float(p["k"]), p["unet_evals_mean"],
-                              quality(p), se(p), n, tau)
+                              quality(p), se(p), n, tau, **sides(p))
             elif m := _REGENERATE.fullmatch(p["improved"]):
                 route = Route("regenerate", m[1], int(m[2]), None, float(p["k"]), p["unet_evals_mean"], quality(p),
-                              se(p))
+                              se(p), **sides(p))
             else:
                 raise ValueError(f"{p['label']}: unknown improvement {p['improved']!r}")
             routes.append(route)
         alone = next(p for p in results["points"] if p["family"] == "student" and p["label"] == f"student{steps}")
-        routes.append(Route(None, None, None, None, 0.0, alone["unet_evals_mean"], quality(alone), se(alone)))
+        routes.append(Route(None, None, None, None, 0.0, alone["unet_evals_mean"], quality(alone), se(alone),
+                            **sides(alone)))
         for n in drafts_used:  # the best of n drafts alone
             best = next(p for p in results["points"] if p["label"] == f"student{steps}_drafts{n}")
-            routes.append(Route(None, None, None, None, 0.0, best["unet_evals_mean"], quality(best), se(best), n))
+            routes.append(Route(None, None, None, None, 0.0, best["unet_evals_mean"], quality(best), se(best), n,
+                                **sides(best)))
         fingerprint = pipe.route_fingerprint(steps)
         made_by = results.get("made_by", {})
-        config = {"from": "tandem eval budget", "prompts": made_by.get("prompts"), "n": results["n_prompts"],
+        config = {"from": "tandem eval budget", "rule": rule, "win_rate_vs": vs, "prompts": made_by.get("prompts"),
+                  "n": results["n_prompts"],
                   "draft_calibrations": {str(n): calibration_digest(pipe.draft_calibrations[n]) for n in drafts_used},
                   "seed": results["seed"], "judge": results.get("judge"), "budget_command": made_by.get("command"),
                   "budget_made_by": {k: made_by.get(k) for k in ("model", "student", "scorer", "calibration",
@@ -204,17 +238,25 @@ class RouteTable:
 
     def choices(self) -> list[dict]:
         """What each budget takes, cheapest first: from ``from_cost`` on (a route's cost), ``route``: of the
-        routes costing at most that, the cheapest whose quality is within one standard error (``se``) of the best
-        one's (``best``; ``simpler`` True where a cheaper route was taken for it), unless an earlier choice was
-        better, which is then kept: a larger budget never takes a route worse on the held-out prompts."""
+        routes costing at most that, the cheapest whose value under the table's rule (quality, or win rate) is
+        within one standard error (``se``, or ``win_rate_se``) of the best one's (``best``; ``simpler`` True where a
+        cheaper route was taken for it), unless an earlier choice was better, which is then kept: a larger budget
+        never takes a route worse on the held-out prompts."""
+        if self.rule == "win-rate":
+            value, error = (lambda r: r.win_rate), (lambda r: r.win_rate_se)
+            missing = [i for i, r in enumerate(self.routes) if r.win_rate is None]
+            if missing:
+                raise ValueError(f"a win-rate table's routes need their win rates; route {missing[0]} has none")
+        else:
+            value, error = (lambda r: r.quality), (lambda r: r.se)
         out: list[dict] = []
         current = None
         for cost in sorted({r.cost for r in self.routes}):
             affordable = [r for r in self.routes if r.cost <= cost + 1e-9]
-            best = max(affordable, key=lambda r: (r.quality, -r.cost))
-            near = [r for r in affordable if r.quality >= best.quality - (best.se or 0.0) - 1e-12]
-            pick = min(near, key=lambda r: (r.cost, -r.quality))
-            if current is None or pick.quality > current.quality:
+            best = max(affordable, key=lambda r: (value(r), -r.cost))
+            near = [r for r in affordable if value(r) >= value(best) - (error(best) or 0.0) - 1e-12]
+            pick = min(near, key=lambda r: (r.cost, -value(r)))
+            if current is None or value(pick) > value(current):
                 current = pick
                 out.append({"from_cost": cost, "route": pick, "best": best, "simpler": pick != best})
         return out

@@ -492,6 +492,9 @@ def eval_routes(
                                                                       "drafts curves used (repeat).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing route table.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    rule: Annotated[str, typer.Option(help="What a budget's route maximises: 'quality' (the share satisfied, or the "
+                                            "mean score) or 'win-rate' (side by side against the budget run's "
+                                            "reference teacher, ties split).")] = "quality",
 ) -> None:
     """A route table from a budget run on held-out prompts: `tandem generate --mode adaptive --budget B`
     alone then takes the settings that were best there at that cost (--routes FILE, or ship it in a preset)."""
@@ -512,21 +515,24 @@ def eval_routes(
     pipe = _tandem_pipeline(preset, device, calibration)
     pipe.draft_calibrations.update(drafts)
     try:
-        table = RouteTable.from_budget(results, pipe)
+        table = RouteTable.from_budget(results, pipe, rule=rule)
     except ValueError as e:
         raise UserError(f"{budget_run}: {e}") from None
     table.config["command"] = (f"tandem eval routes {budget_run} --out {out}"
                                + "".join(f" --{flag} {value}" for flag, value in (
                                    ("model", model), ("preset", preset_file), ("student", student),
-                                   ("scorer", scorer), ("calibration", calibration)) if value is not None and
-                                   (flag, value) != ("model", "world")))
+                                   ("scorer", scorer), ("calibration", calibration), ("rule", rule))
+                                   if value is not None and (flag, value) not in (("model", "world"),
+                                                                                  ("rule", "quality"))))
     try:
         table.save(out, overwrite=overwrite)
     except FileExistsError as e:  # another process wrote it since the check above
         raise cli_error(e) from None
     console.print(f"{len(table.routes)} routes (cost {table.routes[0].cost:.1f} to {table.routes[-1].cost:.1f} UNet "
                   f"evaluations per image) -> {out}")
-    console.print("what --budget B alone takes (monotone: a larger budget never takes a route worse on these prompts):")
+    console.print(f"what --budget B alone takes, by {table.rule}"
+                  f"{' against ' + table.config['win_rate_vs'] if table.rule == 'win-rate' else ''} (monotone: a "
+                  "larger budget never takes a route worse on these prompts):")
     for choice in table.choices():
         route, best = choice["route"], choice["best"]
         line = f"  B >= {choice['from_cost']:5.1f}: {_route_words(route)}"
@@ -536,14 +542,18 @@ def eval_routes(
 
 
 def _route_words(route) -> str:
-    """A route in words; a share satisfied (a route with a standard error) in percent, a mean score as it is."""
+    """A route in words; a share satisfied (a route with a standard error) in percent, a mean score as it is;
+    the drafts it draws and its win rate where it has them."""
     quality = (f"{route.quality:.4f}" if route.se is None
                else f"{100 * route.quality:.1f}% +- {100 * route.se:.1f}")
+    if route.win_rate is not None:
+        quality += f", win rate {route.win_rate:.3f} +- {route.win_rate_se:.3f}"
+    drafts = f"the best of {route.drafts} drafts" if route.drafts > 1 else "the student"
     if route.strategy is None:
-        return f"the student alone, {quality} at {route.cost:.1f}"
+        return f"{drafts} alone, {quality} at {route.cost:.1f}"
     how = (f"refine at sigma {route.rollback_sigma:g}" if route.strategy == "refine"
            else f"regenerate ({route.teacher_scheduler} {route.teacher_steps})")
-    return f"k={route.percentile:g} {how}, {quality} at {route.cost:.1f}"
+    return f"k={route.percentile:g} {how}{', ' + drafts if route.drafts > 1 else ''}, {quality} at {route.cost:.1f}"
 
 
 @eval_app.command("report")

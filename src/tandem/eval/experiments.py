@@ -139,7 +139,13 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
     fid_reference = inception(measures.fid_reference(prompts, seed)) if inception is not None else None
 
     def add(family: str, label: str, per_image: dict, **extra) -> None:
-        points.append({"family": family, "label": label, **summary(per_image, reference, fid_reference), **extra})
+        point = {"family": family, "label": label, **summary(per_image, reference, fid_reference), **extra}
+        # side by side against each reference teacher run already drawn (the judge's per-image score, ties split)
+        sides = {ref: paired_win_rate(per_image["score"], runs[ref]["score"]) for ref in cfg.references
+                 if ref in runs and ref != label}
+        if sides:
+            point["win_rate"] = sides
+        points.append(point)
 
     class Runs(dict):
         """Sweep results with the features and CLIP score of their images (when cached and measured)."""
@@ -255,6 +261,12 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         results["predictor"] = pipe.predictor.fingerprint()
     _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
+
+
+def paired_win_rate(a: np.ndarray, b: np.ndarray) -> dict:
+    """How often ``a`` beats ``b`` on the same prompt (ties split) and its standard error over the prompts."""
+    points = (np.asarray(a) > np.asarray(b)) + 0.5 * (np.asarray(a) == np.asarray(b))
+    return {"rate": float(points.mean()), "se": float(points.std() / np.sqrt(len(points)))}
 
 
 def _preroute_predictions(pipe, prompts: list[str], cfg: BudgetConfig, student_steps: int):
