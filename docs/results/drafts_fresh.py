@@ -3,9 +3,9 @@
 1. Captions: scenes drawn from a stream of their own (``sample_scene((FRESH_SEED, i))``), none on the validation or
    test lists, the same number of one-, two- and three-object captions (the lists follow the world's scene
    mix, which has fewer of three objects).
-2. Route tables: the world's shipped one (one draft), and the one ``tandem eval routes`` makes from a
+2. Route tables: the world's shipped one (one draft), and the ones ``tandem eval routes`` makes from a
    ``drafts_world.py`` run's validation budget results with its best-of-N calibrations (routes that may draw
-   drafts), both under the route tables' rule.
+   drafts), by quality and by win rate against the 25-step teacher (``--rule``).
 3. On the fresh captions, seed 0: the 25-step teacher (DPM-Solver++, the preset's guidance) and
    ``pipe(captions, budget=B)`` with each table, judged by the exact checker: share satisfied (overall and by
    objects), mean UNet evaluations per image, and the side-by-side win rate against the teacher.
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--per-count", type=int, default=167)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--rules", nargs="+", default=["quality", "win-rate"], help="the drafts tables' rules")
+    ap.add_argument("--no-shipped", action="store_true", help="leave out the shipped one-draft table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -72,8 +74,12 @@ def main() -> None:
     shipped = pipe.routes
     for path in sorted(args.drafts_run.glob("calibration-drafts*.json")):
         pipe.draft_calibrations[int(path.stem.removeprefix("calibration-drafts"))] = Calibration.load(path)
-    drafted = RouteTable.from_budget(json.loads((args.drafts_run / "val" / "results.json").read_text()), pipe)
-    drafted.save(args.out / "routes-drafts.json", overwrite=True)
+    val_results = json.loads((args.drafts_run / "val" / "results.json").read_text())
+    tables = [] if args.no_shipped else [("one draft (shipped table)", shipped)]
+    for rule in args.rules:
+        table = RouteTable.from_budget(val_results, pipe, rule=rule)
+        table.save(args.out / f"routes-drafts-{rule}.json", overwrite=True)
+        tables.append((f"drafts, by {rule}", table))
     judge = ExactJudge()
     t0 = time.time()
     teacher = pipe(captions, mode="teacher", teacher_steps=25, teacher_scheduler="dpm", seed=0, batch_size=100)
@@ -81,7 +87,7 @@ def main() -> None:
     rows = {"teacher25": summary(teacher_judged, np.array([r["unet_evals"]["total"] for r in teacher.records]),
                                  counts)}
     print(f"teacher: {100 * rows['teacher25']['accuracy']:.1f}% ({time.time() - t0:.0f}s)", flush=True)
-    for name, table in (("one draft (shipped table)", shipped), ("drafts (drafts_world table)", drafted)):
+    for name, table in tables:
         pipe.routes = table
         for budget_value in BUDGETS:
             t0 = time.time()
@@ -98,7 +104,7 @@ def main() -> None:
                   f"({time.time() - t0:.0f}s)", flush=True)
     result = {"experiment": "drafts_fresh", "threads": args.threads,
               "config": {"fresh_seed": FRESH_SEED, "per_count": args.per_count, "seed": 0, "budgets": BUDGETS,
-                         "drafts_run": str(args.drafts_run), "routes_drafts": drafted.to_json()},
+                         "drafts_run": str(args.drafts_run), "tables": {name: t.to_json() for name, t in tables}},
               "results": rows}
     text = json.dumps(result, indent=1) + "\n"
     (args.out / "drafts_fresh.json").write_text(text)

@@ -34,7 +34,7 @@ from tandem.eval.experiments import BudgetConfig, budget
 from tandem.eval.judges import Measures
 from tandem.eval.metrics import win_rate
 from tandem.eval.sweep import compose_adaptive
-from tandem.routes import share_se
+from tandem.routes import RouteTable, share_se
 from tandem.world.grammar import parse_caption
 from tandem.world.prompts import load_prompts
 
@@ -93,14 +93,14 @@ def choose(points: list[dict], budget_value: float, n: int, drafts: bool) -> dic
     return current
 
 
-def choose_by_win_rate(points: list[dict], budget_value: float, results: dict, out: Path, reference: dict) -> dict:
-    """A win-rate-aware choice on validation: of the points within the budget, the one whose images beat the
-    25-step teacher's most often side by side (the exact checker's per-image score, ties split); the cheaper among
-    equal rates."""
-    pool = [p for p in points if p["unet_evals_mean"] <= budget_value + 1e-9]
-    rates = {p["label"]: win_rate(per_image(results, out, p["label"])["score"], reference["score"],
-                                  resamples=1)["win_rate"] for p in pool}
-    return max(pool, key=lambda p: (rates[p["label"]], -p["unet_evals_mean"])), rates
+def route_label(route) -> str:
+    """The budget point a route table's route came from."""
+    if route.strategy is None:
+        return "student4" if route.drafts == 1 else f"student4_drafts{route.drafts}"
+    if route.strategy == "refine":
+        drafts = f" drafts {route.drafts}" if route.drafts > 1 else ""
+        return f"adaptive refine sigma {route.rollback_sigma:g}{drafts} k={route.percentile:g}"
+    return f"adaptive regenerate {route.teacher_scheduler}{route.teacher_steps} k={route.percentile:g}"
 
 
 def objects(prompt: str) -> int:
@@ -151,9 +151,13 @@ def main() -> None:
                   f"{100 * reported['accuracy']:.1f}% at {reported['unet_evals_mean']:.1f}, three objects "
                   f"{100 * rows[-1]['test']['three_objects']:.1f}%, win rate "
                   f"{rows[-1]['test']['win_rate_vs_teacher25']['win_rate']:.3f}", flush=True)
-    val_teacher = per_image(val, args.out / "val", "dpm25")
-    for budget_value in BUDGETS:  # the win-rate-aware choice, drafts allowed
-        chosen, rates = choose_by_win_rate(candidates(val), budget_value, val, args.out / "val", val_teacher)
+    # the route tables' rule on the win rate against the 25-step teacher: the table `tandem eval routes --rule
+    # win-rate` makes from the validation run, drafts allowed
+    table = RouteTable.from_budget(val, pipe, rule="win-rate", win_rate_vs="dpm25")
+    val_by_label = {p["label"]: p for p in val["points"]}
+    for budget_value in BUDGETS:
+        chosen = val_by_label[route_label(table.choose(budget_value))]
+        rates = {chosen["label"]: chosen["win_rate"]["dpm25"]["rate"]}
         reported = by_label[chosen["label"]]
         images = per_image(test, args.out / "test", chosen["label"])
         rows.append({"budget": budget_value, "drafts_allowed": True, "rule": "win rate", "label": chosen["label"],

@@ -70,6 +70,7 @@ PRESETS: dict[str, Preset] = {
         teacher="world", student="world", student_kind="world", scorer="world-oracle",
         calibration="world", edit_calibrations={0.6: "world:calibration-edit-0.6.json"}, edit_student="cd",
         routes="world:routes.json",
+        draft_calibrations={n: f"world:calibration-drafts-{n}.json" for n in (2, 4, 8)},
         defaults=dict(num_inference_steps=4, guidance_scale=4.5, teacher_steps=10, teacher_guidance_scale=5.0,
                       teacher_scheduler="dpm", strategy="refine", rollback_sigma=0.7, percentile=50,
                       edit_strength=0.6, edit_num_inference_steps=8, edit_guidance_scale=6.0),

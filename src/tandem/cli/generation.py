@@ -383,7 +383,7 @@ def _generate_tandem(prompt, prompts_file, preset, mode, teacher_steps, schedule
             # the route table only where a budget alone took its route (explicit settings opt out of the preset's)
             "routes": (str(routes) if routes else preset.routes) if summary["settings"].get("route") else None,
             "cascade_table": str(cascade) if cascade else None,
-            "predictor": str(prerouting["predictor"] or preset.predictor) if prerouting else None,
+            **({"predictor": str(prerouting["predictor"] or preset.predictor)} if prerouting else {}),
             "control_images": [str(c) for c in control_image or []] or None,
             **summary["settings"], "seed": seed, "batch_size": batch_size,
             "prompts_file": str(prompts_file) if prompts_file else None, "n_prompts": len(prompts), "device": device,
