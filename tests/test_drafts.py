@@ -291,3 +291,41 @@ def test_draft_calibrations_on_the_command_line_are_checked(tmp_path, capsys, mo
     assert_user_error(tandem_in_process(capsys, monkeypatch, "eval", "routes", run, "--draft-calibration", one,
                                         "--out", tmp_path / "r.json"), "is a one-draft calibration")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_edits_keep_the_best_of_their_drafts():
+    """Edit drafts against one-draft edits made one at a time with each draft's generator (the shipped world and
+    its edit student): the kept draft is the best-scoring, its image is that edit's, and the teacher edits that
+    draft's noised input where even the best scores below tau."""
+    from tandem import TandemPipeline
+    from tandem.pipeline.drafts import draft_generator
+
+    pipe = TandemPipeline.from_pretrained("world")
+    source = pipe(["a red circle", "a blue square"], mode="student", seed=1).images
+    prompts = ["a blue circle", "a green square"]
+
+    def one(i, d, mode):
+        return pipe.edit(source[i], [prompts[i]], mode=mode, generator=[draft_generator(SEED, i, d)], score=True,
+                         accept_threshold=None if mode != "adaptive" else 2.0)
+
+    alone = {(i, d): one(i, d, "student") for i in range(2) for d in range(3)}
+    out = pipe.edit(source, prompts, mode="student", drafts=3, seed=SEED)
+    for i, rec in enumerate(out.records):
+        scores = [alone[i, d].records[0]["student_score"] for d in range(3)]
+        assert rec["draft_scores"] == pytest.approx(scores, abs=1e-5)
+        assert rec["draft"] == int(np.argmax(scores))
+        assert np.abs(out.images[i].astype(int) - alone[i, rec["draft"]].images[0].astype(int)).max() <= 1
+    assert out.records[0]["unet_evals"]["student"] == 3 * alone[0, 0].records[0]["unet_evals"]["student"]
+    # tau above every score: the teacher edits each kept draft's own noised input
+    tandem = pipe.edit(source, prompts, drafts=3, seed=SEED, accept_threshold=2.0)
+    for i, rec in enumerate(tandem.records):
+        assert rec["path"] == "regenerated" and rec["draft"] == out.records[i]["draft"]
+        ref = pipe.edit(source[i], [prompts[i]], mode="teacher", generator=[draft_generator(SEED, i, rec["draft"])])
+        assert np.abs(tandem.images[i].astype(int) - ref.images[0].astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="needs a best-of-3 edit calibration"):
+        pipe.edit(source, prompts, drafts=3, seed=SEED, percentile=50)
+    calibration = pipe.calibrate_edits(source, prompts, drafts=3, seed=SEED)
+    assert calibration.fingerprint["drafts"] == 3
+    assert sorted(calibration.scores) == pytest.approx(sorted(max(r["draft_scores"]) for r in out.records), abs=1e-5)
+    with pytest.raises(ValueError, match="drafts are the student's"):
+        pipe.edit(source, prompts, mode="teacher", drafts=2)

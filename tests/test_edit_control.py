@@ -194,6 +194,21 @@ def test_controlnet_runs_beside_every_unet_call(pipe, controlnet):
     assert out.summary["settings"]["controlnet_conditioning_scale"] == 1.0
 
 
+def test_controlnet_drafts_are_one_draft_calls_with_each_drafts_generator(pipe, controlnet):
+    """Drafts under a ControlNet: each prompt's control conditions every one of its drafts, and the kept draft's
+    image is what a one-draft call draws with that draft's generator."""
+    from tandem.pipeline.drafts import draft_generator
+
+    controlled = pipe.with_controlnet(controlnet)
+    masks = [control_image(s, "mask") for _, _, s in EXAMPLES]
+    out = controlled(CAPTIONS, mode="student", drafts=2, seed=3, control_image=masks)
+    for i, rec in enumerate(out.records):
+        one = controlled([CAPTIONS[i]], mode="student", generator=[draft_generator(3, i, rec["draft"])],
+                         control_image=[masks[i]])
+        assert np.abs(out.images[i].astype(int) - one.images[0].astype(int)).max() <= 1
+        assert rec["controlnet_evals"] == rec["unet_evals"]["total"]  # both drafts ran beside the ControlNet
+
+
 def test_control_image_errors(pipe, controlnet):
     with pytest.raises(ValueError, match="needs a ControlNet"):
         pipe(CAPTIONS, mode="student", control_image=IMAGES)

@@ -154,19 +154,20 @@ class Calibrating:
     def calibrate_edits(self, images, prompts: Sequence[str], strength: float | None = None,
                         num_inference_steps: int | None = None, guidance_scale: float | None = None,
                         seed: int = 0, batch_size: int = 16, callback: Callable[[str, int, int], None] | None = None,
-                        config: dict | None = None) -> Calibration:
+                        config: dict | None = None, drafts: int = 1) -> Calibration:
         """Score student edits of held-out (image, prompt) pairs: the calibration of ``edit`` at ``strength``
-        (of the ``edit_student`` where there is one)."""
+        (of the ``edit_student`` where there is one); with ``drafts`` N > 1, of each input's best of N edits."""
         editor = self.editor()
         if editor is not self:
             return editor.calibrate_edits(images, prompts, strength, num_inference_steps, guidance_scale, seed,
-                                          batch_size, callback, config)
+                                          batch_size, callback, config, drafts)
         steps = self._edit_student_steps(num_inference_steps)
         guidance = self.student_guidance(guidance_scale)
         out = self.edit(images, prompts, strength=strength, mode="student", num_inference_steps=steps,
-                        guidance_scale=guidance, seed=seed, batch_size=batch_size, score=True, callback=callback)
+                        guidance_scale=guidance, seed=seed, batch_size=batch_size, score=True, callback=callback,
+                        drafts=drafts)
         return self._calibration(out, steps, guidance, seed, config,
-                                 {"edit_strength": out.summary["settings"]["edit_strength"]})
+                                 {"edit_strength": out.summary["settings"]["edit_strength"]}, drafts)
 
     def _calibration(self, out: TandemOutput, steps: int, guidance: float, seed: int, config: dict | None,
                      task: dict | None = None, drafts: int = 1) -> Calibration:

@@ -12,8 +12,9 @@ import torch
 
 from ..calibration import Calibration
 from ..checks import count
-from ..generate import prompt_generator, prompt_seed
+from ..generate import prompt_seed
 from .components import check_shared_latents, own_components
+from .drafts import draft_generators, draft_record, expand, fold_ledger, prompts_view
 from .records import CostLedger, TandemOutput, final_images, image_record, run_summary
 from .settings import EDIT_MODES, check_output_type, finish_edit_plan, plan_edit, prompt_list
 from .stages import noised_inputs, run_stages, student_draw, teacher_regenerate
@@ -59,6 +60,7 @@ class Editing:
         output_type: str = "np",
         score: bool | None = None,
         callback: Callable[[str, int, int], None] | None = None,
+        drafts: int | None = None,
     ) -> TandemOutput:
         """Adaptive text-guided editing (SDEdit): noise each input image to ``strength``, denoise it
         with its new prompt by the student, score the edit, and let the teacher edit the *same*
@@ -83,6 +85,10 @@ class Editing:
             budget: as for generation, with an edit calibration.
             routing: as for generation ("budget-exact" needs no calibration).
             calibration: the edit calibration [the pipeline's for this strength].
+            drafts: the student's edits of each input [1]: with N > 1 it edits each input N times from different
+                noise (draft 0 is the one-draft edit; :mod:`.drafts`), the oracle keeps the best, and the teacher
+                edits that draft's noised input if even the best scores below tau, a percentile of a best-of-N edit
+                calibration (``calibrate_edits(..., drafts=N)``, given as ``calibration``).
 
         The other arguments are those of ``__call__``. With an ``edit_student``, it is the student here.
         """
@@ -93,7 +99,8 @@ class Editing:
                                teacher_guidance_scale=teacher_guidance_scale, teacher_scheduler=teacher_scheduler,
                                accept_threshold=accept_threshold, percentile=percentile, budget=budget,
                                routing=routing, calibration=calibration, seed=seed, generator=generator,
-                               batch_size=batch_size, output_type=output_type, score=score, callback=callback)
+                               batch_size=batch_size, output_type=output_type, score=score, callback=callback,
+                               drafts=drafts)
         prompts = prompt_list(prompt)
         if mode not in EDIT_MODES:
             raise ValueError(f"unknown edit mode {mode!r}; expected adaptive, student or teacher")
@@ -102,26 +109,30 @@ class Editing:
         plan = plan_edit(self, mode=mode, strength=strength, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, teacher_steps=teacher_steps,
                          teacher_guidance_scale=teacher_guidance_scale, teacher_scheduler=teacher_scheduler,
-                         budget=budget)
-        n = len(prompts)
+                         budget=budget, drafts=drafts)
+        n, many = len(prompts), plan.drafts
         inputs = self._per_prompt(image, n, "input image")
-        if generator is not None and len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} prompts (one per prompt)")
+        if generator is not None and len(generator) != n * many:
+            raise ValueError(f"got {len(generator)} generators for {n} prompts (one per prompt)" if many == 1 else
+                             f"got {len(generator)} generators for {n} prompts of {many} drafts (one per draft, "
+                             f"{n * many}, prompt-major)")
         plan = finish_edit_plan(self, plan, n, accept_threshold, percentile, routing, calibration, score)
-        gens = list(generator) if generator is not None else [prompt_generator(seed, i) for i in range(n)]
+        gens = list(generator) if generator is not None else draft_generators(seed, n, many)
+        final_prompts, prompts = prompts, expand(prompts, many)  # the stages run over n * many draft slots
+        inputs = inputs.repeat_interleave(many, 0)
         if mode != "student":
             check_shared_latents(self.student, self.teacher, "an edit gives the teacher the input noised in the "
                                  "student's latent space", "edit with mode='student'")
         noised, teacher_noised = noised_inputs(self.student, plan.base, inputs, gens, plan.student_timesteps[0],
                                                batch_size)
-        ledger = CostLedger(n, self._counted_modules())
-        ledger.add("vae_encode", list(range(n)))  # each input, once
+        ledger = CostLedger(n * many, self._counted_modules())
+        ledger.add("vae_encode", list(range(n * many)))  # each input, once per draft
 
         def draw(idx: list[int]) -> torch.Tensor:  # the student, from the noised inputs on its img2img schedule
             return student_draw(self.student, [prompts[i] for i in idx], noised[idx], [gens[i] for i in idx],
                                 plan.guidance, timesteps=plan.student_timesteps)
 
-        def route(scores: np.ndarray) -> list[int]:  # the images the teacher improves
+        def route(scores: np.ndarray) -> list[int]:  # the images (kept drafts) the teacher improves
             if mode == "teacher":
                 return list(range(n))
             return plan.cut.improved(scores) if mode == "adaptive" else []
@@ -135,16 +146,22 @@ class Editing:
         self.student.scheduler = copy.deepcopy(original)
         try:
             run = run_stages(self.student, self._teacher_any, self.scorer, prompts, batch_size, ledger,
-                             None if mode == "teacher" else draw, route, improve, plan.do_score, callback)
+                             None if mode == "teacher" else draw, route, improve, plan.do_score, callback,
+                             drafts=many)
         finally:
             self.student.scheduler = original
+        slot_scores = run.scores
+        if many > 1:
+            run, ledger = prompts_view(run, many), fold_ledger(ledger, many)
         path, improved = "teacher" if mode == "teacher" else "regenerated", set(run.improved)
-        records = [{**image_record(i, prompts[i], "student" if mode == "student" else
-                                   path if i in improved else "accepted",
-                                   prompt_seed(seed, i) if generator is None else None, ledger, run.scores[i],
-                                   plan.cut.tau),
-                    "edit_strength": plan.strength, "start_timestep": int(plan.student_timesteps[0])}
-                   for i in range(n)]
+        records = []
+        for i in range(n):
+            rec = {**image_record(i, final_prompts[i], "student" if mode == "student" else
+                                  path if i in improved else "accepted",
+                                  prompt_seed(seed, i) if generator is None else None, ledger, run.scores[i],
+                                  plan.cut.tau),
+                   "edit_strength": plan.strength, "start_timestep": int(plan.student_timesteps[0])}
+            records.append(draft_record(rec, run.kept[i], many, slot_scores) if many > 1 else rec)
         summary = run_summary(records, plan.settings(), run.timings, run.seconds, plan.student_cost,
                               plan.improve_cost, None, plan.cut.note, self.student_own_components)
         return TandemOutput(final_images(run.images, run.latents, output_type), records, summary,

@@ -106,6 +106,11 @@ def resolve_threshold(pipe, accept_threshold, percentile, budget, steps, guidanc
         percentile = finite_number(percentile, "percentile", low=0, high=100)
     if budget is not None:
         budget = finite_number(budget, "budget", low=0, low_open=True)
+    if calibration is None and task is not None and drafts > 1:
+        strength = task["edit_strength"]
+        raise ValueError(f"{', '.join(given)} with drafts={drafts} needs a best-of-{drafts} edit calibration: pass "
+                         f"calibration=pipe.calibrate_edits(images, prompts, strength={strength:g}, drafts={drafts}), "
+                         "or pass accept_threshold")
     if calibration is None:
         calibration = pipe.calibration if task is None else pipe.edit_calibrations.get(task["edit_strength"])
     if calibration is None:

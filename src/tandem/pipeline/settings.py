@@ -245,9 +245,11 @@ class EditPlan:
     student_cost: float
     improve_cost: float
     budget: float | None
+    drafts: int = 1  # the student's edits per input from different noise, the best-scoring kept
 
     def settings(self) -> dict:
         return {
+            **({"drafts": self.drafts} if self.drafts > 1 else {}),
             "task": "edit", "mode": self.mode, "edit_strength": self.strength, "num_inference_steps": self.steps,
             "guidance_scale": self.guidance, "student_timesteps": [int(t) for t in self.student_timesteps],
             "teacher_steps": self.teacher_steps, "teacher_timesteps": [int(t) for t in self.teacher_timesteps],
@@ -258,7 +260,7 @@ class EditPlan:
 
 
 def plan_edit(pipe, *, mode: str, strength, num_inference_steps, guidance_scale, teacher_steps,
-              teacher_guidance_scale, teacher_scheduler, budget) -> EditPlan:
+              teacher_guidance_scale, teacher_scheduler, budget, drafts=None) -> EditPlan:
     """The :class:`EditPlan` of an edit call to ``pipe`` (the editor), its settings checked; the inputs are
     checked next, then :func:`finish_edit_plan` gives the timesteps, costs and cut-off."""
     if pipe.teacher is None:
@@ -272,8 +274,12 @@ def plan_edit(pipe, *, mode: str, strength, num_inference_steps, guidance_scale,
                     "teacher_steps")
     t_guidance = pipe.teacher_guidance(teacher_guidance_scale)
     t_sched = pipe._setting("teacher_scheduler", teacher_scheduler, "dpm")
+    drafts = check_drafts(1 if drafts is None else drafts)
+    if drafts > 1 and mode == "teacher":
+        raise ValueError("drafts are the student's (the oracle keeps the best of them): they apply to "
+                         "mode='adaptive' or 'student', not 'teacher'")
     return EditPlan(mode, strength, steps, guidance, [], t_steps, [], t_guidance, t_sched, None, Cutoff("threshold"),
-                    False, 0.0, 0.0, budget)
+                    False, 0.0, 0.0, budget, drafts)
 
 
 def finish_edit_plan(pipe, plan: EditPlan, n: int, accept_threshold, percentile, routing, calibration,
@@ -283,12 +289,12 @@ def finish_edit_plan(pipe, plan: EditPlan, n: int, accept_threshold, percentile,
     plan.student_timesteps = edit_timesteps(pipe.student.scheduler, plan.steps, plan.strength)
     plan.base = pipe._teacher_scheduler(plan.teacher_scheduler)
     plan.teacher_timesteps = teacher_edit_timesteps(plan.base, plan.student_timesteps[0], plan.teacher_steps)
-    plan.student_cost = len(plan.student_timesteps) * unet_evals_per_step(pipe.student, plan.guidance)
+    plan.student_cost = plan.drafts * len(plan.student_timesteps) * unet_evals_per_step(pipe.student, plan.guidance)
     plan.improve_cost = len(plan.teacher_timesteps) * unet_evals_per_step(pipe.teacher, plan.teacher_guidance)
     plan.cut = resolve_cutoff(pipe, plan.mode, routing, n, accept_threshold, percentile, plan.budget, plan.steps,
                               plan.guidance, plan.student_cost, plan.improve_cost, calibration=calibration,
-                              task={"edit_strength": plan.strength})
-    plan.do_score = plan.mode == "adaptive" or bool(score)
+                              task={"edit_strength": plan.strength}, drafts=plan.drafts)
+    plan.do_score = plan.mode == "adaptive" or bool(score) or plan.drafts > 1
     if plan.do_score and pipe.scorer is None:
         raise ValueError(NO_SCORER)
     return plan
