@@ -329,3 +329,22 @@ def test_edits_keep_the_best_of_their_drafts():
     assert sorted(calibration.scores) == pytest.approx(sorted(max(r["draft_scores"]) for r in out.records), abs=1e-5)
     with pytest.raises(ValueError, match="drafts are the student's"):
         pipe.edit(source, prompts, mode="teacher", drafts=2)
+
+
+def test_the_command_line_edits_with_drafts(tmp_path, capsys, monkeypatch):
+    from clitools import assert_user_error, ok, tandem_in_process
+
+    cal = tmp_path / "edit-cal2.json"
+    ok(tandem_in_process(capsys, monkeypatch, "calibrate", "--edits", "val", "--drafts", 2, "--out", cal))
+    assert json.loads(cal.read_text())["fingerprint"]["drafts"] == 2
+    out = tmp_path / "edits"
+    ok(tandem_in_process(capsys, monkeypatch, "edit", "--edits", "test", "--n", 3, "--drafts", 2, "--calibration", cal,
+                         "--percentile", 50, "--out", out))
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["draft"] in (0, 1) and len(r["draft_scores"]) == 2 for r in records] == [True] * 3
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "edit", "--edits", "test", "--n", 1, "--drafts", 2,
+                                        "--percentile", 50, "--out", tmp_path / "e2"),
+                      "needs a best-of-2 edit calibration: make one with `tandem calibrate --edits val --strength 0.6 "
+                      "--drafts 2`, then --calibration FILE")
+    assert_user_error(tandem_in_process(capsys, monkeypatch, "edit", "--edits", "test", "--n", 1, "--mode", "teacher",
+                                        "--drafts", 2, "--out", tmp_path / "e3"), "--drafts applies to --mode adaptive")

@@ -48,6 +48,8 @@ class UserError(Exception):
 # the Python spelling (a regular expression, matched as whole words outside a `backticked command`, a 'quoted
 # value' and a path), each value what a user of the command line types for it; the rules apply in this order.
 CLI_SPELLINGS = {
+    r"pass calibration=pipe\.calibrate_edits\(images, prompts, strength=([\d.]+), drafts=(\d+)\)":
+        r"make one with `tandem calibrate --edits val --strength \1 --drafts \2`, then --calibration FILE",
     r"pipe\.calibration = pipe\.calibrate\(prompts\)": "`tandem calibrate`, then --calibration FILE",
     r"pipe\.calibrate\(prompts\)": "`tandem calibrate`",
     r"pipe\.draft_calibrations\[(\d+)\] = pipe\.calibrate\(prompts, drafts=\d+\)":

@@ -463,8 +463,8 @@ def calibrate(
         raise UserError("--controlnet and --control-image go together")
     if drafts < 1:
         raise UserError(f"--drafts must be >= 1, got {drafts}")
-    if drafts > 1 and (cascade or edits is not None):
-        raise UserError("--drafts calibrates generation; it does not go with --cascade or --edits")
+    if drafts > 1 and cascade:
+        raise UserError("--drafts does not go with --cascade")
     if predictor and (cascade or edits is not None or control is not None or controlnet is not None
                       or student_steps is not None or guidance_scale is not None):
         raise UserError("--predictor fits the preset's student at its own settings; it does not go with --cascade, "
@@ -477,7 +477,7 @@ def calibrate(
         check_levels(cascade, preset.defaults.get("num_inference_steps"), "--cascade")  # before any model loads
     if edits is not None:
         return _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
-                                overwrite, device)
+                                overwrite, device, drafts)
     if prompts_file is None and preset.teacher != "world":
         raise UserError("--prompts is required off the world: held-out prompts like the ones you will generate")
     if control is not None and preset.teacher != "world":
@@ -535,7 +535,7 @@ def _fit_predictor(pipe, prompts, drafts, seed, batch_size, out, overwrite) -> N
 
 
 def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale, seed, batch_size,
-                     overwrite, device) -> None:
+                     overwrite, device, drafts: int = 1) -> None:
     if preset.teacher != "world":
         raise UserError("--edits calibrates on ShapesWorld edit lists; off the world use the Python API "
                         "(TandemPipeline.calibrate_edits(images, prompts, strength))")
@@ -550,12 +550,13 @@ def _calibrate_edits(out, preset, edits, strength, student_steps, guidance_scale
                 [c.image() for c in cases], [c.prompt for c in cases], strength, student_steps, guidance_scale,
                 seed, batch_size, callback=lambda _p, done, _t: bar.update(task, completed=done),
                 config={"command": "calibrate --edits", "tandem_version": __version__,
-                        **run_record(pipe, edit=True), "edits": edits})
+                        **run_record(pipe, edit=True), "edits": edits}, drafts=drafts)
         except ValueError as e:
             raise cli_error(e) from None
     calib.save(out, overwrite=overwrite)
     taus = ", ".join(f"k={k}: {calib.threshold(k):.4f}" for k in (30, 50, 70))
-    console.print(f"{len(cases)} student edits scored at strength {calib.fingerprint['task']['edit_strength']}; "
+    what = f"inputs' best of {drafts} student edits" if drafts > 1 else "student edits"
+    console.print(f"{len(cases)} {what} scored at strength {calib.fingerprint['task']['edit_strength']}; "
                   f"tau {taus} -> {out}")
 
 
@@ -598,6 +599,11 @@ def edit(
     out: Annotated[Path, typer.Option(help="Output directory (PNGs, inputs, records.jsonl, config.json).")] = ...,
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    drafts: Annotated[int | None, typer.Option(help="adaptive/student: the student edits each input this many times "
+                                                    "from different noise and the oracle keeps the best; a percentile "
+                                                    "or budget then needs a best-of-N edit calibration (`tandem "
+                                                    "calibrate --edits val --drafts N`, given with --calibration) "
+                                                    "[1].")] = None,
 ) -> None:
     """Text-guided editing (SDEdit) in tandem: the student edits each noised input; where the oracle
     scores the edit below tau, the teacher edits the same noised input instead (regeneration)."""
@@ -616,6 +622,9 @@ def edit(
             raise UserError(f"{flag} must be >= 1, got {value}")
     if mode is not EditMode.adaptive and any(v is not None for v in (percentile, threshold, budget, calibration)):
         raise UserError("--percentile/--threshold/--budget/--calibration apply to --mode adaptive")
+    if drafts is not None and (drafts < 1 or (drafts > 1 and mode is EditMode.teacher)):
+        raise UserError(f"--drafts must be >= 1, got {drafts}" if drafts < 1 else
+                        "--drafts applies to --mode adaptive or student (the oracle keeps the best draft)")
     _check_budget_exact(budget_exact, budget, percentile, threshold)
     preset = _compose(model, preset_file, student, scorer)
     _check_composition(preset, mode.value, calibration, threshold, percentile, budget, edit=True,
@@ -660,7 +669,7 @@ def edit(
                                    percentile=percentile, budget=budget,
                                    routing="budget-exact" if budget_exact else None,
                                    calibration=Calibration.load(calibration) if calibration else None, seed=seed,
-                                   batch_size=batch_size, callback=progress)
+                                   batch_size=batch_size, callback=progress, drafts=drafts)
             except ValueError as e:
                 raise cli_error(e) from None
         size = pipe.resolution()
