@@ -4,7 +4,11 @@ number a run records, without timings and paths. `tests/test_bit_identity.py` co
 before the pipeline was split into stages (commit c9443d9): a move must not change one pixel. One digest was
 re-recorded on purpose since, for a change of behaviour: generate-budget-routes, when route tables came to take the
 cheapest route within one standard error of the best (at budget 8 the world's table now takes the student alone,
-its records' tau null). Numbers in records
+its records' tau null). On 2026-12-07 every digest was recorded again, on the last landed commit (a5e232c), because
+package releases since had moved 15 of them (diffusers 0.42.1, transformers 5.25.0, numpy 2.4.6, torch 2.13.0 CPU;
+CI now installs exactly these: .ci/constraints.txt); then, on purpose, generate-budget-routes (the world's route table
+now draws drafts: two at budget 8), eval-budget (its points record win rates), calibrate and calibrate-cascade (a
+calibration's config lists the preset's new fields, its scores unchanged). Numbers in records
 and results are compared to 10 significant digits: a statistic over images (a Fréchet distance) changes in its
 last digits with the number of BLAS threads."""
 
