@@ -98,3 +98,11 @@ tandem distill knowledge --out runs/dsm-half-long --arch half --alpha 1 --batch-
 # mid-run validation of kd-half-long's snapshots (25 steps, guidance 4, kd-half's): step 1000 0.2%, step 2000 19.4%
 $E --student runs/kd-half-long/snapshots/step-1000 --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-1000-val
 $E --student runs/kd-half-long/snapshots/step-2000 --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-2000-val
+# session 11: dsm-half-long trained again from the start (the session 7-10 runs were lost with their machine), its
+# snapshots judged on the validation prompts as they came (guidance 5, dsm-half's); then the final student:
+for s in 1000 2000 3000 4000 5000 6000 7000 8000 9000 10000 11000 12000 13000; do
+  $E --student runs/dsm-half-long/snapshots/step-$s --student-steps 25 --guidance-scale 5 --prompts $VAL --out runs/eval/dsm-half-long-$s-val
+done
+$E --student runs/dsm-half-long/student --student-steps 25 --guidance-scale 4 --guidance-scale 5 --guidance-scale 6 --prompts $VAL --out runs/eval/dsm-half-long-val
+$E --student runs/dsm-half-long/student --student-steps 10 --student-steps 25 --guidance-scale 5 --out runs/eval/dsm-half-long-test
+python docs/results/students/kd_long.py --teacher-val 0.562
