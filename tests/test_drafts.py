@@ -224,9 +224,10 @@ def test_the_command_line_calibrates_and_generates_with_drafts(tmp_path, capsys,
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [r["draft"] in (0, 1) and len(r["draft_scores"]) == 2 for r in records] == [True] * 3
     assert json.loads((out / "config.json").read_text())["drafts"] == 2
-    # the preset's one-draft calibration does not fit two drafts: the error says how to make one that does
+    # another student's one-draft calibration does not fit two drafts (its preset ships no best-of-N calibration,
+    # unlike the world's own): the error says how to make one that does
     assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", PROMPTS[0], "--mode", "adaptive",
-                                        "--drafts", 2, "--percentile", 50, "--out", tmp_path / "g2"),
+                                        "--student", "cd", "--drafts", 2, "--percentile", 50, "--out", tmp_path / "g2"),
                       "`tandem calibrate --drafts 2`, then --calibration FILE", "drafts")
     assert_user_error(tandem_in_process(capsys, monkeypatch, "generate", PROMPTS[0], "--mode", "teacher",
                                         "--drafts", 2, "--out", tmp_path / "g3"),
@@ -251,7 +252,7 @@ def test_a_saved_pipeline_comes_back_with_its_draft_calibrations_and_predictor(t
 
     pipe = TandemPipeline.from_pretrained("world")
     val = load_prompts("val")[:12]
-    pipe.draft_calibrations[2] = pipe.calibrate(val, drafts=2)
+    pipe.draft_calibrations = {2: pipe.calibrate(val, drafts=2)}  # in place of the world's three
     pipe.predictor = pipe.fit_predictor(val, drafts=2)
     features = pipe.text_features(PROMPTS)
     p = pipe.predictor.p_below(PROMPTS, features, float(pipe.draft_calibrations[2].threshold(50)))

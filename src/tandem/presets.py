@@ -298,7 +298,8 @@ def compose(model: str | Preset = "world", *, student: str | None = None, scorer
         calibration = shipped.calibration
     return dataclasses.replace(base, **changes, name=base.name if base.name.endswith("+custom") else
                                f"{base.name}+custom", description=f"{base.name} with {parts}",
-                               calibration=calibration, edit_calibrations={}, routes=None)
+                               calibration=calibration, edit_calibrations={}, routes=None, draft_calibrations={},
+                               predictor=None)
 
 
 def _shipped(teacher: str) -> dict:
