@@ -135,17 +135,22 @@ def main() -> None:
     teacher = per_image(test, args.out / "test", "dpm25")
     three = np.array([objects(p) == 3 for p in test_prompts])
     rows = []
+
+    def on_test(label: str) -> dict:
+        """A validation choice reported on the test prompts."""
+        reported, images = by_label[label], per_image(test, args.out / "test", label)
+        return {"accuracy": reported["accuracy"], "cost": reported["unet_evals_mean"],
+                "accuracy_se": share_se(reported["accuracy"], len(test_prompts)),
+                "three_objects": float(images["satisfied"][three].mean()),
+                "win_rate_vs_teacher25": win_rate(images["score"], teacher["score"])}
+
     for budget_value in BUDGETS:
         for drafts in (False, True):
             chosen = choose(candidates(val), budget_value, len(val_prompts), drafts)
             reported = by_label[chosen["label"]]
-            images = per_image(test, args.out / "test", chosen["label"])
             rows.append({"budget": budget_value, "drafts_allowed": drafts, "rule": "route tables", "label": chosen["label"],
                          "val": {"accuracy": chosen["accuracy"], "cost": chosen["unet_evals_mean"]},
-                         "test": {"accuracy": reported["accuracy"], "cost": reported["unet_evals_mean"],
-                                  "accuracy_se": share_se(reported["accuracy"], len(test_prompts)),
-                                  "three_objects": float(images["satisfied"][three].mean()),
-                                  "win_rate_vs_teacher25": win_rate(images["score"], teacher["score"])}})
+                         "test": on_test(chosen["label"])})
             print(f"B {budget_value:>2} {'drafts' if drafts else 'one draft'}: {chosen['label']}: val "
                   f"{100 * chosen['accuracy']:.1f}% at {chosen['unet_evals_mean']:.1f}; test "
                   f"{100 * reported['accuracy']:.1f}% at {reported['unet_evals_mean']:.1f}, three objects "
@@ -157,17 +162,13 @@ def main() -> None:
     val_by_label = {p["label"]: p for p in val["points"]}
     for budget_value in BUDGETS:
         chosen = val_by_label[route_label(table.choose(budget_value))]
-        rates = {chosen["label"]: chosen["win_rate"]["dpm25"]["rate"]}
+        rate = chosen["win_rate"]["dpm25"]["rate"]
         reported = by_label[chosen["label"]]
-        images = per_image(test, args.out / "test", chosen["label"])
         rows.append({"budget": budget_value, "drafts_allowed": True, "rule": "win rate", "label": chosen["label"],
                      "val": {"accuracy": chosen["accuracy"], "cost": chosen["unet_evals_mean"],
-                             "win_rate_vs_teacher25": rates[chosen["label"]]},
-                     "test": {"accuracy": reported["accuracy"], "cost": reported["unet_evals_mean"],
-                              "accuracy_se": share_se(reported["accuracy"], len(test_prompts)),
-                              "three_objects": float(images["satisfied"][three].mean()),
-                              "win_rate_vs_teacher25": win_rate(images["score"], teacher["score"])}})
-        print(f"B {budget_value:>2} win-rate rule: {chosen['label']}: val win rate {rates[chosen['label']]:.3f}, "
+                             "win_rate_vs_teacher25": rate},
+                     "test": on_test(chosen["label"])})
+        print(f"B {budget_value:>2} win-rate rule: {chosen['label']}: val win rate {rate:.3f}, "
               f"{100 * chosen['accuracy']:.1f}% at {chosen['unet_evals_mean']:.1f}; test {100 * reported['accuracy']:.1f}% "
               f"at {reported['unet_evals_mean']:.1f}, win rate {rows[-1]['test']['win_rate_vs_teacher25']['win_rate']:.3f}",
               flush=True)

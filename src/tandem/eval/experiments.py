@@ -35,7 +35,7 @@ from ..routes import calibration_digest, quality
 from ..world.grammar import parse_caption
 from .features import diversity as feature_diversity
 from .judges import ExactJudge, Measures, format_quality, plotted_quality, quality_label
-from .metrics import decision_accuracy, synthetic_oracle, win_rate
+from .metrics import decision_accuracy, paired_win_rate, synthetic_oracle, win_rate
 from .sweep import (
     SamplerConfig,
     Sweep,
@@ -261,12 +261,6 @@ def budget(pipe, prompts: list[str], out: str | Path, seed: int = 0, cfg: Budget
         results["predictor"] = pipe.predictor.fingerprint()
     _write(out, results, plot_budget(results, out / "budget.png"), budget_report(results))
     return results
-
-
-def paired_win_rate(a: np.ndarray, b: np.ndarray) -> dict:
-    """How often ``a`` beats ``b`` on the same prompt (ties split) and its standard error over the prompts."""
-    points = (np.asarray(a) > np.asarray(b)) + 0.5 * (np.asarray(a) == np.asarray(b))
-    return {"rate": float(points.mean()), "se": float(points.std() / np.sqrt(len(points)))}
 
 
 def _preroute_predictions(pipe, prompts: list[str], cfg: BudgetConfig, student_steps: int):
