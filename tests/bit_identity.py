@@ -10,7 +10,14 @@ CI now installs exactly these: .ci/constraints.txt); then, on purpose, generate-
 now draws drafts: two at budget 8), eval-budget (its points record win rates), calibrate and calibrate-cascade (a
 calibration's config lists the preset's new fields, its scores unchanged). Numbers in records
 and results are compared to 10 significant digits: a statistic over images (a Fréchet distance) changes in its
-last digits with the number of BLAS threads."""
+last digits with the number of BLAS threads.
+
+The digests are kept per CPU kernel set (``torch.backends.cpu.get_cpu_capability()``): the same code, packages and
+thread count give other float results on a machine with AVX-512 than on one with AVX2 only, whose kernels sum in
+another order. The set recorded on 2026-12-07 (above) came from a machine whose kernel set was not written down;
+an AVX2-only machine gave other digests for every case on that commit, so it is filed as AVX512. The AVX2 set was
+recorded on 2026-12-07 too (session 12), on commit 7116764's code. A machine whose kernel set has no digests skips
+the comparison, saying so; `--record` writes its set beside the others."""
 
 from __future__ import annotations
 
@@ -116,6 +123,18 @@ def arguments(name: str, work: Path) -> tuple[list[str], Path]:
     return [*expanded, "--out", str(out)], out
 
 
+def cpu_capability() -> str:
+    """The CPU kernel set torch runs here ('AVX512', 'AVX2', ...): the key of this machine's digests."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def recorded_digests() -> dict[str, str] | None:
+    """The digests recorded for this machine's CPU kernel set, or None if none were."""
+    return json.loads(DIGESTS.read_text()).get(cpu_capability())
+
+
 def run_case(name: str, work: Path) -> str:
     from tandem.cli import main
 
@@ -142,6 +161,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         digests = {name: run_case(name, Path(tmp)) for name in CASES}
+    recorded = json.loads(DIGESTS.read_text()) if DIGESTS.is_file() else {}
+    recorded[cpu_capability()] = digests
     DIGESTS.parent.mkdir(exist_ok=True)
-    DIGESTS.write_text(json.dumps(digests, indent=1) + "\n")
-    print(json.dumps(digests, indent=1))
+    DIGESTS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    print(cpu_capability(), json.dumps(digests, indent=1))

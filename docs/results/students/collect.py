@@ -34,9 +34,9 @@ ROWS = [
     ("dmd2", "dmd2", "dmd2-test", "steps4_g1.0", 4),
     ("dmd2", "dmd2", "dmd2-test", "steps2_g1.0", 2),
     ("dmd2", "dmd2", "dmd2-test", "steps1_g1.0", 1),
-    ("add", "adversarial", "add-fixed-test", "steps4_g1.0", 4),
-    ("add", "adversarial", "add-fixed-test", "steps2_g1.0", 2),
-    ("add", "adversarial", "add-fixed-test", "steps1_g1.0", 1),
+    ("add", "adversarial", "add-ema-750-test", "steps4_g1.0", 4),
+    ("add", "adversarial", "add-ema-750-test", "steps2_g1.0", 2),
+    ("add", "adversarial", "add-ema-750-test", "steps1_g1.0", 1),
 ]
 CD_RESULTS = Path("src/tandem/assets/world/student/eval_test.json")  # the shipped consistency student's
 
@@ -77,8 +77,8 @@ def main(eval_dir: Path, out_dir: Path) -> None:
             r.update(cost, flops_per_image=cost["flops_per_call"] * r["unet_evals_per_image"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "students.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| student | method | steps | guidance | UNet calls / image | params | UNet GFLOPs / image | "
-             "captions satisfied | 1 object |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| student | method | steps | guidance | UNet calls / image | params | UNet GFLOPs / image | "
+              "captions satisfied | 1 object |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params, gflops = f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_image'] / 1e9:.2f}"
         lines.append(f"| {r['student']} | {r['method']} | {r['steps']} | {r['guidance_scale']:g} | "

@@ -87,6 +87,17 @@ python docs/results/students/collect.py docs/results/students/evaluations docs/r
 # ablation: the fixed ADD on the first release's zero-SNR v-schedule (validation only)
 tandem distill adversarial --out runs/add-fixed-zero-snr --student-schedule zero-snr --batch-size 32 --max-steps 750 --lr 5e-5 --threads 2 --checkpoint-every 250
 $E --student runs/add-fixed-zero-snr/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-fixed-zero-snr-750-val
+# session 12: an EMA of the student (0.99), and the discriminator's real images as VAE reconstructions
+# (decode(encode(x0)), as the fakes are decoded), each 750 steps at one thread beside the KD run (about 52 minutes
+# each); raw_student.py writes the same run's student without its EMA (from its last checkpoint)
+tandem distill adversarial --out runs/add-ema --batch-size 32 --max-steps 750 --lr 5e-5 --threads 1 --checkpoint-every 250 --snapshot-every 250 --ema 0.99
+python docs/results/students/raw_student.py runs/add-ema runs/add-ema-raw
+tandem distill adversarial --out runs/add-vae --real-images vae --batch-size 32 --max-steps 750 --lr 5e-5 --threads 1 --checkpoint-every 250 --snapshot-every 250 --ema 0.99
+python docs/results/students/raw_student.py runs/add-vae runs/add-vae-raw
+for r in add-ema/student add-ema-raw add-vae/student add-vae-raw; do
+  n=${r%/student}
+  $E --student runs/$r --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/$n-750-val
+done
 
 # -- session 7: KD to the teacher's sample budget (issue "Distillation fidelity"), in progress ----------------
 # kd-half and its DSM baseline at the teacher's 13,850 steps of batch 64 and its schedule's shape (three stages),
@@ -105,4 +116,14 @@ for s in 1000 2000 3000 4000 5000 6000 7000 8000 9000 10000 11000 12000 13000; d
 done
 $E --student runs/dsm-half-long/student --student-steps 25 --guidance-scale 4 --guidance-scale 5 --guidance-scale 6 --prompts $VAL --out runs/eval/dsm-half-long-val
 $E --student runs/dsm-half-long/student --student-steps 10 --student-steps 25 --guidance-scale 5 --out runs/eval/dsm-half-long-test
+python docs/results/students/kd_long.py --teacher-val 0.562
+# session 12: kd-half-long trained again from the start (1 thread, PyTorch 2.13.0 CPU, about 1.6 s per step beside an
+# ADD training), its snapshots judged on the validation prompts as they came (guidance 4, kd-half's); stopped at
+# step 5250 and its checkpoint carried to the next session in study/handoff/kd-half-long/ (a session's runs/ is lost
+# with its machine). To resume it there:
+#   mkdir -p runs && cp -r study/handoff/kd-half-long runs/kd-half-long
+#   tandem distill knowledge --out runs/kd-half-long --arch half --batch-size 64 --lr-stages $STAGES --threads 1 --checkpoint-every 250 --snapshot-every 1000 --resume
+for s in 1000 3000 4000 5000; do
+  $E --student runs/kd-half-long/snapshots/step-$s --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-$s-val
+done
 python docs/results/students/kd_long.py --teacher-val 0.562
