@@ -27,6 +27,7 @@ STUDENTS = [("cd", 1), ("cd", 2), ("cd", 4), ("pd-1", 1), ("pd-2", 2), ("pd", 4)
             ("dmd2", 1), ("dmd2", 2), ("dmd2", 4), ("add", 1), ("add", 2), ("add", 4)]
 SEEDS = (0, 1, 2, 3)
 DIVERSITY_PROMPTS = 100
+MODELS = ["teacher", *dict.fromkeys(name for name, _ in STUDENTS)]  # the rows' order
 
 
 def main(out: Path, only: list[str] | None = None) -> None:
@@ -36,6 +37,13 @@ def main(out: Path, only: list[str] | None = None) -> None:
     from tandem.models import load_teacher_pipeline, resolve_model
     from tandem.world.prompts import load_prompts
 
+    if only is not None:  # before any model loads
+        unknown = sorted(set(only) - set(MODELS))
+        if unknown:
+            raise SystemExit(f"--only: not measured by this script: {', '.join(unknown)}")
+        if not out.is_file():
+            raise SystemExit(f"--only replaces rows of an existing file; {out} is not one")
+    wanted = set(only) if only is not None else set(MODELS)
     t0 = time.time()
     spec = resolve_model("world")
     prompts = load_prompts("test")
@@ -48,13 +56,6 @@ def main(out: Path, only: list[str] | None = None) -> None:
         return {"frechet_distance": frechet_distance(features(images), reference),
                 "diversity": diversity(np.stack(seeds, axis=1))}
 
-    if only is not None:
-        unknown = sorted(set(only) - {"teacher", *(name for name, _ in STUDENTS)})
-        if unknown:
-            raise SystemExit(f"--only: not measured by this script: {', '.join(unknown)}")
-        if not out.is_file():
-            raise SystemExit(f"--only replaces rows of an existing file; {out} is not one")
-    wanted = set(only) if only is not None else {"teacher", *(name for name, _ in STUDENTS)}
     rows = []
     teacher = load_teacher_pipeline(spec) if "teacher" in wanted else None
     for steps in (10, 25) if teacher is not None else ():
@@ -88,8 +89,7 @@ def main(out: Path, only: list[str] | None = None) -> None:
 
 
 def _row_order(row: dict) -> tuple[int, int]:
-    names = ["teacher", *dict.fromkeys(name for name, _ in STUDENTS)]
-    return names.index(row["model"]) if row["model"] in names else len(names), row["steps"]
+    return MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS), row["steps"]
 
 
 if __name__ == "__main__":

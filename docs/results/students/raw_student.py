@@ -10,33 +10,38 @@ says ``"weights": "student"``), after checking that the checkpoint is from the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from tandem.training.checkpoints import load_checkpoint_file
+from tandem.outputs import atomic_write_text
+from tandem.students import STUDENT_FILE, read_student_info
+from tandem.training.checkpoints import find_checkpoint, load_checkpoint_file, read_checkpoint_meta
 
 
 def raw_student(run: Path, out: Path, network: str = "student") -> Path:
     student = run / "student"
-    info = json.loads((student / "student.json").read_text())
-    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
-    exported = info["details"].get("optimisation_steps")
-    if info["details"].get("weights") != "ema":
-        raise SystemExit(f"{student} holds the student's own weights already (weights: {info['details'].get('weights')})")
-    if meta["step"] != exported:
-        raise SystemExit(f"{run}/checkpoint is at step {meta['step']}, the export at step {exported}: not the same student")
+    info = read_student_info(student)
+    ckpt = find_checkpoint(run)
+    if ckpt is None:
+        raise SystemExit(f"{run} holds no checkpoint")
+    step, exported = read_checkpoint_meta(ckpt)["step"], info.details.get("optimisation_steps")
+    if info.details.get("weights") != "ema":
+        raise SystemExit(f"{student} holds the student's own weights already (weights: {info.details.get('weights')})")
+    if step != exported:
+        raise SystemExit(f"{ckpt} is at step {step}, the export at step {exported}: not the same student")
     if out.exists():
         raise SystemExit(f"{out} exists; choose a new directory")
-    state = load_checkpoint_file(run / "checkpoint" / "state.pt")["models"][network]
+    state = load_checkpoint_file(ckpt / "state.pt")["models"][network]
     shutil.copytree(student, out)
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     unet.load_state_dict(state, strict=True)
     unet.save_pretrained(out / "unet")
-    info["details"]["weights"] = "student"
-    (out / "student.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = dataclasses.replace(info, details={**info.details, "weights": "student"})
+    atomic_write_text(out / STUDENT_FILE, json.dumps(info.to_json(), indent=2, default=str) + "\n")
     return out
 
 
