@@ -440,6 +440,8 @@ def test_the_command_line_distils_the_world_into_a_student_every_mode_takes(tmp_
     assert (info.method, info.guidance, info.steps) == ("adversarial", "none", 4)
     assert info.details["features"] == "world-clip" and info.details["feature_blocks"] == [1, 2, 3, 4]
     assert info.details["teacher_guidance_scale"] == 5.0 and info.teacher["name"] == "world"
+    # the command's default exports the student's 0.99 EMA (the shipped add's setting); --ema 0 the student itself
+    assert info.details["weights"] == "ema" and info.details["config"]["ema"] == 0.99
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {"student/g_adv", "student/distill", "discriminator/d_loss", "discriminator/r1",
             "discriminator/real_logit", "discriminator/fake_logit"} <= set(log[-1])

@@ -6,6 +6,7 @@ digests in test_bit_identity.py run with drafts unset)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from tandem.calibration import CalibrationMismatch
 from tandem.generate import derive_seed, prompt_generator
 from tandem.pipeline.drafts import best_drafts, draft_generators
 from tandem.routes import RouteTable, calibration_digest
+from tandem.world.edits import load_edits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -336,7 +338,9 @@ def test_the_command_line_edits_with_drafts(tmp_path, capsys, monkeypatch):
     from clitools import assert_user_error, ok, tandem_in_process
 
     cal = tmp_path / "edit-cal2.json"
-    ok(tandem_in_process(capsys, monkeypatch, "calibrate", "--edits", "val", "--drafts", 2, "--out", cal))
+    val = tmp_path / "edits-val-40.jsonl"  # the first 40 of the validation edits: a table of 40 best-of-2 scores
+    val.write_text("".join(json.dumps(dataclasses.asdict(case)) + "\n" for case in load_edits("val")[:40]))
+    ok(tandem_in_process(capsys, monkeypatch, "calibrate", "--edits", val, "--drafts", 2, "--out", cal))
     assert json.loads(cal.read_text())["fingerprint"]["drafts"] == 2
     out = tmp_path / "edits"
     ok(tandem_in_process(capsys, monkeypatch, "edit", "--edits", "test", "--n", 3, "--drafts", 2, "--calibration", cal,
