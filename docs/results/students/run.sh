@@ -127,3 +127,14 @@ for s in 1000 3000 4000 5000; do
   $E --student runs/kd-half-long/snapshots/step-$s --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-$s-val
 done
 python docs/results/students/kd_long.py --teacher-val 0.562
+# session 13: kd-half-long resumed from the hand-off (step 5250), its snapshots judged as they came
+for s in 6000 7000 8000 9000 10000; do
+  $E --student runs/kd-half-long/snapshots/step-$s --student-steps 25 --guidance-scale 4 --prompts $VAL --out runs/eval/kd-half-long-$s-val
+done
+python docs/results/students/kd_long.py --teacher-val 0.562
+# session 13: ADD's lambda (the distillation term's weight) chosen on validation, beside the shipped run's 2.5: 10 and
+# 0.5, each as the shipped add's command otherwise (750 steps, lr 5e-5, EMA 0.99), one thread beside the KD run
+for L in 10 0.5; do
+  tandem distill adversarial --out runs/add-l$L --distill-lambda $L --batch-size 32 --max-steps 750 --lr 5e-5 --threads 1 --checkpoint-every 250 --snapshot-every 250 --ema 0.99
+  $E --student runs/add-l$L/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-l$L-750-val
+done
