@@ -193,7 +193,8 @@ def test_a_zero_snr_student_edits_and_the_teacher_gets_the_input_noised_on_its_o
     twin = StableDiffusionPipeline(**{**teacher.components, "scheduler": student_scheduler(teacher.scheduler.config)})
     image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     prompts = ["a red circle", "two blue squares"]
-    kwargs = dict(strength=0.6, num_inference_steps=4, teacher_steps=3, guidance_scale=1.0, output_type="latent")
+    kwargs = {"strength": 0.6, "num_inference_steps": 4, "teacher_steps": 3, "guidance_scale": 1.0,
+              "output_type": "latent"}
     zero_snr = TandemPipeline(student, teacher).edit(image, prompts, mode="teacher", **kwargs)
     shared = TandemPipeline(twin, teacher).edit(image, prompts, mode="teacher", **kwargs)
     assert zero_snr.summary["settings"]["student_timesteps"] == shared.summary["settings"]["student_timesteps"]
