@@ -138,3 +138,4 @@ for L in 10 0.5; do
   tandem distill adversarial --out runs/add-l$L --distill-lambda $L --batch-size 32 --max-steps 750 --lr 5e-5 --threads 1 --checkpoint-every 250 --snapshot-every 250 --ema 0.99
   $E --student runs/add-l$L/student --student-steps 1 --student-steps 2 --student-steps 4 --guidance-scale 1 --prompts $VAL --out runs/eval/add-l$L-750-val
 done
+# session 13: stopped at step 10,500 and carried to the next session in study/handoff/kd-half-long/ (resume as above)
