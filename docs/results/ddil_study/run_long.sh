@@ -4,7 +4,7 @@
 # (`--reflect static`, the default scope; run.sh used the one global range) and DDIL's two-phase schedule (the
 # student's share about 15% in the first phase, 80% in the second with half of each batch replayed from the
 # DAgger buffer). All variants of a method at equal steps, batch and seed.
-# Status: started in session 13 (pd-base, training seed 0, at one thread beside the KD run); no result comes from it yet.
+# Status: started in session 13 (pd-base and cd-base, training seed 0, one thread each); no result comes from it yet.
 #
 # 12 trainings of 4000-4500 steps at batch 32, one thread each (estimated 15-20 core-hours, not yet timed): it runs
 # across sessions. Each training resumes where its checkpoint stopped (the same command plus --resume, which this
