@@ -6,7 +6,6 @@ digests in test_bit_identity.py run with drafts unset)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -339,7 +338,7 @@ def test_the_command_line_edits_with_drafts(tmp_path, capsys, monkeypatch):
 
     cal = tmp_path / "edit-cal2.json"
     val = tmp_path / "edits-val-40.jsonl"  # the first 40 of the validation edits: a table of 40 best-of-2 scores
-    val.write_text("".join(json.dumps(dataclasses.asdict(case)) + "\n" for case in load_edits("val")[:40]))
+    val.write_text("".join(case.to_json() + "\n" for case in load_edits("val")[:40]))
     ok(tandem_in_process(capsys, monkeypatch, "calibrate", "--edits", val, "--drafts", 2, "--out", cal))
     assert json.loads(cal.read_text())["fingerprint"]["drafts"] == 2
     out = tmp_path / "edits"
